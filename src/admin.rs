@@ -1,0 +1,3 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! SKELETON: implemented by the proxy helper.

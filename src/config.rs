@@ -1,0 +1,661 @@
+//! Typed configuration: a TOML file plus environment overrides, validated before
+//! anything binds a port.
+//!
+//! Loading happens in three steps so every error can name the key it is about:
+//! parse the file into a TOML value, apply `DATABASE_URL` and `TOKENPROXY_<SECTION>__<KEY>`
+//! overrides to that value, then deserialize it (with `serde_path_to_error`, which yields
+//! the dotted path of the offending key) and validate the result. Secrets written as
+//! `env:VAR` or `file:PATH` are resolved here and wrapped in [`SecretString`] at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+use uuid::Uuid;
+
+/// Environment variable naming the config file when `--config` is absent.
+pub const CONFIG_ENV: &str = "TOKENPROXY_CONFIG";
+/// Default config file name.
+pub const DEFAULT_CONFIG_FILE: &str = "tokenproxy.toml";
+/// Prefix of environment overrides: `TOKENPROXY_SERVER__LISTEN=...`.
+pub const ENV_OVERRIDE_PREFIX: &str = "TOKENPROXY_";
+
+/// A configuration error: one line that names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the key, e.g. `providers[0].routes[1].upstream`.
+    pub key: String,
+    /// What is wrong with it (never contains a secret value).
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Builds an error about `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and their limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where links and proxy tokens live.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// At-rest encryption of stored tokens.
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+    /// Token cache and refresh behaviour.
+    #[serde(default)]
+    pub tokens: TokensConfig,
+    /// How callers are identified.
+    #[serde(default)]
+    pub callers: CallersConfig,
+    /// Log output.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Identity providers and their routes.
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+}
+
+/// `[server]`: listeners and resource bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The proxy listener.
+    pub listen: SocketAddr,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    /// Most simultaneous client connections on the proxy listener.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Time a client has to send its request head.
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
+    /// Time the upstream has to start answering.
+    #[serde(with = "duration_str")]
+    pub upstream_timeout: Duration,
+    /// Time allowed to connect (TCP + TLS) to an upstream.
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// How long in-flight requests may run after SIGTERM before the server closes.
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
+    /// Add `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via` upstream.
+    pub forwarded_headers: bool,
+    /// Optional TLS on the proxy listener.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            forwarded_headers: false,
+            tls: None,
+        }
+    }
+}
+
+/// `[server.tls]`: serve the proxy listener over TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Connection URL (may hold a password, hence secret). `DATABASE_URL` overrides it.
+    #[serde(deserialize_with = "secret_plain")]
+    pub url: SecretString,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before answering `store_unavailable`.
+    #[serde(with = "duration_str")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("postgres://postgres@127.0.0.1:5432/tokenproxy"),
+            migrate_on_start: true,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which at-rest format new values are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EncryptionFormat {
+    /// tokenproxy's own: AES-256-GCM bound to (provider, user, column), 16-hex key ids.
+    #[default]
+    Native,
+    /// Coder's dbcrypt: AES-256-GCM, no associated data, 7-hex key ids.
+    Coder,
+}
+
+/// `[encryption]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Base64 32-byte keys (`env:`/`file:` allowed); the first encrypts, all decrypt.
+    /// Decoded and length-checked during validation.
+    #[serde(deserialize_with = "secret_list")]
+    pub keys: Vec<SecretString>,
+    /// Format of newly written values.
+    pub format: EncryptionFormat,
+}
+
+/// `[tokens]`: the token source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    /// A token counts as expired this long before its expiry.
+    #[serde(with = "duration_str")]
+    pub refresh_skew: Duration,
+    /// Most links held in memory.
+    pub cache_capacity: u64,
+    /// Refresh links in use before they expire, in the background.
+    pub refresh_ahead: bool,
+    /// Links used within this window are refreshed ahead.
+    #[serde(with = "duration_str")]
+    pub refresh_ahead_used_within: Duration,
+    /// Refresh ahead once this fraction of a token's lifetime remains.
+    pub refresh_ahead_remaining: f64,
+    /// How long one replica may hold the cross-replica refresh lease.
+    #[serde(with = "duration_str")]
+    pub lease_timeout: Duration,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        Self {
+            refresh_skew: Duration::from_secs(60),
+            cache_capacity: 100_000,
+            refresh_ahead: true,
+            refresh_ahead_used_within: Duration::from_secs(600),
+            refresh_ahead_remaining: 0.2,
+            lease_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How callers are identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CallerMode {
+    /// Callers present `tpx_` proxy tokens.
+    #[default]
+    Token,
+    /// Every request is one fixed user (sidecar); loopback listeners only.
+    Static,
+}
+
+/// `[callers]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallersConfig {
+    /// `token` or `static`.
+    pub mode: CallerMode,
+    /// The user served in `static` mode.
+    pub static_user: Option<Uuid>,
+    /// How long a verified proxy token is trusted without asking the database;
+    /// a revocation takes effect within this time.
+    #[serde(with = "duration_str")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for CallersConfig {
+    fn default() -> Self {
+        Self {
+            mode: CallerMode::Token,
+            static_user: None,
+            cache_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[logging]`. The filter itself comes from `RUST_LOG` (default `info`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// How the client authenticates itself at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with client id and secret (RFC 6749 §2.3.1, the default).
+    #[default]
+    ClientSecretBasic,
+    /// Client id and secret in the form body.
+    ClientSecretPost,
+}
+
+/// `[[providers]]`: one identity provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Stable id, stored as `external_auth_links.provider_id`.
+    pub id: String,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// OAuth2 client secret (`env:`/`file:` allowed); public clients omit it.
+    #[serde(default, deserialize_with = "secret_opt")]
+    pub client_secret: Option<SecretString>,
+    /// The token endpoint.
+    pub token_url: Url,
+    /// How the client authenticates at the token endpoint.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// Deadline for one exchange with the token endpoint.
+    #[serde(default = "default_provider_timeout", with = "duration_str")]
+    pub timeout: Duration,
+    /// Extra form parameters sent with every refresh grant.
+    #[serde(default)]
+    pub extra_params: BTreeMap<String, String>,
+    /// Fields of a token response kept in `oauth_extra`.
+    #[serde(default)]
+    pub extra_fields: Vec<String>,
+    /// Extra CA (PEM) trusted for the token endpoint.
+    #[serde(default)]
+    pub token_ca: Option<PathBuf>,
+    /// Where requests for this provider go.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_provider_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[[providers.routes]]`: one way into an upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Reverse mode: requests whose path starts with this prefix use this route.
+    pub prefix: String,
+    /// Where they go; the prefix is replaced by the upstream's path.
+    pub upstream: Url,
+    /// How the credential is attached.
+    #[serde(default)]
+    pub inject: Inject,
+    /// Extra CA (PEM) trusted for this upstream.
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
+}
+
+/// How a credential is attached to the upstream request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Inject {
+    /// `Authorization: Bearer <token>`.
+    #[default]
+    Bearer,
+    /// `Authorization: Basic base64(<username>:<token>)`.
+    BasicUsername(String),
+    /// The raw token in the named header.
+    Header(http::HeaderName),
+}
+
+impl<'de> Deserialize<'de> for Inject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Table(BTreeMap<String, String>),
+        }
+        use serde::de::Error;
+        const EXPECTED: &str =
+            r#"expected "bearer", { basic_username = "..." } or { header = "..." }"#;
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "bearer" => Ok(Inject::Bearer),
+            Raw::Word(w) => Err(D::Error::custom(format!(
+                "unknown inject `{w}`; {EXPECTED}"
+            ))),
+            Raw::Table(t) if t.len() == 1 => {
+                let (k, v) = t.into_iter().next().expect("one entry");
+                match k.as_str() {
+                    "basic_username" if !v.is_empty() && !v.contains(':') => {
+                        Ok(Inject::BasicUsername(v))
+                    }
+                    "basic_username" => Err(D::Error::custom(
+                        "basic_username must be non-empty and contain no ':'",
+                    )),
+                    "header" => http::HeaderName::from_bytes(v.as_bytes())
+                        .map(Inject::Header)
+                        .map_err(|_| D::Error::custom(format!("invalid header name `{v}`"))),
+                    _ => Err(D::Error::custom(format!(
+                        "unknown inject `{k}`; {EXPECTED}"
+                    ))),
+                }
+            }
+            Raw::Table(_) => Err(D::Error::custom(EXPECTED)),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, overrides from the process environment, and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_toml_with_env(&text, &env)
+    }
+
+    /// Parses `text`, applies overrides from `env`, and validates.
+    pub fn from_toml_with_env(text: &str, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let msg = e.message().replace('\n', " ");
+            ConfigError::new("config", format!("invalid TOML: {msg}"))
+        })?;
+        apply_env_overrides(&mut value, env)?;
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+                let key = e.path().to_string();
+                let key = if key == "." {
+                    "config".to_string()
+                } else {
+                    key
+                };
+                ConfigError::new(key, e.into_inner().message().replace('\n', " "))
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks rules that span keys or values serde cannot check.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.callers.mode == CallerMode::Static {
+            if self.callers.static_user.is_none() {
+                return Err(ConfigError::new(
+                    "callers.static_user",
+                    "required when callers.mode = \"static\"",
+                ));
+            }
+            if !self.server.listen.ip().is_loopback() {
+                return Err(ConfigError::new(
+                    "server.listen",
+                    "static caller mode serves one fixed user and may only listen on loopback",
+                ));
+            }
+        }
+        let t = &self.tokens;
+        if !(t.refresh_ahead_remaining > 0.0 && t.refresh_ahead_remaining < 1.0) {
+            return Err(ConfigError::new(
+                "tokens.refresh_ahead_remaining",
+                "must be a fraction between 0 and 1",
+            ));
+        }
+        if t.cache_capacity == 0 {
+            return Err(ConfigError::new(
+                "tokens.cache_capacity",
+                "must be at least 1",
+            ));
+        }
+        for (i, key) in self.encryption.keys.iter().enumerate() {
+            decode_key(key).map_err(|m| ConfigError::new(format!("encryption.keys[{i}]"), m))?;
+        }
+        let mut ids = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            let at = |k: &str| format!("providers[{i}].{k}");
+            if p.id.is_empty()
+                || !p
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::new(
+                    at("id"),
+                    "must be non-empty and use only letters, digits, '-', '_' and '.'",
+                ));
+            }
+            if !ids.insert(p.id.as_str()) {
+                return Err(ConfigError::new(
+                    at("id"),
+                    format!("duplicate provider id `{}`", p.id),
+                ));
+            }
+            check_http_url(&p.token_url).map_err(|m| ConfigError::new(at("token_url"), m))?;
+            if p.timeout.is_zero() || p.timeout >= self.tokens.lease_timeout {
+                return Err(ConfigError::new(
+                    at("timeout"),
+                    "must be above zero and shorter than tokens.lease_timeout",
+                ));
+            }
+            for (j, r) in p.routes.iter().enumerate() {
+                let at = |k: &str| format!("providers[{i}].routes[{j}].{k}");
+                if !r.prefix.starts_with('/') || r.prefix.contains("..") || r.prefix.contains('%') {
+                    return Err(ConfigError::new(
+                        at("prefix"),
+                        "must start with '/' and contain no '..' or '%'",
+                    ));
+                }
+                let norm = r.prefix.trim_end_matches('/').to_string();
+                if !prefixes.insert(norm) {
+                    return Err(ConfigError::new(
+                        at("prefix"),
+                        format!("duplicate route prefix `{}`", r.prefix),
+                    ));
+                }
+                check_http_url(&r.upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
+                if r.upstream.query().is_some() || r.upstream.fragment().is_some() {
+                    return Err(ConfigError::new(
+                        at("upstream"),
+                        "must not have a query or fragment",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The decoded 32-byte encryption keys, first (encrypting) key first.
+    pub fn encryption_keys(&self) -> Vec<secrecy::SecretBox<[u8; 32]>> {
+        self.encryption
+            .keys
+            .iter()
+            .map(|k| secrecy::SecretBox::new(Box::new(decode_key(k).expect("validated"))))
+            .collect()
+    }
+
+    /// The provider with this id.
+    pub fn provider(&self, id: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.id == id)
+    }
+}
+
+/// Resolves the config path: `--config`, then `$TOKENPROXY_CONFIG`, then `tokenproxy.toml`.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONFIG_FILE),
+    }
+}
+
+fn decode_key(key: &SecretString) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(key.expose_secret().trim())
+        .map_err(|_| "is not valid base64".to_string())?;
+    <[u8; 32]>::try_from(raw.as_slice())
+        .map_err(|_| format!("must decode to 32 bytes, got {}", raw.len()))
+}
+
+fn check_http_url(u: &Url) -> Result<(), String> {
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme must be http or https, got `{}`",
+            u.scheme()
+        ));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err("must have a host".into());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("must not embed credentials".into());
+    }
+    Ok(())
+}
+
+/// Applies `DATABASE_URL` and `TOKENPROXY_<SECTION>__<KEY>` to the parsed file.
+///
+/// Only variables with a `__` are overrides, so `TOKENPROXY_KEY` (a key referenced as
+/// `env:TOKENPROXY_KEY`) or `TOKENPROXY_CONFIG` are left alone. Values that parse as a
+/// TOML scalar (numbers, booleans) take that type, anything else is a string.
+pub fn apply_env_overrides(
+    value: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
+    const SECTIONS: &[&str] = &[
+        "server",
+        "database",
+        "encryption",
+        "tokens",
+        "callers",
+        "logging",
+    ];
+    let mut set = |section: &str, key: &str, raw: &str, var: &str| -> Result<(), ConfigError> {
+        let entry = value
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        let table = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::new(section, "must be a table"))?;
+        let parsed = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let parsed = if key == "keys" && !parsed.is_array() {
+            toml::Value::Array(
+                raw.split(',')
+                    .map(|s| toml::Value::String(s.trim().to_string()))
+                    .collect(),
+            )
+        } else {
+            parsed
+        };
+        let _ = var;
+        table.insert(key.to_string(), parsed);
+        Ok(())
+    };
+    for (name, raw) in env {
+        if name == "DATABASE_URL" && !raw.is_empty() {
+            set("database", "url", &format!("{raw:?}"), name)?;
+            continue;
+        }
+        let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let section = section.to_ascii_lowercase();
+        let key = key.to_ascii_lowercase();
+        if !SECTIONS.contains(&section.as_str()) || key.is_empty() {
+            return Err(ConfigError::new(
+                name.clone(),
+                format!("unknown override; expected {ENV_OVERRIDE_PREFIX}<SECTION>__<KEY> with SECTION one of {}", SECTIONS.join(", ")),
+            ));
+        }
+        set(&section, &key, raw, name)?;
+    }
+    Ok(())
+}
+
+/// Resolves a secret reference: `env:VAR`, `file:PATH`, or the literal value.
+pub fn resolve_secret(raw: &str) -> Result<SecretString, String> {
+    if let Some(var) = raw.strip_prefix("env:") {
+        match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(SecretString::from(v)),
+            _ => Err(format!("environment variable {var} is not set")),
+        }
+    } else if let Some(path) = raw.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map(|s| SecretString::from(s.trim_end_matches(['\n', '\r']).to_string()))
+            .map_err(|e| format!("cannot read {path}: {}", e.kind()))
+    } else {
+        Ok(SecretString::from(raw.to_string()))
+    }
+}
+
+fn secret_plain<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    let raw = String::deserialize(d)?;
+    resolve_secret(&raw).map_err(serde::de::Error::custom)
+}
+
+fn secret_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    secret_plain(d).map(Some)
+}
+
+fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|raw| resolve_secret(raw).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// Serde adapter for durations written like `"60s"`, `"10m"`, `"1h 30m"`.
+pub mod duration_str {
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    /// Parses a humantime duration string.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}`: {e}")))
+    }
+}

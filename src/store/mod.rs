@@ -1,0 +1,310 @@
+//! Persistence of OAuth2 links and proxy tokens.
+//!
+//! [`LinkStore`] is the one seam between tokenproxy and its database. Every SQL
+//! statement lives in a backend module here (or in `migrations/`). The trait is
+//! shaped around the refresh protocol: reads return the refresh token *exactly as
+//! stored* ([`StoredSecret`]) so that every write after a refresh can be a
+//! compare-and-swap on that value, and every conditional write reports whether it
+//! applied, so a caller can tell a lost race from success.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use uuid::Uuid;
+
+use crate::crypto::CryptoError;
+
+pub mod postgres;
+
+/// Postgres channel on which every link change is announced.
+pub const CHANGE_CHANNEL: &str = "tokenproxy_links";
+
+/// A store failure. Messages never contain token values.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or did not answer in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A stored value could not be decrypted (wrong or missing key, tampered value).
+    #[error("cannot decrypt {column} of link {provider_id}/{user_id}: {source}")]
+    Decrypt {
+        /// Provider of the row.
+        provider_id: String,
+        /// User of the row.
+        user_id: Uuid,
+        /// Column that failed.
+        column: &'static str,
+        /// Why.
+        source: CryptoError,
+    },
+    /// Anything else the database rejected (constraint, bad data).
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+/// A column value exactly as stored (ciphertext or plaintext), kept for
+/// compare-and-swap. Never re-encrypt to compare: nonces are random.
+#[derive(Clone)]
+pub struct StoredSecret(pub String);
+
+impl std::fmt::Debug for StoredSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredSecret([redacted])")
+    }
+}
+
+impl PartialEq for StoredSecret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.0.len() && bool::from(self.0.as_bytes().ct_eq(other.0.as_bytes()))
+    }
+}
+impl Eq for StoredSecret {}
+
+/// One user's link to one provider, decrypted.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// `external_auth_links.provider_id`.
+    pub provider_id: String,
+    /// `external_auth_links.user_id`.
+    pub user_id: Uuid,
+    /// The current access token.
+    pub access_token: SecretString,
+    /// The current refresh token; empty when the provider issued none.
+    pub refresh_token: SecretString,
+    /// `oauth_refresh_token` exactly as stored, for compare-and-swap.
+    pub refresh_token_stored: StoredSecret,
+    /// When the access token expires; `None` for Coder's zero time ("never").
+    pub expiry: Option<DateTime<Utc>>,
+    /// `oauth_extra`.
+    pub extra: Option<serde_json::Value>,
+    /// Why the last refresh failed permanently; empty when it did not.
+    pub refresh_failure_reason: String,
+    /// `refresh_lease_expires_at`.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// `created_at`.
+    pub created_at: DateTime<Utc>,
+    /// `updated_at`.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A link without its token values, for listings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkSummary {
+    /// Provider id.
+    pub provider_id: String,
+    /// User id.
+    pub user_id: Uuid,
+    /// When the link was made.
+    pub created_at: DateTime<Utc>,
+    /// Last write.
+    pub updated_at: DateTime<Utc>,
+    /// Access token expiry; `None` = never.
+    pub expiry: Option<DateTime<Utc>>,
+    /// Whether a refresh token is stored.
+    pub has_refresh_token: bool,
+    /// Whether the token columns are encrypted.
+    pub encrypted: bool,
+    /// Permanent refresh failure, if any.
+    pub refresh_failure_reason: String,
+}
+
+/// Token values to write: from `link put`, a login, or a refresh.
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    /// Access token.
+    pub access_token: SecretString,
+    /// Refresh token; empty when none.
+    pub refresh_token: SecretString,
+    /// Expiry; `None` = never.
+    pub expiry: Option<DateTime<Utc>>,
+    /// Fields kept in `oauth_extra`.
+    pub extra: Option<serde_json::Value>,
+}
+
+/// A held cross-replica refresh lease.
+///
+/// The lease lives in Coder's `refresh_lease_expires_at` column, so Coder replicas
+/// and tokenproxy replicas respect each other's. The exact timestamp the claim
+/// wrote (database clock, microseconds) is the holder's fencing token: no other
+/// claim can write the same value, because it may only claim once this one expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Provider of the leased link.
+    pub provider_id: String,
+    /// User of the leased link.
+    pub user_id: Uuid,
+    /// The value written to `refresh_lease_expires_at`; identifies the holder.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Result of trying to claim the refresh lease.
+#[derive(Debug, Clone)]
+pub enum LeaseClaim {
+    /// We hold it now.
+    Acquired(Lease),
+    /// Another holder has it until this time (database clock).
+    Held {
+        /// When the other holder's lease runs out.
+        until: DateTime<Utc>,
+    },
+    /// The row no longer holds the refresh token that was read (or is gone): re-read.
+    Changed,
+}
+
+/// A change announced by the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeEvent {
+    /// This link was written or deleted.
+    Link {
+        /// Provider id.
+        provider_id: String,
+        /// User id.
+        user_id: Uuid,
+    },
+    /// The change feed (re)connected: notifications may have been lost, drop everything.
+    Resync,
+}
+
+/// A proxy token to create. Only the SHA-256 of the secret is stored.
+#[derive(Debug, Clone)]
+pub struct NewProxyToken {
+    /// User the token acts for.
+    pub user_id: Uuid,
+    /// Human label.
+    pub name: String,
+    /// SHA-256 of the full `tpx_…` string.
+    pub hash: [u8; 32],
+    /// Providers it may use; empty = all.
+    pub providers: Vec<String>,
+    /// When it stops working; `None` = never.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A stored proxy token (without its secret, which is never stored).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProxyTokenInfo {
+    /// Token id.
+    pub id: Uuid,
+    /// User the token acts for.
+    pub user_id: Uuid,
+    /// Human label.
+    pub name: String,
+    /// Providers it may use; empty = all.
+    pub providers: Vec<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Expiry, if any.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Last use, if recorded.
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Outcome of `keys rotate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RotateReport {
+    /// Rows re-encrypted with the first key.
+    pub rotated: u64,
+    /// Rows already under the first key.
+    pub unchanged: u64,
+    /// Rows skipped because a concurrent write changed them (re-run to finish).
+    pub raced: u64,
+}
+
+/// Storage for links and proxy tokens. Implemented by each database backend.
+#[async_trait::async_trait]
+pub trait LinkStore: Send + Sync + 'static {
+    /// Reads and decrypts one link.
+    async fn get_link(&self, provider_id: &str, user_id: Uuid) -> Result<Option<Link>, StoreError>;
+
+    /// Inserts or replaces a link (a login or `link put`): clears the failure reason
+    /// and any lease, and announces the change.
+    async fn put_link(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        tokens: &TokenSet,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes a link; `true` when one existed. Announces the change.
+    async fn delete_link(&self, provider_id: &str, user_id: Uuid) -> Result<bool, StoreError>;
+
+    /// Lists links (of one user, or all), without token values.
+    async fn list_links(&self, user_id: Option<Uuid>) -> Result<Vec<LinkSummary>, StoreError>;
+
+    /// Claims the cross-replica refresh lease for `lease` long, only while the row
+    /// still holds `old_refresh` and no unexpired lease exists (database clock).
+    async fn claim_refresh_lease(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &StoredSecret,
+        lease: Duration,
+    ) -> Result<LeaseClaim, StoreError>;
+
+    /// Releases a lease we hold (only if it is still ours) and announces it so
+    /// waiters re-read. Best effort for callers.
+    async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Compare-and-swap after a successful refresh: writes `new` (encrypting it)
+    /// only if `oauth_refresh_token` still equals `old_refresh`; clears the failure
+    /// reason and the lease; announces. `Ok(false)` = lost the race.
+    ///
+    /// Deliberately not fenced by the lease holder: a token the provider already
+    /// rotated must be persisted whenever the row still holds the one exchanged,
+    /// or the new refresh token would be lost.
+    async fn write_refreshed(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &StoredSecret,
+        new: &TokenSet,
+    ) -> Result<bool, StoreError>;
+
+    /// Compare-and-swap record of a permanent refresh failure: sets
+    /// `oauth_refresh_failure_reason` only if the row still holds `old_refresh` (and,
+    /// when `lease` is given, that lease is still the row's). Announces when applied.
+    async fn record_refresh_failure(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &StoredSecret,
+        lease: Option<&Lease>,
+        reason: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Stores a new proxy token (hash only) and returns it.
+    async fn create_proxy_token(&self, token: &NewProxyToken)
+        -> Result<ProxyTokenInfo, StoreError>;
+
+    /// Finds a proxy token by the SHA-256 of its secret (revoked and expired included;
+    /// the caller decides).
+    async fn find_proxy_token(&self, hash: &[u8; 32])
+        -> Result<Option<ProxyTokenInfo>, StoreError>;
+
+    /// Lists proxy tokens (of one user, or all).
+    async fn list_proxy_tokens(
+        &self,
+        user_id: Option<Uuid>,
+    ) -> Result<Vec<ProxyTokenInfo>, StoreError>;
+
+    /// Revokes a proxy token; `true` when it existed and was not yet revoked.
+    async fn revoke_proxy_token(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    /// Records that a proxy token was used now.
+    async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError>;
+
+    /// Re-encrypts every link with the first key by compare-and-swap, keeping
+    /// failure reasons; announces each change.
+    async fn rotate_keys(&self) -> Result<RotateReport, StoreError>;
+
+    /// Whether the database answers and every migration is applied.
+    async fn ready(&self) -> Result<(), StoreError>;
+
+    /// Starts the change feed. Emits [`ChangeEvent::Resync`] after every (re)connect.
+    /// Backends without notifications return a receiver that never yields.
+    async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError>;
+}

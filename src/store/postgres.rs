@@ -1,0 +1,3 @@
+//! The Postgres backend of [`LinkStore`](super::LinkStore).
+//!
+//! SKELETON: implemented by the store helper.

@@ -1,0 +1,1 @@
+//! A test identity provider: single-use rotating refresh tokens, counting every grant.

@@ -1,0 +1,1 @@
+//! Test upstreams that verify the injected credential.
