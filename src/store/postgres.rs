@@ -29,7 +29,7 @@ use super::{
     ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
     RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
 };
-use crate::config::{DatabaseConfig, EncryptionFormat};
+use crate::config::{Config, DatabaseConfig, EncryptionFormat};
 use crate::crypto::{Keyring, Sealed, ValueContext};
 
 /// The embedded migrations (`migrations/*.sql`).
@@ -149,6 +149,12 @@ impl PgStore {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_lazy_with(opts);
         Ok(Self::from_pool(pool, keyring))
+    }
+
+    /// [`connect`](Self::connect) with the keyring `[encryption]` describes.
+    pub fn from_config(cfg: &Config) -> Result<Self, StoreError> {
+        let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);
+        Self::connect(&cfg.database, keyring)
     }
 
     /// A store over an existing pool (tests get one from `#[sqlx::test]`).
