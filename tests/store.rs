@@ -570,6 +570,15 @@ async fn refresh_write_racing_rotation_is_never_lost(pool: PgPool) {
     let now = rotator.get_link("github", user).await.unwrap().unwrap();
     assert_eq!(now.refresh_token.expose_secret(), "r1");
 
+    // Likewise a failure record against a token that was only re-encrypted.
+    assert_eq!(rotator.rotate_keys().await.unwrap().rotated, 1);
+    assert!(refresher
+        .record_refresh_failure("github", user, &now.refresh_token_stored, None, "revoked")
+        .await
+        .unwrap());
+    let now = rotator.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(now.refresh_failure_reason, "revoked");
+
     // Truly concurrent: many refreshes while rotations run; every one lands.
     let users: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
     for u in &users {
