@@ -40,8 +40,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const ACCESS: &str = "oauth_access_token";
 const REFRESH: &str = "oauth_refresh_token";
 
-/// How many times a lease claim re-checks when the row changed between the
-/// claim and the read that explains why it failed.
+/// Retries of a conditional write (or lease claim) whose row changed between the
+/// attempt and the read that explains the miss. Each retry needs another
+/// concurrent change, so a small bound suffices.
 const CLAIM_ATTEMPTS: usize = 3;
 
 /// The columns every link read selects, in [`LinkRow`] order.
