@@ -391,23 +391,37 @@ impl Config {
     }
 
     /// Parses `text`, applies overrides from `env`, and validates.
+    ///
+    /// `env` is also where `env:VAR` secrets are looked up, so tests need not touch
+    /// the process environment.
     pub fn from_toml_with_env(text: &str, env: &[(String, String)]) -> Result<Self, ConfigError> {
         let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            let msg = e.message().replace('\n', " ");
-            ConfigError::new("config", format!("invalid TOML: {msg}"))
+            let msg = e.message().trim().replace('\n', " ");
+            let at = e
+                .span()
+                .map(|s| format!(" (line {})", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            ConfigError::new("config", format!("invalid TOML{at}: {msg}"))
         })?;
-        apply_env_overrides(&mut value, env)?;
-        let cfg: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+        let origins = override_table(&mut value, env)?;
+        let cfg: Config = SECRET_ENV
+            .with(|cell| {
+                *cell.borrow_mut() = Some(env.to_vec());
+                let out = serde_path_to_error::deserialize(toml::Value::Table(value));
+                *cell.borrow_mut() = None;
+                out
+            })
+            .map_err(|e| {
                 let key = e.path().to_string();
                 let key = if key == "." {
                     "config".to_string()
                 } else {
                     key
                 };
-                ConfigError::new(key, e.into_inner().message().replace('\n', " "))
+                let message = e.into_inner().message().trim().replace('\n', " ");
+                blame_override(ConfigError::new(key, message), &origins)
             })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| blame_override(e, &origins))?;
         Ok(cfg)
     }
 
@@ -427,6 +441,7 @@ impl Config {
                 ));
             }
         }
+        check_database_url(&self.database.url)?;
         let t = &self.tokens;
         if !(t.refresh_ahead_remaining > 0.0 && t.refresh_ahead_remaining < 1.0) {
             return Err(ConfigError::new(
@@ -540,7 +555,7 @@ fn check_http_url(u: &Url) -> Result<(), String> {
             u.scheme()
         ));
     }
-    if u.host_str().is_none_or(str::is_empty) {
+    if u.host_str().unwrap_or_default().is_empty() {
         return Err("must have a host".into());
     }
     if !u.username().is_empty() || u.password().is_some() {
@@ -552,74 +567,150 @@ fn check_http_url(u: &Url) -> Result<(), String> {
 /// Applies `DATABASE_URL` and `TOKENPROXY_<SECTION>__<KEY>` to the parsed file.
 ///
 /// Only variables with a `__` are overrides, so `TOKENPROXY_KEY` (a key referenced as
-/// `env:TOKENPROXY_KEY`) or `TOKENPROXY_CONFIG` are left alone. Values that parse as a
-/// TOML scalar (numbers, booleans) take that type, anything else is a string.
+/// `env:TOKENPROXY_KEY`) or `TOKENPROXY_CONFIG` are left alone. Further `__` reach into
+/// nested tables (`TOKENPROXY_SERVER__TLS__CERT`). Values that parse as a TOML scalar
+/// (numbers, booleans) take that type, anything else is a string;
+/// `TOKENPROXY_ENCRYPTION__KEYS` is a comma-separated list.
 pub fn apply_env_overrides(
     value: &mut toml::Table,
     env: &[(String, String)],
 ) -> Result<(), ConfigError> {
-    const SECTIONS: &[&str] = &[
-        "server",
-        "database",
-        "encryption",
-        "tokens",
-        "callers",
-        "logging",
-    ];
-    let mut set = |section: &str, key: &str, raw: &str, var: &str| -> Result<(), ConfigError> {
-        let entry = value
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()));
-        let table = entry
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::new(section, "must be a table"))?;
-        let parsed = format!("v = {raw}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-        let parsed = if key == "keys" && !parsed.is_array() {
-            toml::Value::Array(
-                raw.split(',')
-                    .map(|s| toml::Value::String(s.trim().to_string()))
-                    .collect(),
+    override_table(value, env).map(drop)
+}
+
+/// Sections that `TOKENPROXY_<SECTION>__<KEY>` may override (`providers` is a list).
+const OVERRIDE_SECTIONS: &[&str] = &[
+    "server",
+    "database",
+    "encryption",
+    "tokens",
+    "callers",
+    "logging",
+];
+
+/// Applies the overrides and returns, for each, the dotted key it set and the variable
+/// that set it, so later errors about that key can name the variable too.
+fn override_table(
+    value: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut origins = Vec::new();
+    for (name, raw) in env {
+        let (path, parsed) = if name == "DATABASE_URL" {
+            if raw.is_empty() {
+                continue;
+            }
+            (
+                vec!["database".to_string(), "url".to_string()],
+                toml::Value::String(raw.clone()),
             )
         } else {
-            parsed
+            let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
+                continue;
+            };
+            if !rest.contains("__") {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if !OVERRIDE_SECTIONS.contains(&path[0].as_str()) || path.iter().any(String::is_empty) {
+                return Err(ConfigError::new(
+                    name.clone(),
+                    format!(
+                        "unknown override; expected {ENV_OVERRIDE_PREFIX}<SECTION>__<KEY> with SECTION one of {}",
+                        OVERRIDE_SECTIONS.join(", ")
+                    ),
+                ));
+            }
+            let parsed = if path == ["encryption", "keys"] {
+                toml::Value::Array(
+                    raw.split(',')
+                        .map(|s| toml::Value::String(s.trim().to_string()))
+                        .collect(),
+                )
+            } else {
+                parse_scalar(raw)
+            };
+            (path, parsed)
         };
-        let _ = var;
-        table.insert(key.to_string(), parsed);
-        Ok(())
-    };
-    for (name, raw) in env {
-        if name == "DATABASE_URL" && !raw.is_empty() {
-            set("database", "url", &format!("{raw:?}"), name)?;
-            continue;
+        let (last, parents) = path.split_last().expect("at least two parts");
+        let mut table = &mut *value;
+        for (depth, part) in parents.iter().enumerate() {
+            let entry = table
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::new(
+                    parents[..=depth].join("."),
+                    format!("must be a table to apply {name}"),
+                )
+            })?;
         }
-        let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
-            continue;
-        };
-        let Some((section, key)) = rest.split_once("__") else {
-            continue;
-        };
-        let section = section.to_ascii_lowercase();
-        let key = key.to_ascii_lowercase();
-        if !SECTIONS.contains(&section.as_str()) || key.is_empty() {
-            return Err(ConfigError::new(
-                name.clone(),
-                format!("unknown override; expected {ENV_OVERRIDE_PREFIX}<SECTION>__<KEY> with SECTION one of {}", SECTIONS.join(", ")),
-            ));
-        }
-        set(&section, &key, raw, name)?;
+        table.insert(last.clone(), parsed);
+        origins.push((path.join("."), name.clone()));
+    }
+    Ok(origins)
+}
+
+/// A TOML scalar when `raw` is one (`true`, `42`, `0.5`), else the string itself.
+fn parse_scalar(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table() && !v.is_array())
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// Appends "(set by VAR)" when the offending key came from an environment override.
+fn blame_override(mut err: ConfigError, origins: &[(String, String)]) -> ConfigError {
+    let hit = origins.iter().rev().find(|(path, _)| {
+        err.key == *path
+            || err
+                .key
+                .strip_prefix(path.as_str())
+                .is_some_and(|rest| rest.starts_with(['.', '[']))
+    });
+    if let Some((_, var)) = hit {
+        err.message = format!("{} (set by {var})", err.message);
+    }
+    err
+}
+
+/// Checks the database URL without ever echoing it (it may hold a password).
+fn check_database_url(url: &SecretString) -> Result<(), ConfigError> {
+    let parsed = Url::parse(url.expose_secret())
+        .map_err(|e| ConfigError::new("database.url", format!("is not a valid URL ({e})")))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(ConfigError::new(
+            "database.url",
+            "scheme must be postgres:// or postgresql://",
+        ));
     }
     Ok(())
+}
+
+thread_local! {
+    /// The environment `env:VAR` secrets resolve against while a config is being
+    /// deserialized (serde gives field deserializers no other context).
+    static SECRET_ENV: std::cell::RefCell<Option<Vec<(String, String)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn lookup_env(var: &str) -> Option<String> {
+    SECRET_ENV
+        .with(|cell| {
+            cell.borrow()
+                .as_ref()
+                .map(|env| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()))
+        })
+        .unwrap_or_else(|| std::env::var(var).ok())
 }
 
 /// Resolves a secret reference: `env:VAR`, `file:PATH`, or the literal value.
 pub fn resolve_secret(raw: &str) -> Result<SecretString, String> {
     if let Some(var) = raw.strip_prefix("env:") {
-        match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Ok(SecretString::from(v)),
+        match lookup_env(var) {
+            Some(v) if !v.is_empty() => Ok(SecretString::from(v)),
             _ => Err(format!("environment variable {var} is not set")),
         }
     } else if let Some(path) = raw.strip_prefix("file:") {
@@ -641,10 +732,17 @@ fn secret_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretStr
 }
 
 fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|raw| resolve_secret(raw).map_err(serde::de::Error::custom))
-        .collect()
+    /// One list entry, resolved on its own so an error names its index.
+    struct Entry(SecretString);
+    impl<'de> Deserialize<'de> for Entry {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            secret_plain(d).map(Entry)
+        }
+    }
+    Ok(Vec::<Entry>::deserialize(d)?
+        .into_iter()
+        .map(|e| e.0)
+        .collect())
 }
 
 /// Serde adapter for durations written like `"60s"`, `"10m"`, `"1h 30m"`.
