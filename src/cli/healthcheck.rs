@@ -28,7 +28,9 @@ pub async fn run(path: &Path, args: HealthcheckArgs) -> anyhow::Result<()> {
     };
     let status = tokio::time::timeout(DEADLINE, get_status(addr))
         .await
-        .map_err(|_| anyhow::anyhow!("http://{addr}/healthz did not answer within {DEADLINE:?}"))??;
+        .map_err(|_| {
+            anyhow::anyhow!("http://{addr}/healthz did not answer within {DEADLINE:?}")
+        })??;
     if status != 200 {
         anyhow::bail!("http://{addr}/healthz answered {status}");
     }
@@ -39,8 +41,12 @@ pub async fn run(path: &Path, args: HealthcheckArgs) -> anyhow::Result<()> {
 /// A wildcard listen address is reached on the loopback of the same family.
 fn loopback_for(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
         _ => addr,
     }
 }

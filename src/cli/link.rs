@@ -114,12 +114,17 @@ pub fn parse_token_response(
     now: DateTime<Utc>,
 ) -> Result<TokenSet, String> {
     // Parse to a Value first: serde_json's syntax errors give a position, never content.
-    let value: Value = serde_json::from_str(input.trim()).map_err(|e| format!("invalid JSON: {e}"))?;
+    let value: Value =
+        serde_json::from_str(input.trim()).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(obj) = value else {
         return Err("expected a JSON object".into());
     };
     if let Some(code) = obj.get("error").and_then(Value::as_str) {
-        let code: String = code.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+        let code: String = code
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect();
         return Err(format!("is an error response (`{code}`), not a token"));
     }
     let access = match obj.get("access_token") {
@@ -146,7 +151,10 @@ pub fn parse_token_response(
     })
 }
 
-fn parse_expiry(obj: &Map<String, Value>, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, String> {
+fn parse_expiry(
+    obj: &Map<String, Value>,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, String> {
     for field in ["expiry", "expires_at"] {
         match obj.get(field) {
             None | Some(Value::Null) => {}
@@ -243,11 +251,16 @@ mod tests {
         let text = format!(
             "[[providers]]\nid = \"gh\"\nclient_id = \"c\"\ntoken_url = \"https://idp/token\"\nextra_fields = {extra:?}\n"
         );
-        Config::from_toml_with_env(&text, &[]).unwrap().providers.remove(0)
+        Config::from_toml_with_env(&text, &[])
+            .unwrap()
+            .providers
+            .remove(0)
     }
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -289,11 +302,19 @@ mod tests {
 
     #[test]
     fn expires_in_as_string_and_unix_expires_at() {
-        let t = parse_token_response(r#"{"access_token":"a","expires_in":"60"}"#, &provider(&[]), now())
-            .unwrap();
+        let t = parse_token_response(
+            r#"{"access_token":"a","expires_in":"60"}"#,
+            &provider(&[]),
+            now(),
+        )
+        .unwrap();
         assert_eq!(t.expiry, Some(now() + Duration::seconds(60)));
-        let t = parse_token_response(r#"{"access_token":"a","expires_at":1767225600}"#, &provider(&[]), now())
-            .unwrap();
+        let t = parse_token_response(
+            r#"{"access_token":"a","expires_at":1767225600}"#,
+            &provider(&[]),
+            now(),
+        )
+        .unwrap();
         assert_eq!(t.expiry, Some(now()));
     }
 
@@ -303,11 +324,23 @@ mod tests {
         let cases = [
             ("{not json", "invalid JSON"),
             ("[1]", "expected a JSON object"),
-            (r#"{"refresh_token":"SECRETVALUE"}"#, "`access_token` is missing"),
+            (
+                r#"{"refresh_token":"SECRETVALUE"}"#,
+                "`access_token` is missing",
+            ),
             (r#"{"access_token":""}"#, "`access_token`"),
-            (r#"{"access_token":"SECRETVALUE","refresh_token":5}"#, "`refresh_token`"),
-            (r#"{"access_token":"SECRETVALUE","expires_in":-5}"#, "`expires_in`"),
-            (r#"{"access_token":"SECRETVALUE","expiry":"SECRETVALUE"}"#, "`expiry`"),
+            (
+                r#"{"access_token":"SECRETVALUE","refresh_token":5}"#,
+                "`refresh_token`",
+            ),
+            (
+                r#"{"access_token":"SECRETVALUE","expires_in":-5}"#,
+                "`expires_in`",
+            ),
+            (
+                r#"{"access_token":"SECRETVALUE","expiry":"SECRETVALUE"}"#,
+                "`expiry`",
+            ),
             (r#"{"error":"invalid_grant"}"#, "invalid_grant"),
         ];
         for (input, want) in cases {

@@ -30,7 +30,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let admin = TcpListener::bind(cfg.server.admin_listen)
         .await
-        .with_context(|| format!("server.admin_listen: cannot bind {}", cfg.server.admin_listen))?;
+        .with_context(|| {
+            format!(
+                "server.admin_listen: cannot bind {}",
+                cfg.server.admin_listen
+            )
+        })?;
     tracing::warn!(
         admin = %cfg.server.admin_listen,
         "the proxy is not built yet: serving only the admin listener (/healthz)"

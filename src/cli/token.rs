@@ -174,7 +174,11 @@ fn table(tokens: &[ProxyTokenInfo]) -> String {
         rows.push([
             t.id.to_string(),
             t.user_id.to_string(),
-            if t.name.is_empty() { "-".into() } else { t.name.clone() },
+            if t.name.is_empty() {
+                "-".into()
+            } else {
+                t.name.clone()
+            },
             providers_label(&t.providers),
             super::show_time(Some(t.created_at), ""),
             super::show_time(t.expires_at, "never"),
@@ -196,7 +200,9 @@ mod tests {
         let a = a.expose_secret();
         assert!(a.starts_with(TOKEN_PREFIX));
         assert_eq!(a.len(), TOKEN_PREFIX.len() + 43);
-        assert!(a[4..].chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(a[4..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         assert_ne!(a, b.expose_secret());
         assert_ne!(ha, hb);
         let want: [u8; 32] = Sha256::digest(a.as_bytes()).into();
