@@ -13,6 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+
+mod overrides;
+mod secrets;
+
+pub use overrides::apply_env_overrides;
+use overrides::{blame_override, override_table};
+pub use secrets::resolve_secret;
+use secrets::{secret_list, secret_opt, secret_plain, SECRET_ENV};
 use serde::Deserialize;
 use url::Url;
 use uuid::Uuid;
@@ -564,118 +572,6 @@ fn check_http_url(u: &Url) -> Result<(), String> {
     Ok(())
 }
 
-/// Applies `DATABASE_URL` and `TOKENPROXY_<SECTION>__<KEY>` to the parsed file.
-///
-/// Only variables with a `__` are overrides, so `TOKENPROXY_KEY` (a key referenced as
-/// `env:TOKENPROXY_KEY`) or `TOKENPROXY_CONFIG` are left alone. Further `__` reach into
-/// nested tables (`TOKENPROXY_SERVER__TLS__CERT`). Values that parse as a TOML scalar
-/// (numbers, booleans) take that type, anything else is a string;
-/// `TOKENPROXY_ENCRYPTION__KEYS` is a comma-separated list.
-pub fn apply_env_overrides(
-    value: &mut toml::Table,
-    env: &[(String, String)],
-) -> Result<(), ConfigError> {
-    override_table(value, env).map(drop)
-}
-
-/// Sections that `TOKENPROXY_<SECTION>__<KEY>` may override (`providers` is a list).
-const OVERRIDE_SECTIONS: &[&str] = &[
-    "server",
-    "database",
-    "encryption",
-    "tokens",
-    "callers",
-    "logging",
-];
-
-/// Applies the overrides and returns, for each, the dotted key it set and the variable
-/// that set it, so later errors about that key can name the variable too.
-fn override_table(
-    value: &mut toml::Table,
-    env: &[(String, String)],
-) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut origins = Vec::new();
-    for (name, raw) in env {
-        let (path, parsed) = if name == "DATABASE_URL" {
-            if raw.is_empty() {
-                continue;
-            }
-            (
-                vec!["database".to_string(), "url".to_string()],
-                toml::Value::String(raw.clone()),
-            )
-        } else {
-            let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
-                continue;
-            };
-            if !rest.contains("__") {
-                continue;
-            }
-            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-            if !OVERRIDE_SECTIONS.contains(&path[0].as_str()) || path.iter().any(String::is_empty) {
-                return Err(ConfigError::new(
-                    name.clone(),
-                    format!(
-                        "unknown override; expected {ENV_OVERRIDE_PREFIX}<SECTION>__<KEY> with SECTION one of {}",
-                        OVERRIDE_SECTIONS.join(", ")
-                    ),
-                ));
-            }
-            let parsed = if path == ["encryption", "keys"] {
-                toml::Value::Array(
-                    raw.split(',')
-                        .map(|s| toml::Value::String(s.trim().to_string()))
-                        .collect(),
-                )
-            } else {
-                parse_scalar(raw)
-            };
-            (path, parsed)
-        };
-        let (last, parents) = path.split_last().expect("at least two parts");
-        let mut table = &mut *value;
-        for (depth, part) in parents.iter().enumerate() {
-            let entry = table
-                .entry(part.clone())
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            table = entry.as_table_mut().ok_or_else(|| {
-                ConfigError::new(
-                    parents[..=depth].join("."),
-                    format!("must be a table to apply {name}"),
-                )
-            })?;
-        }
-        table.insert(last.clone(), parsed);
-        origins.push((path.join("."), name.clone()));
-    }
-    Ok(origins)
-}
-
-/// A TOML scalar when `raw` is one (`true`, `42`, `0.5`), else the string itself.
-fn parse_scalar(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .filter(|v| !v.is_table() && !v.is_array())
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-/// Appends "(set by VAR)" when the offending key came from an environment override.
-fn blame_override(mut err: ConfigError, origins: &[(String, String)]) -> ConfigError {
-    let hit = origins.iter().rev().find(|(path, _)| {
-        err.key == *path
-            || err
-                .key
-                .strip_prefix(path.as_str())
-                .is_some_and(|rest| rest.starts_with(['.', '[']))
-    });
-    if let Some((_, var)) = hit {
-        err.message = format!("{} (set by {var})", err.message);
-    }
-    err
-}
-
 /// Checks the database URL without ever echoing it (it may hold a password).
 fn check_database_url(url: &SecretString) -> Result<(), ConfigError> {
     let parsed = Url::parse(url.expose_secret())
@@ -687,62 +583,6 @@ fn check_database_url(url: &SecretString) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-thread_local! {
-    /// The environment `env:VAR` secrets resolve against while a config is being
-    /// deserialized (serde gives field deserializers no other context).
-    static SECRET_ENV: std::cell::RefCell<Option<Vec<(String, String)>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-fn lookup_env(var: &str) -> Option<String> {
-    SECRET_ENV
-        .with(|cell| {
-            cell.borrow()
-                .as_ref()
-                .map(|env| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()))
-        })
-        .unwrap_or_else(|| std::env::var(var).ok())
-}
-
-/// Resolves a secret reference: `env:VAR`, `file:PATH`, or the literal value.
-pub fn resolve_secret(raw: &str) -> Result<SecretString, String> {
-    if let Some(var) = raw.strip_prefix("env:") {
-        match lookup_env(var) {
-            Some(v) if !v.is_empty() => Ok(SecretString::from(v)),
-            _ => Err(format!("environment variable {var} is not set")),
-        }
-    } else if let Some(path) = raw.strip_prefix("file:") {
-        std::fs::read_to_string(path)
-            .map(|s| SecretString::from(s.trim_end_matches(['\n', '\r']).to_string()))
-            .map_err(|e| format!("cannot read {path}: {}", e.kind()))
-    } else {
-        Ok(SecretString::from(raw.to_string()))
-    }
-}
-
-fn secret_plain<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
-    let raw = String::deserialize(d)?;
-    resolve_secret(&raw).map_err(serde::de::Error::custom)
-}
-
-fn secret_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
-    secret_plain(d).map(Some)
-}
-
-fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
-    /// One list entry, resolved on its own so an error names its index.
-    struct Entry(SecretString);
-    impl<'de> Deserialize<'de> for Entry {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            secret_plain(d).map(Entry)
-        }
-    }
-    Ok(Vec::<Entry>::deserialize(d)?
-        .into_iter()
-        .map(|e| e.0)
-        .collect())
 }
 
 /// Serde adapter for durations written like `"60s"`, `"10m"`, `"1h 30m"`.
