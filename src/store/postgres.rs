@@ -10,7 +10,9 @@
 //! zero time in `oauth_expiry` means "never", and the `*_key_id` columns say how
 //! each token is encrypted (see [`crate::crypto`]).
 
+mod dbcrypt;
 mod feed;
+mod lease;
 mod rotate;
 mod tokens;
 
@@ -27,8 +29,8 @@ use super::{
     ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
     RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
 };
-use crate::config::{DatabaseConfig, EncryptionFormat};
-use crate::crypto::{Keyring, Sealed, ValueContext, CODER_TEST_VALUE};
+use crate::config::{Config, DatabaseConfig, EncryptionFormat};
+use crate::crypto::{Keyring, Sealed, ValueContext};
 
 /// The embedded migrations (`migrations/*.sql`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -149,6 +151,12 @@ impl PgStore {
         Ok(Self::from_pool(pool, keyring))
     }
 
+    /// [`connect`](Self::connect) with the keyring `[encryption]` describes.
+    pub fn from_config(cfg: &Config) -> Result<Self, StoreError> {
+        let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);
+        Self::connect(&cfg.database, keyring)
+    }
+
     /// A store over an existing pool (tests get one from `#[sqlx::test]`).
     pub fn from_pool(pool: PgPool, keyring: Keyring) -> Self {
         Self {
@@ -194,44 +202,7 @@ impl PgStore {
     }
 
     async fn register_key(&self, id: String) -> Result<(), StoreError> {
-        let revoked: Option<i32> =
-            sqlx::query_scalar("SELECT number FROM dbcrypt_keys WHERE revoked_key_digest = $1")
-                .bind(&id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(map_err)?;
-        if revoked.is_some() {
-            return Err(StoreError::Other(format!(
-                "encryption key {id} was revoked in dbcrypt_keys"
-            )));
-        }
-        // Coder encrypts "coder" with the key; no associated data in its format.
-        let ctx = ValueContext {
-            provider_id: "",
-            user_id: Uuid::nil(),
-            column: "test",
-        };
-        let test = self
-            .keyring
-            .seal(CODER_TEST_VALUE, ctx)
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-        // Serialize registrations so two replicas do not both take max+1.
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        sqlx::query("LOCK TABLE dbcrypt_keys IN SHARE ROW EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        sqlx::query(
-            "INSERT INTO dbcrypt_keys (number, active_key_digest, created_at, test) \
-             SELECT COALESCE(MAX(number), 0) + 1, $1, now(), $2 FROM dbcrypt_keys \
-             HAVING NOT EXISTS (SELECT 1 FROM dbcrypt_keys WHERE active_key_digest = $1)",
-        )
-        .bind(&id)
-        .bind(&test.value)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)
+        dbcrypt::register_key(self, id).await
     }
 
     fn seal(&self, plain: &SecretString, ctx: ValueContext<'_>) -> Result<Sealed, StoreError> {
@@ -492,69 +463,11 @@ impl LinkStore for PgStore {
         old_refresh: &StoredSecret,
         lease: Duration,
     ) -> Result<LeaseClaim, StoreError> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            let claimed: Option<DateTime<Utc>> = sqlx::query_scalar(
-                "UPDATE external_auth_links \
-                 SET refresh_lease_expires_at = now() + make_interval(secs => $4) \
-                 WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $3 \
-                   AND (refresh_lease_expires_at IS NULL OR refresh_lease_expires_at <= now()) \
-                 RETURNING refresh_lease_expires_at",
-            )
-            .bind(provider_id)
-            .bind(user_id)
-            .bind(&old_refresh.0)
-            .bind(lease.as_secs_f64())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
-            if let Some(expires_at) = claimed {
-                return Ok(LeaseClaim::Acquired(Lease {
-                    provider_id: provider_id.to_owned(),
-                    user_id,
-                    expires_at,
-                }));
-            }
-            // Why not? Ask with the database clock again.
-            let row: Option<(String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
-                "SELECT oauth_refresh_token, refresh_lease_expires_at, now() \
-                 FROM external_auth_links WHERE provider_id = $1 AND user_id = $2",
-            )
-            .bind(provider_id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
-            match row {
-                None => return Ok(LeaseClaim::Changed),
-                Some((stored, _, _)) if StoredSecret(stored.clone()) != *old_refresh => {
-                    return Ok(LeaseClaim::Changed)
-                }
-                Some((_, Some(until), now)) if until > now => {
-                    return Ok(LeaseClaim::Held { until })
-                }
-                // The lease ran out (or was released) in between: try again.
-                Some(_) => continue,
-            }
-        }
-        Ok(LeaseClaim::Changed)
+        lease::claim(&self.pool, provider_id, user_id, old_refresh, lease).await
     }
 
     async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        let sql = announced(
-            "UPDATE external_auth_links SET refresh_lease_expires_at = NULL \
-             WHERE provider_id = $1 AND user_id = $2 AND refresh_lease_expires_at = $3 \
-             RETURNING provider_id, user_id",
-            "$4",
-        );
-        sqlx::query_scalar::<_, String>(&sql)
-            .bind(&lease.provider_id)
-            .bind(lease.user_id)
-            .bind(lease.expires_at)
-            .bind(CHANGE_CHANNEL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(())
+        lease::release(&self.pool, lease).await
     }
 
     async fn write_refreshed(
