@@ -481,3 +481,56 @@ async fn serve_answers_healthcheck_and_stops_on_sigterm(pool: PgPool) {
     );
     assert_fails(&o, 1, "cannot connect");
 }
+
+/// `keys rotate` re-encrypts with the first key; afterwards the old key can go.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn keys_rotate_moves_links_to_the_first_key(pool: PgPool) {
+    use secrecy::{ExposeSecret, SecretBox};
+    use tokenproxy::config::EncryptionFormat;
+    use tokenproxy::crypto::{native_key_id, Keyring};
+    use tokenproxy::store::LinkStore;
+
+    const NEW_KEY: &str = "IiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiI=";
+    let s = setup(db_url(&pool), "");
+    let response = format!(r#"{{"access_token":"{ACCESS}","refresh_token":"{REFRESH}"}}"#);
+    assert_ok(&run(
+        &s,
+        &["link", "put", "--provider", "github", "--user", USER],
+        &response,
+    ));
+
+    let both = format!("{NEW_KEY},{KEY}");
+    let o = run_env(
+        &s.config,
+        &["keys", "rotate"],
+        "",
+        &[
+            ("DATABASE_URL", &s.db_url),
+            ("TOKENPROXY_ENCRYPTION__KEYS", &both),
+        ],
+    );
+    assert_ok(&o);
+    assert!(stdout(&o).contains("rotated 1"), "{}", stdout(&o));
+
+    let key_ids: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT oauth_access_token_key_id, oauth_refresh_token_key_id FROM external_auth_links",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let new_id = native_key_id(&[0x22; 32]);
+    assert_eq!(key_ids, (Some(new_id.clone()), Some(new_id)));
+
+    // Only the new key is needed now.
+    let store = tokenproxy::store::postgres::PgStore::from_pool(
+        pool.clone(),
+        Keyring::new(
+            vec![SecretBox::new(Box::new([0x22; 32]))],
+            EncryptionFormat::Native,
+        ),
+    );
+    let user = USER.parse().unwrap();
+    let link = store.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(link.access_token.expose_secret(), ACCESS);
+    assert_eq!(link.refresh_token.expose_secret(), REFRESH);
+}

@@ -20,7 +20,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError};
-use crate::crypto::Keyring;
 use crate::store::postgres::PgStore;
 use crate::store::StoreError;
 
@@ -145,19 +144,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The keyring the config describes (plain text when it lists no keys).
-pub(crate) fn keyring(cfg: &Config) -> Keyring {
-    if cfg.encryption.keys.is_empty() {
-        Keyring::plaintext()
-    } else {
-        Keyring::new(cfg.encryption_keys(), cfg.encryption.format)
-    }
-}
-
 /// Opens the Postgres store the config names. The pool connects lazily, so an
 /// unreachable database shows up as [`StoreError::Unavailable`] on first use.
 pub(crate) fn open_store(cfg: &Config) -> anyhow::Result<PgStore> {
-    Ok(PgStore::connect(&cfg.database, keyring(cfg))?)
+    Ok(PgStore::from_config(cfg)?)
 }
 
 /// Checks a provider id against the config (exit 64 when unknown).
