@@ -23,6 +23,9 @@ fn lookup_env(var: &str) -> Option<String> {
 }
 
 /// Resolves a secret reference: `env:VAR`, `file:PATH`, or the literal value.
+///
+/// `env:` looks in the environment given to `Config::from_toml_with_env` while it
+/// parses, else in the process environment. An empty variable counts as unset.
 pub fn resolve_secret(raw: &str) -> Result<SecretString, String> {
     if let Some(var) = raw.strip_prefix("env:") {
         match lookup_env(var) {
