@@ -399,16 +399,18 @@ fn usage_errors_exit_64() {
 #[test]
 fn unreachable_database_exits_69() {
     let s = setup("postgres://postgres@127.0.0.1:1/nothing".into(), "");
-    let o = run_env(
-        &s.config,
-        &["link", "list"],
-        "",
-        &[
-            ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nothing"),
-            ("TOKENPROXY_DATABASE__ACQUIRE_TIMEOUT", "200ms"),
-        ],
-    );
-    assert_fails(&o, 69, "database unavailable");
+    for args in [&["link", "list"][..], &["migrate"], &["token", "list"]] {
+        let o = run_env(
+            &s.config,
+            args,
+            "",
+            &[
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nothing"),
+                ("TOKENPROXY_DATABASE__ACQUIRE_TIMEOUT", "200ms"),
+            ],
+        );
+        assert_fails(&o, 69, "database unavailable");
+    }
 }
 
 /// `serve` (admin listener only until the proxy lands): migrates on start, warns once
