@@ -1,0 +1,2 @@
+//! Placeholder until the proxy's public API lands (see BENCHMARKS.md).
+fn main() {}
