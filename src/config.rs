@@ -235,6 +235,9 @@ pub struct CallersConfig {
     /// a revocation takes effect within this time.
     #[serde(with = "duration_str")]
     pub cache_ttl: Duration,
+    /// A proxy token's `last_used_at` is written at most once per this interval.
+    #[serde(with = "duration_str")]
+    pub touch_interval: Duration,
 }
 
 impl Default for CallersConfig {
@@ -243,6 +246,7 @@ impl Default for CallersConfig {
             mode: CallerMode::Token,
             static_user: None,
             cache_ttl: Duration::from_secs(10),
+            touch_interval: Duration::from_secs(60),
         }
     }
 }
@@ -540,7 +544,7 @@ fn check_http_url(u: &Url) -> Result<(), String> {
             u.scheme()
         ));
     }
-    if u.host_str().is_none_or(str::is_empty) {
+    if u.host_str().map_or(true, str::is_empty) {
         return Err("must have a host".into());
     }
     if !u.username().is_empty() || u.password().is_some() {
