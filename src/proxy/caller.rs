@@ -86,6 +86,22 @@ fn is_proxy_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// A new random proxy token (`tpx_` + 256 random bits, base64url) and the hash
+/// to store. The token is shown to its owner once and never stored.
+pub fn generate_token() -> (SecretString, [u8; 32]) {
+    use ring::rand::SecureRandom;
+    let mut raw = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .expect("the OS random source works");
+    let token = SecretString::from(format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    ));
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
 /// SHA-256 of a proxy token, the form the store keeps.
 pub fn hash_token(token: &SecretString) -> [u8; 32] {
     Sha256::digest(token.expose_secret().as_bytes()).into()
@@ -283,6 +299,18 @@ mod tests {
         }
         let long = format!("Bearer tpx_{}", "a".repeat(300));
         assert_eq!(found(&headers(&[("authorization", &long)])), None);
+    }
+
+    #[test]
+    fn generated_tokens_parse_and_differ() {
+        let (a, ha) = generate_token();
+        let (b, hb) = generate_token();
+        assert_ne!(ha, hb);
+        assert_eq!(hash_token(&a), ha);
+        let h = headers(&[("authorization", &format!("Bearer {}", a.expose_secret()))]);
+        assert_eq!(found(&h).as_deref(), Some(a.expose_secret()));
+        let h = headers(&[("authorization", &basic("x", b.expose_secret()))]);
+        assert_eq!(found(&h).as_deref(), Some(b.expose_secret()));
     }
 
     #[test]

@@ -204,7 +204,11 @@ pub fn presented_token(form: &CredentialForm, headers: &HeaderMap) -> Option<Str
             let (u, p) = raw.split_once(':')?;
             (u == user).then(|| p.to_string())
         }
-        CredentialForm::Header(name) => headers.get(name.as_str())?.to_str().ok().map(str::to_string),
+        CredentialForm::Header(name) => headers
+            .get(name.as_str())?
+            .to_str()
+            .ok()
+            .map(str::to_string),
         CredentialForm::Anything => auth().map(str::to_string),
     }
 }
@@ -266,8 +270,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     resp.headers_mut()
         .insert("tokenproxy-error", "forged".parse().unwrap());
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut()
-            .insert("www-authenticate", "Bearer realm=\"upstream\"".parse().unwrap());
+        resp.headers_mut().insert(
+            "www-authenticate",
+            "Bearer realm=\"upstream\"".parse().unwrap(),
+        );
     }
     resp
 }
