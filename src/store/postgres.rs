@@ -1,3 +1,592 @@
 //! The Postgres backend of [`LinkStore`](super::LinkStore).
 //!
-//! SKELETON: implemented by the store helper.
+//! Every statement that changes a link announces it with `pg_notify` in the same
+//! statement (a data-modifying CTE), so a notification is sent exactly when the
+//! change commits and never for a write that did not apply. Every conditional
+//! write is a compare-and-swap on `oauth_refresh_token` exactly as stored, and
+//! leases use the database clock only, so replicas with skewed clocks still agree.
+//!
+//! The store reads and writes Coder's `external_auth_links` rows unchanged: Go's
+//! zero time in `oauth_expiry` means "never", and the `*_key_id` columns say how
+//! each token is encrypted (see [`crate::crypto`]).
+
+mod dbcrypt;
+mod feed;
+mod lease;
+mod rotate;
+mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::{
+    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
+    RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
+};
+use crate::config::{DatabaseConfig, EncryptionFormat};
+use crate::crypto::{Keyring, Sealed, ValueContext};
+
+/// The embedded migrations (`migrations/*.sql`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Column names, also the native format's associated data.
+const ACCESS: &str = "oauth_access_token";
+const REFRESH: &str = "oauth_refresh_token";
+
+/// How many times a lease claim re-checks when the row changed between the
+/// claim and the read that explains why it failed.
+const CLAIM_ATTEMPTS: usize = 3;
+
+/// The columns every link read selects, in [`LinkRow`] order.
+const LINK_COLUMNS: &str = "provider_id, user_id, created_at, updated_at, \
+    oauth_access_token, oauth_access_token_key_id, oauth_refresh_token, \
+    oauth_refresh_token_key_id, oauth_expiry, oauth_extra, \
+    oauth_refresh_failure_reason, refresh_lease_expires_at";
+
+/// The `pg_notify` payload of a link: `provider_id TAB user_id`.
+const NOTIFY_EXPR: &str =
+    "pg_notify($NOTIFY_CHANNEL, provider_id || E'\\t' || user_id::text)::text";
+
+/// A link row exactly as stored.
+#[derive(FromRow)]
+struct LinkRow {
+    provider_id: String,
+    user_id: Uuid,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    oauth_access_token: String,
+    oauth_access_token_key_id: Option<String>,
+    oauth_refresh_token: String,
+    oauth_refresh_token_key_id: Option<String>,
+    oauth_expiry: DateTime<Utc>,
+    oauth_extra: Option<serde_json::Value>,
+    oauth_refresh_failure_reason: String,
+    refresh_lease_expires_at: Option<DateTime<Utc>>,
+}
+
+/// Postgres-backed [`LinkStore`].
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    keyring: Arc<Keyring>,
+    /// Set once the first key is known to be in `dbcrypt_keys` (Coder format).
+    key_registered: Arc<tokio::sync::OnceCell<()>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("keyring", &self.keyring)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Coder writes Go's zero time for "never expires".
+fn coder_zero_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0)
+        .single()
+        .expect("0001-01-01 is a valid UTC time")
+}
+
+fn expiry_to_db(expiry: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    expiry.unwrap_or_else(coder_zero_time)
+}
+
+fn expiry_from_db(stored: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    // Anything in year 1 or before is a zero time, whatever the time zone
+    // Coder's driver attached to it.
+    (stored.year() > 1).then_some(stored)
+}
+
+/// Maps a sqlx error: connectivity problems are `Unavailable` (the proxy answers
+/// 503), everything else `Other`. Never includes query parameters.
+pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    match &e {
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        E::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // Class 08: connection exception; 57P0x: shutdown/cannot connect now;
+            // 53300: too many connections.
+            if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
+                StoreError::Unavailable(e.to_string())
+            } else {
+                StoreError::Other(e.to_string())
+            }
+        }
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+/// Builds a statement that runs `dml` (which must `RETURNING provider_id, user_id`)
+/// and announces each changed row; its result has one row per change.
+fn announced(dml: &str, channel_param: &str) -> String {
+    let notify = NOTIFY_EXPR.replace("$NOTIFY_CHANNEL", channel_param);
+    format!("WITH changed AS ({dml}) SELECT {notify} FROM changed")
+}
+
+impl PgStore {
+    /// A store over a lazily connecting pool sized by `cfg`: the database need not
+    /// be up yet (requests answer `store_unavailable` until it is). Fails only on a
+    /// malformed URL.
+    pub fn connect(cfg: &DatabaseConfig, keyring: Keyring) -> Result<Self, StoreError> {
+        let opts: PgConnectOptions = cfg
+            .url
+            .expose_secret()
+            .parse()
+            // The parse error may quote the URL, which can hold a password.
+            .map_err(|_| StoreError::Other("database.url is not a valid Postgres URL".into()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(cfg.acquire_timeout)
+            .connect_lazy_with(opts);
+        Ok(Self::from_pool(pool, keyring))
+    }
+
+    /// A store over an existing pool (tests get one from `#[sqlx::test]`).
+    pub fn from_pool(pool: PgPool, keyring: Keyring) -> Self {
+        Self {
+            pool,
+            keyring: Arc::new(keyring),
+            key_registered: Arc::new(tokio::sync::OnceCell::new()),
+        }
+    }
+
+    /// The pool, for callers that need their own connection (e.g. tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The keyring values are encrypted with.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Applies every pending migration; a no-op when all are applied.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => map_err(inner),
+            other => StoreError::Other(other.to_string()),
+        })
+    }
+
+    /// In Coder format, makes sure the first key is registered in `dbcrypt_keys`
+    /// before anything is written with it: Coder's foreign keys require it and
+    /// Coder checks the `test` column to tell whether it holds the key. A key that
+    /// Coder revoked must not encrypt again.
+    pub async fn ensure_key_registered(&self) -> Result<(), StoreError> {
+        if self.keyring.format() != EncryptionFormat::Coder {
+            return Ok(());
+        }
+        let Some(id) = self.keyring.primary_key_id().map(str::to_owned) else {
+            return Ok(());
+        };
+        self.key_registered
+            .get_or_try_init(|| self.register_key(id))
+            .await
+            .map(|_| ())
+    }
+
+    async fn register_key(&self, id: String) -> Result<(), StoreError> {
+        dbcrypt::register_key(self, id).await
+    }
+
+    fn seal(&self, plain: &SecretString, ctx: ValueContext<'_>) -> Result<Sealed, StoreError> {
+        self.keyring
+            .seal(plain.expose_secret(), ctx)
+            .map_err(|e| StoreError::Other(format!("cannot encrypt {}: {e}", ctx.column)))
+    }
+
+    /// Encrypts both token columns of a row.
+    fn seal_pair(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        tokens: &TokenSet,
+    ) -> Result<(Sealed, Sealed), StoreError> {
+        let ctx = |column| ValueContext {
+            provider_id,
+            user_id,
+            column,
+        };
+        Ok((
+            self.seal(&tokens.access_token, ctx(ACCESS))?,
+            self.seal(&tokens.refresh_token, ctx(REFRESH))?,
+        ))
+    }
+
+    fn open(&self, row: &LinkRow, column: &'static str) -> Result<SecretString, StoreError> {
+        let (value, key_id) = match column {
+            ACCESS => (&row.oauth_access_token, &row.oauth_access_token_key_id),
+            _ => (&row.oauth_refresh_token, &row.oauth_refresh_token_key_id),
+        };
+        let ctx = ValueContext {
+            provider_id: &row.provider_id,
+            user_id: row.user_id,
+            column,
+        };
+        self.keyring
+            .open(value, key_id.as_deref(), ctx)
+            .map_err(|source| StoreError::Decrypt {
+                provider_id: row.provider_id.clone(),
+                user_id: row.user_id,
+                column,
+                source,
+            })
+    }
+
+    fn decode(&self, row: LinkRow) -> Result<Link, StoreError> {
+        let access_token = self.open(&row, ACCESS)?;
+        let refresh_token = self.open(&row, REFRESH)?;
+        Ok(Link {
+            access_token,
+            refresh_token,
+            refresh_token_stored: StoredSecret(row.oauth_refresh_token),
+            expiry: expiry_from_db(row.oauth_expiry),
+            extra: row.oauth_extra,
+            refresh_failure_reason: row.oauth_refresh_failure_reason,
+            lease_expires_at: row.refresh_lease_expires_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            provider_id: row.provider_id,
+            user_id: row.user_id,
+        })
+    }
+
+    async fn fetch_row(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+    ) -> Result<Option<LinkRow>, StoreError> {
+        sqlx::query_as::<_, LinkRow>(&format!(
+            "SELECT {LINK_COLUMNS} FROM external_auth_links \
+             WHERE provider_id = $1 AND user_id = $2"
+        ))
+        .bind(provider_id)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    /// The refresh-token compare-and-swap write. Returns whether it applied.
+    async fn cas_write(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &str,
+        new: &TokenSet,
+    ) -> Result<bool, StoreError> {
+        let (access, refresh) = self.seal_pair(provider_id, user_id, new)?;
+        let sql = announced(
+            "UPDATE external_auth_links SET \
+               oauth_access_token = $3, oauth_access_token_key_id = $4, \
+               oauth_refresh_token = $5, oauth_refresh_token_key_id = $6, \
+               oauth_expiry = $7, oauth_extra = $8, \
+               oauth_refresh_failure_reason = '', refresh_lease_expires_at = NULL, \
+               updated_at = now() \
+             WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $9 \
+             RETURNING provider_id, user_id",
+            "$10",
+        );
+        let rows: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(provider_id)
+            .bind(user_id)
+            .bind(&access.value)
+            .bind(&access.key_id)
+            .bind(&refresh.value)
+            .bind(&refresh.key_id)
+            .bind(expiry_to_db(new.expiry))
+            .bind(&new.extra)
+            .bind(old_refresh)
+            .bind(CHANGE_CHANNEL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(!rows.is_empty())
+    }
+
+    /// After a missed compare-and-swap: if the row still holds the same refresh
+    /// token, only re-encrypted (by `keys rotate` here or in Coder), returns the
+    /// value it holds now so the write can be retried against it.
+    async fn reencrypted_same_token(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &StoredSecret,
+    ) -> Result<Option<String>, StoreError> {
+        if self.keyring.is_empty() {
+            return Ok(None);
+        }
+        let Some(row) = self.fetch_row(provider_id, user_id).await? else {
+            return Ok(None);
+        };
+        if row.oauth_refresh_token == old_refresh.0 {
+            // Same value yet the CAS missed: a write raced and was undone; retry.
+            return Ok(Some(row.oauth_refresh_token));
+        }
+        let current = self.open(&row, REFRESH)?;
+        let ctx = ValueContext {
+            provider_id,
+            user_id,
+            column: REFRESH,
+        };
+        let old = self.keyring.open_any(&old_refresh.0, ctx);
+        use subtle::ConstantTimeEq;
+        let (a, b) = (current.expose_secret(), old.expose_secret());
+        let same = a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()));
+        Ok(same.then_some(row.oauth_refresh_token))
+    }
+}
+
+#[async_trait::async_trait]
+impl LinkStore for PgStore {
+    async fn get_link(&self, provider_id: &str, user_id: Uuid) -> Result<Option<Link>, StoreError> {
+        self.fetch_row(provider_id, user_id)
+            .await?
+            .map(|r| self.decode(r))
+            .transpose()
+    }
+
+    async fn put_link(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        tokens: &TokenSet,
+    ) -> Result<(), StoreError> {
+        self.ensure_key_registered().await?;
+        let (access, refresh) = self.seal_pair(provider_id, user_id, tokens)?;
+        let sql = announced(
+            "INSERT INTO external_auth_links (provider_id, user_id, created_at, updated_at, \
+               oauth_access_token, oauth_access_token_key_id, oauth_refresh_token, \
+               oauth_refresh_token_key_id, oauth_expiry, oauth_extra, \
+               oauth_refresh_failure_reason, refresh_lease_expires_at) \
+             VALUES ($1, $2, now(), now(), $3, $4, $5, $6, $7, $8, '', NULL) \
+             ON CONFLICT (provider_id, user_id) DO UPDATE SET \
+               updated_at = now(), \
+               oauth_access_token = EXCLUDED.oauth_access_token, \
+               oauth_access_token_key_id = EXCLUDED.oauth_access_token_key_id, \
+               oauth_refresh_token = EXCLUDED.oauth_refresh_token, \
+               oauth_refresh_token_key_id = EXCLUDED.oauth_refresh_token_key_id, \
+               oauth_expiry = EXCLUDED.oauth_expiry, oauth_extra = EXCLUDED.oauth_extra, \
+               oauth_refresh_failure_reason = '', refresh_lease_expires_at = NULL \
+             RETURNING provider_id, user_id",
+            "$9",
+        );
+        sqlx::query_scalar::<_, String>(&sql)
+            .bind(provider_id)
+            .bind(user_id)
+            .bind(&access.value)
+            .bind(&access.key_id)
+            .bind(&refresh.value)
+            .bind(&refresh.key_id)
+            .bind(expiry_to_db(tokens.expiry))
+            .bind(&tokens.extra)
+            .bind(CHANGE_CHANNEL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn delete_link(&self, provider_id: &str, user_id: Uuid) -> Result<bool, StoreError> {
+        let sql = announced(
+            "DELETE FROM external_auth_links WHERE provider_id = $1 AND user_id = $2 \
+             RETURNING provider_id, user_id",
+            "$3",
+        );
+        let rows: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(provider_id)
+            .bind(user_id)
+            .bind(CHANGE_CHANNEL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn list_links(&self, user_id: Option<Uuid>) -> Result<Vec<LinkSummary>, StoreError> {
+        let rows = sqlx::query_as::<_, LinkRow>(&format!(
+            "SELECT {LINK_COLUMNS} FROM external_auth_links \
+             WHERE $1::uuid IS NULL OR user_id = $1 ORDER BY user_id, provider_id"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                // Coder encrypts empty strings too, so an encrypted refresh token is
+                // only known to be non-empty once decrypted; if it cannot be, say so
+                // rather than fail the whole listing.
+                let has_refresh_token = match r.oauth_refresh_token_key_id {
+                    None => !r.oauth_refresh_token.is_empty(),
+                    Some(_) => self
+                        .open(&r, REFRESH)
+                        .map(|t| !t.expose_secret().is_empty())
+                        .unwrap_or(true),
+                };
+                LinkSummary {
+                    encrypted: r.oauth_access_token_key_id.is_some()
+                        || r.oauth_refresh_token_key_id.is_some(),
+                    has_refresh_token,
+                    expiry: expiry_from_db(r.oauth_expiry),
+                    provider_id: r.provider_id,
+                    user_id: r.user_id,
+                    created_at: r.created_at,
+                    updated_at: r.updated_at,
+                    refresh_failure_reason: r.oauth_refresh_failure_reason,
+                }
+            })
+            .collect())
+    }
+
+    async fn claim_refresh_lease(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &StoredSecret,
+        lease: Duration,
+    ) -> Result<LeaseClaim, StoreError> {
+        lease::claim(&self.pool, provider_id, user_id, old_refresh, lease).await
+    }
+
+    async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        lease::release(&self.pool, lease).await
+    }
+
+    async fn write_refreshed(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &StoredSecret,
+        new: &TokenSet,
+    ) -> Result<bool, StoreError> {
+        self.ensure_key_registered().await?;
+        if self
+            .cas_write(provider_id, user_id, &old_refresh.0, new)
+            .await?
+        {
+            return Ok(true);
+        }
+        // A re-encryption (rotation) changes the stored value without changing the
+        // token. Losing this write would lose a refresh token the provider already
+        // rotated, so retry against the re-encrypted value while the token is the
+        // same. Bounded: each retry needs another concurrent re-encryption.
+        for _ in 0..CLAIM_ATTEMPTS {
+            let Some(current) = self
+                .reencrypted_same_token(provider_id, user_id, old_refresh)
+                .await?
+            else {
+                return Ok(false);
+            };
+            if self.cas_write(provider_id, user_id, &current, new).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn record_refresh_failure(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+        old_refresh: &StoredSecret,
+        lease: Option<&Lease>,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        // With a lease, the holder is done: release it in the same write so waiters
+        // re-read at once. Without one, leave whatever lease is there alone.
+        let sql = announced(
+            "UPDATE external_auth_links SET oauth_refresh_failure_reason = $4, \
+               refresh_lease_expires_at = CASE WHEN $5::timestamptz IS NULL \
+                 THEN refresh_lease_expires_at ELSE NULL END, \
+               updated_at = now() \
+             WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $3 \
+               AND ($5::timestamptz IS NULL OR refresh_lease_expires_at = $5) \
+             RETURNING provider_id, user_id",
+            "$6",
+        );
+        let rows: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(provider_id)
+            .bind(user_id)
+            .bind(&old_refresh.0)
+            .bind(reason)
+            .bind(lease.map(|l| l.expires_at))
+            .bind(CHANGE_CHANNEL)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn create_proxy_token(
+        &self,
+        token: &NewProxyToken,
+    ) -> Result<ProxyTokenInfo, StoreError> {
+        tokens::create(&self.pool, token).await
+    }
+
+    async fn find_proxy_token(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<ProxyTokenInfo>, StoreError> {
+        tokens::find(&self.pool, hash).await
+    }
+
+    async fn list_proxy_tokens(
+        &self,
+        user_id: Option<Uuid>,
+    ) -> Result<Vec<ProxyTokenInfo>, StoreError> {
+        tokens::list(&self.pool, user_id).await
+    }
+
+    async fn revoke_proxy_token(&self, id: Uuid) -> Result<bool, StoreError> {
+        tokens::revoke(&self.pool, id).await
+    }
+
+    async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError> {
+        tokens::touch(&self.pool, id).await
+    }
+
+    async fn rotate_keys(&self) -> Result<RotateReport, StoreError> {
+        self.ensure_key_registered().await?;
+        rotate::rotate(self).await
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let applied: Vec<(i64, bool)> =
+            sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| match map_err(e) {
+                    StoreError::Other(_) => StoreError::Other("migrations not applied".into()),
+                    unavailable => unavailable,
+                })?;
+        for m in MIGRATOR
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+        {
+            if !applied.iter().any(|&(v, ok)| v == m.version && ok) {
+                return Err(StoreError::Other(format!(
+                    "migration {} ({}) not applied",
+                    m.version, m.description
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {
+        feed::watch(&self.pool).await
+    }
+}

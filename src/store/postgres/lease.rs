@@ -1,0 +1,83 @@
+//! The cross-replica refresh lease in `refresh_lease_expires_at`, on the
+//! database clock only. The claimed timestamp is the holder's fencing token.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{announced, map_err, CLAIM_ATTEMPTS};
+use crate::store::{Lease, LeaseClaim, StoreError, StoredSecret, CHANGE_CHANNEL};
+
+/// Claims the lease; see [`LinkStore::claim_refresh_lease`](crate::store::LinkStore::claim_refresh_lease).
+pub(super) async fn claim(
+    pool: &PgPool,
+    provider_id: &str,
+    user_id: Uuid,
+    old_refresh: &StoredSecret,
+    lease: Duration,
+) -> Result<LeaseClaim, StoreError> {
+    for _ in 0..CLAIM_ATTEMPTS {
+        let claimed: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "UPDATE external_auth_links \
+             SET refresh_lease_expires_at = now() + make_interval(secs => $4) \
+             WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $3 \
+               AND (refresh_lease_expires_at IS NULL OR refresh_lease_expires_at <= now()) \
+             RETURNING refresh_lease_expires_at",
+        )
+        .bind(provider_id)
+        .bind(user_id)
+        .bind(&old_refresh.0)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+        if let Some(expires_at) = claimed {
+            return Ok(LeaseClaim::Acquired(Lease {
+                provider_id: provider_id.to_owned(),
+                user_id,
+                expires_at,
+            }));
+        }
+        // Why not? Ask with the database clock again.
+        let row: Option<(String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT oauth_refresh_token, refresh_lease_expires_at, now() \
+             FROM external_auth_links WHERE provider_id = $1 AND user_id = $2",
+        )
+        .bind(provider_id)
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+        match row {
+            None => return Ok(LeaseClaim::Changed),
+            Some((stored, _, _)) if StoredSecret(stored.clone()) != *old_refresh => {
+                return Ok(LeaseClaim::Changed)
+            }
+            Some((_, Some(until), now)) if until > now => return Ok(LeaseClaim::Held { until }),
+            // The lease ran out (or was released) in between: try again.
+            Some(_) => continue,
+        }
+    }
+    Ok(LeaseClaim::Changed)
+}
+
+/// Releases `lease` if it is still the row's, announcing it.
+pub(super) async fn release(pool: &PgPool, lease: &Lease) -> Result<(), StoreError> {
+    let sql = announced(
+        "UPDATE external_auth_links SET refresh_lease_expires_at = NULL \
+         WHERE provider_id = $1 AND user_id = $2 AND refresh_lease_expires_at = $3 \
+         RETURNING provider_id, user_id",
+        "$4",
+    );
+    sqlx::query_scalar::<_, String>(&sql)
+        .bind(&lease.provider_id)
+        .bind(lease.user_id)
+        .bind(lease.expires_at)
+        .bind(CHANGE_CHANNEL)
+        .fetch_all(pool)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
