@@ -190,3 +190,66 @@ pub async fn run(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// `tokenproxy serve`: opens the store (applying migrations when
+/// `database.migrate_on_start`), starts the token source and its background
+/// work, binds both listeners, and serves until SIGTERM or SIGINT, then drains.
+/// Tracing must already be initialised; `config` must be validated.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    use crate::store::postgres::PgStore;
+    use crate::tokens::SystemClock;
+
+    let store = Arc::new(PgStore::from_config(&config)?);
+    if config.database.migrate_on_start {
+        store.migrate().await.context("applying migrations")?;
+    }
+    let metrics = Metrics::new();
+    let store_dyn: Arc<dyn LinkStore> = store.clone();
+    let tokens = TokenSource::new(
+        store_dyn.clone(),
+        &config.providers,
+        &config.tokens,
+        metrics.clone(),
+        Arc::new(SystemClock),
+    )?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("server.listen: cannot bind {}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "server.admin_listen: cannot bind {}",
+                config.server.admin_listen
+            )
+        })?;
+    let background_stop = tokio_util::sync::CancellationToken::new();
+    let background = tokens.spawn_background(background_stop.clone());
+    let deps = Deps {
+        config: Arc::new(config),
+        store: store_dyn,
+        tokens,
+        metrics,
+    };
+    let result = run(listener, admin, deps, shutdown_signal()).await;
+    background_stop.cancel();
+    let _ = background.await;
+    result
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
