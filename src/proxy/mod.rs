@@ -165,6 +165,7 @@ pub async fn run(
         metrics: deps.metrics.clone(),
     }));
     let admin_limits = server::Limits {
+        name: "admin",
         max_connections: 64,
         ..limits.clone()
     };

@@ -33,6 +33,8 @@ const MIN_BUF: usize = 8192;
 /// Limits applied to one listener.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Which listener, for logs.
+    pub name: &'static str,
     /// Most simultaneous connections.
     pub max_connections: usize,
     /// Largest request head.
@@ -47,6 +49,7 @@ impl Limits {
     /// The proxy listener's limits from `[server]`.
     pub fn from_config(server: &ServerConfig) -> Self {
         Self {
+            name: "proxy",
             max_connections: server.max_connections.max(1),
             max_header_bytes: server.max_header_bytes,
             header_read_timeout: server.header_read_timeout,
@@ -167,12 +170,19 @@ pub async fn serve<H: Handler>(
     }
     // Stop accepting: from here on, connecting gets "connection refused".
     drop(listener);
-    tracing::info!(connections = graceful.count(), "shutting down; draining");
+    tracing::info!(
+        listener = limits.name,
+        connections = graceful.count(),
+        "stopped accepting; draining"
+    );
     if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("grace period over; closing remaining connections");
+        tracing::warn!(
+            listener = limits.name,
+            "grace period over; closing remaining connections"
+        );
     }
     tasks.shutdown().await;
 }
