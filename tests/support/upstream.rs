@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
+use tokio_rustls::TlsAcceptor;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -91,6 +92,15 @@ pub struct TestUpstream {
 impl TestUpstream {
     /// Starts an upstream checking `form` against `check`.
     pub async fn start(form: CredentialForm, check: TokenCheck) -> Self {
+        Self::start_with(form, check, None).await
+    }
+
+    /// Like [`start`](Self::start), serving HTTPS (h2 or HTTP/1.1 by ALPN).
+    pub async fn start_tls(form: CredentialForm, check: TokenCheck, tls: TlsAcceptor) -> Self {
+        Self::start_with(form, check, Some(tls)).await
+    }
+
+    async fn start_with(form: CredentialForm, check: TokenCheck, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -100,7 +110,7 @@ impl TestUpstream {
             release: Notify::new(),
             slow_arrived: watch::channel(0).0,
         });
-        let stop = serve(listener, {
+        let stop = serve_with(listener, tls, {
             let state = state.clone();
             move |req| {
                 let state = state.clone();
@@ -158,6 +168,19 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with(listener, None, handler)
+}
+
+/// Like [`serve`], optionally over TLS.
+pub fn serve_with<F, Fut>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: F,
+) -> watch::Sender<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
     let (tx, mut rx) = watch::channel(());
     tokio::spawn(async move {
         loop {
@@ -166,14 +189,28 @@ where
                 _ = rx.changed() => return,
             };
             let handler = handler.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
             });
         }
     });
@@ -424,4 +461,77 @@ async fn cgi(root: &std::path::Path, req: Request<Incoming>) -> Response<Body> {
     });
     let (parts, ()) = resp.into_parts();
     Response::from_parts(parts, StreamBody::new(stream).boxed_unsync())
+}
+
+/// A private CA and a server certificate it signed for `127.0.0.1` and
+/// `localhost`, written as PEM files into a temporary directory.
+pub struct TestCa {
+    /// Holds the files.
+    pub dir: tempfile::TempDir,
+    /// The CA certificate (what `upstream_ca` names).
+    pub ca: PathBuf,
+    /// The server certificate.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    /// Generates the CA and the server certificate.
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        Self {
+            ca: write("ca.pem", ca.pem()),
+            cert: write("cert.pem", cert.pem()),
+            key: write("key.pem", key.serialize_pem()),
+            dir,
+        }
+    }
+
+    /// A TLS acceptor serving the certificate, offering h2 and HTTP/1.1.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let certs = rustls_pemfile::certs(&mut std::fs::read(&self.cert).unwrap().as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut std::fs::read(&self.key).unwrap().as_slice())
+            .unwrap()
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// A rustls client config trusting only this CA.
+    pub fn client_config(&self) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut std::fs::read(&self.ca).unwrap().as_slice()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
 }
