@@ -62,18 +62,10 @@ async fn shutdown_lets_the_in_flight_request_finish_and_refuses_new_connections(
 
     let server = w.proxy.begin_shutdown();
     // The listener closes promptly; wait (bounded) until connecting is refused.
-    let mut refused = false;
-    for _ in 0..500 {
-        match TcpStream::connect(w.proxy.addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                refused = true;
-                break;
-            }
-            _ => tokio::task::yield_now().await,
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    assert!(refused, "new connections are still accepted after shutdown");
+    assert!(
+        wait_refused(w.proxy.addr).await,
+        "new connections are still accepted after shutdown"
+    );
     assert!(!in_flight.is_finished());
 
     w.api.release_slow();
@@ -152,4 +144,59 @@ async fn oversized_request_heads_are_refused(pool: PgPool) {
     .await;
     assert_eq!(raw_status(&resp), 431, "{resp}");
     assert_eq!(w.api.count(), 0);
+}
+
+/// Polls (bounded) until connecting to `addr` is refused.
+async fn wait_refused(addr: std::net::SocketAddr) -> bool {
+    for _ in 0..500 {
+        if let Err(e) = TcpStream::connect(addr).await {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    false
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn sigterm_to_the_binary_drains_the_in_flight_request(pool: PgPool) {
+    use tokenproxy::store::{LinkStore, TokenSet};
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = PgStore::from_pool(pool.clone(), Keyring::plaintext());
+    let user = Uuid::new_v4();
+    let link = TokenSet {
+        access_token: GH_TOKEN.to_string().into(),
+        refresh_token: String::new().into(),
+        expiry: None,
+        extra: None,
+    };
+    store.put_link("github", user, &link).await.unwrap();
+    let (_, token) = create_token(&store, user, &[]).await;
+    let mut proxy = harness::Spawned::start(
+        &harness::db_url(&pool),
+        &format!(
+            "[[providers]]\nid = \"github\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
+            api.url()
+        ),
+    )
+    .await;
+    let url = proxy.url("/gh/api/slow");
+    let auth = format!("Bearer {token}");
+    let in_flight = tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await });
+    api.slow_arrived(1).await;
+
+    proxy.terminate();
+    assert!(
+        wait_refused(proxy.addr).await,
+        "still accepting after SIGTERM"
+    );
+    assert!(!in_flight.is_finished());
+    api.release_slow();
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, 200);
+    let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "serve exited with {status}");
 }

@@ -270,3 +270,116 @@ impl TokenLookup for FakeTokens {
         Ok(fresh)
     }
 }
+
+/// The URL of the database `pool` belongs to, on the server in `DATABASE_URL`.
+pub fn db_url(pool: &sqlx::PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(
+        pool.connect_options()
+            .get_database()
+            .expect("sqlx::test names its database"),
+    );
+    url.to_string()
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real `tokenproxy serve` binary, running as a child process.
+pub struct Spawned {
+    /// The child.
+    pub child: std::process::Child,
+    /// The proxy listener.
+    pub addr: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// Holds the config file.
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    /// Writes `[server]` listeners plus `[database] url` for `db` in front of
+    /// `rest` and runs `tokenproxy serve`, returning once the proxy accepts.
+    pub async fn start(db: &str, rest: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tokenproxy.toml");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"30s\"\n\n[database]\nurl = \"{db}\"\n\n{rest}"
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+            .env_clear()
+            .env(
+                "RUST_LOG",
+                std::env::var("SPAWNED_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Readiness polling (bounded), not a timing assertion.
+        for _ in 0..400 {
+            if TcpStream::connect(addr).await.is_ok() {
+                return Self {
+                    child,
+                    addr,
+                    admin,
+                    _dir: dir,
+                };
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("tokenproxy serve exited early: {status}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("tokenproxy serve never listened on {addr}");
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A line of the child's `/proc/PID/status` (in KiB), e.g. `VmRSS` or `VmHWM`.
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
