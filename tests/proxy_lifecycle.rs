@@ -200,3 +200,25 @@ async fn sigterm_to_the_binary_drains_the_in_flight_request(pool: PgPool) {
         .unwrap();
     assert!(status.success(), "serve exited with {status}");
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn slow_or_silent_clients_are_cut_off(pool: PgPool) {
+    let w = world(pool, r#"header_read_timeout = "200ms""#).await;
+    for partial in ["", "GET /gh/api/user HTTP/1.1\r\nHost: x\r\n"] {
+        let mut stream = TcpStream::connect(w.proxy.addr).await.unwrap();
+        stream.write_all(partial.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        // The server must end the connection by itself; the outer bound only
+        // keeps a broken server from hanging the test.
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut out),
+        )
+        .await;
+        assert!(
+            ended.is_ok(),
+            "connection with head {partial:?} stayed open"
+        );
+    }
+    assert_eq!(w.api.count(), 0);
+}
