@@ -487,7 +487,8 @@ async fn upstream_401_refreshes_once_and_retries_once(pool: PgPool) {
     assert_eq!(last.body_len, 1000);
     assert_eq!(w.tokens.refresh_count(), 3);
 
-    // A body over 64 KiB streams and is not retried: the 401 passes through.
+    // A body over 64 KiB streams and is not retried: the 401 passes through, and
+    // the rejected token is still replaced for the next request.
     let before = w.api.count();
     let a = send(
         Method::POST,
@@ -498,7 +499,7 @@ async fn upstream_401_refreshes_once_and_retries_once(pool: PgPool) {
     .await;
     assert_eq!(a.status, 401);
     assert_eq!(w.api.count(), before + 1);
-    assert_eq!(w.tokens.refresh_count(), 3);
+    assert_eq!(w.tokens.refresh_count(), 4);
     assert_eq!(w.api.requests().pop().unwrap().body_len, 100 * 1024);
 }
 

@@ -114,6 +114,20 @@ async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
     assert_eq!(get(&w.proxy.url("/gh/api/user"), &h).await.status, 200);
     assert_eq!(w.idp.refreshes(), 1);
     assert_eq!(w.api.requests().pop().unwrap().token, seen[2]);
+
+    // A streamed body (over 64 KiB) cannot be replayed: the 401 passes through
+    // after one attempt, and the rejected token is still replaced once.
+    let before = w.api.count();
+    let a = harness::send(
+        http::Method::POST,
+        &w.proxy.url("/gh/api/always401"),
+        &h,
+        vec![1u8; 100 * 1024],
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert_eq!(w.api.count(), before + 1);
+    assert_eq!(w.idp.refreshes(), 2);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

@@ -184,8 +184,9 @@ impl Pipeline {
         }
     }
 
-    /// Phase: send upstream; on a 401 to a token we served, refresh once and
-    /// retry once when the body could be replayed.
+    /// Phase: send upstream. On a 401 to a token we served, have the token source
+    /// replace it (once per token version) so later requests get a good one, and
+    /// retry once when the body could be replayed; otherwise the 401 stands.
     async fn forward(
         &self,
         route: &Route,
@@ -202,9 +203,6 @@ impl Pipeline {
         let first = self
             .send(route, &prepared, to_proxy_body(body), &token, outcome)
             .await?;
-        let Some(replay) = replay else {
-            return Ok(first);
-        };
         if first.status() != StatusCode::UNAUTHORIZED {
             return Ok(first);
         }
@@ -216,6 +214,7 @@ impl Pipeline {
             Ok(fresh) if !fresh.same_version(&token) => fresh,
             // Nothing newer to try: the upstream's answer stands.
             Ok(_) => return Ok(first),
+            // The user must act (log in, link): say so rather than relay the 401.
             Err(e @ (TokenError::ReauthRequired | TokenError::LinkMissing)) => {
                 outcome.token = "refresh_failed";
                 return Err(e.into());
@@ -224,6 +223,10 @@ impl Pipeline {
                 outcome.token = "refresh_failed";
                 return Ok(first);
             }
+        };
+        let Some(replay) = replay else {
+            outcome.token = "refreshed_no_retry";
+            return Ok(first);
         };
         drop(first);
         outcome.token = "refreshed_after_401";
