@@ -161,6 +161,7 @@ pub async fn serve<H: Handler>(
             tls: tls.clone(),
             header_timeout: limits.header_read_timeout,
             watcher: graceful.watcher(),
+            shutdown: shutdown.clone(),
             metrics: metrics.clone(),
         };
         tasks.spawn(async move {
@@ -208,60 +209,62 @@ struct Connection<H> {
     tls: Option<TlsAcceptor>,
     header_timeout: Duration,
     watcher: hyper_util::server::graceful::Watcher,
+    shutdown: ShutdownSignal,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl<H: Handler> Connection<H> {
-    async fn run(self, stream: TcpStream, remote: SocketAddr) {
+    async fn run(mut self, stream: TcpStream, remote: SocketAddr) {
         let _open = self.metrics.as_ref().map(|m| OpenGuard::new(m.clone()));
-        let is_tls = self.tls.is_some();
-        let handler = self.handler;
-        let service = hyper::service::service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler.call(req, remote, is_tls).await) }
-        });
-        match self.tls {
+        // Before a request has started, a shutdown simply drops the connection.
+        let mut shutdown = self.shutdown.clone();
+        match self.tls.take() {
             Some(acceptor) => {
-                let stream = match tokio::time::timeout(
-                    self.header_timeout,
-                    acceptor.accept(stream),
-                )
-                .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
+                let handshake = tokio::time::timeout(self.header_timeout, acceptor.accept(stream));
+                let stream = tokio::select! {
+                    _ = shutdown.fired() => return,
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    },
                 };
-                let conn = self
-                    .builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                log_conn_end(self.watcher.watch(conn).await, remote);
+                self.serve(TokioIo::new(stream), remote, true).await;
             }
             None => {
                 // Until the first byte the auto builder's version sniffing has no
                 // deadline of its own; give it the header timeout.
                 let mut probe = [0u8; 1];
-                match tokio::time::timeout(self.header_timeout, stream.peek(&mut probe)).await {
-                    Ok(Ok(n)) if n > 0 => {}
-                    _ => return,
+                let first_byte = tokio::time::timeout(self.header_timeout, stream.peek(&mut probe));
+                tokio::select! {
+                    _ = shutdown.fired() => return,
+                    r = first_byte => match r {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    },
                 }
-                let conn = self
-                    .builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                log_conn_end(self.watcher.watch(conn).await, remote);
+                self.serve(TokioIo::new(stream), remote, false).await;
             }
         }
     }
-}
 
-fn log_conn_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, remote: SocketAddr) {
-    if let Err(e) = result {
-        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the connection ends or drains.
+    async fn serve<I>(self, io: I, remote: SocketAddr, is_tls: bool)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let handler = self.handler;
+        let service = hyper::service::service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.call(req, remote, is_tls).await) }
+        });
+        let conn = self.builder.serve_connection(io, service).into_owned();
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
     }
 }
 
