@@ -222,3 +222,26 @@ async fn slow_or_silent_clients_are_cut_off(pool: PgPool) {
     }
     assert_eq!(w.api.count(), 0);
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn connections_beyond_the_limit_wait_for_a_free_slot(pool: PgPool) {
+    let w = world(pool, "max_connections = 1").await;
+    let auth = format!("Bearer {}", w.token);
+    let slow = {
+        let (url, auth) = (w.proxy.url("/gh/api/slow"), auth.clone());
+        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+    };
+    w.api.slow_arrived(1).await;
+    let second = {
+        let (url, auth) = (w.proxy.url("/gh/api/user"), auth.clone());
+        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+    };
+    // While the only slot is taken, the second connection is not served.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!second.is_finished());
+    assert_eq!(w.api.count(), 1);
+    w.api.release_slow();
+    assert_eq!(slow.await.unwrap().status, 200);
+    assert_eq!(second.await.unwrap().status, 200);
+    assert_eq!(w.api.count(), 2);
+}
