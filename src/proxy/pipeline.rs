@@ -60,6 +60,9 @@ pub struct Pipeline {
 struct Outcome {
     route: Option<Arc<Route>>,
     user: Option<uuid::Uuid>,
+    /// `none` (never got that far), `served`, `refreshed_after_401` (retried),
+    /// `refreshed_no_retry` (body streamed), `refresh_failed`, or the error code
+    /// the token source answered.
     token: &'static str,
     upstream: Option<std::time::Duration>,
     attempts: u8,
