@@ -22,6 +22,10 @@ use uuid::Uuid;
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn five_hundred_concurrent_gets_refresh_once(pool: PgPool) {
+    on_multi_thread(&pool, five_hundred).await;
+}
+
+async fn five_hundred(pool: PgPool) {
     let clock = ManualClock::new();
     let idp = Idp::start(IdpOptions {
         clock: clock.clone(),
@@ -51,6 +55,10 @@ async fn five_hundred_concurrent_gets_refresh_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn three_replicas_refresh_once(pool: PgPool) {
+    on_multi_thread(&pool, three_replicas).await;
+}
+
+async fn three_replicas(pool: PgPool) {
     let clock = ManualClock::new();
     let idp = Idp::start(IdpOptions {
         clock: clock.clone(),

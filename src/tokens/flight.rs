@@ -185,7 +185,14 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
                 wait_for_change(&mut changes, key, left.min(POLL)).await;
             }
             Ok(LeaseClaim::Acquired(lease)) => {
-                let step = exchange(inner, key, &row, &lease).await;
+                // The claim checks the refresh token, not the failure reason: a
+                // holder that just recorded a rejection and let its lease go leaves
+                // the same refresh token behind. Look once more before calling the
+                // provider, so a dead token is presented only once.
+                let step = match recheck(inner, key, &row).await {
+                    Some(step) => step,
+                    None => exchange(inner, key, &row, &lease).await,
+                };
                 let store = inner.store.clone();
                 // Best effort: a failed release only delays others until it expires,
                 // and must never turn our result into an error.
@@ -200,6 +207,23 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
                 }
             }
         }
+    }
+}
+
+/// Re-reads the row under a fresh lease: `None` when it is still the one to
+/// exchange, else what to do instead.
+async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<Step> {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(now)) if now.refresh_token_stored != row.refresh_token_stored => Some(Step::Reread),
+        Ok(Some(now)) if !now.refresh_failure_reason.is_empty() => {
+            Some(Step::Done(Err(TokenError::ReauthRequired)))
+        }
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Step::Done(Err(TokenError::LinkMissing))),
+        Err(_) => Some(Step::Done(
+            still_valid(inner, row).ok_or(TokenError::StoreUnavailable),
+        )),
     }
 }
 
