@@ -29,19 +29,30 @@ use tokenproxy::telemetry::RefreshOutcome;
 use tokenproxy::tokens::TokenError;
 use uuid::Uuid;
 
-/// A store that, once armed, serves one stale snapshot of a link and grants a
-/// (fake) lease on it — forcing its replica to exchange a refresh token that another
+/// A store that serves a stale snapshot of a link (to the flight's read and its
+/// re-check under the lease) and grants a (fake) lease on it — forcing its replica to exchange a refresh token that another
 /// replica already used. Everything else goes to the real store.
 struct StaleOnce {
     real: PgStore,
-    stale: Mutex<Option<Link>>,
+    stale: Mutex<Option<(Link, u8)>>,
     faked: Mutex<bool>,
 }
 
 #[async_trait::async_trait]
 impl LinkStore for StaleOnce {
     async fn get_link(&self, p: &str, u: Uuid) -> Result<Option<Link>, StoreError> {
-        if let Some(link) = self.stale.lock().take() {
+        let served = {
+            let mut stale = self.stale.lock();
+            let served = stale.as_mut().map(|(link, reads)| {
+                *reads -= 1;
+                (link.clone(), *reads == 0)
+            });
+            if served.as_ref().is_some_and(|(_, last)| *last) {
+                *stale = None;
+            }
+            served
+        };
+        if let Some((link, _)) = served {
             *self.faked.lock() = true;
             return Ok(Some(link));
         }
@@ -144,7 +155,7 @@ async fn stale_exchange_adopts_the_winner(pool: PgPool) {
     // Replica A reads the stale snapshot and is granted a lease on it.
     let stale = Arc::new(StaleOnce {
         real: PgStore::from_pool(own_pool(&pool).await, Keyring::plaintext()),
-        stale: Mutex::new(Some(snapshot)),
+        stale: Mutex::new(Some((snapshot, 2))),
         faked: Mutex::new(false),
     });
     let a = replica_with(stale, &providers, &tokens_cfg(), clock.clone()).await;
