@@ -50,6 +50,63 @@ async fn migrations_apply_twice(pool: PgPool) {
     assert_eq!(n as usize, MIGRATOR.iter().count());
 }
 
+#[sqlx::test(migrations = false)]
+async fn migrations_serve_beside_an_older_coder_schema(pool: PgPool) {
+    // Coder's tables as an older Coder release left them: no failure reason, no
+    // lease column, and a row already in place.
+    for stmt in [
+        "CREATE TABLE dbcrypt_keys (number integer NOT NULL PRIMARY KEY, \
+         active_key_digest text UNIQUE, revoked_key_digest text UNIQUE, \
+         created_at timestamptz DEFAULT CURRENT_TIMESTAMP, revoked_at timestamptz, \
+         test text NOT NULL)",
+        "CREATE TABLE external_auth_links (provider_id text NOT NULL, user_id uuid NOT NULL, \
+         created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, \
+         oauth_access_token text NOT NULL, oauth_refresh_token text NOT NULL, \
+         oauth_expiry timestamptz NOT NULL, oauth_access_token_key_id text \
+         REFERENCES dbcrypt_keys(active_key_digest), oauth_refresh_token_key_id text \
+         REFERENCES dbcrypt_keys(active_key_digest), oauth_extra jsonb, \
+         UNIQUE (provider_id, user_id))",
+        "INSERT INTO external_auth_links VALUES ('github', \
+         '6f9619ff-8b86-d011-b42d-00cf4fc964ff', now(), now(), 'at', 'rt', \
+         '0001-01-01 00:00:00+00', NULL, NULL, NULL)",
+    ] {
+        sqlx::query(stmt).execute(&pool).await.unwrap();
+    }
+    // Coder's foreign keys stay: the Coder format registers its key first.
+    let store = PgStore::from_pool(pool.clone(), keyring(EncryptionFormat::Coder, &[KEY_A]));
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    store.ready().await.unwrap();
+    let user: Uuid = "6f9619ff-8b86-d011-b42d-00cf4fc964ff".parse().unwrap();
+    let link = store.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(link.refresh_token.expose_secret(), "rt");
+    assert_eq!(link.refresh_failure_reason, "");
+    assert_eq!(link.lease_expires_at, None);
+    assert!(matches!(
+        store
+            .claim_refresh_lease(
+                "github",
+                user,
+                &link.refresh_token_stored,
+                Duration::from_secs(5)
+            )
+            .await
+            .unwrap(),
+        LeaseClaim::Acquired(_)
+    ));
+    assert!(store
+        .write_refreshed(
+            "github",
+            user,
+            &link.refresh_token_stored,
+            &tokens("a1", "r1")
+        )
+        .await
+        .unwrap());
+    let link = store.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(link.refresh_token.expose_secret(), "r1");
+}
+
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn plaintext_put_get_roundtrip(pool: PgPool) {
     let store = PgStore::from_pool(pool, Keyring::plaintext());
@@ -512,6 +569,15 @@ async fn refresh_write_racing_rotation_is_never_lost(pool: PgPool) {
         .unwrap());
     let now = rotator.get_link("github", user).await.unwrap().unwrap();
     assert_eq!(now.refresh_token.expose_secret(), "r1");
+
+    // Likewise a failure record against a token that was only re-encrypted.
+    assert_eq!(rotator.rotate_keys().await.unwrap().rotated, 1);
+    assert!(refresher
+        .record_refresh_failure("github", user, &now.refresh_token_stored, None, "revoked")
+        .await
+        .unwrap());
+    let now = rotator.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(now.refresh_failure_reason, "revoked");
 
     // Truly concurrent: many refreshes while rotations run; every one lands.
     let users: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();

@@ -13,6 +13,7 @@
 mod dbcrypt;
 mod feed;
 mod lease;
+mod refresh;
 mod rotate;
 mod tokens;
 
@@ -29,7 +30,7 @@ use super::{
     ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
     RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
 };
-use crate::config::{DatabaseConfig, EncryptionFormat};
+use crate::config::{Config, DatabaseConfig, EncryptionFormat};
 use crate::crypto::{Keyring, Sealed, ValueContext};
 
 /// The embedded migrations (`migrations/*.sql`).
@@ -39,8 +40,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const ACCESS: &str = "oauth_access_token";
 const REFRESH: &str = "oauth_refresh_token";
 
-/// How many times a lease claim re-checks when the row changed between the
-/// claim and the read that explains why it failed.
+/// Retries of a conditional write (or lease claim) whose row changed between the
+/// attempt and the read that explains the miss. Each retry needs another
+/// concurrent change, so a small bound suffices.
 const CLAIM_ATTEMPTS: usize = 3;
 
 /// The columns every link read selects, in [`LinkRow`] order.
@@ -149,6 +151,12 @@ impl PgStore {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_lazy_with(opts);
         Ok(Self::from_pool(pool, keyring))
+    }
+
+    /// [`connect`](Self::connect) with the keyring `[encryption]` describes.
+    pub fn from_config(cfg: &Config) -> Result<Self, StoreError> {
+        let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);
+        Self::connect(&cfg.database, keyring)
     }
 
     /// A store over an existing pool (tests get one from `#[sqlx::test]`).
@@ -275,75 +283,6 @@ impl PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)
-    }
-
-    /// The refresh-token compare-and-swap write. Returns whether it applied.
-    async fn cas_write(
-        &self,
-        provider_id: &str,
-        user_id: Uuid,
-        old_refresh: &str,
-        new: &TokenSet,
-    ) -> Result<bool, StoreError> {
-        let (access, refresh) = self.seal_pair(provider_id, user_id, new)?;
-        let sql = announced(
-            "UPDATE external_auth_links SET \
-               oauth_access_token = $3, oauth_access_token_key_id = $4, \
-               oauth_refresh_token = $5, oauth_refresh_token_key_id = $6, \
-               oauth_expiry = $7, oauth_extra = $8, \
-               oauth_refresh_failure_reason = '', refresh_lease_expires_at = NULL, \
-               updated_at = now() \
-             WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $9 \
-             RETURNING provider_id, user_id",
-            "$10",
-        );
-        let rows: Vec<String> = sqlx::query_scalar(&sql)
-            .bind(provider_id)
-            .bind(user_id)
-            .bind(&access.value)
-            .bind(&access.key_id)
-            .bind(&refresh.value)
-            .bind(&refresh.key_id)
-            .bind(expiry_to_db(new.expiry))
-            .bind(&new.extra)
-            .bind(old_refresh)
-            .bind(CHANGE_CHANNEL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(!rows.is_empty())
-    }
-
-    /// After a missed compare-and-swap: if the row still holds the same refresh
-    /// token, only re-encrypted (by `keys rotate` here or in Coder), returns the
-    /// value it holds now so the write can be retried against it.
-    async fn reencrypted_same_token(
-        &self,
-        provider_id: &str,
-        user_id: Uuid,
-        old_refresh: &StoredSecret,
-    ) -> Result<Option<String>, StoreError> {
-        if self.keyring.is_empty() {
-            return Ok(None);
-        }
-        let Some(row) = self.fetch_row(provider_id, user_id).await? else {
-            return Ok(None);
-        };
-        if row.oauth_refresh_token == old_refresh.0 {
-            // Same value yet the CAS missed: a write raced and was undone; retry.
-            return Ok(Some(row.oauth_refresh_token));
-        }
-        let current = self.open(&row, REFRESH)?;
-        let ctx = ValueContext {
-            provider_id,
-            user_id,
-            column: REFRESH,
-        };
-        let old = self.keyring.open_any(&old_refresh.0, ctx);
-        use subtle::ConstantTimeEq;
-        let (a, b) = (current.expose_secret(), old.expose_secret());
-        let same = a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()));
-        Ok(same.then_some(row.oauth_refresh_token))
     }
 }
 
@@ -504,29 +443,34 @@ impl LinkStore for PgStore {
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        // With a lease, the holder is done: release it in the same write so waiters
-        // re-read at once. Without one, leave whatever lease is there alone.
-        let sql = announced(
-            "UPDATE external_auth_links SET oauth_refresh_failure_reason = $4, \
-               refresh_lease_expires_at = CASE WHEN $5::timestamptz IS NULL \
-                 THEN refresh_lease_expires_at ELSE NULL END, \
-               updated_at = now() \
-             WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $3 \
-               AND ($5::timestamptz IS NULL OR refresh_lease_expires_at = $5) \
-             RETURNING provider_id, user_id",
-            "$6",
-        );
-        let rows: Vec<String> = sqlx::query_scalar(&sql)
-            .bind(provider_id)
-            .bind(user_id)
-            .bind(&old_refresh.0)
-            .bind(reason)
-            .bind(lease.map(|l| l.expires_at))
-            .bind(CHANGE_CHANNEL)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(!rows.is_empty())
+        if self
+            .cas_failure(provider_id, user_id, &old_refresh.0, lease, reason)
+            .await?
+        {
+            return Ok(true);
+        }
+        // As in `write_refreshed`: a re-encrypted copy of the same token still is
+        // the token that was rejected. Stop once the value stops changing: then
+        // the miss was the lease (or a real change), not a re-encryption.
+        let mut tried = old_refresh.0.clone();
+        for _ in 0..CLAIM_ATTEMPTS {
+            match self
+                .reencrypted_same_token(provider_id, user_id, old_refresh)
+                .await?
+            {
+                Some(current) if current != tried => {
+                    if self
+                        .cas_failure(provider_id, user_id, &current, lease, reason)
+                        .await?
+                    {
+                        return Ok(true);
+                    }
+                    tried = current;
+                }
+                _ => return Ok(false),
+            }
+        }
+        Ok(false)
     }
 
     async fn create_proxy_token(
