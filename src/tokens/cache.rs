@@ -30,7 +30,7 @@ pub(crate) fn usable(expiry: Option<DateTime<Utc>>, now: DateTime<Utc>, skew: Du
 /// Whether the token still works at the provider (ignoring skew): served as a last
 /// resort while the provider or the store is down.
 pub(crate) fn unexpired(expiry: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
-    expiry.map_or(true, |exp| exp > now)
+    expiry.is_none_or(|exp| exp > now)
 }
 
 pub(crate) fn to_chrono(d: Duration) -> chrono::Duration {
