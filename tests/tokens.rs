@@ -314,3 +314,75 @@ async fn expiry_follows_the_injected_clock(pool: PgPool) {
         Some(clock.now() + chrono::Duration::seconds(3600))
     );
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn store_outage_serves_cached_unexpired_token_then_store_unavailable(pool: PgPool) {
+    use tokenproxy::crypto::Keyring;
+    use tokenproxy::store::postgres::PgStore;
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(120)));
+    st.put_link(P, user, &set).await.unwrap();
+    let own = own_pool(&pool).await;
+    let r = replica_with(
+        std::sync::Arc::new(PgStore::from_pool(own.clone(), Keyring::plaintext())),
+        &[idp.provider(P)],
+        &tokens_cfg(),
+        clock.clone(),
+    )
+    .await;
+    let t0 = r.warm(user).await;
+    own.close().await; // the database is gone for this replica
+    clock.advance(Duration::from_secs(90)); // inside the skew, not yet expired
+    let t = r
+        .source
+        .get(P, user)
+        .await
+        .expect("cached unexpired token served");
+    assert!(t.same_version(&t0));
+    clock.advance(Duration::from_secs(60)); // expired
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::StoreUnavailable
+    );
+    assert_eq!(idp.attempts(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    let t0 = r.source.get(P, user).await.unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let s = r.source.clone();
+            let t0 = t0.clone();
+            tokio::spawn(async move { s.refresh_rejected(P, user, &t0).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        idp.refreshes(),
+        1,
+        "50 rejections of one version: one refresh"
+    );
+    let t1 = r.source.get(P, user).await.unwrap();
+    assert!(!t1.same_version(&t0));
+    assert_link_intact(&idp, &st, user).await;
+}

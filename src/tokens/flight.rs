@@ -404,8 +404,11 @@ async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Serv
     }
 }
 
-async fn insert_if_current(inner: &Arc<Inner>, key: Key, entry: Entry, epoch: u64) {
+async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
     if inner.epoch(&key) == epoch {
+        // A resync bumps every epoch, so an unchanged epoch means the current
+        // generation is the one the row was read in.
+        entry.generation = inner.generation();
         inner.cache.insert(key, Arc::new(entry)).await;
     }
 }

@@ -190,3 +190,30 @@ where
         std::panic::resume_unwind(panic);
     }
 }
+
+impl Replica {
+    /// Cache hits so far.
+    pub fn hits(&self) -> u64 {
+        use tokenproxy::telemetry::{LookupLabels, LookupResult};
+        self.metrics
+            .token_lookups
+            .get_or_create(&LookupLabels {
+                result: LookupResult::Hit,
+            })
+            .get()
+    }
+
+    /// Gets until the token is served from the cache: the change feed's first
+    /// resync may retire what the first lookup cached.
+    pub async fn warm(&self, user: Uuid) -> AccessToken {
+        let before = self.hits();
+        for _ in 0..200 {
+            let token = self.source.get(P, user).await.unwrap();
+            if self.hits() > before {
+                return token;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the token never got cached");
+    }
+}
