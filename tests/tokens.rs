@@ -134,11 +134,16 @@ async fn dead_lease_holder_delays_at_most_the_lease(pool: PgPool) {
     assert!(matches!(claim, LeaseClaim::Acquired(_)));
 
     let r = replica(&pool, &[provider], &cfg, clock.clone()).await;
+    let started = tokio::time::Instant::now();
     let token = r
         .source
         .get(P, user)
         .await
         .expect("refreshed after the lease ran out");
+    eprintln!(
+        "waited {:?} for a dead holder's 1 s lease",
+        started.elapsed()
+    );
     assert!(idp.is_valid_access_token(token.expose_secret()));
     assert_eq!(idp.refreshes(), 1);
     assert_eq!(idp.rejected(), 0);
