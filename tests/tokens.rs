@@ -4,165 +4,28 @@
 //! Each "replica" is an independent `TokenSource` with its own pool, cache and
 //! metrics over the same database. Expiry is driven by a shared [`ManualClock`].
 
+#[path = "tokens_harness/mod.rs"]
+mod harness;
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use harness::*;
 use secrecy::ExposeSecret;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use support::idp::{Fault, Idp, IdpOptions, ManualClock};
-use tokenproxy::config::{ProviderConfig, TokensConfig};
-use tokenproxy::crypto::Keyring;
-use tokenproxy::store::postgres::PgStore;
+use tokenproxy::config::TokensConfig;
 use tokenproxy::store::{LeaseClaim, LinkStore};
-use tokenproxy::telemetry::{Metrics, RefreshLabels, RefreshOutcome};
-use tokenproxy::tokens::{AccessToken, Clock, TokenError, TokenSource};
-use tokio_util::sync::CancellationToken;
+use tokenproxy::telemetry::RefreshOutcome;
+use tokenproxy::tokens::{Clock, TokenError};
 use uuid::Uuid;
-
-const P: &str = "idp";
-
-/// One independent token source with its own pool, cache and metrics.
-struct Replica {
-    source: Arc<TokenSource>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-impl Replica {
-    fn outcome(&self, outcome: RefreshOutcome) -> u64 {
-        self.metrics
-            .refresh
-            .get_or_create(&RefreshLabels {
-                provider: P.into(),
-                outcome,
-            })
-            .get()
-    }
-}
-
-async fn own_pool(pool: &PgPool) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await
-        .unwrap()
-}
-
-fn tokens_cfg() -> TokensConfig {
-    TokensConfig {
-        refresh_ahead: false,
-        ..TokensConfig::default()
-    }
-}
-
-async fn replica_with(
-    store: Arc<dyn LinkStore>,
-    providers: &[ProviderConfig],
-    cfg: &TokensConfig,
-    clock: Arc<dyn Clock>,
-) -> Replica {
-    let metrics = Metrics::new();
-    let source = TokenSource::new(store, providers, cfg, metrics.clone(), clock).unwrap();
-    let shutdown = CancellationToken::new();
-    source.spawn_background(shutdown.clone());
-    Replica {
-        source,
-        metrics,
-        shutdown,
-    }
-}
-
-async fn replica(
-    pool: &PgPool,
-    providers: &[ProviderConfig],
-    cfg: &TokensConfig,
-    clock: Arc<dyn Clock>,
-) -> Replica {
-    let store = Arc::new(PgStore::from_pool(
-        own_pool(pool).await,
-        Keyring::plaintext(),
-    ));
-    replica_with(store, providers, cfg, clock).await
-}
-
-fn store(pool: &PgPool) -> PgStore {
-    PgStore::from_pool(pool.clone(), Keyring::plaintext())
-}
-
-/// Seeds a link whose access token already expired (at the IdP too).
-async fn seed_expired(idp: &Idp, store: &PgStore, clock: &dyn Clock, user: Uuid) {
-    let set = idp.seed_with_expiry(user, Some(clock.now() - chrono::Duration::seconds(10)));
-    store.put_link(P, user, &set).await.unwrap();
-}
-
-/// Asserts the stored link holds the IdP's current refresh token and no failure.
-async fn assert_link_intact(idp: &Idp, store: &PgStore, user: Uuid) {
-    let row = store.get_link(P, user).await.unwrap().expect("link exists");
-    assert_eq!(
-        Some(row.refresh_token.expose_secret().to_string()),
-        idp.current_refresh_token(user),
-        "row holds the provider's current refresh token"
-    );
-    assert_eq!(row.refresh_failure_reason, "");
-}
-
-/// Waits (bounded) for a background effect such as a change notification.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..200 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-async fn concurrent_gets(
-    r: &Replica,
-    user: Uuid,
-    n: usize,
-) -> Vec<Result<AccessToken, TokenError>> {
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let s = r.source.clone();
-            tokio::spawn(async move { s.get(P, user).await })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
-}
-
-fn all_same(results: &[Result<AccessToken, TokenError>]) -> AccessToken {
-    let first = results[0].as_ref().expect("get succeeded").clone();
-    for r in results {
-        let t = r.as_ref().expect("get succeeded");
-        assert_eq!(
-            t.expose_secret(),
-            first.expose_secret(),
-            "all callers got the same token"
-        );
-    }
-    first
-}
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn five_hundred_concurrent_gets_refresh_once(pool: PgPool) {
+    on_multi_thread(&pool, five_hundred).await;
+}
+
+async fn five_hundred(pool: PgPool) {
     let clock = ManualClock::new();
     let idp = Idp::start(IdpOptions {
         clock: clock.clone(),
@@ -175,7 +38,7 @@ async fn five_hundred_concurrent_gets_refresh_once(pool: PgPool) {
     seed_expired(&idp, &st, &*clock, user).await;
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
 
-    let results = concurrent_gets(&r, user, 500).await;
+    let results = concurrent_gets(&r.source, user, 500).await;
     let token = all_same(&results);
     assert_eq!(idp.attempts(), 1, "the provider saw exactly one request");
     assert_eq!(idp.refreshes(), 1);
@@ -192,6 +55,10 @@ async fn five_hundred_concurrent_gets_refresh_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn three_replicas_refresh_once(pool: PgPool) {
+    on_multi_thread(&pool, three_replicas).await;
+}
+
+async fn three_replicas(pool: PgPool) {
     let clock = ManualClock::new();
     let idp = Idp::start(IdpOptions {
         clock: clock.clone(),
@@ -213,14 +80,7 @@ async fn three_replicas_refresh_once(pool: PgPool) {
             .iter()
             .map(|r| {
                 let s = r.source.clone();
-                tokio::spawn(async move {
-                    let r = Replica {
-                        source: s,
-                        metrics: Metrics::new(),
-                        shutdown: CancellationToken::new(),
-                    };
-                    concurrent_gets(&r, user, 200).await
-                })
+                tokio::spawn(async move { concurrent_gets(&s, user, 200).await })
             })
             .collect();
         let mut all = Vec::new();
@@ -274,11 +134,16 @@ async fn dead_lease_holder_delays_at_most_the_lease(pool: PgPool) {
     assert!(matches!(claim, LeaseClaim::Acquired(_)));
 
     let r = replica(&pool, &[provider], &cfg, clock.clone()).await;
+    let started = tokio::time::Instant::now();
     let token = r
         .source
         .get(P, user)
         .await
         .expect("refreshed after the lease ran out");
+    eprintln!(
+        "waited {:?} for a dead holder's 1 s lease",
+        started.elapsed()
+    );
     assert!(idp.is_valid_access_token(token.expose_secret()));
     assert_eq!(idp.refreshes(), 1);
     assert_eq!(idp.rejected(), 0);
@@ -453,4 +318,76 @@ async fn expiry_follows_the_injected_clock(pool: PgPool) {
         t1.expiry(),
         Some(clock.now() + chrono::Duration::seconds(3600))
     );
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn store_outage_serves_cached_unexpired_token_then_store_unavailable(pool: PgPool) {
+    use tokenproxy::crypto::Keyring;
+    use tokenproxy::store::postgres::PgStore;
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(120)));
+    st.put_link(P, user, &set).await.unwrap();
+    let own = own_pool(&pool).await;
+    let r = replica_with(
+        std::sync::Arc::new(PgStore::from_pool(own.clone(), Keyring::plaintext())),
+        &[idp.provider(P)],
+        &tokens_cfg(),
+        clock.clone(),
+    )
+    .await;
+    let t0 = r.warm(user).await;
+    own.close().await; // the database is gone for this replica
+    clock.advance(Duration::from_secs(90)); // inside the skew, not yet expired
+    let t = r
+        .source
+        .get(P, user)
+        .await
+        .expect("cached unexpired token served");
+    assert!(t.same_version(&t0));
+    clock.advance(Duration::from_secs(60)); // expired
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::StoreUnavailable
+    );
+    assert_eq!(idp.attempts(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    let t0 = r.source.get(P, user).await.unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let s = r.source.clone();
+            let t0 = t0.clone();
+            tokio::spawn(async move { s.refresh_rejected(P, user, &t0).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        idp.refreshes(),
+        1,
+        "50 rejections of one version: one refresh"
+    );
+    let t1 = r.source.get(P, user).await.unwrap();
+    assert!(!t1.same_version(&t0));
+    assert_link_intact(&idp, &st, user).await;
 }

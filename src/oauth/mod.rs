@@ -210,15 +210,14 @@ impl ProviderClient {
     }
 
     fn accept(&self, resp: TokenResp) -> Refreshed {
+        // Look the configured fields up in the whole response (standard fields such
+        // as `scope` included), never copying a token value into `oauth_extra`.
+        let all = serde_json::to_value(&resp).unwrap_or_default();
         let extra: serde_json::Map<String, serde_json::Value> = self
             .extra_fields
             .iter()
-            .filter_map(|k| {
-                resp.extra_fields()
-                    .fields
-                    .get(k)
-                    .map(|v| (k.clone(), v.clone()))
-            })
+            .filter(|k| !matches!(k.as_str(), "access_token" | "refresh_token"))
+            .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
             .collect();
         Refreshed {
             access_token: SecretString::from(resp.access_token().secret().to_string()),

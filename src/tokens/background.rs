@@ -4,7 +4,7 @@
 //! Coherence: every write to a link is announced by the store ([`ChangeEvent`]); on
 //! each announcement we drop that key here and wake flights waiting on another
 //! replica's lease. When the feed (re)connects, notifications may have been lost,
-//! so the whole cache goes.
+//! so every cached entry is retired (kept only as a fallback for outages).
 //!
 //! Refresh-ahead: every second, entries used within `refresh_ahead_used_within`
 //! whose jittered refresh point has passed get a background flight — the same
@@ -69,8 +69,10 @@ async fn listen(inner: Arc<Inner>, shutdown: CancellationToken) {
                 None => break,
             }
         }
-        // The feed ended: whatever happened meanwhile is unknown.
-        apply(&inner, ChangeEvent::Resync).await;
+        // The feed ended (database unreachable?). Keep the cache: during an outage
+        // it is what still serves requests. The next feed starts with a Resync,
+        // which drops everything announced meanwhile.
+        tracing::warn!("link change feed ended; reconnecting");
     }
 }
 
@@ -92,6 +94,10 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
             let _ = inner.changes.send(Some(key));
         }
         ChangeEvent::Resync => {
+            // Retire every entry rather than delete it: while the store is
+            // unreachable (the usual reason for a reconnect) an unexpired token from
+            // before is still better than `store_unavailable`.
+            inner.generation.fetch_add(1, Ordering::AcqRel);
             for e in &inner.epochs {
                 e.fetch_add(1, Ordering::AcqRel);
             }
@@ -99,7 +105,6 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
                 .metrics
                 .cache_invalidations
                 .inc_by(inner.cache.entry_count());
-            inner.cache.invalidate_all();
             let _ = inner.changes.send(None);
         }
     }
@@ -129,6 +134,9 @@ pub(super) async fn refresh_ahead_pass(inner: &Arc<Inner>) -> usize {
     let window = inner.cfg.refresh_ahead_used_within;
     let mut tasks = Vec::new();
     for (key, entry) in inner.cache.iter() {
+        if entry.generation != inner.generation() {
+            continue;
+        }
         let due = entry.ahead_at.is_some_and(|at| now >= at);
         if !due || !entry.used_within(now, window) {
             continue;

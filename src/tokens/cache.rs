@@ -49,6 +49,10 @@ pub(crate) struct Entry {
     pub ahead_started: AtomicBool,
     /// `refresh_rejected` already refreshed this version once.
     pub rejected_once: AtomicBool,
+    /// The change feed's resync generation when cached. Entries from before the
+    /// last resync are not served on the hit path (they may have missed a change),
+    /// but remain a last resort while the store is unreachable.
+    pub generation: u64,
 }
 
 impl Entry {
@@ -73,6 +77,7 @@ impl Entry {
             last_used_ms: AtomicI64::new(now.timestamp_millis()),
             ahead_started: AtomicBool::new(false),
             rejected_once: AtomicBool::new(false),
+            generation: 0,
         }
     }
 

@@ -132,74 +132,148 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
                 return cached_fallback(inner, &key, TokenError::StoreUnavailable).await;
             }
         };
-        let now = inner.clock.now();
-        let is_usable = cache::usable(row.expiry, now, inner.skew());
-        let newer = match &want {
-            Want::Replace(old) => row.access_token.expose_secret() != old.expose_secret(),
-            Want::Usable { .. } => false,
-        };
-        if is_usable && (newer || matches!(want, Want::Usable { .. })) {
-            if newer || waited || matches!(want, Want::Usable { stale: true }) {
-                inner
-                    .metrics
-                    .refresh_outcome(provider_id, RefreshOutcome::Adopted);
+        match judge(&row, &want, waited, inner.clock.now(), inner.skew()) {
+            Verdict::Serve { adopted } => {
+                if adopted {
+                    inner
+                        .metrics
+                        .refresh_outcome(provider_id, RefreshOutcome::Adopted);
+                }
+                return Ok(serve_row(inner, key, &row, epoch).await);
             }
-            return Ok(serve_row(inner, key, &row, epoch).await);
-        }
-        if newer {
-            // Someone replaced the token we wanted gone, but theirs needs a refresh too.
-            want = Want::Usable { stale: true };
-        }
-        if !row.refresh_failure_reason.is_empty() {
-            return Err(TokenError::ReauthRequired);
-        }
-        if row.refresh_token.expose_secret().is_empty() {
+            Verdict::Reauth => return Err(TokenError::ReauthRequired),
             // Nothing to refresh with: serve what still works, else the user must log in.
-            return still_valid(inner, &row).ok_or(TokenError::ReauthRequired);
+            Verdict::Unrefreshable => {
+                return still_valid(inner, &row).ok_or(TokenError::ReauthRequired)
+            }
+            Verdict::Refresh { retarget } => {
+                if retarget {
+                    // Someone replaced the token we wanted gone, but theirs needs a
+                    // refresh too.
+                    want = Want::Usable { stale: true };
+                }
+            }
         }
         if tokio::time::Instant::now() >= give_up {
             tracing::warn!(provider = provider_id, %user, "gave up waiting for the refresh lease");
             return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
         }
-        let claim = inner
-            .store
-            .claim_refresh_lease(
-                provider_id,
-                user,
-                &row.refresh_token_stored,
-                inner.cfg.lease_timeout,
-            )
-            .await;
-        match claim {
-            Err(e) => {
-                tracing::warn!(provider = provider_id, %user, error = %e, "cannot claim refresh lease");
-                return still_valid(inner, &row).ok_or(TokenError::StoreUnavailable);
-            }
-            Ok(LeaseClaim::Changed) => waited = true,
-            Ok(LeaseClaim::Held { until }) => {
-                waited = true;
-                let left = (until - chrono::Utc::now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-                    .max(Duration::from_millis(10));
-                wait_for_change(&mut changes, key, left.min(POLL)).await;
-            }
-            Ok(LeaseClaim::Acquired(lease)) => {
-                let step = exchange(inner, key, &row, &lease).await;
-                let store = inner.store.clone();
-                // Best effort: a failed release only delays others until it expires,
-                // and must never turn our result into an error.
-                tokio::spawn(async move {
-                    if let Err(e) = store.release_refresh_lease(&lease).await {
-                        tracing::debug!(error = %e, "releasing refresh lease failed");
-                    }
-                });
-                match step {
-                    Step::Done(r) => return r,
-                    Step::Reread => waited = true,
-                }
-            }
+        match claim_and_refresh(inner, key, &row, &mut changes).await {
+            Step::Done(r) => return r,
+            Step::Reread => waited = true,
         }
+    }
+}
+
+/// What to do with a freshly read row.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Serve it; `adopted` when someone else's refresh produced it.
+    Serve { adopted: bool },
+    /// A permanent failure is recorded: the user must log in again.
+    Reauth,
+    /// No refresh token stored.
+    Unrefreshable,
+    /// Refresh it; `retarget` when the row is newer than the token the caller wanted
+    /// replaced (so any usable token will do from now on).
+    Refresh { retarget: bool },
+}
+
+/// Decides on a row (pure: the rules of DESIGN.md "Refresh semantics").
+fn judge(
+    row: &Link,
+    want: &Want,
+    waited: bool,
+    now: chrono::DateTime<chrono::Utc>,
+    skew: Duration,
+) -> Verdict {
+    let is_usable = cache::usable(row.expiry, now, skew);
+    let newer = match want {
+        Want::Replace(old) => row.access_token.expose_secret() != old.expose_secret(),
+        Want::Usable { .. } => false,
+    };
+    let any_usable = matches!(want, Want::Usable { .. });
+    if is_usable && (newer || any_usable) {
+        let adopted = newer || waited || matches!(want, Want::Usable { stale: true });
+        return Verdict::Serve { adopted };
+    }
+    if !row.refresh_failure_reason.is_empty() {
+        return Verdict::Reauth;
+    }
+    if row.refresh_token.expose_secret().is_empty() {
+        return Verdict::Unrefreshable;
+    }
+    Verdict::Refresh { retarget: newer }
+}
+
+/// Claims the cross-replica lease for the row's refresh token; exchanges it if we
+/// get it, else waits for the holder (change notification or poll).
+async fn claim_and_refresh(
+    inner: &Arc<Inner>,
+    key: Key,
+    row: &Link,
+    changes: &mut broadcast::Receiver<Option<Key>>,
+) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    let claim = inner
+        .store
+        .claim_refresh_lease(
+            provider_id,
+            key.1,
+            &row.refresh_token_stored,
+            inner.cfg.lease_timeout,
+        )
+        .await;
+    match claim {
+        Err(e) => {
+            tracing::warn!(provider = provider_id, user = %key.1, error = %e, "cannot claim refresh lease");
+            Step::Done(still_valid(inner, row).ok_or(TokenError::StoreUnavailable))
+        }
+        Ok(LeaseClaim::Changed) => Step::Reread,
+        Ok(LeaseClaim::Held { until }) => {
+            let left = (until - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(10));
+            wait_for_change(changes, key, left.min(POLL)).await;
+            Step::Reread
+        }
+        Ok(LeaseClaim::Acquired(lease)) => {
+            // The claim checks the refresh token, not the failure reason: a holder
+            // that just recorded a rejection and let its lease go leaves the same
+            // refresh token behind. Look once more before calling the provider, so a
+            // dead token is presented only once.
+            let step = match recheck(inner, key, row).await {
+                Some(step) => step,
+                None => exchange(inner, key, row, &lease).await,
+            };
+            let store = inner.store.clone();
+            // Best effort: a failed release only delays others until it expires, and
+            // must never turn our result into an error.
+            tokio::spawn(async move {
+                if let Err(e) = store.release_refresh_lease(&lease).await {
+                    tracing::debug!(error = %e, "releasing refresh lease failed");
+                }
+            });
+            step
+        }
+    }
+}
+
+/// Re-reads the row under a fresh lease: `None` when it is still the one to
+/// exchange, else what to do instead.
+async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<Step> {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(now)) if now.refresh_token_stored != row.refresh_token_stored => Some(Step::Reread),
+        Ok(Some(now)) if !now.refresh_failure_reason.is_empty() => {
+            Some(Step::Done(Err(TokenError::ReauthRequired)))
+        }
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Step::Done(Err(TokenError::LinkMissing))),
+        Err(_) => Some(Step::Done(
+            still_valid(inner, row).ok_or(TokenError::StoreUnavailable),
+        )),
     }
 }
 
@@ -380,8 +454,11 @@ async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Serv
     }
 }
 
-async fn insert_if_current(inner: &Arc<Inner>, key: Key, entry: Entry, epoch: u64) {
+async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
     if inner.epoch(&key) == epoch {
+        // A resync bumps every epoch, so an unchanged epoch means the current
+        // generation is the one the row was read in.
+        entry.generation = inner.generation();
         inner.cache.insert(key, Arc::new(entry)).await;
     }
 }
@@ -422,5 +499,91 @@ async fn wait_for_change(rx: &mut broadcast::Receiver<Option<Key>>, key: Key, ma
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredSecret;
+    use chrono::{TimeZone, Utc};
+    use secrecy::SecretString;
+
+    fn t(s: i64) -> chrono::DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn row(access: &str, refresh: &str, expiry: i64, reason: &str) -> Link {
+        Link {
+            provider_id: "p".into(),
+            user_id: uuid::Uuid::nil(),
+            access_token: SecretString::from(access.to_string()),
+            refresh_token: SecretString::from(refresh.to_string()),
+            refresh_token_stored: StoredSecret(refresh.into()),
+            expiry: Some(t(expiry)),
+            extra: None,
+            refresh_failure_reason: reason.into(),
+            lease_expires_at: None,
+            created_at: t(-1000),
+            updated_at: t(-1000),
+        }
+    }
+
+    const SKEW: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn usable_row_is_served_and_adoption_is_noticed() {
+        let fresh = row("a1", "r1", 3600, "");
+        let any = Want::Usable { stale: false };
+        assert_eq!(
+            judge(&fresh, &any, false, t(0), SKEW),
+            Verdict::Serve { adopted: false }
+        );
+        assert_eq!(
+            judge(&fresh, &any, true, t(0), SKEW),
+            Verdict::Serve { adopted: true }
+        );
+        let stale = Want::Usable { stale: true };
+        assert_eq!(
+            judge(&fresh, &stale, false, t(0), SKEW),
+            Verdict::Serve { adopted: true }
+        );
+    }
+
+    #[test]
+    fn expired_row_is_refreshed_unless_failed_or_unrefreshable() {
+        let any = Want::Usable { stale: false };
+        let due = row("a1", "r1", 30, "");
+        assert_eq!(
+            judge(&due, &any, false, t(0), SKEW),
+            Verdict::Refresh { retarget: false }
+        );
+        let failed = row("a1", "r1", 30, "invalid_grant");
+        assert_eq!(judge(&failed, &any, false, t(0), SKEW), Verdict::Reauth);
+        let none = row("a1", "", 30, "");
+        assert_eq!(
+            judge(&none, &any, false, t(0), SKEW),
+            Verdict::Unrefreshable
+        );
+    }
+
+    #[test]
+    fn replace_refreshes_a_usable_token_only_while_it_is_the_same() {
+        let current = row("a1", "r1", 3600, "");
+        let same = Want::Replace(AccessToken::new(SecretString::from("a1".to_string()), None));
+        assert_eq!(
+            judge(&current, &same, false, t(0), SKEW),
+            Verdict::Refresh { retarget: false }
+        );
+        let other = Want::Replace(AccessToken::new(SecretString::from("a0".to_string()), None));
+        assert_eq!(
+            judge(&current, &other, false, t(0), SKEW),
+            Verdict::Serve { adopted: true }
+        );
+        let newer_but_due = row("a2", "r2", 30, "");
+        assert_eq!(
+            judge(&newer_but_due, &other, false, t(0), SKEW),
+            Verdict::Refresh { retarget: true }
+        );
     }
 }

@@ -148,6 +148,8 @@ pub(crate) struct Inner {
     /// Bumped (per shard of keys) on every invalidation, so a flight that read a row
     /// before a change notification does not cache that stale row after it.
     epochs: Vec<AtomicU64>,
+    /// Bumped on every change-feed resync; see [`Entry::generation`].
+    generation: AtomicU64,
     hit: prometheus_client::metrics::counter::Counter,
     miss: prometheus_client::metrics::counter::Counter,
     sync_refreshes: AtomicU64,
@@ -173,6 +175,16 @@ impl Inner {
     /// Drops one key from the cache; boxed for the same reason as [`Inner::cached`].
     fn uncache(&self, key: Key) -> futures_util::future::BoxFuture<'_, Option<Arc<Entry>>> {
         Box::pin(async move { self.cache.remove(&key).await })
+    }
+
+    /// The current resync generation.
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a cached entry may be served on the hit path at `now`.
+    fn servable(&self, e: &Entry, now: DateTime<Utc>) -> bool {
+        e.generation == self.generation() && cache::usable(e.token.expiry(), now, self.skew())
     }
 
     fn skew(&self) -> Duration {
@@ -261,6 +273,7 @@ impl TokenSource {
                 flight_seq: AtomicU64::new(0),
                 changes,
                 epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+                generation: AtomicU64::new(0),
                 hit,
                 miss,
                 sync_refreshes: AtomicU64::new(0),
@@ -284,7 +297,7 @@ impl TokenSource {
         let key = (pidx, user);
         let now = inner.clock.now();
         let stale = match inner.cache.get(&key).await {
-            Some(e) if cache::usable(e.token.expiry(), now, inner.skew()) => {
+            Some(e) if inner.servable(&e, now) => {
                 e.touch(now);
                 inner.hit.inc();
                 return Ok(e.token.clone());
@@ -314,7 +327,7 @@ impl TokenSource {
         let now = inner.clock.now();
         if let Some(e) = inner.cache.get(&key).await {
             if !e.token.same_version(rejected) {
-                if cache::usable(e.token.expiry(), now, inner.skew()) {
+                if inner.servable(&e, now) {
                     return Ok(e.token.clone());
                 }
             } else if e.rejected_once.swap(true, Ordering::AcqRel) {

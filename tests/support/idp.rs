@@ -135,6 +135,7 @@ struct Shared {
     attempts: AtomicU64,
     refreshes: AtomicU64,
     rejected: AtomicU64,
+    reused: AtomicU64,
     seq: AtomicU64,
 }
 
@@ -162,6 +163,7 @@ impl Idp {
             attempts: AtomicU64::new(0),
             refreshes: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
             seq: AtomicU64::new(0),
         });
         let s = shared.clone();
@@ -270,6 +272,12 @@ impl Idp {
     /// Refresh grants answered `invalid_grant` (or `bad_refresh_token`).
     pub fn rejected(&self) -> u64 {
         self.shared.rejected.load(Ordering::SeqCst)
+    }
+
+    /// Rejected grants that presented an already used (rotated-away) refresh token:
+    /// a double spend, which coordination must prevent.
+    pub fn reused(&self) -> u64 {
+        self.shared.reused.load(Ordering::SeqCst)
     }
 
     /// How many grants presented this refresh token.
@@ -418,7 +426,10 @@ async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> Response<Ful
     *st.per_token.entry(presented.clone()).or_default() += 1;
     let user = match st.refresh.get(&presented) {
         Some((user, RefreshState::Current)) => *user,
-        _ => {
+        other => {
+            if matches!(other, Some((_, RefreshState::Used))) {
+                s.reused.fetch_add(1, Ordering::SeqCst);
+            }
             s.rejected.fetch_add(1, Ordering::SeqCst);
             return if s.opts.github_style {
                 json(
