@@ -128,6 +128,15 @@ async fn h2c_callers_are_served(pool: PgPool) {
     let seen = w.api.requests().pop().unwrap();
     assert_eq!(seen.headers["host"], w.api.addr.to_string());
     assert_eq!(seen.token.as_deref(), Some(GH_TOKEN));
+    // forwarded_headers is off by default: nothing about the caller is added.
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "via",
+    ] {
+        assert!(seen.headers.get(name).is_none(), "{name} was added");
+    }
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
