@@ -419,7 +419,11 @@ async fn race(pool: PgPool) {
                 match source.get(P, user).await {
                     Ok(t) => {
                         let valid = idp.is_valid_access_token(t.expose_secret());
-                        assert!(!check || valid, "round {round}: served an invalid token");
+                        assert!(
+                            !check || valid,
+                            "round {round}: served an invalid token to user {i}: {}",
+                            idp.describe_access_token(t.expose_secret())
+                        );
                         Ok(())
                     }
                     Err(e) => Err(e),

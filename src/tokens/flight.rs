@@ -455,11 +455,23 @@ async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Serv
 }
 
 async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
-    if inner.epoch(&key) == epoch {
-        // A resync bumps every epoch, so an unchanged epoch means the current
-        // generation is the one the row was read in.
-        entry.generation = inner.generation();
-        inner.cache.insert(key, Arc::new(entry)).await;
+    if inner.epoch(&key) != epoch {
+        return;
+    }
+    // A resync bumps every epoch, so an unchanged epoch means the current
+    // generation is the one the row was read in.
+    entry.generation = inner.generation();
+    let entry = Arc::new(entry);
+    inner.cache.insert(key, entry.clone()).await;
+    // The listener bumps the epoch *then* drops the key; we insert *then* look
+    // again. Whichever order they interleave in, a change announced after our read
+    // never leaves our entry behind.
+    if inner.epoch(&key) != epoch {
+        if let Some(current) = inner.cached(key).await {
+            if Arc::ptr_eq(&current, &entry) {
+                inner.uncache(key).await;
+            }
+        }
     }
 }
 

@@ -298,6 +298,18 @@ impl Idp {
         matches!(st.access.get(token), Some((_, exp, false)) if exp.map_or(true, |e| e > now))
     }
 
+    /// Why an access token is or is not valid, for assertion messages.
+    pub fn describe_access_token(&self, token: &str) -> String {
+        let now = self.now();
+        let st = self.shared.state.lock();
+        match st.access.get(token) {
+            None => "unknown to the IdP".into(),
+            Some((_, _, true)) => "revoked".into(),
+            Some((_, Some(exp), _)) if *exp <= now => format!("expired at {exp} (now {now})"),
+            Some((_, exp, _)) => format!("valid until {exp:?}"),
+        }
+    }
+
     /// Client authentication methods seen, in order (`"basic"` or `"post"`).
     pub fn auth_methods(&self) -> Vec<&'static str> {
         self.shared.state.lock().auth_methods.clone()
