@@ -386,14 +386,25 @@ async fn race(pool: PgPool) {
     let mut revocations = 0u64;
     let mut served = 0u64;
     for round in 0..40 {
-        // Users revoked last round log in again; some others get revoked now. Both
-        // are skipped by the validity check this round (caches learn asynchronously).
+        // Users revoked last round log in again, and the round starts once every
+        // replica serves their new link (change notifications are asynchronous).
+        // Users revoked now are skipped by the validity check this round: replicas
+        // may still hold their revoked token, which no proxy can know about.
         let mut unsettled = vec![false; users.len()];
         for (i, &u) in users.iter().enumerate() {
             if revoked[i] {
-                st.put_link(P, u, &idp.seed(u)).await.unwrap();
+                let fresh = idp.seed(u);
+                st.put_link(P, u, &fresh).await.unwrap();
                 revoked[i] = false;
-                unsettled[i] = true;
+                for r in &replicas {
+                    eventually("every replica serves the new login", || async {
+                        r.source
+                            .get(P, u)
+                            .await
+                            .is_ok_and(|t| t.expose_secret() == fresh.access_token.expose_secret())
+                    })
+                    .await;
+                }
             } else if rng.random_ratio(1, 12) {
                 idp.revoke(u);
                 revoked[i] = true;
