@@ -391,3 +391,27 @@ async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
     assert!(!t1.same_version(&t0));
     assert_link_intact(&idp, &st, user).await;
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn interrupted_exchange_is_not_replayed(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    // The provider rotates the token but the answer never arrives.
+    idp.push_fault(Fault::ProcessThenDrop);
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempts(), 1, "an interrupted grant is not replayed");
+    assert_eq!(idp.rejected(), 0);
+    let row = st.get_link(P, user).await.unwrap().unwrap();
+    assert_eq!(row.refresh_failure_reason, "", "nothing recorded");
+}

@@ -78,6 +78,9 @@ pub enum Fault {
     /// Wait this long, then answer 503; nothing is processed (a client with a
     /// shorter deadline sees a timeout).
     Hang(Duration),
+    /// Process the grant (rotating the refresh token), then drop the connection
+    /// without answering: the client cannot know whether it was processed.
+    ProcessThenDrop,
 }
 
 /// How the IdP behaves.
@@ -176,7 +179,15 @@ impl Idp {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
-                        async move { Ok::<_, hyper::Error>(handle(&s, req).await) }
+                        async move {
+                            let (resp, drop_connection) = handle(&s, req).await;
+                            if drop_connection {
+                                // An error from the service makes hyper close the
+                                // connection without a response.
+                                return Err(std::io::Error::other("dropped by fault"));
+                            }
+                            Ok(resp)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -349,7 +360,18 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
-async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// Answers one request; `true` = drop the connection instead of answering.
+async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> (Response<Full<Bytes>>, bool) {
+    let mut drop_connection = false;
+    let resp = answer(s, req, &mut drop_connection).await;
+    (resp, drop_connection)
+}
+
+async fn answer(
+    s: &Shared,
+    req: Request<hyper::body::Incoming>,
+    drop_connection: &mut bool,
+) -> Response<Full<Bytes>> {
     s.attempts.fetch_add(1, Ordering::SeqCst);
     let (fault, latency) = {
         let mut st = s.state.lock();
@@ -372,6 +394,7 @@ async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> Response<Ful
             tokio::time::sleep(d).await;
             return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({}));
         }
+        Some(Fault::ProcessThenDrop) => *drop_connection = true,
         None => {}
     }
     let basic = req
