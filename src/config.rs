@@ -567,7 +567,7 @@ fn check_http_url(u: &Url) -> Result<(), String> {
             u.scheme()
         ));
     }
-    if u.host_str().map_or(true, str::is_empty) {
+    if u.host_str().is_none_or(str::is_empty) {
         return Err("must have a host".into());
     }
     if !u.username().is_empty() || u.password().is_some() {

@@ -306,7 +306,7 @@ impl Idp {
     pub fn is_valid_access_token(&self, token: &str) -> bool {
         let now = self.now();
         let st = self.shared.state.lock();
-        matches!(st.access.get(token), Some((_, exp, false)) if exp.map_or(true, |e| e > now))
+        matches!(st.access.get(token), Some((_, exp, false)) if exp.is_none_or(|e| e > now))
     }
 
     /// Why an access token is or is not valid, for assertion messages.
