@@ -125,6 +125,7 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
             Ok(Some(row)) => row,
             Ok(None) => {
                 inner.uncache(key).await;
+                remember_broken(inner, key, TokenError::LinkMissing, epoch).await;
                 return Err(TokenError::LinkMissing);
             }
             Err(e) => {
@@ -141,7 +142,10 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
                 }
                 return Ok(serve_row(inner, key, &row, epoch).await);
             }
-            Verdict::Reauth => return Err(TokenError::ReauthRequired),
+            Verdict::Reauth => {
+                remember_broken(inner, key, TokenError::ReauthRequired, epoch).await;
+                return Err(TokenError::ReauthRequired);
+            }
             // Nothing to refresh with: serve what still works, else the user must log in.
             Verdict::Unrefreshable => {
                 return still_valid(inner, &row).ok_or(TokenError::ReauthRequired)
@@ -472,6 +476,19 @@ async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch
                 inner.uncache(key).await;
             }
         }
+    }
+}
+
+/// Remembers that a link is missing or dead (see `Inner::negative`), unless a change
+/// was announced since the row was read — with the same insert-then-recheck as
+/// [`insert_if_current`].
+async fn remember_broken(inner: &Arc<Inner>, key: Key, err: TokenError, epoch: u64) {
+    if inner.epoch(&key) != epoch {
+        return;
+    }
+    inner.negative.insert(key, err).await;
+    if inner.epoch(&key) != epoch {
+        inner.forget_broken(key).await;
     }
 }
 
