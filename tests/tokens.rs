@@ -176,7 +176,11 @@ async fn revoked_grant_is_permanent_and_asked_once(pool: PgPool) {
     }
     assert_eq!(idp.attempts(), 1, "the provider saw one attempt in total");
     // A known-dead link is answered from memory, not from the database.
-    assert!(r.hits() >= 50, "dead link answered from memory: {} hits", r.hits());
+    assert!(
+        r.hits() >= 50,
+        "dead link answered from memory: {} hits",
+        r.hits()
+    );
     assert_eq!(r.outcome(RefreshOutcome::InvalidGrant), 1);
     let row = st.get_link(P, user).await.unwrap().unwrap();
     assert!(!row.refresh_failure_reason.is_empty());

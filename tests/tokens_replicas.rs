@@ -478,3 +478,38 @@ async fn race(pool: PgPool) {
         idp.rejected()
     );
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn https_token_endpoint_trusts_only_the_configured_ca(pool: PgPool) {
+    let ca = support::upstream::TestCa::new();
+    let clock = ManualClock::new();
+    let idp = support::idp::Idp::start(IdpOptions {
+        clock: clock.clone(),
+        tls: Some(ca.acceptor()),
+        ..Default::default()
+    })
+    .await;
+    assert!(idp.token_url().starts_with("https://"));
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+
+    // Without the private CA the endpoint is untrusted: nothing is sent or recorded.
+    let untrusting = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    assert_eq!(
+        untrusting.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempts(), 0);
+    assert_link_intact(&idp, &st, user).await;
+
+    let provider = idp.provider_with(P, &format!("token_ca = {:?}", ca.ca.display().to_string()));
+    let trusting = replica(&pool, &[provider], &tokens_cfg(), clock.clone()).await;
+    let t = trusting
+        .source
+        .get(P, user)
+        .await
+        .expect("refreshed over TLS");
+    assert!(idp.is_valid_access_token(t.expose_secret()));
+    assert_eq!(idp.refreshes(), 1);
+}

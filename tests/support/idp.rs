@@ -98,6 +98,8 @@ pub struct IdpOptions {
     pub github_style: bool,
     /// Time source for expiry.
     pub clock: Arc<dyn Clock>,
+    /// Serve HTTPS with this acceptor (e.g. `TestCa::new().acceptor()`), else HTTP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Default for IdpOptions {
@@ -109,6 +111,7 @@ impl Default for IdpOptions {
             rotate: true,
             github_style: false,
             clock: Arc::new(SystemClock),
+            tls: None,
         }
     }
 }
@@ -170,12 +173,14 @@ impl Idp {
             seq: AtomicU64::new(0),
         });
         let s = shared.clone();
+        let tls = shared.opts.tls.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
@@ -189,9 +194,19 @@ impl Idp {
                             Ok(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let server = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -200,7 +215,12 @@ impl Idp {
 
     /// The token endpoint URL.
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth/token", self.addr)
+        let scheme = if self.shared.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/oauth/token", self.addr)
     }
 
     /// A provider config pointing at this IdP (client_secret_basic, 2 s deadline).
