@@ -27,6 +27,7 @@
 
 mod background;
 mod cache;
+mod exchange;
 mod flight;
 
 use std::collections::HashMap;
