@@ -5,16 +5,23 @@
 //! race, in one process or across replicas, and the request path rarely waits for a
 //! provider.
 //!
-//! - **Hits** come from a moka cache keyed by (provider, user) — no database query,
-//!   no lock ([`cache`]).
+//! - **Hits** come from a moka cache keyed by (provider, user) — never a token
+//!   value — with no database query and no lock (`cache`). Links known to be
+//!   missing or to need a new login are remembered too, so a caller hammering a
+//!   broken link costs no database read.
 //! - **Misses** run one flight per key per process, in a spawned task so a caller
 //!   that goes away does not abandon it; concurrent callers share its result, errors
-//!   included ([`flight`]). The flight re-reads the row, takes the cross-replica
-//!   lease on the database clock, refreshes through [`crate::oauth`], and writes the
-//!   result with a compare-and-swap on the refresh token exactly as it was read.
-//! - **Coherence and refresh-ahead** run in background tasks ([`background`]): every
-//!   change notification drops that key, a resync drops everything, and links in use
-//!   are refreshed shortly before they expire.
+//!   included (`flight`). The flight re-reads the row, takes the cross-replica
+//!   lease on the database clock, and (`exchange`) refreshes through
+//!   [`crate::oauth`] and writes the result with a compare-and-swap on the refresh
+//!   token exactly as it was read.
+//! - **Coherence and refresh-ahead** run in background tasks (`background`): every
+//!   change notification drops that key; a resync retires every entry (kept only as
+//!   a fallback while the store is unreachable); links in use are refreshed shortly
+//!   before they expire.
+//! - Store trouble: an unexpired cached token is served rather than
+//!   `store_unavailable`; provider trouble: the current token while unexpired rather
+//!   than `idp_unavailable`. Only `invalid_grant` (and equivalents) is ever recorded.
 //!
 //! Wiring (what `serve` does):
 //!
