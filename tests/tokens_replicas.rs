@@ -276,6 +276,12 @@ async fn refresh_ahead_keeps_requests_off_the_provider(pool: PgPool) {
         "no get() waited for the provider"
     );
     assert!(idp.refreshes() >= 5, "refreshed ahead: {}", idp.refreshes());
+    let ahead = r
+        .metrics
+        .refresh_ahead
+        .get_or_create(&tokenproxy::telemetry::ProviderLabels { provider: P.into() })
+        .get();
+    assert!(ahead >= 5, "refreshes started ahead: {ahead}");
     assert_eq!(idp.rejected(), 0);
     assert_link_intact(&idp, &st, user).await;
 
@@ -512,4 +518,29 @@ async fn https_token_endpoint_trusts_only_the_configured_ca(pool: PgPool) {
         .expect("refreshed over TLS");
     assert!(idp.is_valid_access_token(t.expose_secret()));
     assert_eq!(idp.refreshes(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn background_tasks_stop_on_shutdown(pool: PgPool) {
+    let clock = ManualClock::new();
+    let cfg = TokensConfig {
+        refresh_ahead: true,
+        ..TokensConfig::default()
+    };
+    let source = tokenproxy::tokens::TokenSource::new(
+        Arc::new(store(&pool)),
+        &[],
+        &cfg,
+        tokenproxy::telemetry::Metrics::new(),
+        clock,
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = source.spawn_background(shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("background tasks stopped")
+        .unwrap();
 }

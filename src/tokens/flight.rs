@@ -235,6 +235,8 @@ async fn claim_and_refresh(
         }
         Ok(LeaseClaim::Changed) => Step::Reread,
         Ok(LeaseClaim::Held { until }) => {
+            // `until` is on the database clock, so compare with the wall clock (not
+            // the injected one, which tests move freely).
             let left = (until - chrono::Utc::now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
