@@ -13,6 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+
+mod overrides;
+mod secrets;
+
+pub use overrides::apply_env_overrides;
+use overrides::{blame_override, override_table};
+pub use secrets::resolve_secret;
+use secrets::{secret_list, secret_opt, secret_plain, SECRET_ENV};
 use serde::Deserialize;
 use url::Url;
 use uuid::Uuid;
@@ -235,6 +243,9 @@ pub struct CallersConfig {
     /// a revocation takes effect within this time.
     #[serde(with = "duration_str")]
     pub cache_ttl: Duration,
+    /// A proxy token's `last_used_at` is written at most once per this interval.
+    #[serde(with = "duration_str")]
+    pub touch_interval: Duration,
 }
 
 impl Default for CallersConfig {
@@ -243,6 +254,7 @@ impl Default for CallersConfig {
             mode: CallerMode::Token,
             static_user: None,
             cache_ttl: Duration::from_secs(10),
+            touch_interval: Duration::from_secs(60),
         }
     }
 }
@@ -391,23 +403,37 @@ impl Config {
     }
 
     /// Parses `text`, applies overrides from `env`, and validates.
+    ///
+    /// `env` is also where `env:VAR` secrets are looked up, so tests need not touch
+    /// the process environment.
     pub fn from_toml_with_env(text: &str, env: &[(String, String)]) -> Result<Self, ConfigError> {
         let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            let msg = e.message().replace('\n', " ");
-            ConfigError::new("config", format!("invalid TOML: {msg}"))
+            let msg = e.message().trim().replace('\n', " ");
+            let at = e
+                .span()
+                .map(|s| format!(" (line {})", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            ConfigError::new("config", format!("invalid TOML{at}: {msg}"))
         })?;
-        apply_env_overrides(&mut value, env)?;
-        let cfg: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+        let origins = override_table(&mut value, env)?;
+        let cfg: Config = SECRET_ENV
+            .with(|cell| {
+                *cell.borrow_mut() = Some(env.to_vec());
+                let out = serde_path_to_error::deserialize(toml::Value::Table(value));
+                *cell.borrow_mut() = None;
+                out
+            })
+            .map_err(|e| {
                 let key = e.path().to_string();
                 let key = if key == "." {
                     "config".to_string()
                 } else {
                     key
                 };
-                ConfigError::new(key, e.into_inner().message().replace('\n', " "))
+                let message = e.into_inner().message().trim().replace('\n', " ");
+                blame_override(ConfigError::new(key, message), &origins)
             })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| blame_override(e, &origins))?;
         Ok(cfg)
     }
 
@@ -427,6 +453,7 @@ impl Config {
                 ));
             }
         }
+        check_database_url(&self.database.url)?;
         let t = &self.tokens;
         if !(t.refresh_ahead_remaining > 0.0 && t.refresh_ahead_remaining < 1.0) {
             return Err(ConfigError::new(
@@ -540,7 +567,7 @@ fn check_http_url(u: &Url) -> Result<(), String> {
             u.scheme()
         ));
     }
-    if u.host_str().is_none_or(str::is_empty) {
+    if u.host_str().map_or(true, str::is_empty) {
         return Err("must have a host".into());
     }
     if !u.username().is_empty() || u.password().is_some() {
@@ -549,102 +576,17 @@ fn check_http_url(u: &Url) -> Result<(), String> {
     Ok(())
 }
 
-/// Applies `DATABASE_URL` and `TOKENPROXY_<SECTION>__<KEY>` to the parsed file.
-///
-/// Only variables with a `__` are overrides, so `TOKENPROXY_KEY` (a key referenced as
-/// `env:TOKENPROXY_KEY`) or `TOKENPROXY_CONFIG` are left alone. Values that parse as a
-/// TOML scalar (numbers, booleans) take that type, anything else is a string.
-pub fn apply_env_overrides(
-    value: &mut toml::Table,
-    env: &[(String, String)],
-) -> Result<(), ConfigError> {
-    const SECTIONS: &[&str] = &[
-        "server",
-        "database",
-        "encryption",
-        "tokens",
-        "callers",
-        "logging",
-    ];
-    let mut set = |section: &str, key: &str, raw: &str, var: &str| -> Result<(), ConfigError> {
-        let entry = value
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()));
-        let table = entry
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::new(section, "must be a table"))?;
-        let parsed = format!("v = {raw}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-        let parsed = if key == "keys" && !parsed.is_array() {
-            toml::Value::Array(
-                raw.split(',')
-                    .map(|s| toml::Value::String(s.trim().to_string()))
-                    .collect(),
-            )
-        } else {
-            parsed
-        };
-        let _ = var;
-        table.insert(key.to_string(), parsed);
-        Ok(())
-    };
-    for (name, raw) in env {
-        if name == "DATABASE_URL" && !raw.is_empty() {
-            set("database", "url", &format!("{raw:?}"), name)?;
-            continue;
-        }
-        let Some(rest) = name.strip_prefix(ENV_OVERRIDE_PREFIX) else {
-            continue;
-        };
-        let Some((section, key)) = rest.split_once("__") else {
-            continue;
-        };
-        let section = section.to_ascii_lowercase();
-        let key = key.to_ascii_lowercase();
-        if !SECTIONS.contains(&section.as_str()) || key.is_empty() {
-            return Err(ConfigError::new(
-                name.clone(),
-                format!("unknown override; expected {ENV_OVERRIDE_PREFIX}<SECTION>__<KEY> with SECTION one of {}", SECTIONS.join(", ")),
-            ));
-        }
-        set(&section, &key, raw, name)?;
+/// Checks the database URL without ever echoing it (it may hold a password).
+fn check_database_url(url: &SecretString) -> Result<(), ConfigError> {
+    let parsed = Url::parse(url.expose_secret())
+        .map_err(|e| ConfigError::new("database.url", format!("is not a valid URL ({e})")))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(ConfigError::new(
+            "database.url",
+            "scheme must be postgres:// or postgresql://",
+        ));
     }
     Ok(())
-}
-
-/// Resolves a secret reference: `env:VAR`, `file:PATH`, or the literal value.
-pub fn resolve_secret(raw: &str) -> Result<SecretString, String> {
-    if let Some(var) = raw.strip_prefix("env:") {
-        match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Ok(SecretString::from(v)),
-            _ => Err(format!("environment variable {var} is not set")),
-        }
-    } else if let Some(path) = raw.strip_prefix("file:") {
-        std::fs::read_to_string(path)
-            .map(|s| SecretString::from(s.trim_end_matches(['\n', '\r']).to_string()))
-            .map_err(|e| format!("cannot read {path}: {}", e.kind()))
-    } else {
-        Ok(SecretString::from(raw.to_string()))
-    }
-}
-
-fn secret_plain<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
-    let raw = String::deserialize(d)?;
-    resolve_secret(&raw).map_err(serde::de::Error::custom)
-}
-
-fn secret_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
-    secret_plain(d).map(Some)
-}
-
-fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|raw| resolve_secret(raw).map_err(serde::de::Error::custom))
-        .collect()
 }
 
 /// Serde adapter for durations written like `"60s"`, `"10m"`, `"1h 30m"`.

@@ -1,4 +1,21 @@
 //! The `tokenproxy` binary: parses the command line and hands off to [`tokenproxy::cli`].
-fn main() {
-    // SKELETON: the CLI helper wires clap here.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokenproxy::cli::{self, Cli, EXIT_USAGE};
+
+fn main() -> ExitCode {
+    match Cli::try_parse() {
+        Ok(args) => cli::run(args),
+        Err(e) => {
+            // --help and --version are not errors; everything else is a usage error.
+            let _ = e.print();
+            if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
 }
