@@ -462,3 +462,27 @@ fn backend_is_chosen_by_url_scheme() {
         .expect("mysql is refused");
     assert!(!err.to_string().contains("hunter2"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_replicas_migrating_at_once_both_succeed() {
+    // Two processes started together both migrate on start; sqlx takes no lock
+    // for SQLite, so the store must absorb the race.
+    for _ in 0..5 {
+        let backend = conformance::backends::Sqlite::fresh().await;
+        let stores: Vec<_> = [(); 3]
+            .iter()
+            .map(|_| {
+                let cfg = backend.config();
+                tokio::spawn(async move {
+                    let store = tokenproxy::store::open(&cfg, Keyring::plaintext()).unwrap();
+                    store.migrate().await
+                })
+            })
+            .collect();
+        for s in stores {
+            s.await.unwrap().unwrap();
+        }
+        let store = conformance::Backend::store(&backend, Keyring::plaintext()).await;
+        store.ready().await.unwrap();
+    }
+}
