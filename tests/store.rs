@@ -381,6 +381,12 @@ async fn sqlite_creates_its_directory_and_file_in_wal_mode() {
         .await
         .unwrap();
     assert_eq!(fk, 1);
+    // FULL: a committed refresh survives power loss.
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sync, 2);
 }
 
 #[tokio::test]

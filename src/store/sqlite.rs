@@ -201,8 +201,10 @@ impl SqliteStore {
             .map_err(|_| StoreError::Other("database.url is not a valid SQLite URL".into()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // With WAL, NORMAL loses no committed data on a process crash.
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL, not WAL's usual NORMAL: NORMAL may lose the last commits on
+            // power loss, and a lost commit can be a refresh token the provider
+            // has already rotated, i.e. a broken link. Writes are rare; fsync them.
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(cfg.acquire_timeout.max(MIN_BUSY_TIMEOUT));
         create_parent_dir(opts.get_filename())?;
