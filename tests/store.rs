@@ -49,6 +49,7 @@ macro_rules! conformance_suite {
 conformance_suite!(
     put_get_list_delete,
     encrypted_columns_never_hold_plaintext,
+    unknown_key_is_a_decrypt_error,
     concurrent_refresh_writes_exactly_one_applies,
     failure_record_against_changed_token_applies_nothing,
     lease_claim_held_changed_and_expiry,

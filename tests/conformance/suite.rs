@@ -49,6 +49,7 @@ pub async fn put_get_list_delete(b: &dyn Backend) {
     store.put_link("github", user, &never).await.unwrap();
     let again = store.get_link("github", user).await.unwrap().unwrap();
     assert_eq!(again.access_token.expose_secret(), "at2");
+    assert_eq!(again.refresh_token.expose_secret(), "");
     assert_eq!(again.expiry, None);
     assert_eq!(again.extra, None);
     assert_eq!(again.created_at, link.created_at);
@@ -66,6 +67,15 @@ pub async fn put_get_list_delete(b: &dyn Backend) {
     assert_eq!(mine[0].provider_id, "github");
     assert!(!mine[0].has_refresh_token && !mine[0].encrypted);
     assert_eq!(mine[0].expiry, None);
+
+    // Expiry keeps its microseconds.
+    let mut precise = tokens("at3", "rt3");
+    let at = chrono::Utc::now() + chrono::Duration::hours(8);
+    let at = chrono::DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap();
+    precise.expiry = Some(at);
+    store.put_link("github", user, &precise).await.unwrap();
+    let link = store.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(link.expiry, Some(at));
 
     assert!(store.delete_link("github", user).await.unwrap());
     assert!(!store.delete_link("github", user).await.unwrap());
@@ -95,6 +105,28 @@ pub async fn encrypted_columns_never_hold_plaintext(b: &dyn Backend) {
         let listed = store.list_links(Some(user)).await.unwrap();
         assert!(listed[0].encrypted && listed[0].has_refresh_token);
     }
+}
+
+/// A value under a key the keyring lacks is a decrypt error, never garbage;
+/// listings still work.
+pub async fn unknown_key_is_a_decrypt_error(b: &dyn Backend) {
+    let user = Uuid::new_v4();
+    b.store(keyring(EncryptionFormat::Native, &[KEY_A]))
+        .await
+        .put_link("github", user, &tokens("a0", "r0"))
+        .await
+        .unwrap();
+    let other = b.store(keyring(EncryptionFormat::Native, &[KEY_B])).await;
+    match other.get_link("github", user).await {
+        Err(StoreError::Decrypt {
+            provider_id,
+            user_id,
+            ..
+        }) => assert_eq!((provider_id.as_str(), user_id), ("github", user)),
+        other => panic!("expected a decrypt error, got {other:?}"),
+    }
+    let listed = other.list_links(Some(user)).await.unwrap();
+    assert!(listed[0].encrypted && listed[0].has_refresh_token);
 }
 
 /// Two replicas write a refresh against the same old token: exactly one applies.
