@@ -1,3 +1,65 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
+//! The admin listener's endpoints: `/healthz`, `/readyz`, `/metrics`.
 //!
-//! SKELETON: implemented by the proxy helper.
+//! They live on a separate listener so the proxy port never exposes them and an
+//! orchestrator can probe a busy proxy. `/healthz` answers 200 while the process
+//! serves at all; `/readyz` answers 200 only when the link store is reachable and
+//! fully migrated, so a replica without its database is taken out of rotation;
+//! `/metrics` renders the registry passed in (never a global).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::store::LinkStore;
+use crate::telemetry::Metrics;
+
+/// Content type of the metrics text (`prometheus-client` writes OpenMetrics).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the admin endpoints report on.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The link store, probed by `/readyz`.
+    pub store: Arc<dyn LinkStore>,
+    /// The metrics served by `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Answers one admin request.
+pub async fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match state.store.ready().await {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(e) => {
+                tracing::warn!(error = %e, "not ready");
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: link store\n")
+            }
+        },
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(METRICS_CONTENT_TYPE),
+            );
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

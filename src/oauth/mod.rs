@@ -1,4 +1,312 @@
 //! Talking to identity providers: the refresh-token grant and classification of
-//! its errors into permanent (`invalid_grant`) and transient.
+//! its errors into permanent (the refresh token is dead: the user must log in again)
+//! and transient (try later; nothing about the link changes).
 //!
-//! SKELETON: implemented by the token-source helper.
+//! The grant itself is built and parsed by the `oauth2` crate; [`http`] carries it
+//! over our rustls client. This module adds what a proxy needs on top: a deadline
+//! per provider, bounded retries with backoff (honouring `Retry-After`) inside a
+//! caller-given budget, `extra_fields` kept for `oauth_extra`, and a careful line
+//! between "this user's grant is dead" and "this proxy is misconfigured" — an
+//! `invalid_client` must never mark every user's link as broken.
+
+pub mod http;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use oauth2::basic::{BasicErrorResponse, BasicErrorResponseType, BasicTokenType};
+use oauth2::{
+    AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, StandardTokenResponse,
+    TokenResponse, TokenUrl,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ClientAuth, ProviderConfig};
+
+pub use self::http::{HttpClient, HttpError};
+
+/// Every field of a token response that `oauth2` does not model itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OtherFields {
+    /// Field name → value.
+    #[serde(flatten)]
+    pub fields: HashMap<String, serde_json::Value>,
+}
+impl oauth2::ExtraTokenFields for OtherFields {}
+
+type TokenResp = StandardTokenResponse<OtherFields, BasicTokenType>;
+
+/// A successful refresh. Secrets stay wrapped.
+pub struct Refreshed {
+    /// The new access token.
+    pub access_token: SecretString,
+    /// The new refresh token, when the provider rotated it (`None` = keep the old one).
+    pub refresh_token: Option<SecretString>,
+    /// `expires_in`; `None` = the token does not expire.
+    pub expires_in: Option<Duration>,
+    /// The configured `extra_fields` found in the response, for `oauth_extra`.
+    pub extra: Option<serde_json::Value>,
+}
+
+impl std::fmt::Debug for Refreshed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refreshed")
+            .field("access_token", &"[redacted]")
+            .field("rotated", &self.refresh_token.is_some())
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+/// Why a refresh failed. Messages carry no secret.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RefreshError {
+    /// The provider rejected this refresh token for good (`invalid_grant` and equivalents).
+    #[error("refresh token rejected: {0}")]
+    Rejected(String),
+    /// Timeout, connection failure, 5xx or 429: try again later.
+    #[error("token endpoint unavailable: {0}")]
+    Transient(String),
+    /// The provider rejected the client or the request (e.g. `invalid_client`): a proxy
+    /// configuration problem, not the user's; nothing is recorded on the link.
+    #[error("token endpoint rejected the client or request: {0}")]
+    Misconfigured(String),
+}
+
+/// OAuth error codes meaning "this refresh token is dead" rather than "this client
+/// is wrong". GitHub says `bad_refresh_token` (with HTTP 200).
+const PERMANENT_CODES: &[&str] = &["invalid_grant", "bad_refresh_token"];
+
+/// Classifies an OAuth `error` code.
+pub fn classify_error_code(code: &str) -> RefreshError {
+    if PERMANENT_CODES.contains(&code) {
+        RefreshError::Rejected(code.to_string())
+    } else if code == "temporarily_unavailable" || code == "slow_down" {
+        RefreshError::Transient(code.to_string())
+    } else {
+        RefreshError::Misconfigured(code.to_string())
+    }
+}
+
+/// One provider's token endpoint, ready to refresh.
+pub struct ProviderClient {
+    id: String,
+    client_id: ClientId,
+    client_secret: Option<SecretString>,
+    token_url: TokenUrl,
+    auth: ClientAuth,
+    timeout: Duration,
+    extra_params: Vec<(String, String)>,
+    extra_fields: Vec<String>,
+    http: HttpClient,
+}
+
+/// How long to wait before retry `attempt` (1-based) when the provider gave no hint.
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100) * 2u32.saturating_pow(attempt.saturating_sub(1));
+    let capped = base.min(Duration::from_secs(2));
+    // Jitter: 50-100 % of the step, so replicas retrying together spread out.
+    capped.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+impl ProviderClient {
+    /// Builds the client for one configured provider.
+    pub fn new(cfg: &ProviderConfig) -> Result<Self, String> {
+        let http = HttpClient::new(cfg.token_ca.as_deref())
+            .map_err(|e| format!("provider {}: {e}", cfg.id))?;
+        Ok(Self {
+            id: cfg.id.clone(),
+            client_id: ClientId::new(cfg.client_id.clone()),
+            client_secret: cfg.client_secret.clone(),
+            token_url: TokenUrl::from_url(cfg.token_url.clone()),
+            auth: cfg.client_auth,
+            timeout: cfg.timeout,
+            extra_params: cfg
+                .extra_params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            extra_fields: cfg.extra_fields.clone(),
+            http,
+        })
+    }
+
+    /// The provider id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The deadline of one exchange.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Refreshes, retrying transient failures with backoff while `budget` lasts.
+    ///
+    /// A timed-out attempt is not retried: the provider may have processed it and
+    /// rotated the refresh token, and replaying the old one would then be answered
+    /// `invalid_grant` — which would wrongly look permanent.
+    pub async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        budget: Duration,
+    ) -> Result<Refreshed, RefreshError> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(RefreshError::Transient("refresh budget exhausted".into()));
+            }
+            let per_try = self.timeout.min(left);
+            let (err, hint) =
+                match tokio::time::timeout(per_try, self.exchange_once(refresh_token)).await {
+                    Err(_) => {
+                        return Err(RefreshError::Transient(format!(
+                            "no answer within {per_try:?}"
+                        )))
+                    }
+                    Ok(Ok(r)) => return Ok(r),
+                    Ok(Err(Attempt::Done(e))) => return Err(e),
+                    Ok(Err(Attempt::Retry(msg, hint))) => (msg, hint),
+                };
+            let wait = hint.unwrap_or_else(|| backoff(attempt));
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if attempt >= 4 || wait >= left {
+                return Err(RefreshError::Transient(err));
+            }
+            tracing::debug!(provider = %self.id, attempt, ?wait, error = %err, "retrying refresh");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn exchange_once(&self, refresh_token: &SecretString) -> Result<Refreshed, Attempt> {
+        let mut client = oauth2::Client::<
+            BasicErrorResponse,
+            TokenResp,
+            oauth2::basic::BasicTokenIntrospectionResponse,
+            oauth2::StandardRevocableToken,
+            oauth2::basic::BasicRevocationErrorResponse,
+        >::new(self.client_id.clone())
+        .set_token_uri(self.token_url.clone())
+        .set_auth_type(match self.auth {
+            ClientAuth::ClientSecretBasic => AuthType::BasicAuth,
+            ClientAuth::ClientSecretPost => AuthType::RequestBody,
+        });
+        if let Some(s) = &self.client_secret {
+            client = client.set_client_secret(ClientSecret::new(s.expose_secret().to_string()));
+        }
+        let rt = RefreshToken::new(refresh_token.expose_secret().to_string());
+        let mut req = client.exchange_refresh_token(&rt);
+        for (k, v) in &self.extra_params {
+            req = req.add_extra_param(k.as_str(), v.as_str());
+        }
+        match req.request_async(&self.http).await {
+            Ok(resp) => Ok(self.accept(resp)),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    fn accept(&self, resp: TokenResp) -> Refreshed {
+        // Look the configured fields up in the whole response (standard fields such
+        // as `scope` included), never copying a token value into `oauth_extra`.
+        let all = serde_json::to_value(&resp).unwrap_or_default();
+        let extra: serde_json::Map<String, serde_json::Value> = self
+            .extra_fields
+            .iter()
+            .filter(|k| !matches!(k.as_str(), "access_token" | "refresh_token"))
+            .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
+            .collect();
+        Refreshed {
+            access_token: SecretString::from(resp.access_token().secret().to_string()),
+            refresh_token: resp
+                .refresh_token()
+                .map(|r| r.secret())
+                .filter(|r| !r.is_empty())
+                .map(|r| SecretString::from(r.to_string())),
+            expires_in: resp.expires_in().filter(|d| !d.is_zero()),
+            extra: (!extra.is_empty()).then_some(serde_json::Value::Object(extra)),
+        }
+    }
+}
+
+/// One attempt's failure: final, or worth retrying (with the provider's hint).
+enum Attempt {
+    Done(RefreshError),
+    Retry(String, Option<Duration>),
+}
+
+fn classify(e: RequestTokenError<HttpError, BasicErrorResponse>) -> Attempt {
+    match e {
+        RequestTokenError::ServerResponse(r) => {
+            let code = match r.error() {
+                BasicErrorResponseType::InvalidGrant => "invalid_grant".to_string(),
+                BasicErrorResponseType::InvalidClient => "invalid_client".to_string(),
+                BasicErrorResponseType::InvalidRequest => "invalid_request".to_string(),
+                BasicErrorResponseType::InvalidScope => "invalid_scope".to_string(),
+                BasicErrorResponseType::UnauthorizedClient => "unauthorized_client".to_string(),
+                BasicErrorResponseType::UnsupportedGrantType => {
+                    "unsupported_grant_type".to_string()
+                }
+                BasicErrorResponseType::Extension(s) => s.clone(),
+            };
+            match classify_error_code(&code) {
+                RefreshError::Transient(m) => Attempt::Retry(m, None),
+                other => Attempt::Done(other),
+            }
+        }
+        RequestTokenError::Request(HttpError::Status {
+            status,
+            retry_after,
+        }) => Attempt::Retry(format!("HTTP {status}"), retry_after),
+        RequestTokenError::Request(HttpError::Connect(m)) => Attempt::Retry(m, None),
+        RequestTokenError::Request(e @ HttpError::Body(_)) => Attempt::Retry(e.to_string(), None),
+        RequestTokenError::Request(e) => Attempt::Done(RefreshError::Misconfigured(e.to_string())),
+        // Bodies may echo tokens: report only where parsing failed.
+        RequestTokenError::Parse(e, _) => Attempt::Done(RefreshError::Misconfigured(format!(
+            "unparseable token response at {}",
+            e.path()
+        ))),
+        RequestTokenError::Other(m) => Attempt::Retry(m, None),
+    }
+}
+
+// Keeps the refresh future `Send` (it runs inside spawned flights); a closure-based
+// transport loses that to higher-ranked lifetime inference.
+#[allow(dead_code)]
+fn _assert_send(p: &'static ProviderClient, s: &'static SecretString) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(p.refresh(s, Duration::from_secs(1)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_client_is_not_permanent_for_the_user() {
+        assert!(matches!(
+            classify_error_code("invalid_client"),
+            RefreshError::Misconfigured(_)
+        ));
+        assert!(matches!(
+            classify_error_code("unauthorized_client"),
+            RefreshError::Misconfigured(_)
+        ));
+    }
+
+    #[test]
+    fn rejected_codes() {
+        for c in ["invalid_grant", "bad_refresh_token"] {
+            assert_eq!(classify_error_code(c), RefreshError::Rejected(c.into()));
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(100));
+        assert!(backoff(10) <= Duration::from_secs(2));
+    }
+}

@@ -1,3 +1,256 @@
-//! The proxy: listener → caller identity → route → token → inject → forward → respond.
+//! The proxy: listener → caller identity → route → token → inject → forward →
+//! respond.
 //!
-//! SKELETON: implemented by the proxy helper.
+//! Each phase lives in its own module, named after it, so anyone can find where a
+//! thing happens: [`server`] (listener, limits, graceful shutdown), [`caller`]
+//! (who is calling), [`route`] (where the request goes, path safety), [`inject`]
+//! (attaching the credential), [`headers`] (hop-by-hop and forwarding headers),
+//! [`forward`] (the pooled upstream client), [`error`] (the one mapping from
+//! failures to responses) and [`pipeline`] (the phases in order). [`run`] takes
+//! already-bound listeners so tests serve on port 0; [`serve`] is what
+//! `tokenproxy serve` calls.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use crate::config::{CallerMode, Config};
+use crate::store::LinkStore;
+use crate::telemetry::Metrics;
+use crate::tokens::{AccessToken, TokenError, TokenSource};
+
+pub mod caller;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod inject;
+pub mod pipeline;
+pub mod route;
+pub mod server;
+
+pub use error::ProxyError;
+pub use pipeline::Pipeline;
+
+/// Error type of bodies tokenproxy sends (either direction).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request or response body: the caller's or upstream's stream, or our own bytes.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// What the token phase needs from the token source. [`TokenSource`] is the real
+/// one; tests may substitute their own.
+#[async_trait::async_trait]
+pub trait TokenLookup: Send + Sync + 'static {
+    /// A usable access token for `user` at `provider`.
+    async fn get(&self, provider: &str, user: Uuid) -> Result<AccessToken, TokenError>;
+    /// A replacement for a token the upstream rejected (see
+    /// [`TokenSource::refresh_rejected`]).
+    async fn refresh_rejected(
+        &self,
+        provider: &str,
+        user: Uuid,
+        rejected: &AccessToken,
+    ) -> Result<AccessToken, TokenError>;
+}
+
+#[async_trait::async_trait]
+impl TokenLookup for TokenSource {
+    async fn get(&self, provider: &str, user: Uuid) -> Result<AccessToken, TokenError> {
+        TokenSource::get(self, provider, user).await
+    }
+    async fn refresh_rejected(
+        &self,
+        provider: &str,
+        user: Uuid,
+        rejected: &AccessToken,
+    ) -> Result<AccessToken, TokenError> {
+        TokenSource::refresh_rejected(self, provider, user, rejected).await
+    }
+}
+
+/// What [`run`] serves with.
+#[derive(Clone)]
+pub struct Deps {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Links and proxy tokens.
+    pub store: Arc<dyn LinkStore>,
+    /// Access tokens.
+    pub tokens: Arc<dyn TokenLookup>,
+    /// Metrics, served on the admin listener.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    /// Prepares routes, caller identification and upstream clients from `deps`.
+    pub fn new(deps: &Deps) -> anyhow::Result<Self> {
+        let config = &deps.config;
+        let router = route::Router::from_config(config)
+            .map_err(|m| anyhow::anyhow!("providers.routes: {m}"))?;
+        let upstreams = forward::Upstreams::new(
+            &config.server,
+            router.routes().iter().map(|r| r.upstream_ca.as_deref()),
+        )?;
+        Ok(Self {
+            router,
+            callers: caller::CallerIdentity::new(&config.callers, deps.store.clone()),
+            tokens: deps.tokens.clone(),
+            upstreams,
+            metrics: deps.metrics.clone(),
+            forwarded_headers: config.server.forwarded_headers,
+        })
+    }
+}
+
+impl server::Handler for Pipeline {
+    async fn call(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+        tls: bool,
+    ) -> Response<ProxyBody> {
+        self.handle(req, pipeline::ConnInfo { remote, tls }).await
+    }
+}
+
+/// The admin endpoints as a listener handler.
+struct AdminHandler(crate::admin::AdminState);
+
+impl server::Handler for AdminHandler {
+    async fn call(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        _remote: SocketAddr,
+        _tls: bool,
+    ) -> Response<ProxyBody> {
+        use http_body_util::BodyExt;
+        crate::admin::handle(&req, &self.0)
+            .await
+            .map(|b| b.map_err(|never| match never {}).boxed_unsync())
+    }
+}
+
+/// Serves the proxy on `listener` and the admin endpoints on `admin` until
+/// `shutdown` completes, then drains in-flight requests for
+/// `server.shutdown_grace` and returns.
+pub async fn run(
+    listener: TcpListener,
+    admin: TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = deps.config.clone();
+    let addr = listener.local_addr()?;
+    if config.callers.mode == CallerMode::Static && !addr.ip().is_loopback() {
+        anyhow::bail!("static caller mode may only listen on loopback, not {addr}");
+    }
+    let pipeline = Arc::new(Pipeline::new(&deps)?);
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(server::tls_acceptor)
+        .transpose()?;
+    let signal = server::ShutdownSignal::from_future(shutdown);
+    let limits = server::Limits::from_config(&config.server);
+    let admin_addr = admin.local_addr()?;
+    let admin_handler = Arc::new(AdminHandler(crate::admin::AdminState {
+        store: deps.store.clone(),
+        metrics: deps.metrics.clone(),
+    }));
+    let admin_limits = server::Limits {
+        name: "admin",
+        max_connections: 64,
+        ..limits.clone()
+    };
+    let admin_task = tokio::spawn(server::serve(
+        admin,
+        admin_handler,
+        admin_limits,
+        None,
+        None,
+        signal.clone(),
+    ));
+    tracing::info!(%addr, admin = %admin_addr, tls = tls.is_some(), "listening");
+    server::serve(
+        listener,
+        pipeline,
+        limits,
+        tls,
+        Some(deps.metrics.clone()),
+        signal,
+    )
+    .await;
+    admin_task.await.context("admin listener task")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `tokenproxy serve`: opens the store (applying migrations when
+/// `database.migrate_on_start`), starts the token source and its background
+/// work, binds both listeners, and serves until SIGTERM or SIGINT, then drains.
+/// Tracing must already be initialised; `config` must be validated.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    use crate::store::postgres::PgStore;
+    use crate::tokens::SystemClock;
+
+    let store = Arc::new(PgStore::from_config(&config)?);
+    if config.database.migrate_on_start {
+        store.migrate().await.context("applying migrations")?;
+    }
+    let metrics = Metrics::new();
+    let store_dyn: Arc<dyn LinkStore> = store.clone();
+    let tokens = TokenSource::new(
+        store_dyn.clone(),
+        &config.providers,
+        &config.tokens,
+        metrics.clone(),
+        Arc::new(SystemClock),
+    )?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("server.listen: cannot bind {}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "server.admin_listen: cannot bind {}",
+                config.server.admin_listen
+            )
+        })?;
+    let background_stop = tokio_util::sync::CancellationToken::new();
+    let background = tokens.spawn_background(background_stop.clone());
+    let deps = Deps {
+        config: Arc::new(config),
+        store: store_dyn,
+        tokens,
+        metrics,
+    };
+    let result = run(listener, admin, deps, shutdown_signal()).await;
+    background_stop.cancel();
+    let _ = background.await;
+    result
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,17 +1,50 @@
 //! The token source: cache → store → refresh.
 //!
-//! SKELETON (public API fixed by the lead; the token-source helper implements it).
 //! [`TokenSource::get`] returns a usable access token for (provider, user) or a typed
-//! error. Hits are served from a moka cache with no database query and no lock;
-//! misses run one flight per key per process, which re-reads the row, takes the
-//! cross-replica lease, refreshes through [`crate::oauth`], and writes the result with
-//! a compare-and-swap on the refresh token that was read.
+//! error. This is where the product's promise is kept: a link is never broken by a
+//! race, in one process or across replicas, and the request path rarely waits for a
+//! provider.
+//!
+//! - **Hits** come from a moka cache keyed by (provider, user) — no database query,
+//!   no lock ([`cache`]).
+//! - **Misses** run one flight per key per process, in a spawned task so a caller
+//!   that goes away does not abandon it; concurrent callers share its result, errors
+//!   included ([`flight`]). The flight re-reads the row, takes the cross-replica
+//!   lease on the database clock, refreshes through [`crate::oauth`], and writes the
+//!   result with a compare-and-swap on the refresh token exactly as it was read.
+//! - **Coherence and refresh-ahead** run in background tasks ([`background`]): every
+//!   change notification drops that key, a resync drops everything, and links in use
+//!   are refreshed shortly before they expire.
+//!
+//! Wiring (what `serve` does):
+//!
+//! ```ignore
+//! let source = TokenSource::new(store, &cfg.providers, &cfg.tokens, metrics, Arc::new(SystemClock))?;
+//! let bg = source.spawn_background(shutdown.clone()); // CancellationToken
+//! // ... serve requests with source.get(provider, user) ...
+//! shutdown.cancel(); bg.await;
+//! ```
 
+mod background;
+mod cache;
+mod flight;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::config::{ConfigError, ProviderConfig, TokensConfig};
+use crate::oauth::ProviderClient;
+use crate::store::LinkStore;
+use crate::telemetry::{LookupLabels, LookupResult, Metrics};
+
+use self::cache::{Entry, EntryExpiry, Key};
 
 /// Why no token could be served. Maps 1:1 onto DESIGN.md error codes.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -83,15 +116,197 @@ impl Clock for SystemClock {
     }
 }
 
-/// Finds, caches and refreshes access tokens.
+/// Finds, caches and refreshes access tokens. Build it with [`TokenSource::new`] and
+/// start its background work with [`TokenSource::spawn_background`].
 pub struct TokenSource {
-    _priv: (),
+    inner: Arc<Inner>,
+}
+
+/// One configured provider as the token source sees it.
+struct Provider {
+    id: String,
+    client: ProviderClient,
+}
+
+/// Number of invalidation epoch shards (see [`Inner::epoch`]).
+const EPOCH_SHARDS: usize = 256;
+
+/// State shared by the public handle, flights and background tasks.
+pub(crate) struct Inner {
+    store: Arc<dyn LinkStore>,
+    providers: Vec<Provider>,
+    index: HashMap<String, u32>,
+    cfg: TokensConfig,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    cache: moka::future::Cache<Key, Arc<Entry>>,
+    flights: parking_lot::Mutex<HashMap<Key, flight::Flight>>,
+    flight_seq: AtomicU64,
+    /// Wakes flights waiting on another holder's lease: `Some(key)` for one link,
+    /// `None` after a resync.
+    changes: tokio::sync::broadcast::Sender<Option<Key>>,
+    /// Bumped (per shard of keys) on every invalidation, so a flight that read a row
+    /// before a change notification does not cache that stale row after it.
+    epochs: Vec<AtomicU64>,
+    /// Bumped on every change-feed resync; see [`Entry::generation`].
+    generation: AtomicU64,
+    hit: prometheus_client::metrics::counter::Counter,
+    miss: prometheus_client::metrics::counter::Counter,
+    sync_refreshes: AtomicU64,
+}
+
+impl Inner {
+    fn epoch_slot(&self, key: &Key) -> &AtomicU64 {
+        let h = key.1.as_u128() as usize ^ key.0 as usize;
+        &self.epochs[h % EPOCH_SHARDS]
+    }
+
+    /// The invalidation epoch covering `key`.
+    fn epoch(&self, key: &Key) -> u64 {
+        self.epoch_slot(key).load(Ordering::Acquire)
+    }
+
+    /// Cache lookup, boxed: moka's generic-borrow futures trip rustc's `Send`
+    /// inference inside spawned tasks ("not general enough"); boxing pins it down.
+    fn cached(&self, key: Key) -> futures_util::future::BoxFuture<'_, Option<Arc<Entry>>> {
+        Box::pin(async move { self.cache.get(&key).await })
+    }
+
+    /// Drops one key from the cache; boxed for the same reason as [`Inner::cached`].
+    fn uncache(&self, key: Key) -> futures_util::future::BoxFuture<'_, Option<Arc<Entry>>> {
+        Box::pin(async move { self.cache.remove(&key).await })
+    }
+
+    /// The current resync generation.
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a cached entry may be served on the hit path at `now`.
+    fn servable(&self, e: &Entry, now: DateTime<Utc>) -> bool {
+        e.generation == self.generation() && cache::usable(e.token.expiry(), now, self.skew())
+    }
+
+    fn skew(&self) -> Duration {
+        self.cfg.refresh_skew
+    }
+
+    /// The provider's deadline budget: the lease minus time reserved to persist a
+    /// rotated token before the lease could pass to another replica.
+    fn exchange_budget(&self) -> Duration {
+        let reserve = (self.cfg.lease_timeout / 4).min(Duration::from_secs(5));
+        self.cfg.lease_timeout.saturating_sub(reserve)
+    }
 }
 
 impl TokenSource {
+    /// Builds a token source over `store` for the configured providers.
+    ///
+    /// Fails when a provider's HTTP client cannot be built (bad CA file) or its
+    /// deadline does not fit inside the lease.
+    pub fn new(
+        store: Arc<dyn LinkStore>,
+        providers: &[ProviderConfig],
+        cfg: &TokensConfig,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, ConfigError> {
+        if cfg.lease_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "tokens.lease_timeout",
+                "must be above zero",
+            ));
+        }
+        if !(0.0..1.0).contains(&cfg.refresh_ahead_remaining) {
+            return Err(ConfigError::new(
+                "tokens.refresh_ahead_remaining",
+                "must be at least 0 and below 1",
+            ));
+        }
+        let mut list = Vec::with_capacity(providers.len());
+        let mut index = HashMap::new();
+        for (i, p) in providers.iter().enumerate() {
+            if p.timeout.is_zero() || p.timeout >= cfg.lease_timeout {
+                return Err(ConfigError::new(
+                    format!("providers[{i}].timeout"),
+                    "must be above zero and shorter than tokens.lease_timeout",
+                ));
+            }
+            let client = ProviderClient::new(p)
+                .map_err(|m| ConfigError::new(format!("providers[{i}].token_ca"), m))?;
+            index.insert(p.id.clone(), i as u32);
+            list.push(Provider {
+                id: p.id.clone(),
+                client,
+            });
+        }
+        let cache = moka::future::Cache::builder()
+            .max_capacity(cfg.cache_capacity)
+            .expire_after(EntryExpiry {
+                clock: clock.clone(),
+                skew: cfg.refresh_skew,
+            })
+            .build();
+        let hit = metrics
+            .token_lookups
+            .get_or_create(&LookupLabels {
+                result: LookupResult::Hit,
+            })
+            .clone();
+        let miss = metrics
+            .token_lookups
+            .get_or_create(&LookupLabels {
+                result: LookupResult::Miss,
+            })
+            .clone();
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            inner: Arc::new(Inner {
+                store,
+                providers: list,
+                index,
+                cfg: cfg.clone(),
+                metrics,
+                clock,
+                cache,
+                flights: parking_lot::Mutex::new(HashMap::new()),
+                flight_seq: AtomicU64::new(0),
+                changes,
+                epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+                generation: AtomicU64::new(0),
+                hit,
+                miss,
+                sync_refreshes: AtomicU64::new(0),
+            }),
+        }))
+    }
+
+    /// Starts the background work — the change listener (cache coherence across
+    /// replicas) and, when `tokens.refresh_ahead` is on, the refresh-ahead loop. Both
+    /// stop when `shutdown` is cancelled; the returned handle completes then.
+    pub fn spawn_background(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        background::spawn(self.inner.clone(), shutdown)
+    }
+
     /// A usable access token for `user` at `provider`.
-    pub async fn get(&self, _provider: &str, _user: Uuid) -> Result<AccessToken, TokenError> {
-        todo!("token-source helper")
+    pub async fn get(&self, provider: &str, user: Uuid) -> Result<AccessToken, TokenError> {
+        let inner = &self.inner;
+        let Some(&pidx) = inner.index.get(provider) else {
+            return Err(TokenError::LinkMissing);
+        };
+        let key = (pidx, user);
+        let now = inner.clock.now();
+        let stale = match inner.cache.get(&key).await {
+            Some(e) if inner.servable(&e, now) => {
+                e.touch(now);
+                inner.hit.inc();
+                return Ok(e.token.clone());
+            }
+            Some(_) => true,
+            None => false,
+        };
+        inner.miss.inc();
+        self.wait(key, flight::Want::Usable { stale }).await
     }
 
     /// After an upstream answered 401 to `rejected`: drop it and refresh once through
@@ -100,10 +315,59 @@ impl TokenSource {
     /// replaced or when a refresh for that version already happened.
     pub async fn refresh_rejected(
         &self,
-        _provider: &str,
-        _user: Uuid,
-        _rejected: &AccessToken,
+        provider: &str,
+        user: Uuid,
+        rejected: &AccessToken,
     ) -> Result<AccessToken, TokenError> {
-        todo!("token-source helper")
+        let inner = &self.inner;
+        let Some(&pidx) = inner.index.get(provider) else {
+            return Err(TokenError::LinkMissing);
+        };
+        let key = (pidx, user);
+        let now = inner.clock.now();
+        if let Some(e) = inner.cache.get(&key).await {
+            if !e.token.same_version(rejected) {
+                if inner.servable(&e, now) {
+                    return Ok(e.token.clone());
+                }
+            } else if e.rejected_once.swap(true, Ordering::AcqRel) {
+                // This version was already refreshed once: join that flight if it is
+                // still running, else hand back what we have.
+                let running = inner.flights.lock().get(&key).map(|f| f.fut.clone());
+                return match running {
+                    Some(f) => f.await.map(|s| s.token),
+                    None => Ok(e.token.clone()),
+                };
+            }
+        }
+        self.wait(key, flight::Want::Replace(rejected.clone()))
+            .await
+    }
+
+    /// Runs one refresh-ahead pass now and waits for the refreshes it started;
+    /// returns how many it started. The background loop calls this periodically;
+    /// tests call it to step refresh-ahead deterministically.
+    pub async fn refresh_ahead_now(&self) -> usize {
+        background::refresh_ahead_pass(&self.inner).await
+    }
+
+    /// How many `get()`/`refresh_rejected()` calls waited for an exchange with a
+    /// provider (a synchronous refresh on the request path). Refresh-ahead keeps
+    /// this near zero for links in steady use.
+    pub fn sync_refresh_count(&self) -> u64 {
+        self.inner.sync_refreshes.load(Ordering::Relaxed)
+    }
+
+    /// Drops every cached token (the next lookups re-read the store).
+    pub fn clear_cache(&self) {
+        self.inner.cache.invalidate_all();
+    }
+
+    async fn wait(&self, key: Key, want: flight::Want) -> Result<AccessToken, TokenError> {
+        let served = flight::run(&self.inner, key, want).await?;
+        if served.exchanged {
+            self.inner.sync_refreshes.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(served.token)
     }
 }

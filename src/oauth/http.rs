@@ -1,0 +1,217 @@
+//! The HTTP client the `oauth2` crate sends its token requests through.
+//!
+//! `oauth2` is transport-agnostic: it builds an `http::Request` and parses the
+//! `http::Response` we hand back. We send it over our own hyper-util client with
+//! rustls (ring provider, webpki roots plus an optional extra CA per provider), never
+//! follow redirects (a redirected token request would leak the client secret and the
+//! refresh token to wherever the redirect points), bound the response body, and sort
+//! out the answers the crate cannot classify on its own: 5xx and 429 become transient
+//! errors here (with `Retry-After`), and an HTTP 200 carrying an OAuth `error` field
+//! (GitHub's style) is turned into the 400 it should have been.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// Largest token-endpoint response body we read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Why one HTTP exchange with a token endpoint failed. Never holds request bodies.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// TCP/TLS connection failed or the request could not be sent.
+    #[error("cannot reach the token endpoint: {0}")]
+    Connect(String),
+    /// The endpoint answered 5xx or 429.
+    #[error("token endpoint answered HTTP {status}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// `Retry-After`, when given in seconds.
+        retry_after: Option<Duration>,
+    },
+    /// The endpoint answered a redirect, which we never follow.
+    #[error("token endpoint answered a redirect (HTTP {0}); redirects are not followed")]
+    Redirect(u16),
+    /// Reading the body failed or it was too large.
+    #[error("bad response body: {0}")]
+    Body(String),
+    /// The request could not be built.
+    #[error("bad request: {0}")]
+    Request(String),
+}
+
+/// A pooled HTTPS (and, for tests and private endpoints, plain HTTP) client.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl HttpClient {
+    /// Builds a client trusting the webpki roots plus the PEM certificates in `extra_ca`.
+    pub fn new(extra_ca: Option<&Path>) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = extra_ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read CA file {}: {}", path.display(), e.kind()))?;
+            let mut n = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|_| format!("bad PEM in {}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!("no certificate in {}", path.display()));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self { inner })
+    }
+
+    /// Sends one request; the caller bounds the time.
+    pub async fn send(&self, req: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, HttpError> {
+        let (mut parts, body) = req.into_parts();
+        if !parts.headers.contains_key(http::header::HOST) {
+            // The legacy client only adds Host when missing; set it from the URI so
+            // virtual-hosted token endpoints see the right name.
+            if let Some(auth) = parts.uri.authority() {
+                let value = http::HeaderValue::from_str(auth.as_str())
+                    .map_err(|e| HttpError::Request(e.to_string()))?;
+                parts.headers.insert(http::header::HOST, value);
+            }
+        }
+        let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
+        let resp = self
+            .inner
+            .request(req)
+            .await
+            .map_err(|e| HttpError::Connect(error_chain(&e)))?;
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        if status.is_redirection() {
+            return Err(HttpError::Redirect(status.as_u16()));
+        }
+        if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = parts
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(HttpError::Status {
+                status: status.as_u16(),
+                retry_after,
+            });
+        }
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| HttpError::Body(e.to_string()))?
+            .to_bytes();
+        let mut resp = http::Response::from_parts(parts, body.to_vec());
+        normalize_ok_body(&mut resp);
+        Ok(resp)
+    }
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for HttpClient {
+    type Error = HttpError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + 'c>,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(self.send(request))
+    }
+}
+
+/// Makes a 200 answer acceptable to `oauth2`'s strict parser: a body carrying an
+/// OAuth `error` (GitHub answers `bad_refresh_token` with HTTP 200) becomes a 400,
+/// and a missing `token_type` (some providers omit it) defaults to `bearer`.
+fn normalize_ok_body(resp: &mut oauth2::HttpResponse) {
+    if resp.status() != http::StatusCode::OK {
+        return;
+    }
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice(resp.body()) else {
+        return;
+    };
+    let json = http::HeaderValue::from_static("application/json");
+    if map.get("error").is_some_and(|e| e.is_string()) && !map.contains_key("access_token") {
+        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, json);
+        return;
+    }
+    if !map.contains_key("token_type") {
+        map.insert("token_type".into(), "bearer".into());
+        *resp.body_mut() = serde_json::to_vec(&map).expect("a JSON map serializes");
+    }
+    // Some providers answer form- or text-typed JSON; the body was JSON, say so.
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, json);
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> oauth2::HttpResponse {
+        http::Response::builder()
+            .status(200)
+            .body(body.as_bytes().to_vec())
+            .unwrap()
+    }
+
+    #[test]
+    fn github_style_error_in_200_becomes_400() {
+        let mut r = ok(r#"{"error":"bad_refresh_token","error_description":"x"}"#);
+        normalize_ok_body(&mut r);
+        assert_eq!(r.status(), 400);
+    }
+
+    #[test]
+    fn missing_token_type_defaults_to_bearer() {
+        let mut r = ok(r#"{"access_token":"a"}"#);
+        normalize_ok_body(&mut r);
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["token_type"], "bearer");
+        assert_eq!(r.status(), 200);
+    }
+}

@@ -1,0 +1,321 @@
+//! Caller identity phase: who is making this request.
+//!
+//! In `token` mode callers present a `tpx_` proxy token, as a Bearer token or as
+//! the password of Basic credentials, in `Proxy-Authorization` or `Authorization`.
+//! The store holds only SHA-256 hashes of those tokens. Verified tokens are kept
+//! in a short-lived cache so a busy caller costs no database query; the cache's
+//! time-to-live bounds how long a revoked token keeps working. In `static` mode
+//! (a sidecar on loopback) every request is one configured user.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use http::header::{self, HeaderMap};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::error::ProxyError;
+use crate::config::{CallerMode, CallersConfig};
+use crate::store::{LinkStore, ProxyTokenInfo, StoreError};
+
+/// Prefix of every proxy token.
+pub const TOKEN_PREFIX: &str = "tpx_";
+/// Longest proxy token accepted; anything longer is not one of ours.
+const MAX_TOKEN_LEN: usize = 256;
+/// Most verified tokens kept in memory.
+const CACHE_CAPACITY: u64 = 100_000;
+
+/// The identified caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The user the request acts for.
+    pub user_id: Uuid,
+    /// The proxy token used (`None` in static mode).
+    pub token_id: Option<Uuid>,
+    /// Providers the token is limited to; empty = all.
+    providers: Arc<[String]>,
+}
+
+impl Caller {
+    /// Whether this caller may use `provider`.
+    pub fn may_use(&self, provider: &str) -> bool {
+        self.providers.is_empty() || self.providers.iter().any(|p| p == provider)
+    }
+}
+
+/// Finds the proxy token in the request: `Proxy-Authorization` first, then
+/// `Authorization`; Bearer, or the password (or, failing that, the user name) of
+/// Basic credentials. Headers that hold something else are ignored.
+pub fn extract_proxy_token(headers: &HeaderMap) -> Option<SecretString> {
+    [header::PROXY_AUTHORIZATION, header::AUTHORIZATION]
+        .iter()
+        .flat_map(|name| headers.get_all(name))
+        .filter_map(|v| v.to_str().ok())
+        .find_map(parse_credential)
+}
+
+/// Parses one credential header value for a proxy token.
+fn parse_credential(value: &str) -> Option<SecretString> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return is_proxy_token(rest).then(|| SecretString::from(rest.to_string()));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
+        let decoded = SecretString::from(String::from_utf8(decoded).ok()?);
+        let (user, pass) = decoded.expose_secret().split_once(':')?;
+        return [pass, user]
+            .into_iter()
+            .find(|c| is_proxy_token(c))
+            .map(|c| SecretString::from(c.to_string()));
+    }
+    None
+}
+
+fn is_proxy_token(s: &str) -> bool {
+    s.len() > TOKEN_PREFIX.len()
+        && s.len() <= MAX_TOKEN_LEN
+        && s.starts_with(TOKEN_PREFIX)
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A new random proxy token (`tpx_` + 256 random bits, base64url) and the hash
+/// to store. The token is shown to its owner once and never stored.
+pub fn generate_token() -> (SecretString, [u8; 32]) {
+    use ring::rand::SecureRandom;
+    let mut raw = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .expect("the OS random source works");
+    let token = SecretString::from(format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    ));
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+/// SHA-256 of a proxy token, the form the store keeps.
+pub fn hash_token(token: &SecretString) -> [u8; 32] {
+    Sha256::digest(token.expose_secret().as_bytes()).into()
+}
+
+/// A verified token as cached: the hash it was found under and its record.
+struct Verified {
+    hash: [u8; 32],
+    info: ProxyTokenInfo,
+}
+
+/// Why a lookup produced nothing to cache.
+#[derive(Debug)]
+enum LookupFailure {
+    NotFound,
+    Store,
+}
+
+/// Identifies callers; cheap to share.
+pub struct CallerIdentity {
+    mode: CallerMode,
+    static_user: Option<Uuid>,
+    store: Arc<dyn LinkStore>,
+    verified: moka::future::Cache<[u8; 32], Arc<Verified>>,
+    touched: moka::sync::Cache<Uuid, ()>,
+}
+
+impl CallerIdentity {
+    /// Builds the identity phase for `config` over `store`.
+    pub fn new(config: &CallersConfig, store: Arc<dyn LinkStore>) -> Self {
+        Self {
+            mode: config.mode,
+            static_user: config.static_user,
+            store,
+            verified: moka::future::Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(config.cache_ttl)
+                .build(),
+            touched: moka::sync::Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(config.touch_interval.max(Duration::from_secs(1)))
+                .build(),
+        }
+    }
+
+    /// Who is calling. Expiry and revocation are checked on every request against
+    /// the cached record, which is at most `cache_ttl` old.
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        if self.mode == CallerMode::Static {
+            let user_id = self.static_user.ok_or(ProxyError::Unauthenticated)?;
+            return Ok(Caller {
+                user_id,
+                token_id: None,
+                providers: Arc::from(Vec::new()),
+            });
+        }
+        let token = extract_proxy_token(headers).ok_or(ProxyError::Unauthenticated)?;
+        let hash = hash_token(&token);
+        drop(token);
+        let store = self.store.clone();
+        let verified = self
+            .verified
+            .try_get_with(hash, async move {
+                match store.find_proxy_token(&hash).await {
+                    Ok(Some(info)) => Ok(Arc::new(Verified { hash, info })),
+                    Ok(None) => Err(LookupFailure::NotFound),
+                    Err(e) => {
+                        log_store_error(&e);
+                        Err(LookupFailure::Store)
+                    }
+                }
+            })
+            .await
+            .map_err(|e| match *e {
+                LookupFailure::NotFound => ProxyError::Unauthenticated,
+                LookupFailure::Store => ProxyError::StoreUnavailable,
+            })?;
+        // The map lookup compared hashes already; compare again in constant time
+        // so no code path depends on a variable-time comparison of caller secrets.
+        if !bool::from(verified.hash.ct_eq(&hash)) {
+            return Err(ProxyError::Unauthenticated);
+        }
+        let info = &verified.info;
+        if info.revoked_at.is_some() {
+            return Err(ProxyError::Unauthenticated);
+        }
+        if info.expires_at.is_some_and(|t| t <= chrono::Utc::now()) {
+            return Err(ProxyError::Unauthenticated);
+        }
+        self.touch(info.id);
+        Ok(Caller {
+            user_id: info.user_id,
+            token_id: Some(info.id),
+            providers: Arc::from(info.providers.clone()),
+        })
+    }
+
+    /// Records the token's last use at most once per touch interval, off the
+    /// request path.
+    fn touch(&self, id: Uuid) {
+        if !self.touched.entry(id).or_insert(()).is_fresh() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_proxy_token(id).await {
+                tracing::debug!(token_id = %id, error = %e, "could not record proxy token use");
+            }
+        });
+    }
+}
+
+fn log_store_error(e: &StoreError) {
+    tracing::warn!(error = %e, "proxy token lookup failed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn basic(user: &str, pass: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    }
+
+    fn found(h: &HeaderMap) -> Option<String> {
+        extract_proxy_token(h).map(|s| s.expose_secret().to_string())
+    }
+
+    #[test]
+    fn bearer_in_either_header() {
+        let t = "tpx_abc123";
+        for name in ["authorization", "proxy-authorization"] {
+            let h = headers(&[(name, &format!("Bearer {t}"))]);
+            assert_eq!(found(&h).as_deref(), Some(t));
+            let h = headers(&[(name, &format!("bearer   {t} "))]);
+            assert_eq!(found(&h).as_deref(), Some(t));
+        }
+    }
+
+    #[test]
+    fn basic_password_or_user() {
+        let h = headers(&[("authorization", &basic("x", "tpx_pw"))]);
+        assert_eq!(found(&h).as_deref(), Some("tpx_pw"));
+        let h = headers(&[("authorization", &basic("tpx_user", ""))]);
+        assert_eq!(found(&h).as_deref(), Some("tpx_user"));
+        let h = headers(&[("authorization", &basic("x", "ghp_notours"))]);
+        assert_eq!(found(&h), None);
+    }
+
+    #[test]
+    fn proxy_authorization_wins_and_foreign_credentials_are_skipped() {
+        let h = headers(&[
+            ("authorization", "Bearer tpx_second"),
+            ("proxy-authorization", "Bearer tpx_first"),
+        ]);
+        assert_eq!(found(&h).as_deref(), Some("tpx_first"));
+        let h = headers(&[
+            ("authorization", "Bearer ghp_caller_own"),
+            ("proxy-authorization", "Basic !!notbase64"),
+        ]);
+        assert_eq!(found(&h), None);
+        let h = headers(&[
+            ("proxy-authorization", "Bearer ghp_other"),
+            ("authorization", "Bearer tpx_ok"),
+        ]);
+        assert_eq!(found(&h).as_deref(), Some("tpx_ok"));
+    }
+
+    #[test]
+    fn malformed_tokens_are_not_tokens() {
+        for bad in [
+            "Bearer tpx_",
+            "Bearer tpx_a b",
+            "Bearer tpx_a$b",
+            "Bearer",
+            "Token tpx_abc",
+            "tpx_abc",
+        ] {
+            assert_eq!(found(&headers(&[("authorization", bad)])), None, "{bad}");
+        }
+        let long = format!("Bearer tpx_{}", "a".repeat(300));
+        assert_eq!(found(&headers(&[("authorization", &long)])), None);
+    }
+
+    #[test]
+    fn generated_tokens_parse_and_differ() {
+        let (a, ha) = generate_token();
+        let (b, hb) = generate_token();
+        assert_ne!(ha, hb);
+        assert_eq!(hash_token(&a), ha);
+        let h = headers(&[("authorization", &format!("Bearer {}", a.expose_secret()))]);
+        assert_eq!(found(&h).as_deref(), Some(a.expose_secret()));
+        let h = headers(&[("authorization", &basic("x", b.expose_secret()))]);
+        assert_eq!(found(&h).as_deref(), Some(b.expose_secret()));
+    }
+
+    #[test]
+    fn hash_is_sha256_of_the_whole_token() {
+        let h = hash_token(&SecretString::from("tpx_abc".to_string()));
+        assert_eq!(hex::encode(h), hex::encode(Sha256::digest(b"tpx_abc")));
+    }
+}

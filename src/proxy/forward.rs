@@ -1,0 +1,154 @@
+//! Forward phase: the pooled upstream client.
+//!
+//! One hyper-util pooled client per distinct trust configuration (the webpki
+//! roots, plus each route's extra `upstream_ca`), speaking HTTP/2 when the upstream
+//! offers it through ALPN and HTTP/1.1 otherwise. Connect and response-head
+//! deadlines turn into the `upstream_unavailable` / `upstream_timeout` errors; the
+//! response body itself streams for as long as it takes (a large git clone).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::error::ProxyError;
+use super::ProxyBody;
+use crate::config::ServerConfig;
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The pooled client type used for every upstream.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// The upstream clients, keyed by the extra CA they trust.
+pub struct Upstreams {
+    clients: HashMap<Option<PathBuf>, UpstreamClient>,
+    response_timeout: Duration,
+}
+
+/// Why the upstream clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    /// An `upstream_ca` file could not be read or parsed.
+    #[error("upstream_ca {path}: {message}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS client setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+impl Upstreams {
+    /// Builds one client for the default roots and one per distinct extra CA.
+    pub fn new<'a>(
+        server: &ServerConfig,
+        extra_cas: impl IntoIterator<Item = Option<&'a Path>>,
+    ) -> Result<Self, ClientSetupError> {
+        let mut clients = HashMap::new();
+        clients.insert(None, build_client(server, None)?);
+        for ca in extra_cas.into_iter().flatten() {
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                clients.entry(Some(ca.to_path_buf()))
+            {
+                slot.insert(build_client(server, Some(ca))?);
+            }
+        }
+        Ok(Self {
+            clients,
+            response_timeout: server.upstream_timeout,
+        })
+    }
+
+    /// Sends `req` with the client for `ca` and waits for the response head.
+    pub async fn send(
+        &self,
+        ca: Option<&PathBuf>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let client = self
+            .clients
+            .get(&ca.cloned())
+            .ok_or(ProxyError::UpstreamUnavailable)?;
+        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
+            Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                // hyper's errors describe the connection, never header values.
+                tracing::debug!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
+                Err(ProxyError::UpstreamUnavailable)
+            }
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The TLS roots: webpki's, plus the certificates in `extra_ca`.
+fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, ClientSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let ca_err = |message: String| ClientSetupError::Ca {
+            path: path.to_path_buf(),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| ca_err(e.to_string()))?;
+            roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ca_err("no PEM certificates found".into()));
+        }
+    }
+    Ok(roots)
+}
+
+fn build_client(
+    server: &ServerConfig,
+    extra_ca: Option<&Path>,
+) -> Result<UpstreamClient, ClientSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(root_store(extra_ca)?)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(server.connect_timeout));
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(https))
+}

@@ -1,0 +1,100 @@
+//! Injection phase: attach the user's provider credential to the upstream request
+//! in the form the route names.
+//!
+//! Whatever the caller put in `Authorization` is removed first (it is either the
+//! caller's proxy token or a credential the caller is not meant to choose), so the
+//! upstream sees exactly one credential: ours. Injected values are marked sensitive
+//! so HTTP/2 never adds them to a compression table and `Debug` never prints them.
+
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderValue};
+
+use super::error::ProxyError;
+use crate::config::Inject;
+use crate::tokens::{AccessToken, TokenError};
+
+/// Replaces the request's credential headers with `token` attached as `inject` says.
+pub fn inject_credential(
+    headers: &mut HeaderMap,
+    inject: &Inject,
+    token: &AccessToken,
+) -> Result<(), ProxyError> {
+    headers.remove(header::AUTHORIZATION);
+    let (name, text) = match inject {
+        Inject::Bearer => (
+            header::AUTHORIZATION,
+            format!("Bearer {}", token.expose_secret()),
+        ),
+        Inject::BasicUsername(user) => {
+            let pair = format!("{user}:{}", token.expose_secret());
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            (header::AUTHORIZATION, format!("Basic {encoded}"))
+        }
+        Inject::Header(name) => (name.clone(), token.expose_secret().to_string()),
+    };
+    // A token that cannot be a header value is unusable as stored; only a new
+    // login can fix it. The error text never includes the value.
+    let mut value =
+        HeaderValue::from_str(&text).map_err(|_| ProxyError::Token(TokenError::ReauthRequired))?;
+    value.set_sensitive(true);
+    headers.insert(name, value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn token(s: &str) -> AccessToken {
+        AccessToken::new(SecretString::from(s.to_string()), None)
+    }
+
+    fn caller_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tpx_caller"),
+        );
+        h.insert("private-token", HeaderValue::from_static("caller-chosen"));
+        h
+    }
+
+    #[test]
+    fn bearer_replaces_the_caller_authorization() {
+        let mut h = caller_headers();
+        inject_credential(&mut h, &Inject::Bearer, &token("gho_1")).unwrap();
+        let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(all, ["Bearer gho_1"]);
+        assert!(all[0].is_sensitive());
+    }
+
+    #[test]
+    fn basic_username_encodes_user_and_token() {
+        let mut h = caller_headers();
+        let inject = Inject::BasicUsername("x-access-token".into());
+        inject_credential(&mut h, &inject, &token("gho_2")).unwrap();
+        assert_eq!(
+            h[header::AUTHORIZATION],
+            "Basic eC1hY2Nlc3MtdG9rZW46Z2hvXzI="
+        );
+    }
+
+    #[test]
+    fn header_form_sets_the_raw_token_and_drops_authorization() {
+        let mut h = caller_headers();
+        let inject = Inject::Header(http::HeaderName::from_static("private-token"));
+        inject_credential(&mut h, &inject, &token("glpat-3")).unwrap();
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        let all: Vec<_> = h.get_all("private-token").iter().collect();
+        assert_eq!(all, ["glpat-3"]);
+    }
+
+    #[test]
+    fn unusable_token_is_an_error_without_the_value() {
+        let mut h = HeaderMap::new();
+        let err = inject_credential(&mut h, &Inject::Bearer, &token("bad\nvalue")).unwrap_err();
+        assert_eq!(err.code(), "reauth_required");
+        assert!(!err.to_string().contains("bad"));
+    }
+}

@@ -1,0 +1,358 @@
+//! The life of one reverse-mode request, as named phases:
+//! identify caller → route → authorize → token → inject → forward → respond.
+//!
+//! Each phase is a method on [`Pipeline`] with one job, so forward (CONNECT) mode
+//! can reuse them with a different routing phase. [`Pipeline::handle`] strings them
+//! together and writes the one log line and the metrics of the request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::caller::{Caller, CallerIdentity};
+use super::error::ProxyError;
+use super::forward::Upstreams;
+use super::headers::{self, Forwarded, ERROR_HEADER};
+use super::inject::inject_credential;
+use super::route::{check_path, Route, Router};
+use super::{ProxyBody, TokenLookup};
+use crate::telemetry::{Metrics, RequestLabels};
+use crate::tokens::{AccessToken, TokenError};
+
+/// Request bodies up to this size are buffered so a request rejected with 401
+/// can be retried once with a refreshed token; larger bodies stream.
+pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
+
+/// What a connection knows about its caller.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The caller's address.
+    pub remote: SocketAddr,
+    /// Whether the caller connected over TLS.
+    pub tls: bool,
+}
+
+/// Everything the request phases need, shared by all connections.
+pub struct Pipeline {
+    /// Routes, longest prefix first.
+    pub router: Router,
+    /// Caller identification.
+    pub callers: CallerIdentity,
+    /// Access tokens.
+    pub tokens: Arc<dyn TokenLookup>,
+    /// Upstream clients.
+    pub upstreams: Upstreams,
+    /// Counters and histograms.
+    pub metrics: Arc<Metrics>,
+    /// Add `X-Forwarded-*` and `Via`.
+    pub forwarded_headers: bool,
+}
+
+/// What the log line and metrics record about a request as it moves along.
+#[derive(Default)]
+struct Outcome {
+    route: Option<Arc<Route>>,
+    user: Option<uuid::Uuid>,
+    /// `none` (never got that far), `served`, `refreshed_after_401` (retried),
+    /// `refreshed_no_retry` (body streamed), `refresh_failed`, or the error code
+    /// the token source answered.
+    token: &'static str,
+    upstream: Option<std::time::Duration>,
+    attempts: u8,
+}
+
+/// A request body as it will be sent: replayable when small, streamed otherwise.
+enum OutBody {
+    Replayable(Bytes),
+    Stream(Incoming),
+}
+
+/// The upstream request minus its credential, kept so it can be sent twice.
+struct Prepared {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Pipeline {
+    /// Serves one request and records it.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let mut outcome = Outcome {
+            token: "none",
+            ..Default::default()
+        };
+        let resp = match self.run_phases(req, conn, &mut outcome).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if outcome.token == "none" && matches!(e, ProxyError::Token(_)) {
+                    outcome.token = e.code();
+                }
+                e.to_response(outcome.route.as_ref().map(|r| &*r.provider))
+            }
+        };
+        self.log_and_count(&method, &resp, &outcome, start.elapsed());
+        resp
+    }
+
+    async fn run_phases(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        outcome: &mut Outcome,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let caller = self.identify_caller(req.headers()).await?;
+        outcome.user = Some(caller.user_id);
+        let (route, uri) = self.route(&req)?;
+        outcome.route = Some(route.clone());
+        authorize(&caller, &route)?;
+        let token = self.token(&route, &caller).await?;
+        outcome.token = "served";
+        let (parts, body) = req.into_parts();
+        let prepared = self.upstream_request(parts, &route, uri, conn);
+        let body = read_body(body).await?;
+        self.forward(&route, &caller, prepared, body, token, outcome)
+            .await
+            .map(respond)
+    }
+
+    /// Phase: who is calling.
+    async fn identify_caller(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        self.callers.identify(headers).await
+    }
+
+    /// Phase: which route, and the upstream URI it becomes. Only the path and query
+    /// of the request are looked at — never `Host` or an absolute-form authority.
+    fn route(&self, req: &Request<Incoming>) -> Result<(Arc<Route>, Uri), ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::BadRequest(
+                "CONNECT is not supported on this listener",
+            ));
+        }
+        let path = req.uri().path();
+        check_path(path)?;
+        let route = self.router.find(path).ok_or(ProxyError::NoRoute)?;
+        let uri = route.upstream_uri(path, req.uri().query())?;
+        Ok((route.clone(), uri))
+    }
+
+    /// Phase: an access token for the caller at the route's provider.
+    async fn token(&self, route: &Route, caller: &Caller) -> Result<AccessToken, ProxyError> {
+        Ok(self.tokens.get(&route.provider, caller.user_id).await?)
+    }
+
+    /// Phase: the outgoing request head, without the credential. Hop-by-hop and
+    /// caller credential headers go, `Host` becomes the upstream's.
+    fn upstream_request(
+        &self,
+        parts: http::request::Parts,
+        route: &Route,
+        uri: Uri,
+        conn: ConnInfo,
+    ) -> Prepared {
+        let mut headers = parts.headers;
+        let caller_host = headers.remove(header::HOST).or_else(|| {
+            // HTTP/2 callers send the authority in the URI, not in Host.
+            parts
+                .uri
+                .authority()
+                .and_then(|a| header::HeaderValue::from_str(a.as_str()).ok())
+        });
+        headers::remove_hop_by_hop(&mut headers);
+        headers.remove(header::AUTHORIZATION);
+        if self.forwarded_headers {
+            headers::add_forwarded(
+                &mut headers,
+                &Forwarded {
+                    client_ip: conn.remote.ip(),
+                    proto: if conn.tls { "https" } else { "http" },
+                    host: caller_host.as_ref(),
+                    version: parts.version,
+                },
+            );
+        }
+        headers.insert(header::HOST, route.host.clone());
+        Prepared {
+            method: parts.method,
+            uri,
+            headers,
+        }
+    }
+
+    /// Phase: send upstream. On a 401 to a token we served, have the token source
+    /// replace it (once per token version) so later requests get a good one, and
+    /// retry once when the body could be replayed; otherwise the 401 stands.
+    async fn forward(
+        &self,
+        route: &Route,
+        caller: &Caller,
+        prepared: Prepared,
+        body: OutBody,
+        token: AccessToken,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let replay = match &body {
+            OutBody::Replayable(bytes) => Some(bytes.clone()),
+            OutBody::Stream(_) => None,
+        };
+        let first = self
+            .send(route, &prepared, to_proxy_body(body), &token, outcome)
+            .await?;
+        if first.status() != StatusCode::UNAUTHORIZED {
+            return Ok(first);
+        }
+        let fresh = match self
+            .tokens
+            .refresh_rejected(&route.provider, caller.user_id, &token)
+            .await
+        {
+            Ok(fresh) if !fresh.same_version(&token) => fresh,
+            // Nothing newer to try: the upstream's answer stands.
+            Ok(_) => return Ok(first),
+            // The user must act (log in, link): say so rather than relay the 401.
+            Err(e @ (TokenError::ReauthRequired | TokenError::LinkMissing)) => {
+                outcome.token = "refresh_failed";
+                return Err(e.into());
+            }
+            Err(_) => {
+                outcome.token = "refresh_failed";
+                return Ok(first);
+            }
+        };
+        let Some(replay) = replay else {
+            outcome.token = "refreshed_no_retry";
+            return Ok(first);
+        };
+        drop(first);
+        outcome.token = "refreshed_after_401";
+        let body = OutBody::Replayable(replay);
+        self.send(route, &prepared, to_proxy_body(body), &fresh, outcome)
+            .await
+    }
+
+    /// One upstream attempt: attach the credential, send, time it.
+    async fn send(
+        &self,
+        route: &Route,
+        prepared: &Prepared,
+        body: ProxyBody,
+        token: &AccessToken,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut headers = prepared.headers.clone();
+        inject_credential(&mut headers, &route.inject, token)?;
+        let mut req = Request::new(body);
+        *req.method_mut() = prepared.method.clone();
+        *req.uri_mut() = prepared.uri.clone();
+        // The client picks HTTP/2 or HTTP/1.1 by ALPN; asking for 1.1 lets it.
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        let started = Instant::now();
+        outcome.attempts += 1;
+        let result = self.upstreams.send(route.upstream_ca.as_ref(), req).await;
+        let took = started.elapsed();
+        outcome.upstream = Some(outcome.upstream.unwrap_or_default() + took);
+        self.metrics.upstream_duration.observe(took.as_secs_f64());
+        result
+    }
+
+    fn log_and_count(
+        &self,
+        method: &Method,
+        resp: &Response<ProxyBody>,
+        outcome: &Outcome,
+        took: std::time::Duration,
+    ) {
+        let status = resp.status().as_u16();
+        let (provider, route) = match &outcome.route {
+            Some(r) => (&*r.provider, &*r.label),
+            None => ("", ""),
+        };
+        let error = resp
+            .headers()
+            .get(&ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::info!(
+            target: "tokenproxy::access",
+            method = %method,
+            route,
+            provider,
+            user = outcome.user.map(|u| u.to_string()).unwrap_or_default(),
+            status,
+            error,
+            duration_ms = took.as_secs_f64() * 1000.0,
+            upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1000.0),
+            attempts = outcome.attempts,
+            token = outcome.token,
+            "request"
+        );
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                provider: provider.to_string(),
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.metrics.request_duration.observe(took.as_secs_f64());
+    }
+}
+
+/// Phase: may this caller use the route's provider?
+fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError> {
+    if caller.may_use(&route.provider) {
+        Ok(())
+    } else {
+        Err(ProxyError::Forbidden)
+    }
+}
+
+/// Buffers the request body when it is empty or declared small enough to
+/// replay, otherwise leaves it streaming.
+async fn read_body(body: Incoming) -> Result<OutBody, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(OutBody::Replayable(Bytes::new()));
+    }
+    match body.size_hint().exact() {
+        Some(len) if len <= RETRY_BODY_LIMIT => {
+            let limit = usize::try_from(RETRY_BODY_LIMIT).unwrap_or(usize::MAX);
+            let collected = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+            Ok(OutBody::Replayable(collected.to_bytes()))
+        }
+        _ => Ok(OutBody::Stream(body)),
+    }
+}
+
+fn to_proxy_body(body: OutBody) -> ProxyBody {
+    match body {
+        OutBody::Replayable(bytes) if bytes.is_empty() => {
+            Empty::new().map_err(|never| match never {}).boxed_unsync()
+        }
+        OutBody::Replayable(bytes) => Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+        OutBody::Stream(incoming) => incoming.map_err(Into::into).boxed_unsync(),
+    }
+}
+
+/// Phase: the upstream's response for the caller. Hop-by-hop headers go, and so
+/// does any `tokenproxy-error` the upstream tried to set: that header means
+/// tokenproxy itself answered.
+fn respond(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(&ERROR_HEADER);
+    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+}

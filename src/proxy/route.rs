@@ -1,0 +1,292 @@
+//! Routing phase: which route a request path belongs to, whether the path is
+//! safe to forward, and the exact upstream URI it becomes.
+//!
+//! The destination of a reverse-mode request is decided here and only here, from
+//! the configured routes: the request's `Host` header and any absolute-form target
+//! are ignored, so a caller cannot steer tokenproxy (and the credential it attaches)
+//! at another host. Paths that an upstream or an intermediate might normalise
+//! differently from us (`..`, encoded dots/slashes, backslashes) are refused rather
+//! than rewritten.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+
+use super::error::ProxyError;
+use crate::config::{Config, Inject};
+
+/// One configured route, prepared for the request path.
+#[derive(Debug)]
+pub struct Route {
+    /// Provider whose links serve this route.
+    pub provider: Arc<str>,
+    /// The prefix as configured, for logs and metric labels.
+    pub label: Arc<str>,
+    /// The prefix without its trailing `/` (empty for a `/` catch-all).
+    prefix: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// Upstream path without its trailing `/`.
+    base_path: String,
+    /// `Host` to send upstream.
+    pub host: HeaderValue,
+    /// How the credential is attached.
+    pub inject: Inject,
+    /// Extra CA trusted for this upstream.
+    pub upstream_ca: Option<PathBuf>,
+}
+
+impl Route {
+    /// Prepares a route; `upstream` was validated by the config (http/https, host).
+    pub fn new(
+        provider: &str,
+        prefix: &str,
+        upstream: &url::Url,
+        inject: Inject,
+        upstream_ca: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        let authority_text = match upstream.port() {
+            Some(port) => format!("{}:{port}", upstream.host_str().unwrap_or_default()),
+            None => upstream.host_str().unwrap_or_default().to_string(),
+        };
+        let authority: Authority = authority_text
+            .parse()
+            .map_err(|_| format!("invalid upstream authority `{authority_text}`"))?;
+        let scheme = match upstream.scheme() {
+            "https" => Scheme::HTTPS,
+            "http" => Scheme::HTTP,
+            other => return Err(format!("unsupported upstream scheme `{other}`")),
+        };
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("invalid upstream host `{authority}`"))?;
+        Ok(Self {
+            provider: provider.into(),
+            label: prefix.into(),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            scheme,
+            authority,
+            base_path: upstream.path().trim_end_matches('/').to_string(),
+            host,
+            inject,
+            upstream_ca,
+        })
+    }
+
+    /// The part of `path` after this route's prefix, if the prefix matches on a
+    /// segment boundary (`/a/b` matches `/a/b` and `/a/b/c`, not `/a/bc`).
+    fn strip<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let rest = path.strip_prefix(self.prefix.as_str())?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+
+    /// The upstream URI for a request path (already checked by [`check_path`]) and
+    /// its raw query, which is passed on unchanged.
+    pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+        let rest = self.strip(path).ok_or(ProxyError::NoRoute)?;
+        let mut target = String::with_capacity(self.base_path.len() + rest.len() + 64);
+        target.push_str(&self.base_path);
+        target.push_str(rest);
+        if target.is_empty() {
+            target.push('/');
+        }
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        let pq = PathAndQuery::try_from(target)
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))
+    }
+}
+
+/// All routes, longest prefix first.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    /// Builds the routes of every provider in `config`.
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        let mut routes = Vec::new();
+        for p in &config.providers {
+            for r in &p.routes {
+                routes.push(Route::new(
+                    &p.id,
+                    &r.prefix,
+                    &r.upstream,
+                    r.inject.clone(),
+                    r.upstream_ca.clone(),
+                )?);
+            }
+        }
+        Ok(Self::new(routes))
+    }
+
+    /// Orders `routes` so the longest prefix is tried first.
+    pub fn new(routes: Vec<Route>) -> Self {
+        let mut routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Self { routes }
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// The route for a request path: the longest matching prefix.
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.strip(path).is_some())
+    }
+}
+
+/// Refuses paths that could mean something else after normalisation: `.` and
+/// `..` segments, percent-encoded `.`, `/` or `\` (any case), and backslashes.
+/// The raw (still encoded) path is checked, so nothing is decoded twice.
+pub fn check_path(path: &str) -> Result<(), ProxyError> {
+    if !path.starts_with('/') {
+        return Err(ProxyError::BadRequest("the path must start with '/'"));
+    }
+    if path.contains('\\') {
+        return Err(ProxyError::BadRequest(
+            "backslashes are not allowed in paths",
+        ));
+    }
+    let bytes = path.as_bytes();
+    for i in 0..bytes.len().saturating_sub(2) {
+        if bytes[i] == b'%' {
+            let pair = [
+                bytes[i + 1].to_ascii_lowercase(),
+                bytes[i + 2].to_ascii_lowercase(),
+            ];
+            if matches!(&pair, b"2e" | b"2f" | b"5c") {
+                return Err(ProxyError::BadRequest(
+                    "encoded '.', '/' or '\\' are not allowed in paths",
+                ));
+            }
+        }
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(ProxyError::BadRequest(
+            "'.' and '..' segments are not allowed",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, upstream: &str) -> Route {
+        Route::new(
+            "p",
+            prefix,
+            &upstream.parse().unwrap(),
+            Inject::Bearer,
+            None,
+        )
+        .unwrap()
+    }
+
+    fn router() -> Router {
+        Router::new(vec![
+            route("/github", "https://github.com"),
+            route("/github/api", "https://api.github.com"),
+            route("/gitlab/", "https://gitlab.example/api/v4/"),
+        ])
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let r = router();
+        assert_eq!(&*r.find("/github/api/user").unwrap().label, "/github/api");
+        assert_eq!(&*r.find("/github/api").unwrap().label, "/github/api");
+        assert_eq!(&*r.find("/github/apix").unwrap().label, "/github");
+        assert_eq!(&*r.find("/github/x").unwrap().label, "/github");
+        assert!(r.find("/githubx").is_none());
+        assert!(r.find("/").is_none());
+        assert_eq!(&*r.find("/gitlab").unwrap().label, "/gitlab/");
+    }
+
+    #[test]
+    fn catch_all_route_matches_everything() {
+        let r = Router::new(vec![route("/", "http://127.0.0.1:1")]);
+        assert!(r.find("/").is_some());
+        assert!(r.find("/anything/else").is_some());
+    }
+
+    #[test]
+    fn upstream_uri_replaces_the_prefix_and_keeps_the_query() {
+        let r = router();
+        let uri = |p: &str, q| r.find(p).unwrap().upstream_uri(p, q).unwrap().to_string();
+        assert_eq!(
+            uri("/github/api/user", Some("a=1&b=%2F")),
+            "https://api.github.com/user?a=1&b=%2F"
+        );
+        assert_eq!(uri("/github/api", None), "https://api.github.com/");
+        assert_eq!(uri("/github/api/", None), "https://api.github.com/");
+        assert_eq!(
+            uri("/gitlab/projects/1", None),
+            "https://gitlab.example/api/v4/projects/1"
+        );
+        assert_eq!(uri("/gitlab", None), "https://gitlab.example/api/v4");
+    }
+
+    #[test]
+    fn host_comes_from_the_upstream_with_non_default_port() {
+        assert_eq!(route("/a", "https://h.example").host, "h.example");
+        assert_eq!(
+            route("/a", "http://127.0.0.1:8081/x").host,
+            "127.0.0.1:8081"
+        );
+        assert_eq!(route("/a", "https://h.example:443").host, "h.example");
+        assert_eq!(route("/a", "http://[::1]:9/").host, "[::1]:9");
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        for bad in [
+            "/github/api/../admin",
+            "/github/api/..",
+            "/github/./api",
+            "/github/api/%2e%2e/x",
+            "/github/api/%2E%2E/x",
+            "/github/api/.%2e/x",
+            "/github/api%2fx",
+            "/github/api%2F..",
+            "/github/api/%5cx",
+            "/github/api/%5Cx",
+            "/github/api\\..\\x",
+            "github/api",
+            "",
+        ] {
+            let err = check_path(bad).unwrap_err();
+            assert_eq!(err.code(), "bad_request", "{bad}");
+        }
+    }
+
+    #[test]
+    fn ordinary_paths_pass() {
+        for ok in [
+            "/",
+            "/github/api/user",
+            "/github/git/org/repo.git/info/refs",
+            "/a/..b/c..d/.e/f.",
+            "/a//b",
+            "/a/%20b/%41",
+            "/a/%2",
+        ] {
+            check_path(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+}

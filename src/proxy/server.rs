@@ -1,0 +1,285 @@
+//! The listener: accepts connections within bounds and shuts down gracefully.
+//!
+//! Each accepted connection holds a semaphore permit, so at most
+//! `max_connections` are served at once and the accept loop simply waits when
+//! full. Request heads are bounded in size and in the time a client has to send
+//! them. On shutdown the listener is closed at once (new connections are
+//! refused), every connection is told to finish its in-flight requests, and after
+//! the grace period whatever is left is cut off.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use super::ProxyBody;
+use crate::config::{ServerConfig, TlsConfig};
+use crate::telemetry::Metrics;
+
+/// Smallest read buffer hyper accepts.
+const MIN_BUF: usize = 8192;
+
+/// Limits applied to one listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Which listener, for logs.
+    pub name: &'static str,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Time allowed for a request head (and the TLS handshake).
+    pub header_read_timeout: Duration,
+    /// Time in-flight requests get after shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+impl Limits {
+    /// The proxy listener's limits from `[server]`.
+    pub fn from_config(server: &ServerConfig) -> Self {
+        Self {
+            name: "proxy",
+            max_connections: server.max_connections.max(1),
+            max_header_bytes: server.max_header_bytes,
+            header_read_timeout: server.header_read_timeout,
+            shutdown_grace: server.shutdown_grace,
+        }
+    }
+}
+
+/// A shutdown signal many tasks can wait on.
+#[derive(Clone)]
+pub struct ShutdownSignal(watch::Receiver<bool>);
+
+impl ShutdownSignal {
+    /// A signal fired when `fut` completes (or its sender is dropped).
+    pub fn from_future(fut: impl Future<Output = ()> + Send + 'static) -> Self {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            fut.await;
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn fired(&mut self) {
+        // An error means the sender is gone, which also means shut down.
+        let _ = self.0.wait_for(|v| *v).await;
+    }
+}
+
+/// The request handler a listener serves.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn call(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+        tls: bool,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
+
+/// Builds the TLS acceptor for `[server.tls]`, offering HTTP/2 and HTTP/1.1.
+pub fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+    use anyhow::Context;
+    let certs: Vec<_> = rustls_pemfile::certs(
+        &mut std::fs::read(&tls.cert)
+            .with_context(|| format!("server.tls.cert {}", tls.cert.display()))?
+            .as_slice(),
+    )
+    .collect::<Result<_, _>>()
+    .context("server.tls.cert: invalid PEM")?;
+    let key = rustls_pemfile::private_key(
+        &mut std::fs::read(&tls.key)
+            .with_context(|| format!("server.tls.key {}", tls.key.display()))?
+            .as_slice(),
+    )
+    .context("server.tls.key: invalid PEM")?
+    .context("server.tls.key: no private key found")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("server.tls: certificate and key do not fit")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `listener` until `shutdown` fires, then drains for the grace period.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    metrics: Option<Arc<Metrics>>,
+    mut shutdown: ShutdownSignal,
+) {
+    let builder = Arc::new(http_builder(&limits));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut tasks = JoinSet::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.fired() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (stream, remote) = tokio::select! {
+            biased;
+            _ = shutdown.fired() => break,
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(5);
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            builder: builder.clone(),
+            handler: handler.clone(),
+            tls: tls.clone(),
+            header_timeout: limits.header_read_timeout,
+            watcher: graceful.watcher(),
+            shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.spawn(async move {
+            conn.run(stream, remote).await;
+            drop(permit);
+        });
+    }
+    // Stop accepting: from here on, connecting gets "connection refused".
+    drop(listener);
+    tracing::info!(
+        listener = limits.name,
+        connections = graceful.count(),
+        "stopped accepting; draining"
+    );
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = limits.name,
+            "grace period over; closing remaining connections"
+        );
+    }
+    tasks.shutdown().await;
+}
+
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_BUF));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// One accepted connection.
+struct Connection<H> {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: Arc<H>,
+    tls: Option<TlsAcceptor>,
+    header_timeout: Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+    shutdown: ShutdownSignal,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<H: Handler> Connection<H> {
+    async fn run(mut self, stream: TcpStream, remote: SocketAddr) {
+        let _open = self.metrics.as_ref().map(|m| OpenGuard::new(m.clone()));
+        // Before a request has started, a shutdown simply drops the connection.
+        let mut shutdown = self.shutdown.clone();
+        match self.tls.take() {
+            Some(acceptor) => {
+                let handshake = tokio::time::timeout(self.header_timeout, acceptor.accept(stream));
+                let stream = tokio::select! {
+                    _ = shutdown.fired() => return,
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    },
+                };
+                self.serve(TokioIo::new(stream), remote, true).await;
+            }
+            None => {
+                // Until the first byte the auto builder's version sniffing has no
+                // deadline of its own; give it the header timeout.
+                let mut probe = [0u8; 1];
+                let first_byte = tokio::time::timeout(self.header_timeout, stream.peek(&mut probe));
+                tokio::select! {
+                    _ = shutdown.fired() => return,
+                    r = first_byte => match r {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    },
+                }
+                self.serve(TokioIo::new(stream), remote, false).await;
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the connection ends or drains.
+    async fn serve<I>(self, io: I, remote: SocketAddr, is_tls: bool)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let handler = self.handler;
+        let service = hyper::service::service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.call(req, remote, is_tls).await) }
+        });
+        let conn = self.builder.serve_connection(io, service).into_owned();
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Counts an open connection for its lifetime.
+struct OpenGuard(Arc<Metrics>);
+
+impl OpenGuard {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.open_connections.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
+}

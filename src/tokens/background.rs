@@ -1,0 +1,168 @@
+//! The token source's background work: keeping the cache coherent across replicas,
+//! and refreshing links in use before they expire.
+//!
+//! Coherence: every write to a link is announced by the store ([`ChangeEvent`]); on
+//! each announcement we drop that key here and wake flights waiting on another
+//! replica's lease. When the feed (re)connects, notifications may have been lost,
+//! so every cached entry is retired (kept only as a fallback for outages).
+//!
+//! Refresh-ahead: every second, entries used within `refresh_ahead_used_within`
+//! whose jittered refresh point has passed get a background flight — the same
+//! flight and lease path as the request path — so a busy user's requests do not
+//! wait for the provider.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::flight::{self, Want};
+use super::Inner;
+use crate::store::ChangeEvent;
+use crate::telemetry::ProviderLabels;
+
+/// Period of the refresh-ahead scan.
+const AHEAD_TICK: Duration = Duration::from_secs(1);
+
+/// Starts the listener and (when enabled) the refresh-ahead loop.
+pub(super) fn spawn(inner: Arc<Inner>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::spawn(listen(inner.clone(), shutdown.clone()));
+    let ahead = inner
+        .cfg
+        .refresh_ahead
+        .then(|| tokio::spawn(ahead_loop(inner, shutdown)));
+    tokio::spawn(async move {
+        let _ = listener.await;
+        if let Some(a) = ahead {
+            let _ = a.await;
+        }
+    })
+}
+
+async fn listen(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut rx = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = inner.store.watch_changes() => match r {
+                Ok(rx) => rx,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the link change feed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = rx.recv() => e,
+            };
+            match event {
+                Some(e) => apply(&inner, e).await,
+                None => break,
+            }
+        }
+        // The feed ended (database unreachable?). Keep the cache: during an outage
+        // it is what still serves requests. The next feed starts with a Resync,
+        // which drops everything announced meanwhile.
+        tracing::warn!("link change feed ended; reconnecting");
+    }
+}
+
+/// Applies one change announcement to the cache.
+async fn apply(inner: &Inner, event: ChangeEvent) {
+    match event {
+        ChangeEvent::Link {
+            provider_id,
+            user_id,
+        } => {
+            let Some(&pidx) = inner.index.get(&provider_id) else {
+                return;
+            };
+            let key = (pidx, user_id);
+            inner.epoch_slot(&key).fetch_add(1, Ordering::AcqRel);
+            if inner.uncache(key).await.is_some() {
+                inner.metrics.cache_invalidations.inc();
+            }
+            let _ = inner.changes.send(Some(key));
+        }
+        ChangeEvent::Resync => {
+            // Retire every entry rather than delete it: while the store is
+            // unreachable (the usual reason for a reconnect) an unexpired token from
+            // before is still better than `store_unavailable`.
+            inner.generation.fetch_add(1, Ordering::AcqRel);
+            for e in &inner.epochs {
+                e.fetch_add(1, Ordering::AcqRel);
+            }
+            inner
+                .metrics
+                .cache_invalidations
+                .inc_by(inner.cache.entry_count());
+            let _ = inner.changes.send(None);
+        }
+    }
+}
+
+async fn ahead_loop(inner: Arc<Inner>, shutdown: CancellationToken) {
+    loop {
+        // Jitter the period so replicas started together do not scan in lockstep.
+        let tick = AHEAD_TICK.mul_f64(0.75 + rand::random::<f64>() * 0.5);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        // Each refresh runs in its own task; the pass itself waits for them so a slow
+        // provider cannot make passes pile up.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = refresh_ahead_pass(&inner) => {}
+        }
+    }
+}
+
+/// Starts a background flight for every recently used entry past its refresh
+/// point, waits for them, and returns how many were started.
+pub(super) async fn refresh_ahead_pass(inner: &Arc<Inner>) -> usize {
+    let now = inner.clock.now();
+    let window = inner.cfg.refresh_ahead_used_within;
+    let mut tasks = Vec::new();
+    for (key, entry) in inner.cache.iter() {
+        if entry.generation != inner.generation() {
+            continue;
+        }
+        let due = entry.ahead_at.is_some_and(|at| now >= at);
+        if !due || !entry.used_within(now, window) {
+            continue;
+        }
+        if entry.ahead_started.swap(true, Ordering::AcqRel) {
+            continue;
+        }
+        let provider = &inner.providers[key.0 as usize].id;
+        inner
+            .metrics
+            .refresh_ahead
+            .get_or_create(&ProviderLabels {
+                provider: provider.clone(),
+            })
+            .inc();
+        tracing::debug!(provider = %provider, user = %key.1, "refreshing ahead of expiry");
+        let inner = inner.clone();
+        let key = *key;
+        let token = entry.token.clone();
+        tasks.push(tokio::spawn(async move {
+            flight::run(&inner, key, Want::Replace(token)).await
+        }));
+    }
+    let n = tasks.len();
+    for t in tasks {
+        let _ = t.await;
+    }
+    n
+}

@@ -1,0 +1,183 @@
+//! What the token cache holds per (provider, user), and when an entry stops
+//! being servable.
+//!
+//! The cache is keyed by provider index and user id, never by a token value. An
+//! entry carries the access token plus what refresh-ahead needs (the token's
+//! lifetime, when to start refreshing, when it was last used). Usability is always
+//! decided with the injected [`Clock`](super::Clock); moka's own expiry (on its
+//! monotonic clock) only keeps memory tidy.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{AccessToken, Clock};
+
+/// Cache key: index of the provider in the source's provider list, and the user.
+pub(crate) type Key = (u32, uuid::Uuid);
+
+/// Whether a token with this expiry may be served at `now` (DESIGN.md: usable while
+/// `expiry - skew > now`, or when it never expires).
+pub(crate) fn usable(expiry: Option<DateTime<Utc>>, now: DateTime<Utc>, skew: Duration) -> bool {
+    match expiry {
+        None => true,
+        Some(exp) => exp - to_chrono(skew) > now,
+    }
+}
+
+/// Whether the token still works at the provider (ignoring skew): served as a last
+/// resort while the provider or the store is down.
+pub(crate) fn unexpired(expiry: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    expiry.is_none_or(|exp| exp > now)
+}
+
+pub(crate) fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// One cached link.
+pub(crate) struct Entry {
+    /// The token served on hits.
+    pub token: AccessToken,
+    /// When refresh-ahead should replace it (None: never, e.g. no expiry).
+    pub ahead_at: Option<DateTime<Utc>>,
+    /// Last `get()` that served it, unix milliseconds on the injected clock.
+    last_used_ms: AtomicI64,
+    /// A refresh-ahead was already started for this version.
+    pub ahead_started: AtomicBool,
+    /// `refresh_rejected` already refreshed this version once.
+    pub rejected_once: AtomicBool,
+    /// The change feed's resync generation when cached. Entries from before the
+    /// last resync are not served on the hit path (they may have missed a change),
+    /// but remain a last resort while the store is unreachable.
+    pub generation: u64,
+}
+
+impl Entry {
+    /// Builds an entry. `lifetime` is how long the token was valid when issued
+    /// (None when unknown); `remaining` is `tokens.refresh_ahead_remaining`.
+    pub fn new(
+        token: AccessToken,
+        lifetime: Option<chrono::Duration>,
+        remaining: f64,
+        skew: Duration,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let ahead_at = match (token.expiry(), lifetime) {
+            (Some(exp), Some(life)) if life > chrono::Duration::zero() => {
+                ahead_time(exp, life, remaining, skew, rand::random::<f64>())
+            }
+            _ => None,
+        };
+        Self {
+            token,
+            ahead_at,
+            last_used_ms: AtomicI64::new(now.timestamp_millis()),
+            ahead_started: AtomicBool::new(false),
+            rejected_once: AtomicBool::new(false),
+            generation: 0,
+        }
+    }
+
+    /// Records a use (a relaxed store: hits stay lock-free).
+    pub fn touch(&self, now: DateTime<Utc>) {
+        self.last_used_ms
+            .store(now.timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// Whether it was served within `window` of `now`.
+    pub fn used_within(&self, now: DateTime<Utc>, window: Duration) -> bool {
+        let last = self.last_used_ms.load(Ordering::Relaxed);
+        now.timestamp_millis() - last <= i64::try_from(window.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// When to refresh ahead: once `remaining` of the lifetime is left, moved earlier by
+/// up to a quarter of that by `jitter` (0..1) so replicas and users spread out, and
+/// never later than the moment the token stops being usable.
+pub(crate) fn ahead_time(
+    expiry: DateTime<Utc>,
+    lifetime: chrono::Duration,
+    remaining: f64,
+    skew: Duration,
+    jitter: f64,
+) -> Option<DateTime<Utc>> {
+    if remaining <= 0.0 {
+        return None;
+    }
+    let lead_ms = lifetime.num_milliseconds() as f64 * remaining * (1.0 + 0.25 * jitter);
+    let at = expiry - chrono::Duration::milliseconds(lead_ms as i64);
+    let unusable_at = expiry - to_chrono(skew);
+    Some(at.min(unusable_at))
+}
+
+/// moka expiry: drop an entry once it can no longer be served (expiry minus skew,
+/// on the injected clock, converted to a duration from now).
+pub(crate) struct EntryExpiry {
+    pub clock: Arc<dyn Clock>,
+    pub skew: Duration,
+}
+
+impl EntryExpiry {
+    fn ttl(&self, value: &Arc<Entry>) -> Option<Duration> {
+        let exp = value.token.expiry()?;
+        let left = exp - to_chrono(self.skew) - self.clock.now();
+        Some(left.to_std().unwrap_or(Duration::ZERO))
+    }
+}
+
+impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Key,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        self.ttl(value)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Key,
+        value: &Arc<Entry>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        // A replaced entry is a new token version: its own expiry counts.
+        self.ttl(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn usable_respects_skew_and_never() {
+        let skew = Duration::from_secs(60);
+        assert!(usable(None, t(0), skew));
+        assert!(usable(Some(t(61)), t(0), skew));
+        assert!(!usable(Some(t(60)), t(0), skew));
+        assert!(!usable(Some(t(-1)), t(0), skew));
+        assert!(unexpired(Some(t(1)), t(0)));
+        assert!(!unexpired(Some(t(0)), t(0)));
+    }
+
+    #[test]
+    fn ahead_time_is_at_remaining_fraction_with_jitter_earlier() {
+        let life = chrono::Duration::seconds(1000);
+        let skew = Duration::from_secs(10);
+        assert_eq!(ahead_time(t(1000), life, 0.2, skew, 0.0), Some(t(800)));
+        assert_eq!(ahead_time(t(1000), life, 0.2, skew, 1.0), Some(t(750)));
+        // Short lifetimes: never later than the moment the token becomes unusable.
+        assert_eq!(ahead_time(t(1000), life, 0.001, skew, 0.0), Some(t(990)));
+        assert_eq!(ahead_time(t(1000), life, 0.0, skew, 0.0), None);
+    }
+}

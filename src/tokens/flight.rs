@@ -1,0 +1,589 @@
+//! One flight per (provider, user) per process: the only code that reads a link
+//! from the store, takes the cross-replica lease and talks to the provider.
+//!
+//! A flight runs in its own spawned task; callers await a shared handle to it, so
+//! all concurrent callers get the same result (errors included) and a caller that
+//! goes away does not abandon a refresh half-way — which could otherwise exchange a
+//! single-use refresh token and never persist the new one.
+//!
+//! The flight's loop (DESIGN.md, "Refresh semantics"): re-read the row; serve it if
+//! usable (another flight or replica may have refreshed); answer `reauth_required`
+//! if a permanent failure is recorded; otherwise claim the lease. If someone else
+//! holds it, wait for their change notification (or poll) and start over; if we get
+//! it, exchange, then compare-and-swap the result in on the refresh token exactly as
+//! read. Every path that finds the row changed under it re-reads instead of writing.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use secrecy::ExposeSecret;
+use tokio::sync::broadcast;
+
+use super::cache::{self, Entry, Key};
+use super::{AccessToken, Inner, TokenError};
+use crate::oauth::{RefreshError, Refreshed};
+use crate::store::{Lease, LeaseClaim, Link, TokenSet};
+use crate::telemetry::{ProviderLabels, RefreshOutcome};
+
+/// What a flight produced: the token, and whether getting it took a provider exchange.
+#[derive(Clone)]
+pub(crate) struct Served {
+    pub token: AccessToken,
+    pub exchanged: bool,
+}
+
+type FlightResult = Result<Served, TokenError>;
+
+/// A running flight, shared by everyone waiting for its key.
+pub(crate) struct Flight {
+    id: u64,
+    pub fut: Shared<BoxFuture<'static, FlightResult>>,
+}
+
+/// What the caller needs from the flight.
+#[derive(Clone)]
+pub(crate) enum Want {
+    /// Any usable token. `stale`: the cache held an unusable one, so finding a fresh
+    /// row means someone else refreshed it (counted as `adopted`).
+    Usable { stale: bool },
+    /// A token other than this one (refresh-ahead, or an upstream rejected it), even
+    /// if it is still usable.
+    Replace(AccessToken),
+}
+
+/// How often a waiter re-reads while another holder has the lease, when no change
+/// notification arrives first.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Joins the running flight for `key`, or starts one.
+pub(crate) async fn run(inner: &Arc<Inner>, key: Key, want: Want) -> FlightResult {
+    let fut = {
+        let mut flights = inner.flights.lock();
+        if let Some(f) = flights.get(&key) {
+            f.fut.clone()
+        } else {
+            let id = inner.flight_seq.fetch_add(1, Ordering::Relaxed);
+            let task_inner = inner.clone();
+            let handle = tokio::spawn(async move {
+                let out = fly(task_inner.clone(), key, want).await;
+                // The result is cached (when cacheable) before the flight leaves the
+                // map, so a newcomer finds one or the other.
+                let mut flights = task_inner.flights.lock();
+                if flights.get(&key).is_some_and(|f| f.id == id) {
+                    flights.remove(&key);
+                }
+                out
+            });
+            let fut = async move {
+                handle.await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "token flight panicked");
+                    Err(TokenError::IdpUnavailable)
+                })
+            }
+            .boxed()
+            .shared();
+            flights.insert(
+                key,
+                Flight {
+                    id,
+                    fut: fut.clone(),
+                },
+            );
+            fut
+        }
+    };
+    fut.await
+}
+
+/// Control flow of one step of the flight loop.
+enum Step {
+    Done(FlightResult),
+    /// The row changed under us (or a holder finished): read it again.
+    Reread,
+}
+
+/// The flight, boxed with an owned handle: keeps rustc's `Send` inference for the
+/// spawned task local (borrowed futures inside trip "not general enough").
+fn fly(inner: Arc<Inner>, key: Key, want: Want) -> BoxFuture<'static, FlightResult> {
+    async move { fly_loop(&inner, key, want).await }.boxed()
+}
+
+async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    let user = key.1;
+    // Subscribe before the first read so no wake-up between read and wait is lost.
+    let mut changes = inner.changes.subscribe();
+    // A holder can keep us waiting at most a lease (plus its own slack); bound the
+    // whole flight so a store that keeps answering "held" cannot pin callers.
+    let give_up = tokio::time::Instant::now() + inner.cfg.lease_timeout * 3;
+    let mut waited = false;
+    loop {
+        let epoch = inner.epoch(&key);
+        let row = match inner.store.get_link(provider_id, user).await {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                inner.uncache(key).await;
+                return Err(TokenError::LinkMissing);
+            }
+            Err(e) => {
+                tracing::warn!(provider = provider_id, %user, error = %e, "cannot read link");
+                return cached_fallback(inner, &key, TokenError::StoreUnavailable).await;
+            }
+        };
+        match judge(&row, &want, waited, inner.clock.now(), inner.skew()) {
+            Verdict::Serve { adopted } => {
+                if adopted {
+                    inner
+                        .metrics
+                        .refresh_outcome(provider_id, RefreshOutcome::Adopted);
+                }
+                return Ok(serve_row(inner, key, &row, epoch).await);
+            }
+            Verdict::Reauth => return Err(TokenError::ReauthRequired),
+            // Nothing to refresh with: serve what still works, else the user must log in.
+            Verdict::Unrefreshable => {
+                return still_valid(inner, &row).ok_or(TokenError::ReauthRequired)
+            }
+            Verdict::Refresh { retarget } => {
+                if retarget {
+                    // Someone replaced the token we wanted gone, but theirs needs a
+                    // refresh too.
+                    want = Want::Usable { stale: true };
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= give_up {
+            tracing::warn!(provider = provider_id, %user, "gave up waiting for the refresh lease");
+            return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
+        }
+        match claim_and_refresh(inner, key, &row, &mut changes).await {
+            Step::Done(r) => return r,
+            Step::Reread => waited = true,
+        }
+    }
+}
+
+/// What to do with a freshly read row.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Serve it; `adopted` when someone else's refresh produced it.
+    Serve { adopted: bool },
+    /// A permanent failure is recorded: the user must log in again.
+    Reauth,
+    /// No refresh token stored.
+    Unrefreshable,
+    /// Refresh it; `retarget` when the row is newer than the token the caller wanted
+    /// replaced (so any usable token will do from now on).
+    Refresh { retarget: bool },
+}
+
+/// Decides on a row (pure: the rules of DESIGN.md "Refresh semantics").
+fn judge(
+    row: &Link,
+    want: &Want,
+    waited: bool,
+    now: chrono::DateTime<chrono::Utc>,
+    skew: Duration,
+) -> Verdict {
+    let is_usable = cache::usable(row.expiry, now, skew);
+    let newer = match want {
+        Want::Replace(old) => row.access_token.expose_secret() != old.expose_secret(),
+        Want::Usable { .. } => false,
+    };
+    let any_usable = matches!(want, Want::Usable { .. });
+    if is_usable && (newer || any_usable) {
+        let adopted = newer || waited || matches!(want, Want::Usable { stale: true });
+        return Verdict::Serve { adopted };
+    }
+    if !row.refresh_failure_reason.is_empty() {
+        return Verdict::Reauth;
+    }
+    if row.refresh_token.expose_secret().is_empty() {
+        return Verdict::Unrefreshable;
+    }
+    Verdict::Refresh { retarget: newer }
+}
+
+/// Claims the cross-replica lease for the row's refresh token; exchanges it if we
+/// get it, else waits for the holder (change notification or poll).
+async fn claim_and_refresh(
+    inner: &Arc<Inner>,
+    key: Key,
+    row: &Link,
+    changes: &mut broadcast::Receiver<Option<Key>>,
+) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    let claim = inner
+        .store
+        .claim_refresh_lease(
+            provider_id,
+            key.1,
+            &row.refresh_token_stored,
+            inner.cfg.lease_timeout,
+        )
+        .await;
+    match claim {
+        Err(e) => {
+            tracing::warn!(provider = provider_id, user = %key.1, error = %e, "cannot claim refresh lease");
+            Step::Done(still_valid(inner, row).ok_or(TokenError::StoreUnavailable))
+        }
+        Ok(LeaseClaim::Changed) => Step::Reread,
+        Ok(LeaseClaim::Held { until }) => {
+            let left = (until - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(10));
+            wait_for_change(changes, key, left.min(POLL)).await;
+            Step::Reread
+        }
+        Ok(LeaseClaim::Acquired(lease)) => {
+            // The claim checks the refresh token, not the failure reason: a holder
+            // that just recorded a rejection and let its lease go leaves the same
+            // refresh token behind. Look once more before calling the provider, so a
+            // dead token is presented only once.
+            let step = match recheck(inner, key, row).await {
+                Some(step) => step,
+                None => exchange(inner, key, row, &lease).await,
+            };
+            let store = inner.store.clone();
+            // Best effort: a failed release only delays others until it expires, and
+            // must never turn our result into an error.
+            tokio::spawn(async move {
+                if let Err(e) = store.release_refresh_lease(&lease).await {
+                    tracing::debug!(error = %e, "releasing refresh lease failed");
+                }
+            });
+            step
+        }
+    }
+}
+
+/// Re-reads the row under a fresh lease: `None` when it is still the one to
+/// exchange, else what to do instead.
+async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<Step> {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(now)) if now.refresh_token_stored != row.refresh_token_stored => Some(Step::Reread),
+        Ok(Some(now)) if !now.refresh_failure_reason.is_empty() => {
+            Some(Step::Done(Err(TokenError::ReauthRequired)))
+        }
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Step::Done(Err(TokenError::LinkMissing))),
+        Err(_) => Some(Step::Done(
+            still_valid(inner, row).ok_or(TokenError::StoreUnavailable),
+        )),
+    }
+}
+
+/// Exchanges the row's refresh token while we hold the lease, and settles the outcome.
+async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease) -> Step {
+    let provider = &inner.providers[key.0 as usize];
+    let started = tokio::time::Instant::now();
+    let result = provider
+        .client
+        .refresh(&row.refresh_token, inner.exchange_budget())
+        .await;
+    inner
+        .metrics
+        .refresh_duration
+        .get_or_create(&ProviderLabels {
+            provider: provider.id.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => persist(inner, key, row, r).await,
+        Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,
+        Err(e) => {
+            // Transient (or a client misconfiguration): nothing about the link changes.
+            tracing::warn!(provider = %provider.id, user = %key.1, error = %e, "refresh failed");
+            inner
+                .metrics
+                .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
+            Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable))
+        }
+    }
+}
+
+/// Writes a successful refresh with a compare-and-swap on the refresh token read.
+async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    let now = inner.clock.now();
+    let lifetime = r.expires_in.map(cache::to_chrono);
+    let new = TokenSet {
+        access_token: r.access_token,
+        // No new refresh token in the response: the old one stays valid.
+        refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
+        expiry: lifetime.map(|l| now + l),
+        extra: r.extra.or_else(|| row.extra.clone()),
+    };
+    let token = AccessToken::new(new.access_token.clone(), new.expiry);
+    let mut attempt = 0;
+    loop {
+        let epoch = inner.epoch(&key);
+        match inner
+            .store
+            .write_refreshed(provider_id, key.1, &row.refresh_token_stored, &new)
+            .await
+        {
+            Ok(true) => {
+                inner
+                    .metrics
+                    .refresh_outcome(provider_id, RefreshOutcome::Success);
+                tracing::info!(provider = provider_id, user = %key.1, "refreshed access token");
+                let entry = Entry::new(
+                    token.clone(),
+                    lifetime,
+                    inner.cfg.refresh_ahead_remaining,
+                    inner.skew(),
+                    now,
+                );
+                insert_if_current(inner, key, entry, epoch).await;
+                return Step::Done(Ok(Served {
+                    token,
+                    exchanged: true,
+                }));
+            }
+            Ok(false) => {
+                // Someone else's token is in the row: theirs wins, ours is dropped.
+                inner
+                    .metrics
+                    .refresh_outcome(provider_id, RefreshOutcome::LostRace);
+                tracing::info!(provider = provider_id, user = %key.1, "lost refresh race; serving the winner's token");
+                return lost_race(inner, key, token).await;
+            }
+            Err(e) if attempt < 2 => {
+                attempt += 1;
+                tracing::warn!(provider = provider_id, user = %key.1, error = %e, "storing refreshed token failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => {
+                // The provider rotated the token but we could not store it. The new
+                // access token works, so serve it; the link will need a new login if
+                // the old refresh token was single-use.
+                tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token");
+                return Step::Done(Ok(Served {
+                    token,
+                    exchanged: true,
+                }));
+            }
+        }
+    }
+}
+
+async fn lost_race(inner: &Arc<Inner>, key: Key, ours: AccessToken) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    let epoch = inner.epoch(&key);
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(row)) if cache::usable(row.expiry, inner.clock.now(), inner.skew()) => {
+            let mut served = serve_row(inner, key, &row, epoch).await;
+            served.exchanged = true;
+            Step::Done(Ok(served))
+        }
+        Ok(Some(_)) => Step::Reread,
+        Ok(None) => Step::Done(Err(TokenError::LinkMissing)),
+        // Ours is valid at the provider even though the row holds another one.
+        Err(_) => Step::Done(Ok(Served {
+            token: ours,
+            exchanged: true,
+        })),
+    }
+}
+
+/// The provider rejected the refresh token. Before calling it permanent, look again:
+/// if the row now holds another refresh token, a winner refreshed it and we use theirs.
+async fn rejected(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease, reason: &str) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(now_row)) if now_row.refresh_token_stored != row.refresh_token_stored => {
+            tracing::info!(provider = provider_id, user = %key.1, "refresh token rejected but the link changed; using the new one");
+            Step::Reread
+        }
+        Ok(Some(_)) => {
+            match inner
+                .store
+                .record_refresh_failure(
+                    provider_id,
+                    key.1,
+                    &row.refresh_token_stored,
+                    Some(lease),
+                    reason,
+                )
+                .await
+            {
+                Ok(true) => {
+                    inner
+                        .metrics
+                        .refresh_outcome(provider_id, RefreshOutcome::InvalidGrant);
+                    tracing::info!(provider = provider_id, user = %key.1, reason, "refresh token rejected; re-authentication required");
+                    inner.uncache(key).await;
+                    Step::Done(Err(TokenError::ReauthRequired))
+                }
+                // The row or the lease changed under us: look again.
+                Ok(false) => Step::Reread,
+                Err(e) => {
+                    tracing::warn!(provider = provider_id, user = %key.1, error = %e, "cannot record refresh failure");
+                    Step::Done(Err(TokenError::ReauthRequired))
+                }
+            }
+        }
+        Ok(None) => Step::Done(Err(TokenError::LinkMissing)),
+        Err(_) => Step::Done(Err(TokenError::ReauthRequired)),
+    }
+}
+
+/// Serves a row's token, caching it unless a change notification for its key
+/// arrived since the row was read (then the row may already be stale).
+async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Served {
+    let token = AccessToken::new(row.access_token.clone(), row.expiry);
+    // The lifetime the provider granted is not stored; the time since the last write
+    // approximates it (a refresh writes the row as it stores the token).
+    let lifetime = row.expiry.map(|e| e - row.updated_at);
+    let entry = Entry::new(
+        token.clone(),
+        lifetime,
+        inner.cfg.refresh_ahead_remaining,
+        inner.skew(),
+        inner.clock.now(),
+    );
+    insert_if_current(inner, key, entry, epoch).await;
+    Served {
+        token,
+        exchanged: false,
+    }
+}
+
+async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
+    if inner.epoch(&key) == epoch {
+        // A resync bumps every epoch, so an unchanged epoch means the current
+        // generation is the one the row was read in.
+        entry.generation = inner.generation();
+        inner.cache.insert(key, Arc::new(entry)).await;
+    }
+}
+
+/// The row's token if it still works at the provider (skew ignored): better than an
+/// error while the provider is down.
+fn still_valid(inner: &Inner, row: &Link) -> Option<Served> {
+    cache::unexpired(row.expiry, inner.clock.now()).then(|| Served {
+        token: AccessToken::new(row.access_token.clone(), row.expiry),
+        exchanged: false,
+    })
+}
+
+/// The cached token if it still works (skew ignored), else `err`.
+async fn cached_fallback(inner: &Inner, key: &Key, err: TokenError) -> FlightResult {
+    match inner.cached(*key).await {
+        Some(e) if cache::unexpired(e.token.expiry(), inner.clock.now()) => Ok(Served {
+            token: e.token.clone(),
+            exchanged: false,
+        }),
+        _ => Err(err),
+    }
+}
+
+/// Waits until a change for `key` (or a resync) is announced, or `max` passes.
+async fn wait_for_change(rx: &mut broadcast::Receiver<Option<Key>>, key: Key, max: Duration) {
+    let deadline = tokio::time::sleep(max);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return,
+            r = rx.recv() => match r {
+                Ok(Some(k)) if k != key => continue,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => {
+                    (&mut deadline).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredSecret;
+    use chrono::{TimeZone, Utc};
+    use secrecy::SecretString;
+
+    fn t(s: i64) -> chrono::DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn row(access: &str, refresh: &str, expiry: i64, reason: &str) -> Link {
+        Link {
+            provider_id: "p".into(),
+            user_id: uuid::Uuid::nil(),
+            access_token: SecretString::from(access.to_string()),
+            refresh_token: SecretString::from(refresh.to_string()),
+            refresh_token_stored: StoredSecret(refresh.into()),
+            expiry: Some(t(expiry)),
+            extra: None,
+            refresh_failure_reason: reason.into(),
+            lease_expires_at: None,
+            created_at: t(-1000),
+            updated_at: t(-1000),
+        }
+    }
+
+    const SKEW: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn usable_row_is_served_and_adoption_is_noticed() {
+        let fresh = row("a1", "r1", 3600, "");
+        let any = Want::Usable { stale: false };
+        assert_eq!(
+            judge(&fresh, &any, false, t(0), SKEW),
+            Verdict::Serve { adopted: false }
+        );
+        assert_eq!(
+            judge(&fresh, &any, true, t(0), SKEW),
+            Verdict::Serve { adopted: true }
+        );
+        let stale = Want::Usable { stale: true };
+        assert_eq!(
+            judge(&fresh, &stale, false, t(0), SKEW),
+            Verdict::Serve { adopted: true }
+        );
+    }
+
+    #[test]
+    fn expired_row_is_refreshed_unless_failed_or_unrefreshable() {
+        let any = Want::Usable { stale: false };
+        let due = row("a1", "r1", 30, "");
+        assert_eq!(
+            judge(&due, &any, false, t(0), SKEW),
+            Verdict::Refresh { retarget: false }
+        );
+        let failed = row("a1", "r1", 30, "invalid_grant");
+        assert_eq!(judge(&failed, &any, false, t(0), SKEW), Verdict::Reauth);
+        let none = row("a1", "", 30, "");
+        assert_eq!(
+            judge(&none, &any, false, t(0), SKEW),
+            Verdict::Unrefreshable
+        );
+    }
+
+    #[test]
+    fn replace_refreshes_a_usable_token_only_while_it_is_the_same() {
+        let current = row("a1", "r1", 3600, "");
+        let same = Want::Replace(AccessToken::new(SecretString::from("a1".to_string()), None));
+        assert_eq!(
+            judge(&current, &same, false, t(0), SKEW),
+            Verdict::Refresh { retarget: false }
+        );
+        let other = Want::Replace(AccessToken::new(SecretString::from("a0".to_string()), None));
+        assert_eq!(
+            judge(&current, &other, false, t(0), SKEW),
+            Verdict::Serve { adopted: true }
+        );
+        let newer_but_due = row("a2", "r2", 30, "");
+        assert_eq!(
+            judge(&newer_but_due, &other, false, t(0), SKEW),
+            Verdict::Refresh { retarget: true }
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! Caller identity against a store that counts its calls: a busy caller costs
+//! one token lookup per cache lifetime and an occasional last-use write, not a
+//! query per request; static (sidecar) mode serves its one user without any
+//! credential and never forwards one.
+
+#[path = "support/proxy_harness.rs"]
+mod harness;
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::{create_token, get, FakeTokens, Harness};
+use sqlx::PgPool;
+use support::upstream::{tokens, CredentialForm, TestUpstream};
+use tokenproxy::crypto::Keyring;
+use tokenproxy::store::postgres::PgStore;
+use tokenproxy::store::{
+    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
+    RotateReport, StoreError, StoredSecret, TokenSet,
+};
+use uuid::Uuid;
+
+const GH_TOKEN: &str = "gho_callers";
+
+/// Delegates to Postgres, counting the proxy-token calls.
+struct Counting {
+    inner: PgStore,
+    finds: AtomicUsize,
+    touches: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl LinkStore for Counting {
+    async fn get_link(&self, p: &str, u: Uuid) -> Result<Option<Link>, StoreError> {
+        self.inner.get_link(p, u).await
+    }
+    async fn put_link(&self, p: &str, u: Uuid, t: &TokenSet) -> Result<(), StoreError> {
+        self.inner.put_link(p, u, t).await
+    }
+    async fn delete_link(&self, p: &str, u: Uuid) -> Result<bool, StoreError> {
+        self.inner.delete_link(p, u).await
+    }
+    async fn list_links(&self, u: Option<Uuid>) -> Result<Vec<LinkSummary>, StoreError> {
+        self.inner.list_links(u).await
+    }
+    async fn claim_refresh_lease(
+        &self,
+        p: &str,
+        u: Uuid,
+        old: &StoredSecret,
+        lease: Duration,
+    ) -> Result<LeaseClaim, StoreError> {
+        self.inner.claim_refresh_lease(p, u, old, lease).await
+    }
+    async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.release_refresh_lease(lease).await
+    }
+    async fn write_refreshed(
+        &self,
+        p: &str,
+        u: Uuid,
+        old: &StoredSecret,
+        new: &TokenSet,
+    ) -> Result<bool, StoreError> {
+        self.inner.write_refreshed(p, u, old, new).await
+    }
+    async fn record_refresh_failure(
+        &self,
+        p: &str,
+        u: Uuid,
+        old: &StoredSecret,
+        lease: Option<&Lease>,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .record_refresh_failure(p, u, old, lease, reason)
+            .await
+    }
+    async fn create_proxy_token(&self, t: &NewProxyToken) -> Result<ProxyTokenInfo, StoreError> {
+        self.inner.create_proxy_token(t).await
+    }
+    async fn find_proxy_token(&self, h: &[u8; 32]) -> Result<Option<ProxyTokenInfo>, StoreError> {
+        self.finds.fetch_add(1, Ordering::SeqCst);
+        self.inner.find_proxy_token(h).await
+    }
+    async fn list_proxy_tokens(&self, u: Option<Uuid>) -> Result<Vec<ProxyTokenInfo>, StoreError> {
+        self.inner.list_proxy_tokens(u).await
+    }
+    async fn revoke_proxy_token(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.inner.revoke_proxy_token(id).await
+    }
+    async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError> {
+        self.touches.fetch_add(1, Ordering::SeqCst);
+        self.inner.touch_proxy_token(id).await
+    }
+    async fn rotate_keys(&self) -> Result<RotateReport, StoreError> {
+        self.inner.rotate_keys().await
+    }
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.inner.ready().await
+    }
+    async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {
+        self.inner.watch_changes().await
+    }
+}
+
+fn config_toml(upstream: &str, callers: &str) -> String {
+    format!(
+        r#"
+[callers]
+{callers}
+
+[[providers]]
+id = "github"
+client_id = "cid"
+token_url = "http://127.0.0.1:9/token"
+
+  [[providers.routes]]
+  prefix = "/gh/api"
+  upstream = "{upstream}"
+"#
+    )
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_busy_caller_costs_one_lookup_and_one_touch(pool: PgPool) {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(Counting {
+        inner: PgStore::from_pool(pool, Keyring::plaintext()),
+        finds: AtomicUsize::new(0),
+        touches: AtomicUsize::new(0),
+    });
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&config_toml(
+        &api.url(),
+        "cache_ttl = \"1h\"\ntouch_interval = \"1h\"",
+    ));
+    let proxy = Harness::start(config, store.clone(), fake).await;
+    let auth = format!("Bearer {token}");
+    let calls = (0..50).map(|_| {
+        let url = proxy.url("/gh/api/user");
+        let auth = auth.clone();
+        async move { get(&url, &[("authorization", &auth)]).await.status }
+    });
+    for status in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        store.finds.load(Ordering::SeqCst),
+        1,
+        "one lookup for 50 requests"
+    );
+    // The last-use write is spawned off the request path: wait for it (bounded).
+    let mut used = None;
+    for _ in 0..200 {
+        used = store.inner.list_proxy_tokens(Some(user)).await.unwrap()[0].last_used_at;
+        if used.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(used.is_some(), "last_used_at recorded");
+    assert_eq!(store.touches.load(Ordering::SeqCst), 1, "touched once");
+    assert_eq!(api.count(), 50);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn static_mode_serves_its_user_without_a_credential(pool: PgPool) {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&config_toml(
+        &api.url(),
+        &format!("mode = \"static\"\nstatic_user = \"{user}\""),
+    ));
+    let proxy = Harness::start(config, store, fake).await;
+    let a = get(&proxy.url("/gh/api/user"), &[]).await;
+    assert_eq!(a.status, 200);
+    // A caller-supplied credential is replaced, never forwarded.
+    let a = get(
+        &proxy.url("/gh/api/user"),
+        &[
+            ("authorization", "Bearer caller-own"),
+            ("proxy-authorization", "Basic eDp5"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    for r in api.requests() {
+        assert_eq!(r.token.as_deref(), Some(GH_TOKEN));
+        assert!(r.headers.get("proxy-authorization").is_none());
+        assert_eq!(r.headers.get_all("authorization").iter().count(), 1);
+    }
+}

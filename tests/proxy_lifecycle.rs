@@ -1,0 +1,256 @@
+//! Connection-level behaviour of the proxy listener: graceful shutdown with a
+//! request in flight, `Expect: 100-continue`, HTTP/2 (h2c) callers, and the
+//! request-head limits.
+
+#[path = "support/proxy_harness.rs"]
+mod harness;
+mod support;
+
+use std::sync::Arc;
+
+use harness::{create_token, get, raw, raw_status, FakeTokens, Harness};
+use sqlx::PgPool;
+use support::upstream::{tokens, CredentialForm, TestUpstream};
+use tokenproxy::crypto::Keyring;
+use tokenproxy::store::postgres::PgStore;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+const GH_TOKEN: &str = "gho_lifecycle";
+
+struct World {
+    api: TestUpstream,
+    proxy: Harness,
+    token: String,
+}
+
+async fn world(pool: PgPool, server_toml: &str) -> World {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&format!(
+        r#"
+[server]
+{server_toml}
+
+[[providers]]
+id = "github"
+client_id = "cid"
+token_url = "http://127.0.0.1:9/token"
+
+  [[providers.routes]]
+  prefix = "/gh/api"
+  upstream = "{}"
+"#,
+        api.url()
+    ));
+    let proxy = Harness::start(config, store, fake).await;
+    World { api, proxy, token }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn shutdown_lets_the_in_flight_request_finish_and_refuses_new_connections(pool: PgPool) {
+    let mut w = world(pool, r#"shutdown_grace = "30s""#).await;
+    let url = w.proxy.url("/gh/api/slow");
+    let auth = format!("Bearer {}", w.token);
+    let in_flight = tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await });
+    w.api.slow_arrived(1).await;
+
+    let server = w.proxy.begin_shutdown();
+    // The listener closes promptly; wait (bounded) until connecting is refused.
+    assert!(
+        wait_refused(w.proxy.addr).await,
+        "new connections are still accepted after shutdown"
+    );
+    assert!(!in_flight.is_finished());
+
+    w.api.release_slow();
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["target"], "/slow");
+    server.await.unwrap().unwrap();
+}
+
+/// Sends a request head with `Expect: 100-continue`, waits for the interim
+/// response, then sends the body; returns the final status line.
+async fn expect_continue(w: &World, len: usize) -> String {
+    let mut stream = TcpStream::connect(w.proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /gh/api/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {len}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        w.token
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim_end(), "HTTP/1.1 100 Continue");
+    let mut blank = String::new();
+    reader.read_line(&mut blank).await.unwrap();
+    assert_eq!(blank, "\r\n");
+    reader.get_mut().write_all(&vec![b'x'; len]).await.unwrap();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).await.unwrap();
+    rest
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn expect_100_continue_works_for_small_and_streamed_bodies(pool: PgPool) {
+    let w = world(pool, "").await;
+    for len in [10, 200 * 1024] {
+        let resp = expect_continue(&w, len).await;
+        assert_eq!(raw_status(&resp), 200, "{resp}");
+        assert_eq!(w.api.requests().pop().unwrap().body_len, len as u64);
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn h2c_callers_are_served(pool: PgPool) {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    let w = world(pool, "").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    let req = http::Request::get(w.proxy.url("/gh/api/h2?x=1"))
+        .header("authorization", format!("Bearer {}", w.token))
+        .body(Empty::new())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["target"], "/h2?x=1");
+    let seen = w.api.requests().pop().unwrap();
+    assert_eq!(seen.headers["host"], w.api.addr.to_string());
+    assert_eq!(seen.token.as_deref(), Some(GH_TOKEN));
+    // forwarded_headers is off by default: nothing about the caller is added.
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "via",
+    ] {
+        assert!(seen.headers.get(name).is_none(), "{name} was added");
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn oversized_request_heads_are_refused(pool: PgPool) {
+    let w = world(pool, "max_header_bytes = 8192").await;
+    let big = "a".repeat(16 * 1024);
+    let resp = raw(
+        w.proxy.addr,
+        &format!(
+            "GET /gh/api/user HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nX-Big: {big}\r\nConnection: close\r\n\r\n",
+            w.token
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 431, "{resp}");
+    assert_eq!(w.api.count(), 0);
+}
+
+/// Polls (bounded) until connecting to `addr` is refused.
+async fn wait_refused(addr: std::net::SocketAddr) -> bool {
+    for _ in 0..500 {
+        if let Err(e) = TcpStream::connect(addr).await {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    false
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn sigterm_to_the_binary_drains_the_in_flight_request(pool: PgPool) {
+    use tokenproxy::store::{LinkStore, TokenSet};
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = PgStore::from_pool(pool.clone(), Keyring::plaintext());
+    let user = Uuid::new_v4();
+    let link = TokenSet {
+        access_token: GH_TOKEN.to_string().into(),
+        refresh_token: String::new().into(),
+        expiry: None,
+        extra: None,
+    };
+    store.put_link("github", user, &link).await.unwrap();
+    let (_, token) = create_token(&store, user, &[]).await;
+    let mut proxy = harness::Spawned::start(
+        &harness::db_url(&pool),
+        &format!(
+            "[[providers]]\nid = \"github\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
+            api.url()
+        ),
+    )
+    .await;
+    let url = proxy.url("/gh/api/slow");
+    let auth = format!("Bearer {token}");
+    let in_flight = tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await });
+    api.slow_arrived(1).await;
+
+    proxy.terminate();
+    assert!(
+        wait_refused(proxy.addr).await,
+        "still accepting after SIGTERM"
+    );
+    assert!(!in_flight.is_finished());
+    api.release_slow();
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, 200);
+    let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "serve exited with {status}");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn slow_or_silent_clients_are_cut_off(pool: PgPool) {
+    let w = world(pool, r#"header_read_timeout = "200ms""#).await;
+    for partial in ["", "GET /gh/api/user HTTP/1.1\r\nHost: x\r\n"] {
+        let mut stream = TcpStream::connect(w.proxy.addr).await.unwrap();
+        stream.write_all(partial.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        // The server must end the connection by itself; the outer bound only
+        // keeps a broken server from hanging the test.
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut out),
+        )
+        .await;
+        assert!(
+            ended.is_ok(),
+            "connection with head {partial:?} stayed open"
+        );
+    }
+    assert_eq!(w.api.count(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn connections_beyond_the_limit_wait_for_a_free_slot(pool: PgPool) {
+    let w = world(pool, "max_connections = 1").await;
+    let auth = format!("Bearer {}", w.token);
+    let slow = {
+        let (url, auth) = (w.proxy.url("/gh/api/slow"), auth.clone());
+        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+    };
+    w.api.slow_arrived(1).await;
+    let second = {
+        let (url, auth) = (w.proxy.url("/gh/api/user"), auth.clone());
+        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+    };
+    // While the only slot is taken, the second connection is not served.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!second.is_finished());
+    assert_eq!(w.api.count(), 1);
+    w.api.release_slow();
+    assert_eq!(slow.await.unwrap().status, 200);
+    assert_eq!(second.await.unwrap().status, 200);
+    assert_eq!(w.api.count(), 2);
+}

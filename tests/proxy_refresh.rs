@@ -1,0 +1,215 @@
+//! The proxy over the real token source and the test identity provider: an
+//! upstream's 401 causes exactly one refresh and one retry (and no loop), and the
+//! token source's failures reach the caller as DESIGN.md error codes.
+
+#[path = "support/proxy_harness.rs"]
+mod harness;
+mod support;
+
+use std::sync::Arc;
+
+use harness::{create_token, get, Harness};
+use sqlx::PgPool;
+use support::idp::{Fault, Idp, IdpOptions};
+use support::upstream::{CredentialForm, TestUpstream};
+use tokenproxy::config::Config;
+use tokenproxy::crypto::Keyring;
+use tokenproxy::proxy::TokenLookup;
+use tokenproxy::store::postgres::PgStore;
+use tokenproxy::store::LinkStore;
+use tokenproxy::telemetry::Metrics;
+use tokenproxy::tokens::{SystemClock, TokenSource};
+use uuid::Uuid;
+
+/// Config with one provider at `idp` routed to `upstream` with Bearer injection.
+pub fn idp_config(idp: &Idp, upstream: &str) -> Config {
+    harness::config(&format!(
+        r#"
+[callers]
+cache_ttl = "5s"
+
+[[providers]]
+id = "github"
+client_id = "test-client"
+client_secret = "test-secret"
+token_url = "{}"
+timeout = "500ms"
+
+  [[providers.routes]]
+  prefix = "/gh/api"
+  upstream = "{upstream}"
+"#,
+        idp.token_url()
+    ))
+}
+
+/// The real token source for `config` over `store`.
+pub fn token_source(config: &Config, store: Arc<dyn LinkStore>) -> Arc<TokenSource> {
+    TokenSource::new(
+        store,
+        &config.providers,
+        &config.tokens,
+        Metrics::new(),
+        Arc::new(SystemClock),
+    )
+    .unwrap()
+}
+
+struct World {
+    idp: Arc<Idp>,
+    api: TestUpstream,
+    store: Arc<PgStore>,
+    proxy: Harness,
+    auth: String,
+}
+
+async fn world(pool: PgPool) -> World {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let check = {
+        let idp = idp.clone();
+        Arc::new(move |t: &str| idp.is_valid_access_token(t))
+    };
+    let api = TestUpstream::start(CredentialForm::Bearer, check).await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    store
+        .put_link("github", user, &idp.seed(user))
+        .await
+        .unwrap();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let config = idp_config(&idp, &api.url());
+    let tokens = token_source(&config, store.clone());
+    let proxy = Harness::start(config, store.clone(), tokens).await;
+    World {
+        idp,
+        api,
+        store,
+        proxy,
+        auth: format!("Bearer {token}"),
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
+    let w = world(pool).await;
+    let h = [("authorization", w.auth.as_str())];
+    assert_eq!(get(&w.proxy.url("/gh/api/user"), &h).await.status, 200);
+    assert_eq!(w.idp.refreshes(), 0);
+
+    // An upstream that rejects every token: one refresh, one retry, then its 401.
+    let a = get(&w.proxy.url("/gh/api/always401"), &h).await;
+    assert_eq!(a.status, 401);
+    assert!(
+        a.error_code().is_none(),
+        "the upstream's own 401 passes through"
+    );
+    assert_eq!(w.idp.refreshes(), 1);
+    let seen: Vec<_> = w.api.requests().into_iter().map(|r| r.token).collect();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0], seen[1], "the first attempt used the cached token");
+    assert_ne!(seen[1], seen[2], "the retry used the refreshed token");
+    assert!(w.idp.is_valid_access_token(seen[2].as_deref().unwrap()));
+
+    // The refreshed token is now served from the cache, without another refresh.
+    assert_eq!(get(&w.proxy.url("/gh/api/user"), &h).await.status, 200);
+    assert_eq!(w.idp.refreshes(), 1);
+    assert_eq!(w.api.requests().pop().unwrap().token, seen[2]);
+
+    // A streamed body (over 64 KiB) cannot be replayed: the 401 passes through
+    // after one attempt, and the rejected token is still replaced once.
+    let before = w.api.count();
+    let a = harness::send(
+        http::Method::POST,
+        &w.proxy.url("/gh/api/always401"),
+        &h,
+        vec![1u8; 100 * 1024],
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert_eq!(w.api.count(), before + 1);
+    assert_eq!(w.idp.refreshes(), 2);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_token_the_upstream_revoked_is_replaced_transparently(pool: PgPool) {
+    let w = world(pool).await;
+    let h = [("authorization", w.auth.as_str())];
+    let first = {
+        assert_eq!(get(&w.proxy.url("/gh/api/user"), &h).await.status, 200);
+        w.api.requests()[0].token.clone().unwrap()
+    };
+    // The upstream stops accepting the first token (e.g. it was revoked there).
+    let idp = w.idp.clone();
+    let bad = first.clone();
+    w.api
+        .set_check(Arc::new(move |t| t != bad && idp.is_valid_access_token(t)));
+    let a = get(&w.proxy.url("/gh/api/user"), &h).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(w.idp.refreshes(), 1);
+    assert_eq!(w.api.count(), 3);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn token_source_failures_become_error_codes(pool: PgPool) {
+    let w = world(pool.clone()).await;
+    let url = w.proxy.url("/gh/api/user");
+
+    // link_missing: a caller whose user never linked the provider.
+    let stranger = Uuid::new_v4();
+    let (_, t) = create_token(&*w.store, stranger, &[]).await;
+    get(&url, &[("authorization", &format!("Bearer {t}"))])
+        .await
+        .assert_error(403, "link_missing");
+
+    // idp_unavailable: the access token expired and the provider does not answer
+    // within its deadline (a timed-out exchange is not retried).
+    let flaky = Uuid::new_v4();
+    let past = chrono::Utc::now() - chrono::Duration::hours(1);
+    w.store
+        .put_link("github", flaky, &w.idp.seed_with_expiry(flaky, Some(past)))
+        .await
+        .unwrap();
+    let (_, t) = create_token(&*w.store, flaky, &[]).await;
+    w.idp
+        .push_fault(Fault::Hang(std::time::Duration::from_secs(2)));
+    let a = get(&url, &[("authorization", &format!("Bearer {t}"))]).await;
+    a.assert_error(502, "idp_unavailable");
+    assert_eq!(a.json()["error"]["provider"], "github");
+
+    // reauth_required: the provider revoked the grant.
+    let revoked = Uuid::new_v4();
+    w.store
+        .put_link(
+            "github",
+            revoked,
+            &w.idp.seed_with_expiry(revoked, Some(past)),
+        )
+        .await
+        .unwrap();
+    w.idp.revoke(revoked);
+    let (_, t) = create_token(&*w.store, revoked, &[]).await;
+    get(&url, &[("authorization", &format!("Bearer {t}"))])
+        .await
+        .assert_error(403, "reauth_required");
+
+    // store_unavailable from the token phase: the token source's database is down
+    // (callers are still verified against the live one).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let db = tokenproxy::config::DatabaseConfig {
+        url: format!("postgres://postgres@127.0.0.1:{port}/none").into(),
+        acquire_timeout: std::time::Duration::from_millis(500),
+        ..Default::default()
+    };
+    let dead: Arc<dyn LinkStore> = Arc::new(PgStore::connect(&db, Keyring::plaintext()).unwrap());
+    let config = idp_config(&w.idp, &w.api.url());
+    let tokens: Arc<dyn TokenLookup> = token_source(&config, dead);
+    let proxy = Harness::start(config, w.store.clone(), tokens).await;
+    get(&proxy.url("/gh/api/user"), &[("authorization", &w.auth)])
+        .await
+        .assert_error(503, "store_unavailable");
+
+    // None of the failing requests reached the upstream.
+    assert_eq!(w.api.count(), 0);
+}

@@ -1,0 +1,393 @@
+//! Acceptance tests of the token source (issue 3) against real Postgres and the
+//! test identity provider (single-use rotating refresh tokens, counting every grant).
+//!
+//! Each "replica" is an independent `TokenSource` with its own pool, cache and
+//! metrics over the same database. Expiry is driven by a shared [`ManualClock`].
+
+#[path = "tokens_harness/mod.rs"]
+mod harness;
+mod support;
+
+use std::time::Duration;
+
+use harness::*;
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use support::idp::{Fault, Idp, IdpOptions, ManualClock};
+use tokenproxy::config::TokensConfig;
+use tokenproxy::store::{LeaseClaim, LinkStore};
+use tokenproxy::telemetry::RefreshOutcome;
+use tokenproxy::tokens::{Clock, TokenError};
+use uuid::Uuid;
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn five_hundred_concurrent_gets_refresh_once(pool: PgPool) {
+    on_multi_thread(&pool, five_hundred).await;
+}
+
+async fn five_hundred(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    idp.set_latency(Duration::from_millis(50));
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+
+    let results = concurrent_gets(&r.source, user, 500).await;
+    let token = all_same(&results);
+    assert_eq!(idp.attempts(), 1, "the provider saw exactly one request");
+    assert_eq!(idp.refreshes(), 1);
+    assert!(idp.is_valid_access_token(token.expose_secret()));
+    assert_eq!(r.outcome(RefreshOutcome::Success), 1);
+    assert_link_intact(&idp, &st, user).await;
+
+    // Later lookups are cache hits: still one refresh.
+    for _ in 0..10 {
+        assert!(r.source.get(P, user).await.unwrap().same_version(&token));
+    }
+    assert_eq!(idp.attempts(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn three_replicas_refresh_once(pool: PgPool) {
+    on_multi_thread(&pool, three_replicas).await;
+}
+
+async fn three_replicas(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    idp.set_latency(Duration::from_millis(50));
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    let providers = [idp.provider(P)];
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(replica(&pool, &providers, &tokens_cfg(), clock.clone()).await);
+    }
+
+    for round in 1..=2u64 {
+        let tasks: Vec<_> = replicas
+            .iter()
+            .map(|r| {
+                let s = r.source.clone();
+                tokio::spawn(async move { concurrent_gets(&s, user, 200).await })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        assert_eq!(all.len(), 600);
+        let token = all_same(&all);
+        assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
+        assert_eq!(idp.rejected(), 0);
+        assert!(idp.is_valid_access_token(token.expose_secret()));
+        assert_link_intact(&idp, &st, user).await;
+        // The next expiry: two hours later.
+        clock.advance(Duration::from_secs(7200));
+    }
+    let adopted: u64 = replicas
+        .iter()
+        .map(|r| r.outcome(RefreshOutcome::Adopted))
+        .sum();
+    let success: u64 = replicas
+        .iter()
+        .map(|r| r.outcome(RefreshOutcome::Success))
+        .sum();
+    assert_eq!(success, 2);
+    assert!(adopted >= 1, "waiting replicas adopted the winner's token");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn dead_lease_holder_delays_at_most_the_lease(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    let mut provider = idp.provider(P);
+    provider.timeout = Duration::from_millis(500);
+    let cfg = TokensConfig {
+        lease_timeout: Duration::from_secs(1),
+        ..tokens_cfg()
+    };
+    // A "replica" claims the lease and dies: it never refreshes nor releases.
+    let row = st.get_link(P, user).await.unwrap().unwrap();
+    let claim = st
+        .claim_refresh_lease(P, user, &row.refresh_token_stored, cfg.lease_timeout)
+        .await
+        .unwrap();
+    assert!(matches!(claim, LeaseClaim::Acquired(_)));
+
+    let r = replica(&pool, &[provider], &cfg, clock.clone()).await;
+    let started = tokio::time::Instant::now();
+    let token = r
+        .source
+        .get(P, user)
+        .await
+        .expect("refreshed after the lease ran out");
+    eprintln!(
+        "waited {:?} for a dead holder's 1 s lease",
+        started.elapsed()
+    );
+    assert!(idp.is_valid_access_token(token.expose_secret()));
+    assert_eq!(idp.refreshes(), 1);
+    assert_eq!(idp.rejected(), 0);
+    assert_link_intact(&idp, &st, user).await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn revoked_grant_is_permanent_and_asked_once(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    idp.revoke(user);
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::ReauthRequired
+    );
+    for _ in 0..100 {
+        assert_eq!(
+            r.source.get(P, user).await.unwrap_err(),
+            TokenError::ReauthRequired
+        );
+    }
+    assert_eq!(idp.attempts(), 1, "the provider saw one attempt in total");
+    assert_eq!(r.outcome(RefreshOutcome::InvalidGrant), 1);
+    let row = st.get_link(P, user).await.unwrap().unwrap();
+    assert!(!row.refresh_failure_reason.is_empty());
+
+    // A new login (link put) clears it, and every replica sees it at once.
+    st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    eventually("the new link is served", || async {
+        r.source.get(P, user).await.is_ok()
+    })
+    .await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn github_bad_refresh_token_is_permanent(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        github_style: true,
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    idp.revoke(user);
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    for _ in 0..5 {
+        assert_eq!(
+            r.source.get(P, user).await.unwrap_err(),
+            TokenError::ReauthRequired
+        );
+    }
+    assert_eq!(idp.attempts(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn transient_failures_record_nothing_and_recover(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    let mut provider = idp.provider(P);
+    provider.timeout = Duration::from_millis(300);
+    let r = replica(&pool, &[provider], &tokens_cfg(), clock.clone()).await;
+
+    // 500s on every retry inside the budget → idp_unavailable, nothing recorded.
+    for _ in 0..4 {
+        idp.push_fault(Fault::ServerError);
+    }
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempts(), 4, "bounded retries");
+    assert_eq!(idp.refreshes(), 0);
+    assert_link_intact(&idp, &st, user).await;
+
+    // A hang past the provider deadline → idp_unavailable, not retried (the provider
+    // may have processed it), nothing recorded.
+    idp.push_fault(Fault::Hang(Duration::from_secs(2)));
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_link_intact(&idp, &st, user).await;
+    assert_eq!(r.outcome(RefreshOutcome::TransientError), 2);
+    assert_eq!(r.outcome(RefreshOutcome::InvalidGrant), 0);
+
+    // 429 with Retry-After: honoured and retried inside the budget.
+    idp.push_fault(Fault::TooManyRequests {
+        retry_after_secs: 0,
+    });
+    let before = idp.attempts();
+    let token = r.source.get(P, user).await.expect("recovered");
+    assert_eq!(idp.attempts() - before, 2);
+    assert!(idp.is_valid_access_token(token.expose_secret()));
+    assert_eq!(idp.refreshes(), 1);
+    assert_link_intact(&idp, &st, user).await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn transient_failure_serves_still_valid_token(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    // Within the skew (60 s) but not expired: due for refresh, still works.
+    let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(30)));
+    st.put_link(P, user, &set).await.unwrap();
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    for _ in 0..4 {
+        idp.push_fault(Fault::ServerError);
+    }
+    let token = r
+        .source
+        .get(P, user)
+        .await
+        .expect("still-valid token served");
+    assert_eq!(token.expose_secret(), set.access_token.expose_secret());
+    assert!(idp.is_valid_access_token(token.expose_secret()));
+    assert_link_intact(&idp, &st, user).await;
+    // Recovery: the next call refreshes.
+    let fresh = r.source.get(P, user).await.unwrap();
+    assert_ne!(fresh.expose_secret(), set.access_token.expose_secret());
+    assert_eq!(idp.refreshes(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn expiry_follows_the_injected_clock(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(120)));
+    st.put_link(P, user, &set).await.unwrap();
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    let t0 = r.source.get(P, user).await.unwrap();
+    assert_eq!(t0.expose_secret(), set.access_token.expose_secret());
+    clock.advance(Duration::from_secs(59)); // 61 s left > 60 s skew: usable
+    assert!(r.source.get(P, user).await.unwrap().same_version(&t0));
+    assert_eq!(idp.attempts(), 0);
+    clock.advance(Duration::from_secs(1)); // 60 s left: inside the skew
+    let t1 = r.source.get(P, user).await.unwrap();
+    assert!(!t1.same_version(&t0));
+    assert_eq!(idp.refreshes(), 1);
+    // expires_in → absolute expiry on the injected clock.
+    assert_eq!(
+        t1.expiry(),
+        Some(clock.now() + chrono::Duration::seconds(3600))
+    );
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn store_outage_serves_cached_unexpired_token_then_store_unavailable(pool: PgPool) {
+    use tokenproxy::crypto::Keyring;
+    use tokenproxy::store::postgres::PgStore;
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(120)));
+    st.put_link(P, user, &set).await.unwrap();
+    let own = own_pool(&pool).await;
+    let r = replica_with(
+        std::sync::Arc::new(PgStore::from_pool(own.clone(), Keyring::plaintext())),
+        &[idp.provider(P)],
+        &tokens_cfg(),
+        clock.clone(),
+    )
+    .await;
+    let t0 = r.warm(user).await;
+    own.close().await; // the database is gone for this replica
+    clock.advance(Duration::from_secs(90)); // inside the skew, not yet expired
+    let t = r
+        .source
+        .get(P, user)
+        .await
+        .expect("cached unexpired token served");
+    assert!(t.same_version(&t0));
+    clock.advance(Duration::from_secs(60)); // expired
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::StoreUnavailable
+    );
+    assert_eq!(idp.attempts(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    let t0 = r.source.get(P, user).await.unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let s = r.source.clone();
+            let t0 = t0.clone();
+            tokio::spawn(async move { s.refresh_rejected(P, user, &t0).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        idp.refreshes(),
+        1,
+        "50 rejections of one version: one refresh"
+    );
+    let t1 = r.source.get(P, user).await.unwrap();
+    assert!(!t1.same_version(&t0));
+    assert_link_intact(&idp, &st, user).await;
+}

@@ -1,0 +1,219 @@
+//! Shared harness of the token source tests: "replicas" (independent token
+//! sources with their own pools, caches and metrics over one database), seeding,
+//! and the link invariants every test checks.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokenproxy::config::{ProviderConfig, TokensConfig};
+use tokenproxy::crypto::Keyring;
+use tokenproxy::store::postgres::PgStore;
+use tokenproxy::store::LinkStore;
+use tokenproxy::telemetry::{Metrics, RefreshLabels, RefreshOutcome};
+use tokenproxy::tokens::{AccessToken, Clock, TokenError, TokenSource};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::support::idp::Idp;
+
+pub const P: &str = "idp";
+
+/// One independent token source with its own pool, cache and metrics.
+pub struct Replica {
+    pub source: Arc<TokenSource>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Replica {
+    pub fn outcome(&self, outcome: RefreshOutcome) -> u64 {
+        self.metrics
+            .refresh
+            .get_or_create(&RefreshLabels {
+                provider: P.into(),
+                outcome,
+            })
+            .get()
+    }
+}
+
+pub async fn own_pool(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap()
+}
+
+pub fn tokens_cfg() -> TokensConfig {
+    TokensConfig {
+        refresh_ahead: false,
+        ..TokensConfig::default()
+    }
+}
+
+pub async fn replica_with(
+    store: Arc<dyn LinkStore>,
+    providers: &[ProviderConfig],
+    cfg: &TokensConfig,
+    clock: Arc<dyn Clock>,
+) -> Replica {
+    let metrics = Metrics::new();
+    let source = TokenSource::new(store, providers, cfg, metrics.clone(), clock).unwrap();
+    let shutdown = CancellationToken::new();
+    source.spawn_background(shutdown.clone());
+    Replica {
+        source,
+        metrics,
+        shutdown,
+    }
+}
+
+pub async fn replica(
+    pool: &PgPool,
+    providers: &[ProviderConfig],
+    cfg: &TokensConfig,
+    clock: Arc<dyn Clock>,
+) -> Replica {
+    let store = Arc::new(PgStore::from_pool(
+        own_pool(pool).await,
+        Keyring::plaintext(),
+    ));
+    replica_with(store, providers, cfg, clock).await
+}
+
+pub fn store(pool: &PgPool) -> PgStore {
+    PgStore::from_pool(pool.clone(), Keyring::plaintext())
+}
+
+/// Seeds a link whose access token already expired (at the IdP too).
+pub async fn seed_expired(idp: &Idp, store: &PgStore, clock: &dyn Clock, user: Uuid) {
+    let set = idp.seed_with_expiry(user, Some(clock.now() - chrono::Duration::seconds(10)));
+    store.put_link(P, user, &set).await.unwrap();
+}
+
+/// Asserts the stored link holds the IdP's current refresh token and no failure.
+pub async fn assert_link_intact(idp: &Idp, store: &PgStore, user: Uuid) {
+    let row = store.get_link(P, user).await.unwrap().expect("link exists");
+    assert_eq!(
+        Some(row.refresh_token.expose_secret().to_string()),
+        idp.current_refresh_token(user),
+        "row holds the provider's current refresh token"
+    );
+    assert_eq!(row.refresh_failure_reason, "");
+}
+
+/// Waits (bounded) for a background effect such as a change notification.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub async fn concurrent_gets(
+    source: &Arc<TokenSource>,
+    user: Uuid,
+    n: usize,
+) -> Vec<Result<AccessToken, TokenError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let s = source.clone();
+            tokio::spawn(async move { s.get(P, user).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+pub fn all_same(results: &[Result<AccessToken, TokenError>]) -> AccessToken {
+    let first = results[0].as_ref().expect("get succeeded").clone();
+    for r in results {
+        let t = r.as_ref().expect("get succeeded");
+        assert_eq!(
+            t.expose_secret(),
+            first.expose_secret(),
+            "all callers got the same token"
+        );
+    }
+    first
+}
+
+/// Runs `f` on a fresh multi-thread runtime (4 workers) with its own pool to the
+/// test's database: `#[sqlx::test]` runs on a current-thread runtime, which would
+/// hide races between truly parallel callers.
+pub async fn on_multi_thread<F, Fut>(pool: &PgPool, f: F)
+where
+    F: FnOnce(PgPool) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let opts = pool.connect_options().as_ref().clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .connect_with(opts)
+                .await
+                .unwrap();
+            f(pool).await
+        });
+    });
+    let joined = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap();
+    if let Err(panic) = joined {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+impl Replica {
+    /// Cache hits so far.
+    pub fn hits(&self) -> u64 {
+        use tokenproxy::telemetry::{LookupLabels, LookupResult};
+        self.metrics
+            .token_lookups
+            .get_or_create(&LookupLabels {
+                result: LookupResult::Hit,
+            })
+            .get()
+    }
+
+    /// Gets until the token is served from the cache: the change feed's first
+    /// resync may retire what the first lookup cached.
+    pub async fn warm(&self, user: Uuid) -> AccessToken {
+        let before = self.hits();
+        for _ in 0..200 {
+            let token = self.source.get(P, user).await.unwrap();
+            if self.hits() > before {
+                return token;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the token never got cached");
+    }
+}
