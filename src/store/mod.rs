@@ -306,7 +306,14 @@ pub trait LinkStore: Send + Sync + 'static {
     async fn rotate_keys(&self) -> Result<RotateReport, StoreError>;
 
     /// Applies every pending migration of this backend; a no-op when all are applied.
-    async fn migrate(&self) -> Result<(), StoreError>;
+    ///
+    /// Both database backends implement it; the default is for wrappers and test
+    /// doubles, which have no schema of their own.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        Err(StoreError::Other(
+            "this store has no migrations of its own".into(),
+        ))
+    }
 
     /// Whether the database answers and every migration is applied.
     async fn ready(&self) -> Result<(), StoreError>;
