@@ -2,9 +2,10 @@
 //! refresh storm the test provider sees exactly one refresh per expired link,
 //! and every request is answered by the upstream with the fresh token.
 //!
-//! Without NOTIFY, the process that loses the lease claim polls the row until
-//! the winner's write lands; the lease claim itself is one conditional UPDATE
-//! that SQLite serialises across the processes.
+//! The lease claim is one conditional UPDATE that SQLite serialises across the
+//! processes; the loser learns of the winner's write from the polled change log
+//! (SQLite has no NOTIFY), which also carries a `link delete` made elsewhere to
+//! both processes' caches.
 
 #[path = "support/proxy_harness.rs"]
 mod harness;
@@ -135,4 +136,22 @@ async fn two_serve_processes_on_one_sqlite_file_refresh_once() {
     assert_eq!(success, users.len() as u64);
     assert!(adopted >= 1, "a waiting process adopted the winner's token");
     assert_eq!(served_by, 2);
+
+    // A link deleted by another process (here: the test's own store) stops
+    // being served by both, though their caches held a valid token.
+    assert!(store.delete_link(P, users[0]).await.unwrap());
+    let auth = format!("Bearer {}", tokens[0]);
+    for p in &procs {
+        let url = p.url("/idp/api/whoami");
+        let mut answer = get(&url, &[("authorization", &auth)]).await;
+        // Bounded wait for the change to propagate (polling, not a timing assertion).
+        for _ in 0..200 {
+            if answer.status != 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            answer = get(&url, &[("authorization", &auth)]).await;
+        }
+        answer.assert_error(403, "link_missing");
+    }
 }

@@ -1,7 +1,7 @@
 //! The token source over the SQLite store: independent replicas (each its own
 //! pool on one file, its own cache and metrics) refresh each expiry exactly once.
-//! There is no change feed on SQLite, so the replicas that lose the lease find
-//! the winner's token by polling the row.
+//! The replicas that lose the lease learn of the winner's write from the polled
+//! change log (or their own poll of the row) and adopt it.
 
 #[path = "tokens_harness/mod.rs"]
 mod harness;

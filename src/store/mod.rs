@@ -319,8 +319,8 @@ pub trait LinkStore: Send + Sync + 'static {
     async fn ready(&self) -> Result<(), StoreError>;
 
     /// Starts the change feed. Emits [`ChangeEvent::Resync`] after every (re)connect.
-    /// Backends without notifications return a receiver that yields `Resync` once
-    /// and then nothing (it stays open); their waiters poll.
+    /// Every change that applied is announced, to every process on the database,
+    /// except a lease claim. The feed stays open while the receiver lives.
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError>;
 }
 

@@ -10,9 +10,10 @@
 //! Every conditional write — compare-and-swap, lease claim, fenced release — is a
 //! single `UPDATE ... WHERE` statement. SQLite runs each statement under its one
 //! writer lock, so these stay atomic across processes sharing the file (WAL mode;
-//! a writer waits up to `busy_timeout` for another). There is no NOTIFY: the change
-//! feed says [`ChangeEvent::Resync`] once, and waiters poll the row.
+//! a writer waits up to `busy_timeout` for another). There is no NOTIFY: triggers
+//! append every change to `link_changes`, which each process's change feed polls.
 
+mod feed;
 mod lease;
 mod refresh;
 mod rotate;
@@ -544,12 +545,6 @@ impl LinkStore for SqliteStore {
     }
 
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {
-        // No notifications: say "anything may have changed" once, then stay
-        // silent. The sender lives until the receiver goes, because a closed
-        // feed means "reconnect" to consumers.
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let _ = tx.try_send(ChangeEvent::Resync);
-        tokio::spawn(async move { tx.closed().await });
-        Ok(rx)
+        feed::watch(&self.pool).await
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use tokenproxy::config::EncryptionFormat;
 use tokenproxy::crypto::Keyring;
-use tokenproxy::store::{LeaseClaim, LinkStore, NewProxyToken, StoreError};
+use tokenproxy::store::{ChangeEvent, LeaseClaim, LinkStore, NewProxyToken, StoreError};
 use uuid::Uuid;
 
 use super::{keyring, stored, tokens, Backend, KEY_A, KEY_B};
@@ -547,4 +547,69 @@ pub async fn proxy_tokens_create_find_list_revoke_touch(b: &dyn Backend) {
     assert!(!store.revoke_proxy_token(Uuid::new_v4()).await.unwrap());
     let revoked = store.find_proxy_token(&hash).await.unwrap().unwrap();
     assert!(revoked.revoked_at.is_some());
+}
+
+/// The next change event, within a bound so a broken feed fails instead of hanging.
+pub async fn next_event(rx: &mut tokio::sync::mpsc::Receiver<ChangeEvent>) -> ChangeEvent {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("change event within the bound")
+        .expect("feed open")
+}
+
+/// Every change that applied reaches another replica's feed, in order; writes
+/// that did not apply, and lease claims, announce nothing.
+pub async fn change_feed_announces_every_applied_change(b: &dyn Backend) {
+    let watcher = b.store(Keyring::plaintext()).await;
+    let store = b.store(keyring(EncryptionFormat::Native, &[KEY_A])).await;
+    let mut rx = watcher.watch_changes().await.unwrap();
+    assert_eq!(next_event(&mut rx).await, ChangeEvent::Resync);
+    let user = Uuid::new_v4();
+    let ev = |p: &str| ChangeEvent::Link {
+        provider_id: p.to_owned(),
+        user_id: user,
+    };
+
+    store
+        .put_link("github", user, &tokens("a0", "r0"))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut rx).await, ev("github"));
+    let read = store.get_link("github", user).await.unwrap().unwrap();
+    let old = &read.refresh_token_stored;
+    assert!(store
+        .write_refreshed("github", user, old, &tokens("a1", "r1"))
+        .await
+        .unwrap());
+    assert_eq!(next_event(&mut rx).await, ev("github"));
+    // Neither a lost compare-and-swap nor a lease claim is announced: the next
+    // event is gitlab's.
+    assert!(!store
+        .write_refreshed("github", user, old, &tokens("a2", "r2"))
+        .await
+        .unwrap());
+    let now = store.get_link("github", user).await.unwrap().unwrap();
+    let LeaseClaim::Acquired(lease) = claim(store.as_ref(), user, &now.refresh_token_stored).await
+    else {
+        panic!("claim must acquire")
+    };
+    store
+        .put_link("gitlab", user, &tokens("a0", "r0"))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut rx).await, ev("gitlab"));
+    // A release is, so waiters re-read at once; so is a failure record.
+    store.release_refresh_lease(&lease).await.unwrap();
+    assert_eq!(next_event(&mut rx).await, ev("github"));
+    assert!(store
+        .record_refresh_failure("github", user, &now.refresh_token_stored, None, "bad")
+        .await
+        .unwrap());
+    assert_eq!(next_event(&mut rx).await, ev("github"));
+    assert!(store.delete_link("github", user).await.unwrap());
+    assert_eq!(next_event(&mut rx).await, ev("github"));
+    // Deleting what is not there announces nothing.
+    assert!(!store.delete_link("github", user).await.unwrap());
+    assert!(store.delete_link("gitlab", user).await.unwrap());
+    assert_eq!(next_event(&mut rx).await, ev("gitlab"));
 }
