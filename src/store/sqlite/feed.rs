@@ -114,3 +114,44 @@ async fn prune(pool: &SqlitePool) {
         tracing::debug!(error = %e, "pruning link_changes failed; will retry");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseConfig;
+    use crate::crypto::Keyring;
+    use secrecy::SecretString;
+
+    #[tokio::test]
+    async fn prune_drops_only_old_announcements() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DatabaseConfig {
+            url: SecretString::from(format!("sqlite://{}", dir.path().join("t.db").display())),
+            ..Default::default()
+        };
+        let store = super::super::SqliteStore::connect(&cfg, Keyring::plaintext()).unwrap();
+        store.migrate().await.unwrap();
+        let pool = store.pool();
+        sqlx::query(
+            "INSERT INTO link_changes (provider_id, user_id, changed_at) VALUES \
+             ('a', 'u', '2020-01-01T00:00:00.000000Z'), ('b', 'u', '2020-01-01T00:00:00.000000Z')",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO link_changes (provider_id, user_id) VALUES ('c', 'u')")
+            .execute(pool)
+            .await
+            .unwrap();
+        prune(pool).await;
+        let left: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, provider_id FROM link_changes ORDER BY seq")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(left, vec![(3, "c".to_owned())]);
+        // A feed that had seen only the first row now sees a gap.
+        let rows = poll(pool, 1).await.unwrap();
+        assert_eq!(rows.first().map(|r| r.0), Some(3));
+    }
+}
