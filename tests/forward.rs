@@ -509,6 +509,9 @@ token_url = "http://127.0.0.1:9/token"
         "every request carried the credential: {seen:?}"
     );
     assert_eq!(proxy.metrics.leaves_minted.get(), 1);
+    // git's first CONNECT carries no credential; the 407 made it retry with one.
+    let metrics = proxy.metrics.encode();
+    assert!(metrics.contains(r#"status="407""#), "{metrics}");
 }
 
 #[test]

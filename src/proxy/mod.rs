@@ -101,7 +101,7 @@ impl Pipeline {
             .map_err(|m| anyhow::anyhow!("providers.routes: {m}"))?;
         let upstreams = forward::Upstreams::new(
             &config.server,
-            router.routes().iter().map(|r| r.client_key()),
+            router.routes().iter().map(|r| r.client_key().clone()),
         )?;
         Ok(Self {
             router,

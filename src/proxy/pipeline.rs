@@ -364,7 +364,7 @@ impl Pipeline {
         *req.headers_mut() = headers;
         let started = Instant::now();
         outcome.attempts += 1;
-        let result = self.upstreams.send(&route.client_key(), req).await;
+        let result = self.upstreams.send(route.client_key(), req).await;
         let took = started.elapsed();
         outcome.upstream = Some(outcome.upstream.unwrap_or_default() + took);
         self.metrics.upstream_duration.observe(took.as_secs_f64());

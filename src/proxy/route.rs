@@ -51,6 +51,8 @@ pub struct Route {
     pub connect_to: Option<Arc<str>>,
     /// Forward mode: plain-HTTP absolute-form requests are served too.
     pub allow_plain_http: bool,
+    /// The pooled client for this route (computed once, used per request).
+    client: ClientKey,
 }
 
 /// Which pooled client a route's requests use: its extra CA and `connect_to`.
@@ -89,6 +91,7 @@ impl Route {
             base_path: upstream.path().trim_end_matches('/').to_string(),
             host,
             inject,
+            client: (upstream_ca.clone(), None),
             upstream_ca,
             hosts: Vec::new(),
             connect_to: None,
@@ -127,18 +130,20 @@ impl Route {
                     hosts: Vec::new(),
                     connect_to: None,
                     allow_plain_http: false,
+                    client: (None, None),
                 }
             }
         };
         route.hosts = r.hosts.clone();
         route.connect_to = r.connect_to.as_deref().map(Arc::from);
         route.allow_plain_http = r.allow_plain_http;
+        route.client = (route.upstream_ca.clone(), route.connect_to.clone());
         Ok(route)
     }
 
     /// The pooled client this route's requests use.
-    pub fn client_key(&self) -> ClientKey {
-        (self.upstream_ca.clone(), self.connect_to.clone())
+    pub fn client_key(&self) -> &ClientKey {
+        &self.client
     }
 
     /// The part of `path` after this route's prefix, if the prefix matches on a
