@@ -53,6 +53,8 @@ struct World {
     ca: PathBuf,
     api: TestUpstream,
     untrusted: TestUpstream,
+    /// A plain-HTTP upstream whose route allows plain http.
+    plain: TestUpstream,
     proxy: Harness,
     token: String,
     _provider_ca: TestCa,
@@ -80,6 +82,7 @@ async fn world(pool: PgPool, forward_extra: &str, callers: &str) -> World {
         provider_ca.acceptor(),
     )
     .await;
+    let plain = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
     let user = Uuid::new_v4();
     let (_, token) = create_token(&*store, user, &["github"]).await;
@@ -111,11 +114,17 @@ token_url = "http://127.0.0.1:9/token"
   [[providers.routes]]
   hosts = ["untrusted.github.test"]
   connect_to = "127.0.0.1:{untrusted}"
+
+  [[providers.routes]]
+  hosts = ["plain.github.test"]
+  connect_to = "127.0.0.1:{plain}"
+  allow_plain_http = true
 "#,
         ca = ca.display(),
         key = dir.path().join("ca").join("ca-key.pem").display(),
         api = api.addr.port(),
         untrusted = untrusted.addr.port(),
+        plain = plain.addr.port(),
         provider_ca = provider_ca.ca.display(),
     ));
     let proxy = Harness::start(config, store, fake).await;
@@ -124,6 +133,7 @@ token_url = "http://127.0.0.1:9/token"
         ca,
         api,
         untrusted,
+        plain,
         proxy,
         token,
         _provider_ca: provider_ca,
@@ -375,6 +385,32 @@ async fn plain_http_is_refused_unless_the_route_allows_it(pool: PgPool) {
     assert_eq!(status, 400, "{head}");
     assert!(head.contains("tokenproxy-error: bad_request"), "{head}");
     assert_eq!(w.api.count(), 0);
+
+    // Absolute-form with an https target: the upstream hop is TLS, so it is served.
+    let req = format!(
+        "GET https://{API_HOST}/user?a=1 HTTP/1.1\r\nHost: {API_HOST}\r\nProxy-Authorization: {}\r\n\r\n",
+        basic("x", &w.token)
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (status, head) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(w.api.requests()[0].target, "/user?a=1");
+
+    // A route that allows plain http gets it, credential and all; userinfo in the
+    // target goes nowhere.
+    let req = format!(
+        "POST http://u:p@plain.github.test/graphql HTTP/1.1\r\nHost: plain.github.test\r\nProxy-Authorization: Bearer {}\r\nContent-Length: 2\r\n\r\n{{}}",
+        w.token
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (status, head) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    let seen = w.plain.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].token.as_deref(), Some(GH_TOKEN));
+    assert_eq!(seen[0].target, "/graphql");
+    assert_eq!(seen[0].headers["host"], "plain.github.test");
+    assert_eq!(seen[0].body_len, 2);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
@@ -534,4 +570,26 @@ fn ca_init_writes_a_private_key_and_refuses_to_overwrite() {
     assert_eq!(again.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("already exists"), "{stderr}");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn shutdown_drains_a_request_inside_a_tunnel(pool: PgPool) {
+    let mut w = world(pool, "", "").await;
+    let (proxy_url, ca) = (w.proxy_url(), w.ca.clone());
+    let client = tokio::spawn(async move {
+        curl(&proxy_url, &ca, &format!("https://{API_HOST}/slow"), &[]).await
+    });
+    w.api.slow_arrived(1).await;
+    let mut server = w.proxy.begin_shutdown();
+    // The tunnel holds its connection's slot, so the server keeps draining
+    // (this can only pass wrongly, never fail wrongly).
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut server).await;
+    assert!(
+        early.is_err(),
+        "the server stopped while a tunnel request was in flight"
+    );
+    w.api.release_slow();
+    let r = client.await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    server.await.unwrap().unwrap();
 }

@@ -202,7 +202,14 @@ pub async fn serve<H: Handler>(
         connections = graceful.count(),
         "stopped accepting; draining"
     );
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+    let drained = async {
+        graceful.shutdown().await;
+        // CONNECT tunnels outlive hyper's view of their connection but hold its
+        // slot: every slot back means every connection and tunnel is done.
+        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        let _ = permits.acquire_many(all).await;
+    };
+    if tokio::time::timeout(limits.shutdown_grace, drained)
         .await
         .is_err()
     {
