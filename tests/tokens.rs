@@ -175,6 +175,12 @@ async fn revoked_grant_is_permanent_and_asked_once(pool: PgPool) {
         );
     }
     assert_eq!(idp.attempts(), 1, "the provider saw one attempt in total");
+    // A known-dead link is answered from memory, not from the database.
+    assert!(
+        r.hits() >= 50,
+        "dead link answered from memory: {} hits",
+        r.hits()
+    );
     assert_eq!(r.outcome(RefreshOutcome::InvalidGrant), 1);
     let row = st.get_link(P, user).await.unwrap().unwrap();
     assert!(!row.refresh_failure_reason.is_empty());
@@ -390,4 +396,70 @@ async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
     let t1 = r.source.get(P, user).await.unwrap();
     assert!(!t1.same_version(&t0));
     assert_link_intact(&idp, &st, user).await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn interrupted_exchange_is_not_replayed(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    // The provider rotates the token but the answer never arrives.
+    idp.push_fault(Fault::ProcessThenDrop);
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempts(), 1, "an interrupted grant is not replayed");
+    assert_eq!(idp.rejected(), 0);
+    let row = st.get_link(P, user).await.unwrap().unwrap();
+    assert_eq!(row.refresh_failure_reason, "", "nothing recorded");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn callers_going_away_do_not_abandon_the_refresh(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    idp.set_latency(Duration::from_millis(200));
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    let callers: Vec<_> = (0..20)
+        .map(|_| {
+            let s = r.source.clone();
+            tokio::spawn(async move { s.get(P, user).await })
+        })
+        .collect();
+    // Every caller hangs up while the provider is still answering.
+    eventually("the provider was asked", || async { idp.attempts() == 1 }).await;
+    for c in &callers {
+        c.abort();
+    }
+    // The flight still stores the rotated token: the link is not broken.
+    eventually("the rotated token is stored", || async {
+        st.get_link(P, user)
+            .await
+            .unwrap()
+            .unwrap()
+            .refresh_token
+            .expose_secret()
+            == idp.current_refresh_token(user).unwrap()
+    })
+    .await;
+    assert_link_intact(&idp, &st, user).await;
+    let t = r.source.get(P, user).await.unwrap();
+    assert!(idp.is_valid_access_token(t.expose_secret()));
+    assert_eq!(idp.refreshes(), 1);
+    assert_eq!(idp.rejected(), 0);
 }

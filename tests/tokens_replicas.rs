@@ -276,6 +276,12 @@ async fn refresh_ahead_keeps_requests_off_the_provider(pool: PgPool) {
         "no get() waited for the provider"
     );
     assert!(idp.refreshes() >= 5, "refreshed ahead: {}", idp.refreshes());
+    let ahead = r
+        .metrics
+        .refresh_ahead
+        .get_or_create(&tokenproxy::telemetry::ProviderLabels { provider: P.into() })
+        .get();
+    assert!(ahead >= 5, "refreshes started ahead: {ahead}");
     assert_eq!(idp.rejected(), 0);
     assert_link_intact(&idp, &st, user).await;
 
@@ -386,14 +392,25 @@ async fn race(pool: PgPool) {
     let mut revocations = 0u64;
     let mut served = 0u64;
     for round in 0..40 {
-        // Users revoked last round log in again; some others get revoked now. Both
-        // are skipped by the validity check this round (caches learn asynchronously).
+        // Users revoked last round log in again, and the round starts once every
+        // replica serves their new link (change notifications are asynchronous).
+        // Users revoked now are skipped by the validity check this round: replicas
+        // may still hold their revoked token, which no proxy can know about.
         let mut unsettled = vec![false; users.len()];
         for (i, &u) in users.iter().enumerate() {
             if revoked[i] {
-                st.put_link(P, u, &idp.seed(u)).await.unwrap();
+                let fresh = idp.seed(u);
+                st.put_link(P, u, &fresh).await.unwrap();
                 revoked[i] = false;
-                unsettled[i] = true;
+                for r in &replicas {
+                    eventually("every replica serves the new login", || async {
+                        r.source
+                            .get(P, u)
+                            .await
+                            .is_ok_and(|t| t.expose_secret() == fresh.access_token.expose_secret())
+                    })
+                    .await;
+                }
             } else if rng.random_ratio(1, 12) {
                 idp.revoke(u);
                 revoked[i] = true;
@@ -419,7 +436,11 @@ async fn race(pool: PgPool) {
                 match source.get(P, user).await {
                     Ok(t) => {
                         let valid = idp.is_valid_access_token(t.expose_secret());
-                        assert!(!check || valid, "round {round}: served an invalid token");
+                        assert!(
+                            !check || valid,
+                            "round {round}: served an invalid token to user {i}: {}",
+                            idp.describe_access_token(t.expose_secret())
+                        );
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -462,4 +483,64 @@ async fn race(pool: PgPool) {
         idp.refreshes(),
         idp.rejected()
     );
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn https_token_endpoint_trusts_only_the_configured_ca(pool: PgPool) {
+    let ca = support::upstream::TestCa::new();
+    let clock = ManualClock::new();
+    let idp = support::idp::Idp::start(IdpOptions {
+        clock: clock.clone(),
+        tls: Some(ca.acceptor()),
+        ..Default::default()
+    })
+    .await;
+    assert!(idp.token_url().starts_with("https://"));
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    seed_expired(&idp, &st, &*clock, user).await;
+
+    // Without the private CA the endpoint is untrusted: nothing is sent or recorded.
+    let untrusting = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    assert_eq!(
+        untrusting.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempts(), 0);
+    assert_link_intact(&idp, &st, user).await;
+
+    let provider = idp.provider_with(P, &format!("token_ca = {:?}", ca.ca.display().to_string()));
+    let trusting = replica(&pool, &[provider], &tokens_cfg(), clock.clone()).await;
+    let t = trusting
+        .source
+        .get(P, user)
+        .await
+        .expect("refreshed over TLS");
+    assert!(idp.is_valid_access_token(t.expose_secret()));
+    assert_eq!(idp.refreshes(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn background_tasks_stop_on_shutdown(pool: PgPool) {
+    let clock = ManualClock::new();
+    let cfg = TokensConfig {
+        refresh_ahead: true,
+        ..TokensConfig::default()
+    };
+    let source = tokenproxy::tokens::TokenSource::new(
+        Arc::new(store(&pool)),
+        &[],
+        &cfg,
+        tokenproxy::telemetry::Metrics::new(),
+        clock,
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = source.spawn_background(shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("background tasks stopped")
+        .unwrap();
 }

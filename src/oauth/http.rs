@@ -25,9 +25,13 @@ const MAX_BODY: usize = 64 * 1024;
 /// Why one HTTP exchange with a token endpoint failed. Never holds request bodies.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// TCP/TLS connection failed or the request could not be sent.
+    /// TCP/TLS connection failed: the request was certainly not sent.
     #[error("cannot reach the token endpoint: {0}")]
     Connect(String),
+    /// The exchange broke after the request may have been sent (connection reset,
+    /// closed before the response): the provider may have processed it.
+    #[error("token endpoint exchange interrupted: {0}")]
+    Interrupted(String),
     /// The endpoint answered 5xx or 429.
     #[error("token endpoint answered HTTP {status}")]
     Status {
@@ -109,11 +113,13 @@ impl HttpClient {
             }
         }
         let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
-        let resp = self
-            .inner
-            .request(req)
-            .await
-            .map_err(|e| HttpError::Connect(error_chain(&e)))?;
+        let resp = self.inner.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                HttpError::Connect(error_chain(&e))
+            } else {
+                HttpError::Interrupted(error_chain(&e))
+            }
+        })?;
         let (parts, body) = resp.into_parts();
         let status = parts.status;
         if status.is_redirection() {

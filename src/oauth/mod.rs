@@ -144,9 +144,10 @@ impl ProviderClient {
 
     /// Refreshes, retrying transient failures with backoff while `budget` lasts.
     ///
-    /// A timed-out attempt is not retried: the provider may have processed it and
-    /// rotated the refresh token, and replaying the old one would then be answered
-    /// `invalid_grant` — which would wrongly look permanent.
+    /// Only answers that prove the grant was not processed are retried (connection
+    /// refused, 5xx, 429). A timed-out or interrupted attempt is not: the provider
+    /// may have processed it and rotated the refresh token, and replaying the old
+    /// one would then be answered `invalid_grant` — which would wrongly look permanent.
     pub async fn refresh(
         &self,
         refresh_token: &SecretString,
@@ -262,14 +263,19 @@ fn classify(e: RequestTokenError<HttpError, BasicErrorResponse>) -> Attempt {
             retry_after,
         }) => Attempt::Retry(format!("HTTP {status}"), retry_after),
         RequestTokenError::Request(HttpError::Connect(m)) => Attempt::Retry(m, None),
-        RequestTokenError::Request(e @ HttpError::Body(_)) => Attempt::Retry(e.to_string(), None),
+        // The provider may have rotated the token already: replaying the old one
+        // would earn an `invalid_grant` that looks permanent. Report, don't retry.
+        RequestTokenError::Request(e @ (HttpError::Interrupted(_) | HttpError::Body(_))) => {
+            Attempt::Done(RefreshError::Transient(e.to_string()))
+        }
         RequestTokenError::Request(e) => Attempt::Done(RefreshError::Misconfigured(e.to_string())),
         // Bodies may echo tokens: report only where parsing failed.
         RequestTokenError::Parse(e, _) => Attempt::Done(RefreshError::Misconfigured(format!(
             "unparseable token response at {}",
             e.path()
         ))),
-        RequestTokenError::Other(m) => Attempt::Retry(m, None),
+        // Empty or non-JSON answers: the grant may have been processed; do not replay.
+        RequestTokenError::Other(m) => Attempt::Done(RefreshError::Transient(m)),
     }
 }
 

@@ -88,6 +88,7 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
             };
             let key = (pidx, user_id);
             inner.epoch_slot(&key).fetch_add(1, Ordering::AcqRel);
+            inner.forget_broken(key).await;
             if inner.uncache(key).await.is_some() {
                 inner.metrics.cache_invalidations.inc();
             }
@@ -101,6 +102,7 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
             for e in &inner.epochs {
                 e.fetch_add(1, Ordering::AcqRel);
             }
+            inner.negative.invalidate_all();
             inner
                 .metrics
                 .cache_invalidations

@@ -10,8 +10,7 @@
 //! usable (another flight or replica may have refreshed); answer `reauth_required`
 //! if a permanent failure is recorded; otherwise claim the lease. If someone else
 //! holds it, wait for their change notification (or poll) and start over; if we get
-//! it, exchange, then compare-and-swap the result in on the refresh token exactly as
-//! read. Every path that finds the row changed under it re-reads instead of writing.
+//! it, [`exchange`](super::exchange) runs the provider call and settles the outcome.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,10 +21,10 @@ use secrecy::ExposeSecret;
 use tokio::sync::broadcast;
 
 use super::cache::{self, Entry, Key};
+use super::exchange;
 use super::{AccessToken, Inner, TokenError};
-use crate::oauth::{RefreshError, Refreshed};
-use crate::store::{Lease, LeaseClaim, Link, TokenSet};
-use crate::telemetry::{ProviderLabels, RefreshOutcome};
+use crate::store::{LeaseClaim, Link};
+use crate::telemetry::RefreshOutcome;
 
 /// What a flight produced: the token, and whether getting it took a provider exchange.
 #[derive(Clone)]
@@ -34,7 +33,7 @@ pub(crate) struct Served {
     pub exchanged: bool,
 }
 
-type FlightResult = Result<Served, TokenError>;
+pub(super) type FlightResult = Result<Served, TokenError>;
 
 /// A running flight, shared by everyone waiting for its key.
 pub(crate) struct Flight {
@@ -98,7 +97,8 @@ pub(crate) async fn run(inner: &Arc<Inner>, key: Key, want: Want) -> FlightResul
 }
 
 /// Control flow of one step of the flight loop.
-enum Step {
+pub(super) enum Step {
+    /// Finished with this result.
     Done(FlightResult),
     /// The row changed under us (or a holder finished): read it again.
     Reread,
@@ -125,6 +125,7 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
             Ok(Some(row)) => row,
             Ok(None) => {
                 inner.uncache(key).await;
+                remember_broken(inner, key, TokenError::LinkMissing, epoch).await;
                 return Err(TokenError::LinkMissing);
             }
             Err(e) => {
@@ -141,7 +142,10 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
                 }
                 return Ok(serve_row(inner, key, &row, epoch).await);
             }
-            Verdict::Reauth => return Err(TokenError::ReauthRequired),
+            Verdict::Reauth => {
+                remember_broken(inner, key, TokenError::ReauthRequired, epoch).await;
+                return Err(TokenError::ReauthRequired);
+            }
             // Nothing to refresh with: serve what still works, else the user must log in.
             Verdict::Unrefreshable => {
                 return still_valid(inner, &row).ok_or(TokenError::ReauthRequired)
@@ -231,6 +235,8 @@ async fn claim_and_refresh(
         }
         Ok(LeaseClaim::Changed) => Step::Reread,
         Ok(LeaseClaim::Held { until }) => {
+            // `until` is on the database clock, so compare with the wall clock (not
+            // the injected one, which tests move freely).
             let left = (until - chrono::Utc::now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
@@ -243,9 +249,9 @@ async fn claim_and_refresh(
             // that just recorded a rejection and let its lease go leaves the same
             // refresh token behind. Look once more before calling the provider, so a
             // dead token is presented only once.
-            let step = match recheck(inner, key, row).await {
+            let step = match exchange::recheck(inner, key, row).await {
                 Some(step) => step,
-                None => exchange(inner, key, row, &lease).await,
+                None => exchange::exchange(inner, key, row, &lease).await,
             };
             let store = inner.store.clone();
             // Best effort: a failed release only delays others until it expires, and
@@ -260,182 +266,9 @@ async fn claim_and_refresh(
     }
 }
 
-/// Re-reads the row under a fresh lease: `None` when it is still the one to
-/// exchange, else what to do instead.
-async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<Step> {
-    let provider_id = inner.providers[key.0 as usize].id.as_str();
-    match inner.store.get_link(provider_id, key.1).await {
-        Ok(Some(now)) if now.refresh_token_stored != row.refresh_token_stored => Some(Step::Reread),
-        Ok(Some(now)) if !now.refresh_failure_reason.is_empty() => {
-            Some(Step::Done(Err(TokenError::ReauthRequired)))
-        }
-        Ok(Some(_)) => None,
-        Ok(None) => Some(Step::Done(Err(TokenError::LinkMissing))),
-        Err(_) => Some(Step::Done(
-            still_valid(inner, row).ok_or(TokenError::StoreUnavailable),
-        )),
-    }
-}
-
-/// Exchanges the row's refresh token while we hold the lease, and settles the outcome.
-async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease) -> Step {
-    let provider = &inner.providers[key.0 as usize];
-    let started = tokio::time::Instant::now();
-    let result = provider
-        .client
-        .refresh(&row.refresh_token, inner.exchange_budget())
-        .await;
-    inner
-        .metrics
-        .refresh_duration
-        .get_or_create(&ProviderLabels {
-            provider: provider.id.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok(r) => persist(inner, key, row, r).await,
-        Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,
-        Err(e) => {
-            // Transient (or a client misconfiguration): nothing about the link changes.
-            tracing::warn!(provider = %provider.id, user = %key.1, error = %e, "refresh failed");
-            inner
-                .metrics
-                .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
-            Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable))
-        }
-    }
-}
-
-/// Writes a successful refresh with a compare-and-swap on the refresh token read.
-async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step {
-    let provider_id = inner.providers[key.0 as usize].id.as_str();
-    let now = inner.clock.now();
-    let lifetime = r.expires_in.map(cache::to_chrono);
-    let new = TokenSet {
-        access_token: r.access_token,
-        // No new refresh token in the response: the old one stays valid.
-        refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
-        expiry: lifetime.map(|l| now + l),
-        extra: r.extra.or_else(|| row.extra.clone()),
-    };
-    let token = AccessToken::new(new.access_token.clone(), new.expiry);
-    let mut attempt = 0;
-    loop {
-        let epoch = inner.epoch(&key);
-        match inner
-            .store
-            .write_refreshed(provider_id, key.1, &row.refresh_token_stored, &new)
-            .await
-        {
-            Ok(true) => {
-                inner
-                    .metrics
-                    .refresh_outcome(provider_id, RefreshOutcome::Success);
-                tracing::info!(provider = provider_id, user = %key.1, "refreshed access token");
-                let entry = Entry::new(
-                    token.clone(),
-                    lifetime,
-                    inner.cfg.refresh_ahead_remaining,
-                    inner.skew(),
-                    now,
-                );
-                insert_if_current(inner, key, entry, epoch).await;
-                return Step::Done(Ok(Served {
-                    token,
-                    exchanged: true,
-                }));
-            }
-            Ok(false) => {
-                // Someone else's token is in the row: theirs wins, ours is dropped.
-                inner
-                    .metrics
-                    .refresh_outcome(provider_id, RefreshOutcome::LostRace);
-                tracing::info!(provider = provider_id, user = %key.1, "lost refresh race; serving the winner's token");
-                return lost_race(inner, key, token).await;
-            }
-            Err(e) if attempt < 2 => {
-                attempt += 1;
-                tracing::warn!(provider = provider_id, user = %key.1, error = %e, "storing refreshed token failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-            }
-            Err(e) => {
-                // The provider rotated the token but we could not store it. The new
-                // access token works, so serve it; the link will need a new login if
-                // the old refresh token was single-use.
-                tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token");
-                return Step::Done(Ok(Served {
-                    token,
-                    exchanged: true,
-                }));
-            }
-        }
-    }
-}
-
-async fn lost_race(inner: &Arc<Inner>, key: Key, ours: AccessToken) -> Step {
-    let provider_id = inner.providers[key.0 as usize].id.as_str();
-    let epoch = inner.epoch(&key);
-    match inner.store.get_link(provider_id, key.1).await {
-        Ok(Some(row)) if cache::usable(row.expiry, inner.clock.now(), inner.skew()) => {
-            let mut served = serve_row(inner, key, &row, epoch).await;
-            served.exchanged = true;
-            Step::Done(Ok(served))
-        }
-        Ok(Some(_)) => Step::Reread,
-        Ok(None) => Step::Done(Err(TokenError::LinkMissing)),
-        // Ours is valid at the provider even though the row holds another one.
-        Err(_) => Step::Done(Ok(Served {
-            token: ours,
-            exchanged: true,
-        })),
-    }
-}
-
-/// The provider rejected the refresh token. Before calling it permanent, look again:
-/// if the row now holds another refresh token, a winner refreshed it and we use theirs.
-async fn rejected(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease, reason: &str) -> Step {
-    let provider_id = inner.providers[key.0 as usize].id.as_str();
-    match inner.store.get_link(provider_id, key.1).await {
-        Ok(Some(now_row)) if now_row.refresh_token_stored != row.refresh_token_stored => {
-            tracing::info!(provider = provider_id, user = %key.1, "refresh token rejected but the link changed; using the new one");
-            Step::Reread
-        }
-        Ok(Some(_)) => {
-            match inner
-                .store
-                .record_refresh_failure(
-                    provider_id,
-                    key.1,
-                    &row.refresh_token_stored,
-                    Some(lease),
-                    reason,
-                )
-                .await
-            {
-                Ok(true) => {
-                    inner
-                        .metrics
-                        .refresh_outcome(provider_id, RefreshOutcome::InvalidGrant);
-                    tracing::info!(provider = provider_id, user = %key.1, reason, "refresh token rejected; re-authentication required");
-                    inner.uncache(key).await;
-                    Step::Done(Err(TokenError::ReauthRequired))
-                }
-                // The row or the lease changed under us: look again.
-                Ok(false) => Step::Reread,
-                Err(e) => {
-                    tracing::warn!(provider = provider_id, user = %key.1, error = %e, "cannot record refresh failure");
-                    Step::Done(Err(TokenError::ReauthRequired))
-                }
-            }
-        }
-        Ok(None) => Step::Done(Err(TokenError::LinkMissing)),
-        Err(_) => Step::Done(Err(TokenError::ReauthRequired)),
-    }
-}
-
 /// Serves a row's token, caching it unless a change notification for its key
 /// arrived since the row was read (then the row may already be stale).
-async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Served {
+pub(super) async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Served {
     let token = AccessToken::new(row.access_token.clone(), row.expiry);
     // The lifetime the provider granted is not stored; the time since the last write
     // approximates it (a refresh writes the row as it stores the token).
@@ -454,18 +287,43 @@ async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Serv
     }
 }
 
-async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
-    if inner.epoch(&key) == epoch {
-        // A resync bumps every epoch, so an unchanged epoch means the current
-        // generation is the one the row was read in.
-        entry.generation = inner.generation();
-        inner.cache.insert(key, Arc::new(entry)).await;
+pub(super) async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
+    if inner.epoch(&key) != epoch {
+        return;
+    }
+    // A resync bumps every epoch, so an unchanged epoch means the current
+    // generation is the one the row was read in.
+    entry.generation = inner.generation();
+    let entry = Arc::new(entry);
+    inner.cache.insert(key, entry.clone()).await;
+    // The listener bumps the epoch *then* drops the key; we insert *then* look
+    // again. Whichever order they interleave in, a change announced after our read
+    // never leaves our entry behind.
+    if inner.epoch(&key) != epoch {
+        if let Some(current) = inner.cached(key).await {
+            if Arc::ptr_eq(&current, &entry) {
+                inner.uncache(key).await;
+            }
+        }
+    }
+}
+
+/// Remembers that a link is missing or dead (see `Inner::negative`), unless a change
+/// was announced since the row was read — with the same insert-then-recheck as
+/// [`insert_if_current`].
+async fn remember_broken(inner: &Arc<Inner>, key: Key, err: TokenError, epoch: u64) {
+    if inner.epoch(&key) != epoch {
+        return;
+    }
+    inner.negative.insert(key, err).await;
+    if inner.epoch(&key) != epoch {
+        inner.forget_broken(key).await;
     }
 }
 
 /// The row's token if it still works at the provider (skew ignored): better than an
 /// error while the provider is down.
-fn still_valid(inner: &Inner, row: &Link) -> Option<Served> {
+pub(super) fn still_valid(inner: &Inner, row: &Link) -> Option<Served> {
     cache::unexpired(row.expiry, inner.clock.now()).then(|| Served {
         token: AccessToken::new(row.access_token.clone(), row.expiry),
         exchanged: false,

@@ -5,16 +5,23 @@
 //! race, in one process or across replicas, and the request path rarely waits for a
 //! provider.
 //!
-//! - **Hits** come from a moka cache keyed by (provider, user) — no database query,
-//!   no lock ([`cache`]).
+//! - **Hits** come from a moka cache keyed by (provider, user) — never a token
+//!   value — with no database query and no lock (`cache`). Links known to be
+//!   missing or to need a new login are remembered too, so a caller hammering a
+//!   broken link costs no database read.
 //! - **Misses** run one flight per key per process, in a spawned task so a caller
 //!   that goes away does not abandon it; concurrent callers share its result, errors
-//!   included ([`flight`]). The flight re-reads the row, takes the cross-replica
-//!   lease on the database clock, refreshes through [`crate::oauth`], and writes the
-//!   result with a compare-and-swap on the refresh token exactly as it was read.
-//! - **Coherence and refresh-ahead** run in background tasks ([`background`]): every
-//!   change notification drops that key, a resync drops everything, and links in use
-//!   are refreshed shortly before they expire.
+//!   included (`flight`). The flight re-reads the row, takes the cross-replica
+//!   lease on the database clock, and (`exchange`) refreshes through
+//!   [`crate::oauth`] and writes the result with a compare-and-swap on the refresh
+//!   token exactly as it was read.
+//! - **Coherence and refresh-ahead** run in background tasks (`background`): every
+//!   change notification drops that key; a resync retires every entry (kept only as
+//!   a fallback while the store is unreachable); links in use are refreshed shortly
+//!   before they expire.
+//! - Store trouble: an unexpired cached token is served rather than
+//!   `store_unavailable`; provider trouble: the current token while unexpired rather
+//!   than `idp_unavailable`. Only `invalid_grant` (and equivalents) is ever recorded.
 //!
 //! Wiring (what `serve` does):
 //!
@@ -27,6 +34,7 @@
 
 mod background;
 mod cache;
+mod exchange;
 mod flight;
 
 use std::collections::HashMap;
@@ -128,6 +136,10 @@ struct Provider {
     client: ProviderClient,
 }
 
+/// Longest a remembered `link_missing` / `reauth_required` answer is trusted
+/// without a change notification.
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
 /// Number of invalidation epoch shards (see [`Inner::epoch`]).
 const EPOCH_SHARDS: usize = 256;
 
@@ -140,6 +152,10 @@ pub(crate) struct Inner {
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     cache: moka::future::Cache<Key, Arc<Entry>>,
+    /// Links known to be missing or to need a new login, so a caller hammering a
+    /// broken link costs no database read. Cleared by that link's change
+    /// notification; the TTL bounds staleness should a notification be lost.
+    negative: moka::future::Cache<Key, TokenError>,
     flights: parking_lot::Mutex<HashMap<Key, flight::Flight>>,
     flight_seq: AtomicU64,
     /// Wakes flights waiting on another holder's lease: `Some(key)` for one link,
@@ -170,6 +186,16 @@ impl Inner {
     /// inference inside spawned tasks ("not general enough"); boxing pins it down.
     fn cached(&self, key: Key) -> futures_util::future::BoxFuture<'_, Option<Arc<Entry>>> {
         Box::pin(async move { self.cache.get(&key).await })
+    }
+
+    /// The remembered error for a missing or dead link, if any.
+    fn known_broken(&self, key: Key) -> futures_util::future::BoxFuture<'_, Option<TokenError>> {
+        Box::pin(async move { self.negative.get(&key).await })
+    }
+
+    /// Forgets a remembered missing/dead link; boxed like [`Inner::cached`].
+    fn forget_broken(&self, key: Key) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async move { self.negative.invalidate(&key).await })
     }
 
     /// Drops one key from the cache; boxed for the same reason as [`Inner::cached`].
@@ -247,6 +273,10 @@ impl TokenSource {
                 skew: cfg.refresh_skew,
             })
             .build();
+        let negative = moka::future::Cache::builder()
+            .max_capacity(cfg.cache_capacity)
+            .time_to_live(NEGATIVE_TTL)
+            .build();
         let hit = metrics
             .token_lookups
             .get_or_create(&LookupLabels {
@@ -269,6 +299,7 @@ impl TokenSource {
                 metrics,
                 clock,
                 cache,
+                negative,
                 flights: parking_lot::Mutex::new(HashMap::new()),
                 flight_seq: AtomicU64::new(0),
                 changes,
@@ -303,7 +334,14 @@ impl TokenSource {
                 return Ok(e.token.clone());
             }
             Some(_) => true,
-            None => false,
+            None => {
+                // Answered from memory too (a known-broken link), so counted as a hit.
+                if let Some(err) = inner.known_broken(key).await {
+                    inner.hit.inc();
+                    return Err(err);
+                }
+                false
+            }
         };
         inner.miss.inc();
         self.wait(key, flight::Want::Usable { stale }).await
@@ -361,6 +399,7 @@ impl TokenSource {
     /// Drops every cached token (the next lookups re-read the store).
     pub fn clear_cache(&self) {
         self.inner.cache.invalidate_all();
+        self.inner.negative.invalidate_all();
     }
 
     async fn wait(&self, key: Key, want: flight::Want) -> Result<AccessToken, TokenError> {

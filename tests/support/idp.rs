@@ -78,6 +78,9 @@ pub enum Fault {
     /// Wait this long, then answer 503; nothing is processed (a client with a
     /// shorter deadline sees a timeout).
     Hang(Duration),
+    /// Process the grant (rotating the refresh token), then drop the connection
+    /// without answering: the client cannot know whether it was processed.
+    ProcessThenDrop,
 }
 
 /// How the IdP behaves.
@@ -95,6 +98,8 @@ pub struct IdpOptions {
     pub github_style: bool,
     /// Time source for expiry.
     pub clock: Arc<dyn Clock>,
+    /// Serve HTTPS with this acceptor (e.g. `TestCa::new().acceptor()`), else HTTP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Default for IdpOptions {
@@ -106,6 +111,7 @@ impl Default for IdpOptions {
             rotate: true,
             github_style: false,
             clock: Arc::new(SystemClock),
+            tls: None,
         }
     }
 }
@@ -167,20 +173,40 @@ impl Idp {
             seq: AtomicU64::new(0),
         });
         let s = shared.clone();
+        let tls = shared.opts.tls.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
-                        async move { Ok::<_, hyper::Error>(handle(&s, req).await) }
+                        async move {
+                            let (resp, drop_connection) = handle(&s, req).await;
+                            if drop_connection {
+                                // An error from the service makes hyper close the
+                                // connection without a response.
+                                return Err(std::io::Error::other("dropped by fault"));
+                            }
+                            Ok(resp)
+                        }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let server = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -189,7 +215,12 @@ impl Idp {
 
     /// The token endpoint URL.
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth/token", self.addr)
+        let scheme = if self.shared.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/oauth/token", self.addr)
     }
 
     /// A provider config pointing at this IdP (client_secret_basic, 2 s deadline).
@@ -298,6 +329,18 @@ impl Idp {
         matches!(st.access.get(token), Some((_, exp, false)) if exp.is_none_or(|e| e > now))
     }
 
+    /// Why an access token is or is not valid, for assertion messages.
+    pub fn describe_access_token(&self, token: &str) -> String {
+        let now = self.now();
+        let st = self.shared.state.lock();
+        match st.access.get(token) {
+            None => "unknown to the IdP".into(),
+            Some((_, _, true)) => "revoked".into(),
+            Some((_, Some(exp), _)) if *exp <= now => format!("expired at {exp} (now {now})"),
+            Some((_, exp, _)) => format!("valid until {exp:?}"),
+        }
+    }
+
     /// Client authentication methods seen, in order (`"basic"` or `"post"`).
     pub fn auth_methods(&self) -> Vec<&'static str> {
         self.shared.state.lock().auth_methods.clone()
@@ -337,7 +380,18 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
-async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// Answers one request; `true` = drop the connection instead of answering.
+async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> (Response<Full<Bytes>>, bool) {
+    let mut drop_connection = false;
+    let resp = answer(s, req, &mut drop_connection).await;
+    (resp, drop_connection)
+}
+
+async fn answer(
+    s: &Shared,
+    req: Request<hyper::body::Incoming>,
+    drop_connection: &mut bool,
+) -> Response<Full<Bytes>> {
     s.attempts.fetch_add(1, Ordering::SeqCst);
     let (fault, latency) = {
         let mut st = s.state.lock();
@@ -360,6 +414,7 @@ async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> Response<Ful
             tokio::time::sleep(d).await;
             return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({}));
         }
+        Some(Fault::ProcessThenDrop) => *drop_connection = true,
         None => {}
     }
     let basic = req

@@ -1,0 +1,191 @@
+//! The part of a flight that runs while holding the cross-replica lease: exchange
+//! the refresh token with the provider, then settle the outcome — compare-and-swap
+//! the new tokens in, accept a lost race, or (only after looking again) record a
+//! permanent rejection.
+//!
+//! Every write here is conditional on the refresh token exactly as the flight read
+//! it; whenever the row turns out to have changed, the flight re-reads instead of
+//! writing, so a loser can never overwrite or break a winner's fresh token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cache::{self, Entry, Key};
+use super::flight::{insert_if_current, serve_row, still_valid, Served, Step};
+use super::{AccessToken, Inner, TokenError};
+use crate::oauth::{RefreshError, Refreshed};
+use crate::store::{Lease, Link, TokenSet};
+use crate::telemetry::{ProviderLabels, RefreshOutcome};
+
+/// Re-reads the row under a fresh lease: `None` when it is still the one to
+/// exchange, else what to do instead.
+pub(super) async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<Step> {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(now)) if now.refresh_token_stored != row.refresh_token_stored => Some(Step::Reread),
+        Ok(Some(now)) if !now.refresh_failure_reason.is_empty() => {
+            Some(Step::Done(Err(TokenError::ReauthRequired)))
+        }
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Step::Done(Err(TokenError::LinkMissing))),
+        Err(_) => Some(Step::Done(
+            still_valid(inner, row).ok_or(TokenError::StoreUnavailable),
+        )),
+    }
+}
+
+/// Exchanges the row's refresh token while we hold the lease, and settles the outcome.
+pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease) -> Step {
+    let provider = &inner.providers[key.0 as usize];
+    let started = tokio::time::Instant::now();
+    let result = provider
+        .client
+        .refresh(&row.refresh_token, inner.exchange_budget())
+        .await;
+    inner
+        .metrics
+        .refresh_duration
+        .get_or_create(&ProviderLabels {
+            provider: provider.id.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => persist(inner, key, row, r).await,
+        Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,
+        Err(e) => {
+            // Transient (or a client misconfiguration): nothing about the link changes.
+            tracing::warn!(provider = %provider.id, user = %key.1, error = %e, "refresh failed");
+            inner
+                .metrics
+                .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
+            Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable))
+        }
+    }
+}
+
+/// Writes a successful refresh with a compare-and-swap on the refresh token read.
+async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    let now = inner.clock.now();
+    let lifetime = r.expires_in.map(cache::to_chrono);
+    let new = TokenSet {
+        access_token: r.access_token,
+        // No new refresh token in the response: the old one stays valid.
+        refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
+        expiry: lifetime.map(|l| now + l),
+        extra: r.extra.or_else(|| row.extra.clone()),
+    };
+    let token = AccessToken::new(new.access_token.clone(), new.expiry);
+    let mut attempt = 0;
+    loop {
+        let epoch = inner.epoch(&key);
+        match inner
+            .store
+            .write_refreshed(provider_id, key.1, &row.refresh_token_stored, &new)
+            .await
+        {
+            Ok(true) => {
+                inner
+                    .metrics
+                    .refresh_outcome(provider_id, RefreshOutcome::Success);
+                tracing::info!(provider = provider_id, user = %key.1, "refreshed access token");
+                let entry = Entry::new(
+                    token.clone(),
+                    lifetime,
+                    inner.cfg.refresh_ahead_remaining,
+                    inner.skew(),
+                    now,
+                );
+                insert_if_current(inner, key, entry, epoch).await;
+                return Step::Done(Ok(Served {
+                    token,
+                    exchanged: true,
+                }));
+            }
+            Ok(false) => {
+                // Someone else's token is in the row: theirs wins, ours is dropped.
+                inner
+                    .metrics
+                    .refresh_outcome(provider_id, RefreshOutcome::LostRace);
+                tracing::info!(provider = provider_id, user = %key.1, "lost refresh race; serving the winner's token");
+                return lost_race(inner, key, token).await;
+            }
+            Err(e) if attempt < 2 => {
+                attempt += 1;
+                tracing::warn!(provider = provider_id, user = %key.1, error = %e, "storing refreshed token failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => {
+                // The provider rotated the token but we could not store it. The new
+                // access token works, so serve it; the link will need a new login if
+                // the old refresh token was single-use.
+                tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token");
+                return Step::Done(Ok(Served {
+                    token,
+                    exchanged: true,
+                }));
+            }
+        }
+    }
+}
+
+async fn lost_race(inner: &Arc<Inner>, key: Key, ours: AccessToken) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    let epoch = inner.epoch(&key);
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(row)) if cache::usable(row.expiry, inner.clock.now(), inner.skew()) => {
+            let mut served = serve_row(inner, key, &row, epoch).await;
+            served.exchanged = true;
+            Step::Done(Ok(served))
+        }
+        Ok(Some(_)) => Step::Reread,
+        Ok(None) => Step::Done(Err(TokenError::LinkMissing)),
+        // Ours is valid at the provider even though the row holds another one.
+        Err(_) => Step::Done(Ok(Served {
+            token: ours,
+            exchanged: true,
+        })),
+    }
+}
+
+/// The provider rejected the refresh token. Before calling it permanent, look again:
+/// if the row now holds another refresh token, a winner refreshed it and we use theirs.
+async fn rejected(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease, reason: &str) -> Step {
+    let provider_id = inner.providers[key.0 as usize].id.as_str();
+    match inner.store.get_link(provider_id, key.1).await {
+        Ok(Some(now_row)) if now_row.refresh_token_stored != row.refresh_token_stored => {
+            tracing::info!(provider = provider_id, user = %key.1, "refresh token rejected but the link changed; using the new one");
+            Step::Reread
+        }
+        Ok(Some(_)) => {
+            match inner
+                .store
+                .record_refresh_failure(
+                    provider_id,
+                    key.1,
+                    &row.refresh_token_stored,
+                    Some(lease),
+                    reason,
+                )
+                .await
+            {
+                Ok(true) => {
+                    inner
+                        .metrics
+                        .refresh_outcome(provider_id, RefreshOutcome::InvalidGrant);
+                    tracing::info!(provider = provider_id, user = %key.1, reason, "refresh token rejected; re-authentication required");
+                    inner.uncache(key).await;
+                    Step::Done(Err(TokenError::ReauthRequired))
+                }
+                // The row or the lease changed under us: look again.
+                Ok(false) => Step::Reread,
+                Err(e) => {
+                    tracing::warn!(provider = provider_id, user = %key.1, error = %e, "cannot record refresh failure");
+                    Step::Done(Err(TokenError::ReauthRequired))
+                }
+            }
+        }
+        Ok(None) => Step::Done(Err(TokenError::LinkMissing)),
+        Err(_) => Step::Done(Err(TokenError::ReauthRequired)),
+    }
+}
