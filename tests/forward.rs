@@ -57,6 +57,7 @@ struct World {
     plain: TestUpstream,
     proxy: Harness,
     token: String,
+    store: Arc<PgStore>,
     _provider_ca: TestCa,
 }
 
@@ -127,7 +128,7 @@ token_url = "http://127.0.0.1:9/token"
         plain = plain.addr.port(),
         provider_ca = provider_ca.ca.display(),
     ));
-    let proxy = Harness::start(config, store, fake).await;
+    let proxy = Harness::start(config, store.clone(), fake).await;
     World {
         _dir: dir,
         ca,
@@ -136,6 +137,7 @@ token_url = "http://127.0.0.1:9/token"
         plain,
         proxy,
         token,
+        store,
         _provider_ca: provider_ca,
     }
 }
@@ -313,6 +315,11 @@ async fn missing_or_bad_proxy_credential_is_407_and_the_connection_stays(pool: P
     );
     s.write_all(req.as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut s).await.0, 407);
+    // A token limited to another provider may not open the tunnel.
+    let (_, gitlab_only) = create_token(&*w.store, Uuid::new_v4(), &["gitlab"]).await;
+    let (status, head) = connect(&mut s, &target, Some(&basic("x", &gitlab_only))).await;
+    assert_eq!(status, 403, "{head}");
+    assert!(head.contains("tokenproxy-error: forbidden"), "{head}");
     // Same connection, right credential: the tunnel opens.
     let (status, head) = connect(&mut s, &target, Some(&basic("x", &w.token))).await;
     assert_eq!(status, 200, "{head}");
