@@ -138,10 +138,7 @@ impl Pipeline {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let method = req.method().clone();
-        let mut outcome = Outcome {
-            token: "none",
-            ..Default::default()
-        };
+        let mut outcome = Outcome::new();
         let resp = match self.run_phases(req, conn, entry, &mut outcome).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -162,27 +159,7 @@ impl Pipeline {
         entry: &Entry,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (caller, route, uri) = match entry {
-            Entry::Reverse => {
-                let caller = self.identify_caller(req.headers()).await?;
-                outcome.user = Some(caller.user_id);
-                let (route, uri) = self.route(&req)?;
-                (caller, route, uri)
-            }
-            Entry::Absolute => {
-                let caller = self.callers.identify_proxy(req.headers()).await?;
-                outcome.user = Some(caller.user_id);
-                let (route, uri) = self.route_absolute(&req)?;
-                (caller, route, uri)
-            }
-            Entry::Tunnel(tunnel) => {
-                outcome.route = Some(tunnel.route.clone());
-                let caller = self.callers.identify_proxy(&tunnel.credentials).await?;
-                outcome.user = Some(caller.user_id);
-                let uri = route_tunneled(&req, tunnel)?;
-                (caller, tunnel.route.clone(), uri)
-            }
-        };
+        let (caller, route, uri) = self.enter(&req, entry, outcome).await?;
         outcome.route = Some(route.clone());
         authorize(&caller, &route)?;
         let token = self.token(&route, &caller).await?;
@@ -201,6 +178,36 @@ impl Pipeline {
         self.forward(&route, &caller, prepared, body, token, outcome)
             .await
             .map(respond)
+    }
+
+    /// Phases by entry: who is calling, which route, and the upstream URI.
+    async fn enter(
+        &self,
+        req: &Request<Incoming>,
+        entry: &Entry,
+        outcome: &mut Outcome,
+    ) -> Result<(Caller, Arc<Route>, Uri), ProxyError> {
+        Ok(match entry {
+            Entry::Reverse => {
+                let caller = self.identify_caller(req.headers()).await?;
+                outcome.user = Some(caller.user_id);
+                let (route, uri) = self.route(req)?;
+                (caller, route, uri)
+            }
+            Entry::Absolute => {
+                let caller = self.callers.identify_proxy(req.headers()).await?;
+                outcome.user = Some(caller.user_id);
+                let (route, uri) = self.route_absolute(req)?;
+                (caller, route, uri)
+            }
+            Entry::Tunnel(tunnel) => {
+                outcome.route = Some(tunnel.route.clone());
+                let caller = self.callers.identify_proxy(&tunnel.credentials).await?;
+                outcome.user = Some(caller.user_id);
+                let uri = route_tunneled(req, tunnel)?;
+                (caller, tunnel.route.clone(), uri)
+            }
+        })
     }
 
     /// Phase: who is calling.
