@@ -600,3 +600,63 @@ async fn shutdown_drains_a_request_inside_a_tunnel(pool: PgPool) {
     assert_eq!(r.status, 200, "{r:?}");
     server.await.unwrap().unwrap();
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn wildcard_hosts_get_a_leaf_each_and_their_own_host_upstream(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_init(&dir.path().join("ca"));
+    let provider_ca = TestCa::for_names(&["a.wild.test", "b.c.wild.test"]);
+    let up = TestUpstream::start_tls(
+        CredentialForm::Bearer,
+        tokens(&[GH_TOKEN]),
+        provider_ca.acceptor(),
+    )
+    .await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("wild", user, GH_TOKEN);
+    let config = harness::config(&format!(
+        r#"
+[forward]
+ca_cert = "{ca}"
+ca_key = "{key}"
+
+[[providers]]
+id = "wild"
+client_id = "cid"
+token_url = "http://127.0.0.1:9/token"
+
+  [[providers.routes]]
+  hosts = ["*.wild.test"]
+  connect_to = "{addr}"
+  upstream_ca = "{provider_ca}"
+"#,
+        ca = ca.display(),
+        key = dir.path().join("ca").join("ca-key.pem").display(),
+        addr = up.addr,
+        provider_ca = provider_ca.ca.display(),
+    ));
+    let proxy = Harness::start(config, store, fake).await;
+    let proxy_url = format!("http://x:{token}@{}", proxy.addr);
+    for host in ["a.wild.test", "b.c.wild.test", "a.wild.test"] {
+        let r = curl(&proxy_url, &ca, &format!("https://{host}/x"), &[]).await;
+        assert_eq!(r.status, 200, "{host}: {r:?}");
+    }
+    let hosts: Vec<_> = up
+        .requests()
+        .iter()
+        .map(|r| r.headers["host"].clone())
+        .collect();
+    assert_eq!(hosts, ["a.wild.test", "b.c.wild.test", "a.wild.test"]);
+    assert_eq!(
+        proxy.metrics.leaves_minted.get(),
+        2,
+        "one leaf per host, reused"
+    );
+    // The bare domain is not covered by the wildcard.
+    let r = curl(&proxy_url, &ca, "https://wild.test/x", &[]).await;
+    assert!(!r.ok, "{r:?}");
+    assert_eq!(up.count(), 3);
+}
