@@ -26,12 +26,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::ca::CertAuthority;
+use super::ca::{CaError, CertAuthority};
 use super::error::ProxyError;
 use super::pipeline::{authorize, upstream_authority, ConnInfo, Entry, Outcome, Pipeline, Tunnel};
 use super::server::{self, ConnContext, Limits};
 use super::ProxyBody;
-use crate::config::{ForwardConfig, ServerConfig, Unrouted};
+use crate::config::{ConfigError, ForwardConfig, ServerConfig, Unrouted};
 use crate::telemetry::Metrics;
 
 /// Forward mode's state: the CA, the unrouted-host policy and the limits
@@ -56,7 +56,14 @@ impl ForwardMode {
             &forward.ca_cert,
             &forward.ca_key,
             metrics.leaves_minted.clone(),
-        )?;
+        )
+        .map_err(|e| match e {
+            // A CA file that is missing or wrong is a config mistake (exit 64).
+            CaError::File { key, path, message } => {
+                anyhow::Error::new(ConfigError::new(key, format!("{path}: {message}")))
+            }
+            other => other.into(),
+        })?;
         let limits = Limits::from_config(server);
         Ok(Self {
             ca,
