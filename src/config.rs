@@ -604,12 +604,26 @@ fn check_http_url(u: &Url) -> Result<(), String> {
 
 /// Checks the database URL without ever echoing it (it may hold a password).
 fn check_database_url(url: &SecretString) -> Result<(), ConfigError> {
-    let parsed = Url::parse(url.expose_secret())
+    let url = url.expose_secret();
+    // `sqlite://PATH` (or `sqlite:PATH`) names a file, which is not a URL path:
+    // `sqlite://./data/x.db` is relative, `sqlite:///var/x.db` absolute.
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        let file = path.split('?').next().unwrap_or_default();
+        if file.is_empty() {
+            return Err(ConfigError::new(
+                "database.url",
+                "sqlite:// must name a file, e.g. sqlite://./data/tokenproxy.db",
+            ));
+        }
+        return Ok(());
+    }
+    let parsed = Url::parse(url)
         .map_err(|e| ConfigError::new("database.url", format!("is not a valid URL ({e})")))?;
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err(ConfigError::new(
             "database.url",
-            "scheme must be postgres:// or postgresql://",
+            "scheme must be postgres://, postgresql:// or sqlite://",
         ));
     }
     Ok(())

@@ -1,54 +1,91 @@
-//! Acceptance tests of the Postgres link store (issue 2): migrations, Coder's row
-//! layout, at-rest encryption, compare-and-swap writes, leases, rotation and the
-//! change feed. Each test gets its own database from `#[sqlx::test]`.
+//! Acceptance tests of the link stores (issues 2 and 6).
+//!
+//! The backend-independent behaviours live once in `tests/conformance/` and are
+//! instantiated below for Postgres (`postgres_conformance::*`, each test in its own
+//! database from `#[sqlx::test]`) and for SQLite (`sqlite_conformance::*`, each
+//! test in its own file). What follows the suite is backend-specific: Coder's
+//! layout, the NOTIFY feed and `dbcrypt_keys` for Postgres; file creation, WAL,
+//! the polling feed and URL dispatch for SQLite.
 
-mod support;
+mod conformance;
 
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use secrecy::{ExposeSecret, SecretBox, SecretString};
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use tokenproxy::config::EncryptionFormat;
 use tokenproxy::crypto::{Keyring, ValueContext};
-use tokenproxy::store::postgres::{PgStore, MIGRATOR};
-use tokenproxy::store::{
-    ChangeEvent, LeaseClaim, LinkStore, NewProxyToken, StoreError, StoredSecret, TokenSet,
-};
+use tokenproxy::store::postgres::PgStore;
+use tokenproxy::store::{ChangeEvent, LeaseClaim, LinkStore, StoreError};
 use uuid::Uuid;
 
-const KEY_A: [u8; 32] = [0x11; 32];
+use conformance::{keyring, tokens, KEY_A};
 
-fn keyring(format: EncryptionFormat, keys: &[[u8; 32]]) -> Keyring {
-    Keyring::new(
-        keys.iter().map(|k| SecretBox::new(Box::new(*k))).collect(),
-        format,
-    )
+/// Instantiates each named suite function once per backend.
+macro_rules! conformance_suite {
+    ($($name:ident),* $(,)?) => {
+        mod postgres_conformance {
+            $(
+                #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+                async fn $name(pool: sqlx::PgPool) {
+                    let backend = crate::conformance::backends::Pg(pool);
+                    crate::conformance::suite::$name(&backend).await
+                }
+            )*
+        }
+        mod sqlite_conformance {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = crate::conformance::backends::Sqlite::migrated().await;
+                    crate::conformance::suite::$name(&backend).await
+                }
+            )*
+        }
+    };
 }
 
-fn tokens(access: &str, refresh: &str) -> TokenSet {
-    TokenSet {
-        access_token: SecretString::from(access.to_owned()),
-        refresh_token: SecretString::from(refresh.to_owned()),
-        expiry: Some(Utc.with_ymd_and_hms(2030, 1, 2, 3, 4, 5).unwrap()),
-        extra: Some(serde_json::json!({"scope": "repo"})),
-    }
-}
+conformance_suite!(
+    put_get_list_delete,
+    encrypted_columns_never_hold_plaintext,
+    unknown_key_is_a_decrypt_error,
+    concurrent_refresh_writes_exactly_one_applies,
+    failure_record_against_changed_token_applies_nothing,
+    lease_claim_held_changed_and_expiry,
+    concurrent_lease_claims_exactly_one_acquires,
+    rotation_reencrypts_everything_and_keeps_failure_reasons,
+    refresh_write_racing_rotation_is_never_lost,
+    proxy_tokens_create_find_list_revoke_touch,
+    change_feed_announces_every_applied_change,
+);
+
+// Migrations start from an empty database, so they are instantiated by hand.
 
 #[sqlx::test(migrations = false)]
-async fn migrations_apply_twice(pool: PgPool) {
-    let store = PgStore::from_pool(pool.clone(), Keyring::plaintext());
-    assert!(store.ready().await.is_err(), "not ready before migrating");
-    store.migrate().await.unwrap();
-    store.migrate().await.unwrap();
-    MIGRATOR.run(&pool).await.unwrap();
-    store.ready().await.unwrap();
+async fn postgres_migrations_apply_twice(pool: PgPool) {
+    conformance::suite::migrations_apply_twice(&conformance::backends::Pg(pool.clone())).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(n as usize, MIGRATOR.iter().count());
+    let want = tokenproxy::store::postgres::MIGRATOR.iter().count();
+    assert_eq!(n as usize, want);
 }
+
+#[tokio::test]
+async fn sqlite_migrations_apply_twice() {
+    let backend = conformance::backends::Sqlite::fresh().await;
+    conformance::suite::migrations_apply_twice(&backend).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(backend.pool())
+        .await
+        .unwrap();
+    let want = tokenproxy::store::sqlite::MIGRATOR.iter().count();
+    assert_eq!(n as usize, want);
+}
+
+// ---- Postgres only ----
 
 #[sqlx::test(migrations = false)]
 async fn migrations_serve_beside_an_older_coder_schema(pool: PgPool) {
@@ -105,55 +142,6 @@ async fn migrations_serve_beside_an_older_coder_schema(pool: PgPool) {
         .unwrap());
     let link = store.get_link("github", user).await.unwrap().unwrap();
     assert_eq!(link.refresh_token.expose_secret(), "r1");
-}
-
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn plaintext_put_get_roundtrip(pool: PgPool) {
-    let store = PgStore::from_pool(pool, Keyring::plaintext());
-    let user = Uuid::new_v4();
-    store
-        .put_link("github", user, &tokens("at1", "rt1"))
-        .await
-        .unwrap();
-    let link = store.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(link.access_token.expose_secret(), "at1");
-    assert_eq!(link.refresh_token.expose_secret(), "rt1");
-    assert_eq!(link.refresh_token_stored.0, "rt1");
-    assert_eq!(link.expiry, tokens("", "").expiry);
-    assert_eq!(link.extra, Some(serde_json::json!({"scope": "repo"})));
-    assert!(store.get_link("gitlab", user).await.unwrap().is_none());
-}
-
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn encrypted_columns_never_hold_plaintext(pool: PgPool) {
-    for format in [EncryptionFormat::Coder, EncryptionFormat::Native] {
-        let store = PgStore::from_pool(pool.clone(), keyring(format, &[KEY_A]));
-        let user = Uuid::new_v4();
-        store
-            .put_link("github", user, &tokens("secret-access", "secret-refresh"))
-            .await
-            .unwrap();
-        let (a, r, aid, rid): (String, String, Option<String>, Option<String>) = sqlx::query_as(
-            "SELECT oauth_access_token, oauth_refresh_token, oauth_access_token_key_id, \
-             oauth_refresh_token_key_id FROM external_auth_links WHERE user_id = $1",
-        )
-        .bind(user)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        assert!(!a.contains("secret") && !r.contains("secret"));
-        assert_eq!(aid, store.keyring().primary_key_id().map(str::to_owned));
-        assert_eq!(rid, aid);
-        let link = store.get_link("github", user).await.unwrap().unwrap();
-        assert_eq!(link.access_token.expose_secret(), "secret-access");
-        assert_eq!(link.refresh_token.expose_secret(), "secret-refresh");
-    }
-}
-
-const KEY_B: [u8; 32] = [0x22; 32];
-
-fn stored(s: &str) -> StoredSecret {
-    StoredSecret(s.to_owned())
 }
 
 /// Inserts a row the way Coder does (raw SQL, Coder's columns only).
@@ -280,346 +268,6 @@ async fn coder_format_registers_its_key_like_coder(pool: PgPool) {
     assert_eq!(test.expose_secret(), "coder");
 }
 
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn concurrent_refresh_writes_exactly_one_applies(pool: PgPool) {
-    for format in [EncryptionFormat::Native, EncryptionFormat::Coder] {
-        let a = PgStore::from_pool(pool.clone(), keyring(format, &[KEY_A]));
-        let b = PgStore::from_pool(pool.clone(), keyring(format, &[KEY_A]));
-        for _ in 0..10 {
-            let user = Uuid::new_v4();
-            a.put_link("github", user, &tokens("a0", "r0"))
-                .await
-                .unwrap();
-            let old = a.get_link("github", user).await.unwrap().unwrap();
-            let (t1, t2) = (tokens("a1", "r1"), tokens("a2", "r2"));
-            let old = &old.refresh_token_stored;
-            let (ra, rb) = tokio::join!(
-                a.write_refreshed("github", user, old, &t1),
-                b.write_refreshed("github", user, old, &t2),
-            );
-            let (ra, rb) = (ra.unwrap(), rb.unwrap());
-            assert!(ra ^ rb, "exactly one write applies (got {ra}, {rb})");
-            let now = a.get_link("github", user).await.unwrap().unwrap();
-            let want = if ra { "r1" } else { "r2" };
-            assert_eq!(now.refresh_token.expose_secret(), want);
-        }
-    }
-}
-
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn failure_record_against_changed_token_applies_nothing(pool: PgPool) {
-    let store = PgStore::from_pool(pool, keyring(EncryptionFormat::Native, &[KEY_A]));
-    let user = Uuid::new_v4();
-    store
-        .put_link("github", user, &tokens("a0", "r0"))
-        .await
-        .unwrap();
-    let old = store.get_link("github", user).await.unwrap().unwrap();
-    assert!(store
-        .write_refreshed(
-            "github",
-            user,
-            &old.refresh_token_stored,
-            &tokens("a1", "r1")
-        )
-        .await
-        .unwrap());
-    let applied = store
-        .record_refresh_failure(
-            "github",
-            user,
-            &old.refresh_token_stored,
-            None,
-            "invalid_grant",
-        )
-        .await
-        .unwrap();
-    assert!(!applied);
-    let now = store.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(now.refresh_failure_reason, "");
-    assert_eq!(now.refresh_token.expose_secret(), "r1");
-    // Against the current token it applies, and a refresh/put clears it.
-    assert!(store
-        .record_refresh_failure(
-            "github",
-            user,
-            &now.refresh_token_stored,
-            None,
-            "invalid_grant"
-        )
-        .await
-        .unwrap());
-    let failed = store.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(failed.refresh_failure_reason, "invalid_grant");
-    store
-        .put_link("github", user, &tokens("a2", "r2"))
-        .await
-        .unwrap();
-    let relinked = store.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(relinked.refresh_failure_reason, "");
-    // A lost link is reported as not applied, not as an error.
-    assert!(!store
-        .write_refreshed("github", Uuid::new_v4(), &stored("x"), &tokens("a", "r"))
-        .await
-        .unwrap());
-}
-
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn lease_claim_held_changed_and_expiry(pool: PgPool) {
-    let store = PgStore::from_pool(pool.clone(), keyring(EncryptionFormat::Native, &[KEY_A]));
-    let user = Uuid::new_v4();
-    let lease_for = Duration::from_secs(30);
-    store
-        .put_link("github", user, &tokens("a0", "r0"))
-        .await
-        .unwrap();
-    let old = store.get_link("github", user).await.unwrap().unwrap();
-    let old_stored = &old.refresh_token_stored;
-
-    let LeaseClaim::Acquired(first) = store
-        .claim_refresh_lease("github", user, old_stored, lease_for)
-        .await
-        .unwrap()
-    else {
-        panic!("first claim must acquire")
-    };
-    match store
-        .claim_refresh_lease("github", user, old_stored, lease_for)
-        .await
-        .unwrap()
-    {
-        LeaseClaim::Held { until } => assert_eq!(until, first.expires_at),
-        other => panic!("expected Held, got {other:?}"),
-    }
-    assert!(matches!(
-        store
-            .claim_refresh_lease("github", user, &stored("not-it"), lease_for)
-            .await
-            .unwrap(),
-        LeaseClaim::Changed
-    ));
-    assert!(matches!(
-        store
-            .claim_refresh_lease("gitlab", user, old_stored, lease_for)
-            .await
-            .unwrap(),
-        LeaseClaim::Changed
-    ));
-
-    // The holder crashes; its lease runs out (database clock, no sleeping).
-    sqlx::query(
-        "UPDATE external_auth_links SET refresh_lease_expires_at = now() - interval '1s' \
-         WHERE user_id = $1",
-    )
-    .bind(user)
-    .execute(&pool)
-    .await
-    .unwrap();
-    let LeaseClaim::Acquired(second) = store
-        .claim_refresh_lease("github", user, old_stored, lease_for)
-        .await
-        .unwrap()
-    else {
-        panic!("an expired lease can be claimed")
-    };
-    assert_ne!(second.expires_at, first.expires_at);
-
-    // The old holder is fenced off: its failure record and release do nothing.
-    assert!(!store
-        .record_refresh_failure("github", user, old_stored, Some(&first), "invalid_grant")
-        .await
-        .unwrap());
-    store.release_refresh_lease(&first).await.unwrap();
-    let row = store.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(row.lease_expires_at, Some(second.expires_at));
-    assert_eq!(row.refresh_failure_reason, "");
-
-    // The current holder's failure record applies and releases the lease.
-    assert!(store
-        .record_refresh_failure("github", user, old_stored, Some(&second), "invalid_grant")
-        .await
-        .unwrap());
-    let row = store.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(row.lease_expires_at, None);
-    assert_eq!(row.refresh_failure_reason, "invalid_grant");
-
-    // Release of a held lease frees it; a successful refresh write clears it.
-    let LeaseClaim::Acquired(third) = store
-        .claim_refresh_lease("github", user, old_stored, lease_for)
-        .await
-        .unwrap()
-    else {
-        panic!("released lease can be claimed")
-    };
-    store.release_refresh_lease(&third).await.unwrap();
-    let LeaseClaim::Acquired(_fourth) = store
-        .claim_refresh_lease("github", user, old_stored, lease_for)
-        .await
-        .unwrap()
-    else {
-        panic!("released lease can be claimed again")
-    };
-    assert!(store
-        .write_refreshed("github", user, old_stored, &tokens("a1", "r1"))
-        .await
-        .unwrap());
-    let row = store.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(row.lease_expires_at, None);
-    assert_eq!(row.refresh_failure_reason, "");
-}
-
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn rotation_reencrypts_everything_and_keeps_failure_reasons(pool: PgPool) {
-    let old = PgStore::from_pool(pool.clone(), keyring(EncryptionFormat::Coder, &[KEY_A]));
-    let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
-    for (i, u) in users.iter().enumerate() {
-        old.put_link("github", *u, &tokens(&format!("a{i}"), &format!("r{i}")))
-            .await
-            .unwrap();
-    }
-    // One plain-text row from before encryption was turned on.
-    let plain_user = Uuid::new_v4();
-    insert_coder_row(
-        &pool,
-        plain_user,
-        ("plain-a", None),
-        ("plain-r", None),
-        "0001-01-01 00:00:00+00",
-    )
-    .await;
-    let failed = old.get_link("github", users[0]).await.unwrap().unwrap();
-    assert!(old
-        .record_refresh_failure(
-            "github",
-            users[0],
-            &failed.refresh_token_stored,
-            None,
-            "bad"
-        )
-        .await
-        .unwrap());
-
-    // New first key, native format; the old key still decrypts.
-    let rotating = PgStore::from_pool(
-        pool.clone(),
-        keyring(EncryptionFormat::Native, &[KEY_B, KEY_A]),
-    );
-    let report = rotating.rotate_keys().await.unwrap();
-    assert_eq!(report.rotated, 6);
-    assert_eq!(report.raced, 0);
-    assert_eq!(rotating.rotate_keys().await.unwrap().unchanged, 6);
-
-    let new_only = PgStore::from_pool(pool.clone(), keyring(EncryptionFormat::Native, &[KEY_B]));
-    for (i, u) in users.iter().enumerate() {
-        let link = new_only.get_link("github", *u).await.unwrap().unwrap();
-        assert_eq!(link.access_token.expose_secret(), format!("a{i}"));
-        assert_eq!(link.refresh_token.expose_secret(), format!("r{i}"));
-    }
-    let plain = new_only
-        .get_link("github", plain_user)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(plain.refresh_token.expose_secret(), "plain-r");
-    let still_failed = new_only
-        .get_link("github", users[0])
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(still_failed.refresh_failure_reason, "bad");
-    let leftovers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM external_auth_links WHERE oauth_access_token LIKE 'plain%' \
-         OR oauth_access_token_key_id IS DISTINCT FROM $1",
-    )
-    .bind(new_only.keyring().primary_key_id())
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(leftovers, 0);
-}
-
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn refresh_write_racing_rotation_is_never_lost(pool: PgPool) {
-    // A replica that has not switched yet: writes with the old key, knows both.
-    let refresher = PgStore::from_pool(
-        pool.clone(),
-        keyring(EncryptionFormat::Coder, &[KEY_A, KEY_B]),
-    );
-    let rotator = PgStore::from_pool(
-        pool.clone(),
-        keyring(EncryptionFormat::Native, &[KEY_B, KEY_A]),
-    );
-    // Deterministic interleaving: the refresher reads, rotation re-encrypts the
-    // row, then the refresher writes against the value it read.
-    let user = Uuid::new_v4();
-    refresher
-        .put_link("github", user, &tokens("a0", "r0"))
-        .await
-        .unwrap();
-    let read = refresher.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(rotator.rotate_keys().await.unwrap().rotated, 1);
-    assert!(refresher
-        .write_refreshed(
-            "github",
-            user,
-            &read.refresh_token_stored,
-            &tokens("a1", "r1")
-        )
-        .await
-        .unwrap());
-    let now = rotator.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(now.refresh_token.expose_secret(), "r1");
-
-    // Likewise a failure record against a token that was only re-encrypted.
-    assert_eq!(rotator.rotate_keys().await.unwrap().rotated, 1);
-    assert!(refresher
-        .record_refresh_failure("github", user, &now.refresh_token_stored, None, "revoked")
-        .await
-        .unwrap());
-    let now = rotator.get_link("github", user).await.unwrap().unwrap();
-    assert_eq!(now.refresh_failure_reason, "revoked");
-
-    // Truly concurrent: many refreshes while rotations run; every one lands.
-    let users: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
-    for u in &users {
-        refresher
-            .put_link("github", *u, &tokens("a0", "r0"))
-            .await
-            .unwrap();
-    }
-    let mut reads = Vec::new();
-    for u in &users {
-        reads.push(refresher.get_link("github", *u).await.unwrap().unwrap());
-    }
-    let writes = async {
-        let mut applied = 0;
-        for (u, read) in users.iter().zip(&reads) {
-            let ok = refresher
-                .write_refreshed(
-                    "github",
-                    *u,
-                    &read.refresh_token_stored,
-                    &tokens("a1", "r1"),
-                )
-                .await
-                .unwrap();
-            applied += usize::from(ok);
-        }
-        applied
-    };
-    let rotations = async {
-        for _ in 0..3 {
-            rotator.rotate_keys().await.unwrap();
-        }
-    };
-    let (applied, ()) = tokio::join!(writes, rotations);
-    assert_eq!(applied, users.len());
-    for u in &users {
-        let link = rotator.get_link("github", *u).await.unwrap().unwrap();
-        assert_eq!(link.refresh_token.expose_secret(), "r1");
-    }
-}
-
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<ChangeEvent>) -> ChangeEvent {
     // A bound so a broken feed fails the test instead of hanging it.
     tokio::time::timeout(Duration::from_secs(20), rx.recv())
@@ -691,62 +339,6 @@ async fn change_feed_announces_writes_and_resyncs(pool: PgPool) {
     assert_eq!(next(&mut rx).await, ev("github"));
 }
 
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn proxy_tokens_create_find_list_revoke_touch(pool: PgPool) {
-    let store = PgStore::from_pool(pool, Keyring::plaintext());
-    let user = Uuid::new_v4();
-    let hash = [7u8; 32];
-    let created = store
-        .create_proxy_token(&NewProxyToken {
-            user_id: user,
-            name: "laptop".into(),
-            hash,
-            providers: vec!["github".into()],
-            expires_at: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(created.providers, vec!["github".to_owned()]);
-    assert!(created.last_used_at.is_none() && created.revoked_at.is_none());
-    let found = store.find_proxy_token(&hash).await.unwrap().unwrap();
-    assert_eq!(found.id, created.id);
-    assert!(store.find_proxy_token(&[8u8; 32]).await.unwrap().is_none());
-    // The same hash twice is refused.
-    let dup = store
-        .create_proxy_token(&NewProxyToken {
-            user_id: user,
-            name: "again".into(),
-            hash,
-            providers: vec![],
-            expires_at: None,
-        })
-        .await;
-    assert!(matches!(dup, Err(StoreError::Other(_))));
-
-    store.touch_proxy_token(created.id).await.unwrap();
-    assert!(store
-        .find_proxy_token(&hash)
-        .await
-        .unwrap()
-        .unwrap()
-        .last_used_at
-        .is_some());
-    assert_eq!(store.list_proxy_tokens(Some(user)).await.unwrap().len(), 1);
-    assert_eq!(
-        store
-            .list_proxy_tokens(Some(Uuid::new_v4()))
-            .await
-            .unwrap()
-            .len(),
-        0
-    );
-    assert_eq!(store.list_proxy_tokens(None).await.unwrap().len(), 1);
-    assert!(store.revoke_proxy_token(created.id).await.unwrap());
-    assert!(!store.revoke_proxy_token(created.id).await.unwrap());
-    let revoked = store.find_proxy_token(&hash).await.unwrap().unwrap();
-    assert!(revoked.revoked_at.is_some());
-}
-
 #[tokio::test]
 async fn unreachable_database_is_unavailable() {
     let cfg = tokenproxy::config::DatabaseConfig {
@@ -763,4 +355,155 @@ async fn unreachable_database_is_unavailable() {
         store.ready().await.unwrap_err(),
         StoreError::Unavailable(_)
     ));
+}
+
+// ---- SQLite only ----
+
+#[tokio::test]
+async fn sqlite_creates_its_directory_and_file_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = conformance::backends::Sqlite::config_in(dir.path());
+    let file = dir.path().join("data").join("tokenproxy.db");
+    assert!(!file.parent().unwrap().exists());
+    let store = tokenproxy::store::open(&cfg, Keyring::plaintext()).unwrap();
+    store.migrate().await.unwrap();
+    store.ready().await.unwrap();
+    assert!(file.is_file(), "the database file was created");
+    let pool = tokenproxy::store::sqlite::SqliteStore::connect(&cfg, Keyring::plaintext())
+        .unwrap()
+        .pool()
+        .clone();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(fk, 1);
+    // FULL: a committed refresh survives power loss.
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sync, 2);
+}
+
+#[tokio::test]
+async fn sqlite_feed_resyncs_when_changes_were_pruned_unseen() {
+    let backend = conformance::backends::Sqlite::migrated().await;
+    let store = conformance::Backend::store(&backend, Keyring::plaintext()).await;
+    let mut rx = store.watch_changes().await.unwrap();
+    assert_eq!(rx.recv().await, Some(ChangeEvent::Resync));
+    // Changes the feed never saw are gone: it cannot tell what changed.
+    sqlx::query(
+        "INSERT INTO link_changes (seq, provider_id, user_id) \
+         SELECT coalesce(max(seq), 0) + 5, 'github', ?1 FROM link_changes",
+    )
+    .bind(Uuid::new_v4().to_string())
+    .execute(backend.pool())
+    .await
+    .unwrap();
+    let next = conformance::suite::next_event;
+    assert_eq!(next(&mut rx).await, ChangeEvent::Resync);
+    // And then it goes on announcing.
+    let user = Uuid::new_v4();
+    store
+        .put_link("github", user, &tokens("a", "r"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        ChangeEvent::Link {
+            provider_id: "github".into(),
+            user_id: user
+        }
+    );
+}
+
+#[tokio::test]
+async fn sqlite_timestamps_use_one_sortable_shape() {
+    let backend = conformance::backends::Sqlite::migrated().await;
+    let store = conformance::Backend::store(&backend, Keyring::plaintext()).await;
+    let user = Uuid::new_v4();
+    store
+        .put_link("github", user, &tokens("a0", "r0"))
+        .await
+        .unwrap();
+    let link = store.get_link("github", user).await.unwrap().unwrap();
+    let LeaseClaim::Acquired(lease) = store
+        .claim_refresh_lease(
+            "github",
+            user,
+            &link.refresh_token_stored,
+            Duration::from_millis(1500),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("claim must acquire")
+    };
+    let (created, expiry, leased): (String, String, String) = sqlx::query_as(
+        "SELECT created_at, oauth_expiry, refresh_lease_expires_at FROM external_auth_links",
+    )
+    .fetch_one(backend.pool())
+    .await
+    .unwrap();
+    let shape = |s: &str| {
+        s.len() == "2026-01-01T00:00:00.000000Z".len() && s.ends_with('Z') && &s[10..11] == "T"
+    };
+    assert!(shape(&created), "{created}");
+    assert_eq!(expiry, "2030-01-02T03:04:05.000000Z");
+    assert!(shape(&leased), "{leased}");
+    // The lease is 1.5 s after the database clock's "now" at the claim.
+    let span = lease.expires_at - link.updated_at;
+    assert!(span >= chrono::Duration::milliseconds(1500), "{span}");
+}
+
+#[test]
+fn backend_is_chosen_by_url_scheme() {
+    use tokenproxy::store::Backend;
+    for (url, want) in [
+        ("postgres://u@h/db", Backend::Postgres),
+        ("postgresql://u@h/db", Backend::Postgres),
+        ("sqlite://./data/tokenproxy.db", Backend::Sqlite),
+        ("sqlite:///var/lib/tokenproxy.db", Backend::Sqlite),
+        ("sqlite:tokenproxy.db", Backend::Sqlite),
+    ] {
+        assert_eq!(Backend::of_url(url).unwrap(), want, "{url}");
+    }
+    let cfg = tokenproxy::config::DatabaseConfig {
+        url: SecretString::from("mysql://user:hunter2@h/db"),
+        ..Default::default()
+    };
+    let err = tokenproxy::store::open(&cfg, Keyring::plaintext())
+        .err()
+        .expect("mysql is refused");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_replicas_migrating_at_once_both_succeed() {
+    // Two processes started together both migrate on start; sqlx takes no lock
+    // for SQLite, so the store must absorb the race.
+    for _ in 0..5 {
+        let backend = conformance::backends::Sqlite::fresh().await;
+        let stores: Vec<_> = [(); 3]
+            .iter()
+            .map(|_| {
+                let cfg = backend.config();
+                tokio::spawn(async move {
+                    let store = tokenproxy::store::open(&cfg, Keyring::plaintext()).unwrap();
+                    store.migrate().await
+                })
+            })
+            .collect();
+        for s in stores {
+            s.await.unwrap().unwrap();
+        }
+        let store = conformance::Backend::store(&backend, Keyring::plaintext()).await;
+        store.ready().await.unwrap();
+    }
 }

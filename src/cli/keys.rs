@@ -5,7 +5,6 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::store::LinkStore;
 
 /// `keys` subcommands.
 #[derive(Debug, Subcommand)]

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::config::{Config, ProviderConfig};
-use crate::store::{LinkStore, LinkSummary, TokenSet};
+use crate::store::{LinkSummary, TokenSet};
 
 /// The most stdin `link put` reads; token responses are a few KiB at most.
 const MAX_INPUT: u64 = 1024 * 1024;

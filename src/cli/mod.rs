@@ -21,8 +21,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError};
-use crate::store::postgres::PgStore;
-use crate::store::StoreError;
+use crate::store::{LinkStore, StoreError};
 
 /// Exit status for a bad config, bad arguments or an unknown provider (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -151,10 +150,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the Postgres store the config names. The pool connects lazily, so an
-/// unreachable database shows up as [`StoreError::Unavailable`] on first use.
-pub(crate) fn open_store(cfg: &Config) -> anyhow::Result<PgStore> {
-    Ok(PgStore::from_config(cfg)?)
+/// Opens the store the config names (Postgres or SQLite, by the URL's scheme).
+/// The pool connects lazily, so an unreachable database shows up as
+/// [`StoreError::Unavailable`] on first use.
+pub(crate) fn open_store(cfg: &Config) -> anyhow::Result<std::sync::Arc<dyn LinkStore>> {
+    Ok(crate::store::open_config(cfg)?)
 }
 
 /// Checks a provider id against the config (exit 64 when unknown).

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::store::{LinkStore, NewProxyToken, ProxyTokenInfo};
+use crate::store::{NewProxyToken, ProxyTokenInfo};
 
 /// Prefix of every proxy token.
 pub const TOKEN_PREFIX: &str = "tpx_";

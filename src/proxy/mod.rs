@@ -212,15 +212,14 @@ pub async fn run(
 /// work, binds both listeners, and serves until SIGTERM or SIGINT, then drains.
 /// Tracing must already be initialised; `config` must be validated.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    use crate::store::postgres::PgStore;
     use crate::tokens::SystemClock;
 
-    let store = Arc::new(PgStore::from_config(&config)?);
+    // Postgres or SQLite, by the scheme of database.url.
+    let store_dyn: Arc<dyn LinkStore> = crate::store::open_config(&config)?;
     if config.database.migrate_on_start {
-        store.migrate().await.context("applying migrations")?;
+        store_dyn.migrate().await.context("applying migrations")?;
     }
     let metrics = Metrics::new();
-    let store_dyn: Arc<dyn LinkStore> = store.clone();
     let tokens = TokenSource::new(
         store_dyn.clone(),
         &config.providers,

@@ -1,21 +1,25 @@
 //! Persistence of OAuth2 links and proxy tokens.
 //!
 //! [`LinkStore`] is the one seam between tokenproxy and its database. Every SQL
-//! statement lives in a backend module here (or in `migrations/`). The trait is
+//! statement lives in a backend module here (or in `migrations/` and
+//! `migrations-sqlite/`); [`open`] picks the backend from `database.url`. The trait is
 //! shaped around the refresh protocol: reads return the refresh token *exactly as
 //! stored* ([`StoredSecret`]) so that every write after a refresh can be a
 //! compare-and-swap on that value, and every conditional write reports whether it
 //! applied, so a caller can tell a lost race from success.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
-use crate::crypto::CryptoError;
+use crate::config::{Config, DatabaseConfig};
+use crate::crypto::{CryptoError, Keyring};
 
 pub mod postgres;
+pub mod sqlite;
 
 /// Postgres channel on which every link change is announced.
 pub const CHANGE_CHANNEL: &str = "tokenproxy_links";
@@ -301,10 +305,61 @@ pub trait LinkStore: Send + Sync + 'static {
     /// failure reasons; announces each change.
     async fn rotate_keys(&self) -> Result<RotateReport, StoreError>;
 
+    /// Applies every pending migration of this backend; a no-op when all are applied.
+    ///
+    /// Both database backends implement it; the default is for wrappers and test
+    /// doubles, which have no schema of their own.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        Err(StoreError::Other(
+            "this store has no migrations of its own".into(),
+        ))
+    }
+
     /// Whether the database answers and every migration is applied.
     async fn ready(&self) -> Result<(), StoreError>;
 
     /// Starts the change feed. Emits [`ChangeEvent::Resync`] after every (re)connect.
-    /// Backends without notifications return a receiver that never yields.
+    /// Every change that applied is announced, to every process on the database,
+    /// except a lease claim. The feed stays open while the receiver lives.
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError>;
+}
+
+/// The database backends, told apart by the scheme of `database.url`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+    /// `sqlite://PATH` (or `sqlite:PATH`): one local file.
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend a database URL names. The error never repeats the URL, which
+    /// may hold a password.
+    pub fn of_url(url: &str) -> Result<Self, StoreError> {
+        let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("postgres" | "postgresql") => Ok(Self::Postgres),
+            Some("sqlite") => Ok(Self::Sqlite),
+            _ => Err(StoreError::Other(
+                "database.url must start with postgres://, postgresql:// or sqlite://".into(),
+            )),
+        }
+    }
+}
+
+/// Opens the store `cfg.url` names, over a lazily connecting pool: a database
+/// that is down shows up as [`StoreError::Unavailable`] on first use. A SQLite
+/// file (and its directory) is created when missing.
+pub fn open(cfg: &DatabaseConfig, keyring: Keyring) -> Result<Arc<dyn LinkStore>, StoreError> {
+    Ok(match Backend::of_url(cfg.url.expose_secret())? {
+        Backend::Postgres => Arc::new(postgres::PgStore::connect(cfg, keyring)?),
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect(cfg, keyring)?),
+    })
+}
+
+/// [`open`] with the keyring `[encryption]` describes.
+pub fn open_config(cfg: &Config) -> Result<Arc<dyn LinkStore>, StoreError> {
+    let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);
+    open(&cfg.database, keyring)
 }

@@ -507,6 +507,10 @@ impl LinkStore for PgStore {
         rotate::rotate(self).await
     }
 
+    async fn migrate(&self) -> Result<(), StoreError> {
+        PgStore::migrate(self).await
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
         let applied: Vec<(i64, bool)> =
             sqlx::query_as("SELECT version, success FROM _sqlx_migrations")

@@ -1,0 +1,223 @@
+//! Every CLI command against SQLite, with the quick-start config exactly as
+//! shipped (`config/quickstart.toml`): the binary runs in an empty temporary
+//! directory, so `./data/tokenproxy.db` is created there on first use.
+//!
+//! The binary runs with a cleared environment; each test passes what it needs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::SqlitePool;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenproxy");
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const NEW_KEY: &str = "ERERERERERERERERERERERERERERERERERERERERERE=";
+const USER: &str = "6f9619ff-8b86-d011-b42d-00cf4fc964ff";
+const ACCESS: &str = "gho_ACCESSsecretVALUE123";
+const REFRESH: &str = "ghr_REFRESHsecretVALUE456";
+const CLIENT_SECRET: &str = "client-secret-value";
+
+fn quickstart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/quickstart.toml")
+}
+
+/// Runs the binary in `cwd` with the quick-start config, `args` and `stdin`.
+fn run(cwd: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TOKENPROXY_KEY", KEY)
+        .env("GITHUB_CLIENT_SECRET", CLIENT_SECRET)
+        .env("RUST_LOG", "warn")
+        .current_dir(cwd)
+        .arg("--config")
+        .arg(quickstart())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run tokenproxy");
+    let mut pipe = child.stdin.take().unwrap();
+    // The command may exit before reading stdin; ignore EPIPE.
+    let _ = pipe.write_all(stdin.as_bytes());
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+#[track_caller]
+fn assert_ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+#[track_caller]
+fn assert_no_secret(text: &str, token: &str) {
+    for secret in [ACCESS, REFRESH, token, KEY, NEW_KEY, CLIENT_SECRET] {
+        assert!(!text.contains(secret), "output reveals a secret:\n{text}");
+    }
+}
+
+async fn open_file(path: &Path) -> SqlitePool {
+    SqlitePool::connect_with(SqliteConnectOptions::new().filename(path))
+        .await
+        .unwrap()
+}
+
+#[test]
+fn check_config_accepts_the_quickstart() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(dir.path(), &["check-config"], "", &[]);
+    assert_eq!(assert_ok(&o), "ok\n");
+    // Checking creates nothing.
+    assert!(!dir.path().join("data").exists());
+}
+
+#[test]
+fn check_config_refuses_an_unknown_database_scheme_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "mysql://root:hunter2@127.0.0.1/x";
+    let o = run(dir.path(), &["check-config"], "", &[("DATABASE_URL", url)]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("database.url"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[tokio::test]
+async fn every_command_works_on_a_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let file = cwd.join("data").join("tokenproxy.db");
+
+    // Migrations create ./data and the file, and apply again as a no-op.
+    for _ in 0..2 {
+        assert_ok(&run(cwd, &["migrate"], "", &[]));
+    }
+    assert!(file.is_file(), "{} was created", file.display());
+    let db = open_file(&file).await;
+
+    // token create: the token is the last line; only its SHA-256 is stored.
+    let out = assert_ok(&run(
+        cwd,
+        &[
+            "token",
+            "create",
+            "--user",
+            USER,
+            "--provider",
+            "github",
+            "--name",
+            "laptop",
+            "--ttl",
+            "30d",
+        ],
+        "",
+        &[],
+    ));
+    let token = out.lines().last().unwrap().to_string();
+    assert!(token.starts_with("tpx_") && token.len() > 40, "{out}");
+    let hash: Vec<u8> = sqlx::query_scalar("SELECT hash FROM proxy_tokens")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(hash, Sha256::digest(token.as_bytes()).to_vec());
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .expect("id line")
+        .to_string();
+
+    // link put: encrypted at rest, the chosen extra fields kept.
+    let response = format!(
+        r#"{{"access_token":"{ACCESS}","refresh_token":"{REFRESH}","token_type":"bearer","expires_in":28800}}"#
+    );
+    let o = run(
+        cwd,
+        &["link", "put", "--provider", "github", "--user", USER],
+        &response,
+        &[],
+    );
+    assert_no_secret(&assert_ok(&o), &token);
+    let (access, refresh, key_id): (String, String, Option<String>) = sqlx::query_as(
+        "SELECT oauth_access_token, oauth_refresh_token, oauth_access_token_key_id \
+         FROM external_auth_links WHERE provider_id = 'github' AND user_id = ?1",
+    )
+    .bind(USER)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(!access.contains(ACCESS) && !refresh.contains(REFRESH));
+    assert!(key_id.is_some(), "encrypted");
+
+    // Listings show the rows and never a token value.
+    for args in [
+        &["link", "list"][..],
+        &["link", "list", "--json", "--user", USER],
+        &["token", "list"],
+        &["token", "list", "--json"],
+    ] {
+        let o = run(cwd, args, "", &[]);
+        let out = assert_ok(&o);
+        assert_no_secret(&out, &token);
+        assert_no_secret(&stderr(&o), &token);
+        assert!(out.contains(USER), "{args:?}: {out}");
+    }
+    let links: serde_json::Value =
+        serde_json::from_str(&assert_ok(&run(cwd, &["link", "list", "--json"], "", &[]))).unwrap();
+    assert_eq!(links[0]["provider_id"], "github");
+    assert_eq!(links[0]["has_refresh_token"], true);
+    assert_eq!(links[0]["encrypted"], true);
+
+    // keys rotate: a new first key re-encrypts the link; the old one may then go.
+    let both = format!("{NEW_KEY},{KEY}");
+    let rotate_env = [("TOKENPROXY_ENCRYPTION__KEYS", both.as_str())];
+    let out = assert_ok(&run(cwd, &["keys", "rotate"], "", &rotate_env));
+    assert!(out.starts_with("rotated 1, unchanged 0, raced 0"), "{out}");
+    let new_only = [("TOKENPROXY_ENCRYPTION__KEYS", NEW_KEY)];
+    let out = assert_ok(&run(cwd, &["link", "list", "--json"], "", &new_only));
+    assert!(out.contains("\"has_refresh_token\": true"), "{out}");
+
+    // token revoke: once; a second time there is nothing to revoke.
+    assert_ok(&run(cwd, &["token", "revoke", &id], "", &[]));
+    let revoked: bool =
+        sqlx::query_scalar("SELECT revoked_at IS NOT NULL FROM proxy_tokens WHERE id = ?1")
+            .bind(&id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(revoked);
+    let again = run(cwd, &["token", "revoke", &id], "", &[]);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert!(assert_ok(&run(cwd, &["token", "list"], "", &[])).contains("revoked"));
+
+    // link delete.
+    let delete = ["link", "delete", "--provider", "github", "--user", USER];
+    assert_ok(&run(cwd, &delete, "", &new_only));
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM external_auth_links")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let again = run(cwd, &delete, "", &new_only);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+}

@@ -1,0 +1,94 @@
+//! The token source over the SQLite store: independent replicas (each its own
+//! pool on one file, its own cache and metrics) refresh each expiry exactly once.
+//! The replicas that lose the lease learn of the winner's write from the polled
+//! change log (or their own poll of the row) and adopt it.
+
+#[path = "tokens_harness/mod.rs"]
+mod harness;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::{all_same, concurrent_gets, replica_with, tokens_cfg, P};
+use secrecy::{ExposeSecret, SecretString};
+use support::idp::{Idp, IdpOptions, ManualClock};
+use tokenproxy::config::DatabaseConfig;
+use tokenproxy::crypto::Keyring;
+use tokenproxy::store::LinkStore;
+use tokenproxy::telemetry::RefreshOutcome;
+use tokenproxy::tokens::Clock;
+use uuid::Uuid;
+
+fn open(dir: &std::path::Path) -> Arc<dyn LinkStore> {
+    let cfg = DatabaseConfig {
+        url: SecretString::from(format!("sqlite://{}", dir.join("links.db").display())),
+        max_connections: 8,
+        ..Default::default()
+    };
+    tokenproxy::store::open(&cfg, Keyring::plaintext()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_sqlite_replicas_refresh_each_expiry_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    idp.set_latency(Duration::from_millis(50));
+    let store = open(dir.path());
+    store.migrate().await.unwrap();
+    let user = Uuid::new_v4();
+    let expired = clock.now() - chrono::Duration::seconds(10);
+    store
+        .put_link(P, user, &idp.seed_with_expiry(user, Some(expired)))
+        .await
+        .unwrap();
+
+    let providers = [idp.provider(P)];
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas
+            .push(replica_with(open(dir.path()), &providers, &tokens_cfg(), clock.clone()).await);
+    }
+    for round in 1..=2u64 {
+        let tasks: Vec<_> = replicas
+            .iter()
+            .map(|r| {
+                let s = r.source.clone();
+                tokio::spawn(async move { concurrent_gets(&s, user, 200).await })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        assert_eq!(all.len(), 600);
+        let token = all_same(&all);
+        assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
+        assert_eq!(idp.rejected(), 0);
+        assert!(idp.is_valid_access_token(token.expose_secret()));
+        let row = store.get_link(P, user).await.unwrap().unwrap();
+        assert_eq!(
+            Some(row.refresh_token.expose_secret().to_string()),
+            idp.current_refresh_token(user),
+            "the row holds the provider's current refresh token"
+        );
+        assert_eq!(row.refresh_failure_reason, "");
+        assert_eq!(
+            row.lease_expires_at, None,
+            "the winner's write cleared the lease"
+        );
+        // The next expiry: two hours later.
+        clock.advance(Duration::from_secs(7200));
+    }
+    let sum = |o| replicas.iter().map(|r| r.outcome(o)).sum::<u64>();
+    assert_eq!(sum(RefreshOutcome::Success), 2);
+    assert!(
+        sum(RefreshOutcome::Adopted) >= 1,
+        "waiting replicas adopted the winner's token"
+    );
+}
