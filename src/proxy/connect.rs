@@ -164,7 +164,8 @@ async fn open(
     let tunnel = Tunnel {
         credentials: proxy_credentials(req.headers()),
         route: route.clone(),
-        authority: upstream_authority(authority.host(), port, 443)?,
+        // The normalised host: no trailing dot in SNI or Host upstream.
+        authority: upstream_authority(&host, port, 443)?,
     };
     Ok(Opened::Intercept(Arc::new(tunnel), host))
 }
