@@ -14,8 +14,11 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+mod forward;
 mod overrides;
 mod secrets;
+
+pub use forward::{ForwardConfig, HostPattern, Unrouted};
 
 pub use overrides::apply_env_overrides;
 use overrides::{blame_override, override_table};
@@ -77,6 +80,9 @@ pub struct Config {
     /// Identity providers and their routes.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
+    /// Forward (`HTTPS_PROXY`) mode; off when absent.
+    #[serde(default)]
+    pub forward: Option<ForwardConfig>,
 }
 
 /// `[server]`: listeners and resource bounds.
@@ -326,14 +332,30 @@ fn default_provider_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-/// `[[providers.routes]]`: one way into an upstream.
+/// `[[providers.routes]]`: one way into an upstream. A route has a `prefix`
+/// (reverse mode), `hosts` (forward mode) or both.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Reverse mode: requests whose path starts with this prefix use this route.
-    pub prefix: String,
-    /// Where they go; the prefix is replaced by the upstream's path.
-    pub upstream: Url,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Reverse mode: where they go; the prefix is replaced by the upstream's path.
+    /// Required with `prefix`.
+    #[serde(default)]
+    pub upstream: Option<Url>,
+    /// Forward mode: target hosts intercepted for this route; the request goes to
+    /// `https://<host>` with its path unchanged.
+    #[serde(default)]
+    pub hosts: Vec<HostPattern>,
+    /// Open the TCP connection to this `host:port` instead, keeping the route's
+    /// host for SNI, certificate verification and `Host` (like curl's `--connect-to`).
+    #[serde(default)]
+    pub connect_to: Option<String>,
+    /// Forward mode: also serve plain-HTTP absolute-form requests to these hosts
+    /// (credentials then travel unencrypted).
+    #[serde(default)]
+    pub allow_plain_http: bool,
     /// How the credential is attached.
     #[serde(default)]
     pub inject: Inject,
@@ -500,29 +522,33 @@ impl Config {
             }
             for (j, r) in p.routes.iter().enumerate() {
                 let at = |k: &str| format!("providers[{i}].routes[{j}].{k}");
-                if !r.prefix.starts_with('/') || r.prefix.contains("..") || r.prefix.contains('%') {
-                    return Err(ConfigError::new(
-                        at("prefix"),
-                        "must start with '/' and contain no '..' or '%'",
-                    ));
+                if let Some(prefix) = &r.prefix {
+                    if !prefix.starts_with('/') || prefix.contains("..") || prefix.contains('%') {
+                        return Err(ConfigError::new(
+                            at("prefix"),
+                            "must start with '/' and contain no '..' or '%'",
+                        ));
+                    }
+                    let norm = prefix.trim_end_matches('/').to_string();
+                    if !prefixes.insert(norm) {
+                        return Err(ConfigError::new(
+                            at("prefix"),
+                            format!("duplicate route prefix `{prefix}`"),
+                        ));
+                    }
                 }
-                let norm = r.prefix.trim_end_matches('/').to_string();
-                if !prefixes.insert(norm) {
-                    return Err(ConfigError::new(
-                        at("prefix"),
-                        format!("duplicate route prefix `{}`", r.prefix),
-                    ));
-                }
-                check_http_url(&r.upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
-                if r.upstream.query().is_some() || r.upstream.fragment().is_some() {
-                    return Err(ConfigError::new(
-                        at("upstream"),
-                        "must not have a query or fragment",
-                    ));
+                if let Some(upstream) = &r.upstream {
+                    check_http_url(upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
+                    if upstream.query().is_some() || upstream.fragment().is_some() {
+                        return Err(ConfigError::new(
+                            at("upstream"),
+                            "must not have a query or fragment",
+                        ));
+                    }
                 }
             }
         }
-        Ok(())
+        forward::validate_routes(self)
     }
 
     /// The decoded 32-byte encryption keys, first (encrypting) key first.

@@ -129,6 +129,9 @@ pub struct Metrics {
     pub cache_invalidations: Counter,
     /// `tokenproxy_open_connections`: client connections on the proxy listener.
     pub open_connections: Gauge,
+    /// `tokenproxy_forward_leaves_minted_total`: leaf certificates minted for
+    /// intercepted hosts (cached ones are not counted again).
+    pub leaves_minted: Counter,
 }
 
 impl Metrics {
@@ -191,6 +194,12 @@ impl Metrics {
             "Open client connections",
             open_connections.clone(),
         );
+        let leaves_minted = Counter::default();
+        registry.register(
+            "forward_leaves_minted",
+            "Leaf certificates minted by the forward-mode CA",
+            leaves_minted.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -202,6 +211,7 @@ impl Metrics {
             refresh_ahead,
             cache_invalidations,
             open_connections,
+            leaves_minted,
         })
     }
 

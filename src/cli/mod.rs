@@ -6,6 +6,7 @@
 //! a mistake of theirs (64, 65) from a database that is down (69). `anyhow` is used
 //! here and nowhere below: library modules return typed errors.
 
+mod ca;
 mod check_config;
 mod healthcheck;
 mod keys;
@@ -61,6 +62,9 @@ pub enum Command {
     Keys(keys::KeysCommand),
     /// Exit 0 when the admin listener's /healthz answers 200 (for container health checks).
     Healthcheck(healthcheck::HealthcheckArgs),
+    /// Manage the CA that forward mode mints leaf certificates with.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 /// A failure with a chosen exit status; its message is the one line printed.
@@ -129,6 +133,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig => check_config::run(&path),
         Command::Healthcheck(args) => healthcheck::run(&path, args).await,
+        Command::Ca(c) => ca::run(c),
         command => {
             let cfg = Config::load(&path)?;
             match command {
@@ -137,7 +142,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 Command::Link(c) => link::run(&cfg, c).await,
                 Command::Token(c) => token::run(&cfg, c).await,
                 Command::Keys(c) => keys::run(&cfg, c).await,
-                Command::CheckConfig | Command::Healthcheck(_) => unreachable!("handled above"),
+                Command::CheckConfig | Command::Healthcheck(_) | Command::Ca(_) => {
+                    unreachable!("handled above")
+                }
             }
         }
     }

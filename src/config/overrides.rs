@@ -27,6 +27,7 @@ const OVERRIDE_SECTIONS: &[&str] = &[
     "tokens",
     "callers",
     "logging",
+    "forward",
 ];
 
 /// Applies the overrides and returns, for each, the dotted key it set and the variable

@@ -150,6 +150,30 @@ impl CallerIdentity {
     /// Who is calling. Expiry and revocation are checked on every request against
     /// the cached record, which is at most `cache_ttl` old.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        self.identify_token(|| extract_proxy_token(headers)).await
+    }
+
+    /// Who is calling, in forward mode: only `Proxy-Authorization` counts
+    /// (`Authorization` belongs to the client's conversation with the origin), and
+    /// a missing or bad credential is a 407.
+    pub async fn identify_proxy(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        let found = || {
+            headers
+                .get_all(header::PROXY_AUTHORIZATION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(parse_credential)
+        };
+        self.identify_token(found).await.map_err(|e| match e {
+            ProxyError::Unauthenticated => ProxyError::ProxyAuthRequired,
+            other => other,
+        })
+    }
+
+    async fn identify_token(
+        &self,
+        extract: impl FnOnce() -> Option<SecretString>,
+    ) -> Result<Caller, ProxyError> {
         if self.mode == CallerMode::Static {
             let user_id = self.static_user.ok_or(ProxyError::Unauthenticated)?;
             return Ok(Caller {
@@ -158,7 +182,7 @@ impl CallerIdentity {
                 providers: Arc::from(Vec::new()),
             });
         }
-        let token = extract_proxy_token(headers).ok_or(ProxyError::Unauthenticated)?;
+        let token = extract().ok_or(ProxyError::Unauthenticated)?;
         let hash = hash_token(&token);
         drop(token);
         let store = self.store.clone();

@@ -5,11 +5,21 @@
 //! offers it through ALPN and HTTP/1.1 otherwise. Connect and response-head
 //! deadlines turn into the `upstream_unavailable` / `upstream_timeout` errors; the
 //! response body itself streams for as long as it takes (a large git clone).
+//!
+//! A route's `connect_to` gets a client of its own whose connector dials that
+//! address whatever the URI says, while TLS (SNI and verification) and the pool
+//! key still use the URI's host: the credential only goes to a peer proving it is
+//! the route's host.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http::Uri;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -19,6 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::ProxyError;
+use super::route::ClientKey;
 use super::ProxyBody;
 use crate::config::ServerConfig;
 
@@ -26,12 +37,34 @@ use crate::config::ServerConfig;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The pooled client type used for every upstream.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+pub type UpstreamClient = Client<HttpsConnector<ConnectTo>, ProxyBody>;
 
-/// The upstream clients, keyed by the extra CA they trust.
+/// The upstream clients, keyed by the extra CA they trust and `connect_to`.
 pub struct Upstreams {
-    clients: HashMap<Option<PathBuf>, UpstreamClient>,
+    clients: HashMap<ClientKey, UpstreamClient>,
     response_timeout: Duration,
+}
+
+/// The TCP connector: dials the URI's host, or always `connect_to` when set.
+#[derive(Clone)]
+pub struct ConnectTo {
+    http: HttpConnector,
+    target: Option<Uri>,
+}
+
+impl tower_service::Service<Uri> for ConnectTo {
+    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dst = self.target.clone().unwrap_or(uri);
+        Box::pin(self.http.call(dst))
+    }
 }
 
 /// Why the upstream clients could not be built.
@@ -45,24 +78,28 @@ pub enum ClientSetupError {
         /// What went wrong.
         message: String,
     },
+    /// A `connect_to` is not `host:port`.
+    #[error("connect_to `{0}` is not host:port")]
+    ConnectTo(String),
     /// rustls refused the configuration.
     #[error("TLS client setup: {0}")]
     Tls(#[from] rustls::Error),
 }
 
 impl Upstreams {
-    /// Builds one client for the default roots and one per distinct extra CA.
-    pub fn new<'a>(
+    /// Builds one client for the default roots and one per distinct
+    /// (extra CA, `connect_to`) pair.
+    pub fn new(
         server: &ServerConfig,
-        extra_cas: impl IntoIterator<Item = Option<&'a Path>>,
+        keys: impl IntoIterator<Item = ClientKey>,
     ) -> Result<Self, ClientSetupError> {
         let mut clients = HashMap::new();
-        clients.insert(None, build_client(server, None)?);
-        for ca in extra_cas.into_iter().flatten() {
-            if let std::collections::hash_map::Entry::Vacant(slot) =
-                clients.entry(Some(ca.to_path_buf()))
-            {
-                slot.insert(build_client(server, Some(ca))?);
+        clients.insert((None, None), build_client(server, None, None)?);
+        for key in keys {
+            if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key) {
+                let (ca, to) = slot.key();
+                let client = build_client(server, ca.as_deref(), to.as_deref())?;
+                slot.insert(client);
             }
         }
         Ok(Self {
@@ -71,15 +108,15 @@ impl Upstreams {
         })
     }
 
-    /// Sends `req` with the client for `ca` and waits for the response head.
+    /// Sends `req` with the client for `key` and waits for the response head.
     pub async fn send(
         &self,
-        ca: Option<&PathBuf>,
+        key: &ClientKey,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let client = self
             .clients
-            .get(&ca.cloned())
+            .get(key)
             .ok_or(ProxyError::UpstreamUnavailable)?;
         match tokio::time::timeout(self.response_timeout, client.request(req)).await {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
@@ -130,6 +167,7 @@ fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, ClientSe
 fn build_client(
     server: &ServerConfig,
     extra_ca: Option<&Path>,
+    connect_to: Option<&str>,
 ) -> Result<UpstreamClient, ClientSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -140,6 +178,15 @@ fn build_client(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(server.connect_timeout));
+    let target = match connect_to {
+        Some(to) => Some(
+            format!("http://{to}")
+                .parse::<Uri>()
+                .map_err(|_| ClientSetupError::ConnectTo(to.to_string()))?,
+        ),
+        None => None,
+    };
+    let http = ConnectTo { http, target };
     let https = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -6,7 +6,11 @@
 //! (who is calling), [`route`] (where the request goes, path safety), [`inject`]
 //! (attaching the credential), [`headers`] (hop-by-hop and forwarding headers),
 //! [`forward`] (the pooled upstream client), [`error`] (the one mapping from
-//! failures to responses) and [`pipeline`] (the phases in order). [`run`] takes
+//! failures to responses) and [`pipeline`] (the phases in order). Forward mode
+//! (`HTTPS_PROXY`) adds [`connect`] (CONNECT tunnels, interception) and [`ca`]
+//! (the CA minting leaf certificates); it is served on the same listener, which
+//! recognises CONNECT and absolute-form requests when `[forward]` is configured.
+//! [`run`] takes
 //! already-bound listeners so tests serve on port 0; [`serve`] is what
 //! `tokenproxy serve` calls.
 
@@ -26,7 +30,9 @@ use crate::store::LinkStore;
 use crate::telemetry::Metrics;
 use crate::tokens::{AccessToken, TokenError, TokenSource};
 
+pub mod ca;
 pub mod caller;
+pub mod connect;
 pub mod error;
 pub mod forward;
 pub mod headers;
@@ -95,7 +101,7 @@ impl Pipeline {
             .map_err(|m| anyhow::anyhow!("providers.routes: {m}"))?;
         let upstreams = forward::Upstreams::new(
             &config.server,
-            router.routes().iter().map(|r| r.upstream_ca.as_deref()),
+            router.routes().iter().map(|r| r.client_key().clone()),
         )?;
         Ok(Self {
             router,
@@ -104,6 +110,11 @@ impl Pipeline {
             upstreams,
             metrics: deps.metrics.clone(),
             forwarded_headers: config.server.forwarded_headers,
+            forward: config
+                .forward
+                .as_ref()
+                .map(|f| connect::ForwardMode::new(f, &config.server, &deps.metrics))
+                .transpose()?,
         })
     }
 }
@@ -115,7 +126,11 @@ impl server::Handler for Pipeline {
         remote: SocketAddr,
         tls: bool,
     ) -> Response<ProxyBody> {
-        self.handle(req, pipeline::ConnInfo { remote, tls }).await
+        let conn = pipeline::ConnInfo { remote, tls };
+        if req.method() == http::Method::CONNECT && self.forward.is_some() {
+            return connect::handle(self, req, conn).await;
+        }
+        self.handle(req, conn).await
     }
 }
 

@@ -2,14 +2,16 @@
 //! identify caller → route → authorize → token → inject → forward → respond.
 //!
 //! Each phase is a method on [`Pipeline`] with one job, so forward (CONNECT) mode
-//! can reuse them with a different routing phase. [`Pipeline::handle`] strings them
+//! reuses them with a different identity and routing phase, chosen by the
+//! [`Entry`] the request came through. [`Pipeline::handle_entry`] strings them
 //! together and writes the one log line and the metrics of the request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full, Limited};
@@ -39,6 +41,29 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// How a request reached the pipeline. It decides how the caller is identified
+/// and how the route is found; every later phase is shared.
+pub enum Entry {
+    /// Reverse mode: the path picks the route.
+    Reverse,
+    /// Forward mode: an absolute-form request (`GET http://host/path`) on the
+    /// listener; its host picks the route.
+    Absolute,
+    /// Forward mode: a request inside an intercepted CONNECT tunnel.
+    Tunnel(Arc<Tunnel>),
+}
+
+/// What a CONNECT established for the requests inside its tunnel.
+pub struct Tunnel {
+    /// The CONNECT's `Proxy-Authorization`, checked again (from the caller
+    /// cache) for every request so a revoked token stops long-lived tunnels too.
+    pub credentials: HeaderMap,
+    /// The route of the CONNECT's host.
+    pub route: Arc<Route>,
+    /// `host[:port]` the client connected to; where every request goes.
+    pub authority: Authority,
+}
+
 /// Everything the request phases need, shared by all connections.
 pub struct Pipeline {
     /// Routes, longest prefix first.
@@ -53,19 +78,31 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Add `X-Forwarded-*` and `Via`.
     pub forwarded_headers: bool,
+    /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
+    pub forward: Option<super::connect::ForwardMode>,
 }
 
 /// What the log line and metrics record about a request as it moves along.
 #[derive(Default)]
-struct Outcome {
-    route: Option<Arc<Route>>,
-    user: Option<uuid::Uuid>,
+pub(super) struct Outcome {
+    pub(super) route: Option<Arc<Route>>,
+    pub(super) user: Option<uuid::Uuid>,
     /// `none` (never got that far), `served`, `refreshed_after_401` (retried),
     /// `refreshed_no_retry` (body streamed), `refresh_failed`, or the error code
     /// the token source answered.
-    token: &'static str,
+    pub(super) token: &'static str,
     upstream: Option<std::time::Duration>,
     attempts: u8,
+}
+
+impl Outcome {
+    /// Nothing happened yet.
+    pub(super) fn new() -> Self {
+        Self {
+            token: "none",
+            ..Default::default()
+        }
+    }
 }
 
 /// A request body as it will be sent: replayable when small, streamed otherwise.
@@ -82,15 +119,27 @@ struct Prepared {
 }
 
 impl Pipeline {
-    /// Serves one request and records it.
+    /// Serves one request that arrived on the listener and records it.
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let entry = if self.forward.is_some() && is_absolute_form(&req) {
+            Entry::Absolute
+        } else {
+            Entry::Reverse
+        };
+        self.handle_entry(req, conn, &entry).await
+    }
+
+    /// Serves one request that arrived through `entry` and records it.
+    pub async fn handle_entry(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        entry: &Entry,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let method = req.method().clone();
-        let mut outcome = Outcome {
-            token: "none",
-            ..Default::default()
-        };
-        let resp = match self.run_phases(req, conn, &mut outcome).await {
+        let mut outcome = Outcome::new();
+        let resp = match self.run_phases(req, conn, entry, &mut outcome).await {
             Ok(resp) => resp,
             Err(e) => {
                 if outcome.token == "none" && matches!(e, ProxyError::Token(_)) {
@@ -107,21 +156,58 @@ impl Pipeline {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
+        entry: &Entry,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let caller = self.identify_caller(req.headers()).await?;
-        outcome.user = Some(caller.user_id);
-        let (route, uri) = self.route(&req)?;
+        let (caller, route, uri) = self.enter(&req, entry, outcome).await?;
         outcome.route = Some(route.clone());
         authorize(&caller, &route)?;
         let token = self.token(&route, &caller).await?;
         outcome.token = "served";
+        let host = match entry {
+            Entry::Reverse => route.host.clone(),
+            // Forward mode: the host the client asked for (wildcard routes serve many).
+            Entry::Absolute | Entry::Tunnel(_) => uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .ok_or(ProxyError::BadRequest("invalid request target"))?,
+        };
         let (parts, body) = req.into_parts();
-        let prepared = self.upstream_request(parts, &route, uri, conn);
+        let prepared = self.upstream_request(parts, host, uri, conn);
         let body = read_body(body).await?;
         self.forward(&route, &caller, prepared, body, token, outcome)
             .await
             .map(respond)
+    }
+
+    /// Phases by entry: who is calling, which route, and the upstream URI.
+    async fn enter(
+        &self,
+        req: &Request<Incoming>,
+        entry: &Entry,
+        outcome: &mut Outcome,
+    ) -> Result<(Caller, Arc<Route>, Uri), ProxyError> {
+        Ok(match entry {
+            Entry::Reverse => {
+                let caller = self.identify_caller(req.headers()).await?;
+                outcome.user = Some(caller.user_id);
+                let (route, uri) = self.route(req)?;
+                (caller, route, uri)
+            }
+            Entry::Absolute => {
+                let caller = self.callers.identify_proxy(req.headers()).await?;
+                outcome.user = Some(caller.user_id);
+                let (route, uri) = self.route_absolute(req)?;
+                (caller, route, uri)
+            }
+            Entry::Tunnel(tunnel) => {
+                outcome.route = Some(tunnel.route.clone());
+                let caller = self.callers.identify_proxy(&tunnel.credentials).await?;
+                outcome.user = Some(caller.user_id);
+                let uri = route_tunneled(req, tunnel)?;
+                (caller, tunnel.route.clone(), uri)
+            }
+        })
     }
 
     /// Phase: who is calling.
@@ -144,6 +230,34 @@ impl Pipeline {
         Ok((route.clone(), uri))
     }
 
+    /// Phase (forward mode, absolute-form): the route of the target host, and the
+    /// target itself as the upstream URI. Plain `http` targets are refused unless
+    /// the route allows them: credentials travel only over TLS by default.
+    fn route_absolute(&self, req: &Request<Incoming>) -> Result<(Arc<Route>, Uri), ProxyError> {
+        let uri = req.uri();
+        let default_port = match uri.scheme_str() {
+            Some("https") => 443,
+            Some("http") => 80,
+            _ => return Err(ProxyError::BadRequest("unsupported scheme")),
+        };
+        let authority = uri
+            .authority()
+            .ok_or(ProxyError::BadRequest("the target needs a host"))?;
+        let port = authority.port_u16().unwrap_or(default_port);
+        let route = self
+            .router
+            .find_host(authority.host(), port, default_port)
+            .ok_or(ProxyError::HostNotAllowed)?;
+        if default_port == 80 && !route.allow_plain_http {
+            return Err(ProxyError::BadRequest(
+                "credentials are only sent over https: use an https:// URL",
+            ));
+        }
+        let target = upstream_authority(authority.host(), port, default_port)?;
+        let uri = forward_uri(uri.scheme_str().unwrap_or("https"), target, req.uri())?;
+        Ok((route.clone(), uri))
+    }
+
     /// Phase: an access token for the caller at the route's provider.
     async fn token(&self, route: &Route, caller: &Caller) -> Result<AccessToken, ProxyError> {
         Ok(self.tokens.get(&route.provider, caller.user_id).await?)
@@ -154,7 +268,7 @@ impl Pipeline {
     fn upstream_request(
         &self,
         parts: http::request::Parts,
-        route: &Route,
+        host: HeaderValue,
         uri: Uri,
         conn: ConnInfo,
     ) -> Prepared {
@@ -179,7 +293,7 @@ impl Pipeline {
                 },
             );
         }
-        headers.insert(header::HOST, route.host.clone());
+        headers.insert(header::HOST, host);
         Prepared {
             method: parts.method,
             uri,
@@ -257,14 +371,14 @@ impl Pipeline {
         *req.headers_mut() = headers;
         let started = Instant::now();
         outcome.attempts += 1;
-        let result = self.upstreams.send(route.upstream_ca.as_ref(), req).await;
+        let result = self.upstreams.send(route.client_key(), req).await;
         let took = started.elapsed();
         outcome.upstream = Some(outcome.upstream.unwrap_or_default() + took);
         self.metrics.upstream_duration.observe(took.as_secs_f64());
         result
     }
 
-    fn log_and_count(
+    pub(super) fn log_and_count(
         &self,
         method: &Method,
         resp: &Response<ProxyBody>,
@@ -307,8 +421,63 @@ impl Pipeline {
     }
 }
 
+/// Whether an HTTP/1 request uses absolute-form (`GET http://host/path`), the
+/// form clients use towards a forward proxy. HTTP/2 requests always carry an
+/// authority, so they never count: forward mode is HTTP/1 towards the proxy.
+fn is_absolute_form(req: &Request<Incoming>) -> bool {
+    matches!(
+        req.version(),
+        Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+    ) && req.uri().scheme().is_some()
+        && req.method() != Method::CONNECT
+}
+
+/// Phase (forward mode, inside a tunnel): the request's path and query, sent to
+/// the tunnel's host. Whatever host the inner request names is ignored: the
+/// CONNECT decided the route and the peer's certificate was minted for it.
+fn route_tunneled(req: &Request<Incoming>, tunnel: &Tunnel) -> Result<Uri, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT inside a tunnel"));
+    }
+    forward_uri("https", tunnel.authority.clone(), req.uri())
+}
+
+/// `host[:port]` for the upstream, the port written only when not the default.
+/// Built from the host alone, so userinfo in a target never travels on.
+pub(super) fn upstream_authority(
+    host: &str,
+    port: u16,
+    default_port: u16,
+) -> Result<Authority, ProxyError> {
+    let text = if port == default_port {
+        host.to_ascii_lowercase()
+    } else {
+        format!("{}:{port}", host.to_ascii_lowercase())
+    };
+    text.parse()
+        .map_err(|_| ProxyError::BadRequest("invalid target host"))
+}
+
+/// The upstream URI of a forward-mode request: the client's path and query,
+/// unchanged, at `scheme://authority`.
+fn forward_uri(scheme: &str, authority: Authority, target: &Uri) -> Result<Uri, ProxyError> {
+    let pq = target
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if !pq.path().starts_with('/') {
+        return Err(ProxyError::BadRequest("the path must start with '/'"));
+    }
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))
+}
+
 /// Phase: may this caller use the route's provider?
-fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError> {
+pub(super) fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError> {
     if caller.may_use(&route.provider) {
         Ok(())
     } else {

@@ -1,5 +1,5 @@
-//! Routing phase: which route a request path belongs to, whether the path is
-//! safe to forward, and the exact upstream URI it becomes.
+//! Routing phase: which route a request belongs to, whether the path is safe to
+//! forward, and the exact upstream URI it becomes.
 //!
 //! The destination of a reverse-mode request is decided here and only here, from
 //! the configured routes: the request's `Host` header and any absolute-form target
@@ -7,9 +7,15 @@
 //! at another host. Paths that an upstream or an intermediate might normalise
 //! differently from us (`..`, encoded dots/slashes, backslashes) are refused rather
 //! than rewritten.
+//!
+//! In forward mode the target host picks the route ([`Router::find_host`]) and is
+//! also where the request goes: only hosts a route names ever get a credential, and
+//! the path passes unchanged because it is the client's, not a prefix of ours.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use crate::config::HostPattern;
 
 use http::header::HeaderValue;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -18,29 +24,43 @@ use http::Uri;
 use super::error::ProxyError;
 use crate::config::{Config, Inject};
 
-/// One configured route, prepared for the request path.
+/// One configured route, prepared for the request path or target host.
 #[derive(Debug)]
 pub struct Route {
     /// Provider whose links serve this route.
     pub provider: Arc<str>,
-    /// The prefix as configured, for logs and metric labels.
+    /// The prefix as configured (or the hosts, for forward-only routes), for logs
+    /// and metric labels.
     pub label: Arc<str>,
-    /// The prefix without its trailing `/` (empty for a `/` catch-all).
-    prefix: String,
+    /// The prefix without its trailing `/` (empty for a `/` catch-all); `None`
+    /// for a forward-only route.
+    prefix: Option<String>,
     scheme: Scheme,
     authority: Authority,
     /// Upstream path without its trailing `/`.
     base_path: String,
-    /// `Host` to send upstream.
+    /// `Host` to send upstream in reverse mode.
     pub host: HeaderValue,
     /// How the credential is attached.
     pub inject: Inject,
     /// Extra CA trusted for this upstream.
     pub upstream_ca: Option<PathBuf>,
+    /// Forward mode: the target hosts this route intercepts.
+    pub hosts: Vec<HostPattern>,
+    /// Where TCP connections for this route go instead of the upstream's host.
+    pub connect_to: Option<Arc<str>>,
+    /// Forward mode: plain-HTTP absolute-form requests are served too.
+    pub allow_plain_http: bool,
+    /// The pooled client for this route (computed once, used per request).
+    client: ClientKey,
 }
 
+/// Which pooled client a route's requests use: its extra CA and `connect_to`.
+pub type ClientKey = (Option<PathBuf>, Option<Arc<str>>);
+
 impl Route {
-    /// Prepares a route; `upstream` was validated by the config (http/https, host).
+    /// Prepares a reverse-mode route; `upstream` was validated by the config
+    /// (http/https, host).
     pub fn new(
         provider: &str,
         prefix: &str,
@@ -65,21 +85,80 @@ impl Route {
         Ok(Self {
             provider: provider.into(),
             label: prefix.into(),
-            prefix: prefix.trim_end_matches('/').to_string(),
+            prefix: Some(prefix.trim_end_matches('/').to_string()),
             scheme,
             authority,
             base_path: upstream.path().trim_end_matches('/').to_string(),
             host,
             inject,
+            client: (upstream_ca.clone(), None),
             upstream_ca,
+            hosts: Vec::new(),
+            connect_to: None,
+            allow_plain_http: false,
         })
+    }
+
+    /// Prepares a route from its config: reverse mode when it has a prefix,
+    /// forward mode when it has hosts.
+    pub fn from_config(provider: &str, r: &crate::config::RouteConfig) -> Result<Self, String> {
+        let mut route = match (&r.prefix, &r.upstream) {
+            (Some(prefix), Some(upstream)) => Self::new(
+                provider,
+                prefix,
+                upstream,
+                r.inject.clone(),
+                r.upstream_ca.clone(),
+            )?,
+            _ => {
+                let label = r
+                    .hosts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                Self {
+                    provider: provider.into(),
+                    label: label.into(),
+                    prefix: None,
+                    scheme: Scheme::HTTPS,
+                    authority: Authority::from_static("invalid"),
+                    base_path: String::new(),
+                    host: HeaderValue::from_static("invalid"),
+                    inject: r.inject.clone(),
+                    upstream_ca: r.upstream_ca.clone(),
+                    hosts: Vec::new(),
+                    connect_to: None,
+                    allow_plain_http: false,
+                    client: (None, None),
+                }
+            }
+        };
+        route.hosts = r.hosts.clone();
+        route.connect_to = r.connect_to.as_deref().map(Arc::from);
+        route.allow_plain_http = r.allow_plain_http;
+        route.client = (route.upstream_ca.clone(), route.connect_to.clone());
+        Ok(route)
+    }
+
+    /// The pooled client this route's requests use.
+    pub fn client_key(&self) -> &ClientKey {
+        &self.client
     }
 
     /// The part of `path` after this route's prefix, if the prefix matches on a
     /// segment boundary (`/a/b` matches `/a/b` and `/a/b/c`, not `/a/bc`).
     fn strip<'p>(&self, path: &'p str) -> Option<&'p str> {
-        let rest = path.strip_prefix(self.prefix.as_str())?;
+        let rest = path.strip_prefix(self.prefix.as_deref()?)?;
         (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+
+    /// How well this route's hosts match `host:port` (see [`HostPattern::rank`]).
+    fn host_rank(&self, host: &str, port: u16, default_port: u16) -> Option<usize> {
+        self.hosts
+            .iter()
+            .filter_map(|p| p.rank(host, port, default_port))
+            .max()
     }
 
     /// The upstream URI for a request path (already checked by [`check_path`]) and
@@ -119,13 +198,7 @@ impl Router {
         let mut routes = Vec::new();
         for p in &config.providers {
             for r in &p.routes {
-                routes.push(Route::new(
-                    &p.id,
-                    &r.prefix,
-                    &r.upstream,
-                    r.inject.clone(),
-                    r.upstream_ca.clone(),
-                )?);
+                routes.push(Route::from_config(&p.id, r)?);
             }
         }
         Ok(Self::new(routes))
@@ -134,8 +207,20 @@ impl Router {
     /// Orders `routes` so the longest prefix is tried first.
     pub fn new(routes: Vec<Route>) -> Self {
         let mut routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.as_ref().map_or(0, String::len)));
         Self { routes }
+    }
+
+    /// Forward mode: the route for a target `host:port` (`host` as the client
+    /// wrote it; compared lowercase, without a trailing dot), the most specific
+    /// pattern winning. `default_port` is the scheme's (443 or 80).
+    pub fn find_host(&self, host: &str, port: u16, default_port: u16) -> Option<&Arc<Route>> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.routes
+            .iter()
+            .filter_map(|r| Some((r.host_rank(&host, port, default_port)?, r)))
+            .max_by_key(|(rank, _)| *rank)
+            .map(|(_, r)| r)
     }
 
     /// Every route.
@@ -251,6 +336,45 @@ mod tests {
         );
         assert_eq!(route("/a", "https://h.example:443").host, "h.example");
         assert_eq!(route("/a", "http://[::1]:9/").host, "[::1]:9");
+    }
+
+    fn host_route(hosts: &[&str]) -> Route {
+        let cfg = crate::config::RouteConfig {
+            prefix: None,
+            upstream: None,
+            hosts: hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect(),
+            connect_to: None,
+            allow_plain_http: false,
+            inject: Inject::Bearer,
+            upstream_ca: None,
+        };
+        Route::from_config("p", &cfg).unwrap()
+    }
+
+    #[test]
+    fn hosts_route_forward_mode_only() {
+        let r = Router::new(vec![
+            route("/github", "https://github.com"),
+            host_route(&["api.example.com"]),
+            host_route(&["*.example.com", "other.test:8443"]),
+        ]);
+        assert_eq!(
+            &*r.find_host("API.example.com.", 443, 443).unwrap().label,
+            "api.example.com"
+        );
+        assert_eq!(
+            &*r.find_host("x.example.com", 443, 443).unwrap().label,
+            "*.example.com,other.test:8443"
+        );
+        assert!(r.find_host("other.test", 443, 443).is_none());
+        assert!(r.find_host("other.test", 8443, 443).is_some());
+        assert!(r.find_host("github.com", 443, 443).is_none());
+        // Forward-only routes never match a path.
+        assert!(r.find("/").is_none());
+        assert_eq!(&*r.find("/github/x").unwrap().label, "/github");
     }
 
     #[test]

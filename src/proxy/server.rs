@@ -6,6 +6,10 @@
 //! them. On shutdown the listener is closed at once (new connections are
 //! refused), every connection is told to finish its in-flight requests, and after
 //! the grace period whatever is left is cut off.
+//!
+//! A CONNECT request carries a [`ConnContext`] so the tunnel it opens keeps the
+//! connection's slot and hears the shutdown signal after hyper lets go of the
+//! socket.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -56,6 +60,24 @@ impl Limits {
             shutdown_grace: server.shutdown_grace,
         }
     }
+}
+
+/// Holds one connection's place in the limit (and the open-connections gauge)
+/// for as long as the connection or a tunnel made from it lives.
+struct ConnSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _open: Option<OpenGuard>,
+}
+
+/// What a CONNECT tunnel inherits from the connection it was opened on; found
+/// in the CONNECT request's extensions.
+#[derive(Clone)]
+pub struct ConnContext {
+    _slot: Arc<ConnSlot>,
+    /// The listener's shutdown signal.
+    pub shutdown: ShutdownSignal,
+    /// Time in-flight requests get after shutdown starts.
+    pub grace: Duration,
 }
 
 /// A shutdown signal many tasks can wait on.
@@ -155,19 +177,23 @@ pub async fn serve<H: Handler>(
         };
         backoff = Duration::from_millis(5);
         let _ = stream.set_nodelay(true);
+        let slot = Arc::new(ConnSlot {
+            _permit: permit,
+            _open: metrics.clone().map(OpenGuard::new),
+        });
         let conn = Connection {
             builder: builder.clone(),
             handler: handler.clone(),
             tls: tls.clone(),
             header_timeout: limits.header_read_timeout,
             watcher: graceful.watcher(),
-            shutdown: shutdown.clone(),
-            metrics: metrics.clone(),
+            context: ConnContext {
+                _slot: slot,
+                shutdown: shutdown.clone(),
+                grace: limits.shutdown_grace,
+            },
         };
-        tasks.spawn(async move {
-            conn.run(stream, remote).await;
-            drop(permit);
-        });
+        tasks.spawn(conn.run(stream, remote));
     }
     // Stop accepting: from here on, connecting gets "connection refused".
     drop(listener);
@@ -176,7 +202,14 @@ pub async fn serve<H: Handler>(
         connections = graceful.count(),
         "stopped accepting; draining"
     );
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+    let drained = async {
+        graceful.shutdown().await;
+        // CONNECT tunnels outlive hyper's view of their connection but hold its
+        // slot: every slot back means every connection and tunnel is done.
+        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        let _ = permits.acquire_many(all).await;
+    };
+    if tokio::time::timeout(limits.shutdown_grace, drained)
         .await
         .is_err()
     {
@@ -188,7 +221,8 @@ pub async fn serve<H: Handler>(
     tasks.shutdown().await;
 }
 
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+/// The HTTP/1.1 + HTTP/2 connection builder with the listener's limits.
+pub(super) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -209,15 +243,13 @@ struct Connection<H> {
     tls: Option<TlsAcceptor>,
     header_timeout: Duration,
     watcher: hyper_util::server::graceful::Watcher,
-    shutdown: ShutdownSignal,
-    metrics: Option<Arc<Metrics>>,
+    context: ConnContext,
 }
 
 impl<H: Handler> Connection<H> {
     async fn run(mut self, stream: TcpStream, remote: SocketAddr) {
-        let _open = self.metrics.as_ref().map(|m| OpenGuard::new(m.clone()));
         // Before a request has started, a shutdown simply drops the connection.
-        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = self.context.shutdown.clone();
         match self.tls.take() {
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(self.header_timeout, acceptor.accept(stream));
@@ -257,11 +289,18 @@ impl<H: Handler> Connection<H> {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let handler = self.handler;
-        let service = hyper::service::service_fn(move |req| {
+        let context = self.context;
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let handler = handler.clone();
+            if req.method() == http::Method::CONNECT {
+                req.extensions_mut().insert(context.clone());
+            }
             async move { Ok::<_, Infallible>(handler.call(req, remote, is_tls).await) }
         });
-        let conn = self.builder.serve_connection(io, service).into_owned();
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
         if let Err(e) = self.watcher.watch(conn).await {
             tracing::debug!(%remote, error = %e, "connection ended with an error");
         }

@@ -330,11 +330,25 @@ pub struct GitServer {
 impl GitServer {
     /// Serves the repositories under `root`, demanding Basic credentials.
     pub async fn start(root: PathBuf, user: &str, check: TokenCheck) -> Self {
+        Self::start_with(root, user, check, None).await
+    }
+
+    /// Like [`start`](Self::start), serving HTTPS.
+    pub async fn start_tls(root: PathBuf, user: &str, check: TokenCheck, tls: TlsAcceptor) -> Self {
+        Self::start_with(root, user, check, Some(tls)).await
+    }
+
+    async fn start_with(
+        root: PathBuf,
+        user: &str,
+        check: TokenCheck,
+        tls: Option<TlsAcceptor>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let recorded = Arc::new(Mutex::new(Vec::new()));
         let form = CredentialForm::Basic(user.to_string());
-        let stop = serve(listener, {
+        let stop = serve_with(listener, tls, {
             let root = root.clone();
             let recorded = recorded.clone();
             move |req| {
@@ -479,15 +493,28 @@ pub struct TestCa {
 impl TestCa {
     /// Generates the CA and the server certificate.
     pub fn new() -> Self {
+        Self::for_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// Generates the CA and a server certificate for `names`.
+    pub fn for_names(names: &[&str]) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct subjects: OpenSSL clients (curl) take a leaf whose subject
+        // equals its issuer's for a self-signed certificate.
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &ca).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: String| {
             let path = dir.path().join(name);
