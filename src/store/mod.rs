@@ -18,8 +18,15 @@ use uuid::Uuid;
 use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{CryptoError, Keyring};
 
+mod codec;
 pub mod postgres;
+mod rotation;
 pub mod sqlite;
+
+/// Retries of a conditional write (or lease claim) whose row changed between the
+/// attempt and the read that explains the miss. Each retry needs another
+/// concurrent change, so a small bound suffices.
+const CLAIM_ATTEMPTS: usize = 3;
 
 /// Postgres channel on which every link change is announced.
 pub const CHANGE_CHANNEL: &str = "tokenproxy_links";
