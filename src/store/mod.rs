@@ -365,6 +365,32 @@ pub fn open(cfg: &DatabaseConfig, keyring: Keyring) -> Result<Arc<dyn LinkStore>
     })
 }
 
+/// The verdict of [`LinkStore::ready`] on the `(version, success)` rows of a
+/// backend's `_sqlx_migrations` table: every up migration of `migrator` must
+/// have applied. A table that cannot be read for any reason but connectivity
+/// means the migrations never ran.
+fn check_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Result<Vec<(i64, bool)>, StoreError>,
+) -> Result<(), StoreError> {
+    let applied = applied.map_err(|e| match e {
+        StoreError::Other(_) => StoreError::Other("migrations not applied".into()),
+        unavailable => unavailable,
+    })?;
+    for m in migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+    {
+        if !applied.iter().any(|&(v, ok)| v == m.version && ok) {
+            return Err(StoreError::Other(format!(
+                "migration {} ({}) not applied",
+                m.version, m.description
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// [`open`] with the keyring `[encryption]` describes.
 pub fn open_config(cfg: &Config) -> Result<Arc<dyn LinkStore>, StoreError> {
     let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);

@@ -34,9 +34,10 @@ use sqlx::{FromRow, Row};
 use uuid::Uuid;
 
 use super::codec::{self, LinkRow, LINK_COLUMNS};
+use super::rotation::{self, RowSql};
 use super::{
-    rotation, ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken,
-    ProxyTokenInfo, RotateReport, StoreError, StoredSecret, TokenSet, CLAIM_ATTEMPTS,
+    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
+    RotateReport, StoreError, StoredSecret, TokenSet, CLAIM_ATTEMPTS,
 };
 use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{Keyring, Sealed};
@@ -239,23 +240,6 @@ impl SqliteStore {
     ) -> Result<(Sealed, Sealed), StoreError> {
         codec::seal_pair(&self.keyring, provider_id, user_id, tokens)
     }
-
-    async fn fetch_row(
-        &self,
-        provider_id: &str,
-        user_id: Uuid,
-    ) -> Result<Option<LinkRow>, StoreError> {
-        let row = sqlx::query_as::<_, SqliteLinkRow>(&format!(
-            "SELECT {LINK_COLUMNS} FROM external_auth_links \
-             WHERE provider_id = ?1 AND user_id = ?2"
-        ))
-        .bind(provider_id)
-        .bind(user_id.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
-        Ok(row.map(|r| r.0))
-    }
 }
 
 /// Creates the directory a database file lives in, so that the first run of a
@@ -419,26 +403,11 @@ impl LinkStore for SqliteStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        let applied: Vec<(i64, bool)> =
-            sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| match map_err(e) {
-                    StoreError::Other(_) => StoreError::Other("migrations not applied".into()),
-                    unavailable => unavailable,
-                })?;
-        for m in MIGRATOR
-            .iter()
-            .filter(|m| !m.migration_type.is_down_migration())
-        {
-            if !applied.iter().any(|&(v, ok)| v == m.version && ok) {
-                return Err(StoreError::Other(format!(
-                    "migration {} ({}) not applied",
-                    m.version, m.description
-                )));
-            }
-        }
-        Ok(())
+        let applied = sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err);
+        super::check_migrations(&MIGRATOR, applied)
     }
 
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {

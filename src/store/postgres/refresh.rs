@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{announced, expiry_to_db, map_err, rotate, PgStore};
 use crate::crypto::{Keyring, Sealed};
-use crate::store::codec::LinkRow;
+use crate::store::codec::{LinkRow, LINK_COLUMNS};
 use crate::store::rotation::RowSql;
 use crate::store::{Lease, StoreError, TokenSet, CHANGE_CHANNEL};
 
@@ -23,7 +23,15 @@ impl RowSql for PgStore {
         provider_id: &str,
         user_id: Uuid,
     ) -> Result<Option<LinkRow>, StoreError> {
-        PgStore::fetch_row(self, provider_id, user_id).await
+        sqlx::query_as::<_, LinkRow>(&format!(
+            "SELECT {LINK_COLUMNS} FROM external_auth_links \
+             WHERE provider_id = $1 AND user_id = $2"
+        ))
+        .bind(provider_id)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)
     }
 
     async fn rows_after(&self, after: Option<&(String, Uuid)>) -> Result<Vec<LinkRow>, StoreError> {

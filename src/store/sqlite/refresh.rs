@@ -7,9 +7,9 @@
 
 use uuid::Uuid;
 
-use super::{expiry_to_db, map_err, rotate, ts_to_db, SqliteStore, NOW};
+use super::{expiry_to_db, map_err, rotate, ts_to_db, SqliteLinkRow, SqliteStore, NOW};
 use crate::crypto::{Keyring, Sealed};
-use crate::store::codec::LinkRow;
+use crate::store::codec::{LinkRow, LINK_COLUMNS};
 use crate::store::rotation::RowSql;
 use crate::store::{Lease, StoreError, TokenSet};
 
@@ -24,7 +24,16 @@ impl RowSql for SqliteStore {
         provider_id: &str,
         user_id: Uuid,
     ) -> Result<Option<LinkRow>, StoreError> {
-        SqliteStore::fetch_row(self, provider_id, user_id).await
+        let row = sqlx::query_as::<_, SqliteLinkRow>(&format!(
+            "SELECT {LINK_COLUMNS} FROM external_auth_links \
+             WHERE provider_id = ?1 AND user_id = ?2"
+        ))
+        .bind(provider_id)
+        .bind(user_id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(row.map(|r| r.0))
     }
 
     async fn rows_after(&self, after: Option<&(String, Uuid)>) -> Result<Vec<LinkRow>, StoreError> {
