@@ -63,11 +63,7 @@ async fn three_replicas(pool: PgPool) {
 
     for round in 1..=2u64 {
         let all = gets_on_every_replica(&replicas, user, 200).await;
-        assert_eq!(all.len(), 600);
-        let token = all_same(&all);
-        assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
-        assert_eq!(idp.rejected(), 0);
-        assert!(idp.is_valid_access_token(token.expose_secret()));
+        assert_round(&all, 600, &idp, round);
         assert_link_intact(&idp, &st, user).await;
         // The next expiry: two hours later.
         clock.advance(Duration::from_secs(7200));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{
-    all_same, gets_on_every_replica, idp_with, outcome_sum, replica_with, tokens_cfg, P,
+    assert_round, gets_on_every_replica, idp_with, outcome_sum, replica_with, tokens_cfg, P,
 };
 use secrecy::{ExposeSecret, SecretString};
 use support::idp::IdpOptions;
@@ -53,11 +53,7 @@ async fn three_sqlite_replicas_refresh_each_expiry_once() {
     }
     for round in 1..=2u64 {
         let all = gets_on_every_replica(&replicas, user, 200).await;
-        assert_eq!(all.len(), 600);
-        let token = all_same(&all);
-        assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
-        assert_eq!(idp.rejected(), 0);
-        assert!(idp.is_valid_access_token(token.expose_secret()));
+        assert_round(&all, 600, &idp, round);
         let row = store.get_link(P, user).await.unwrap().unwrap();
         assert_eq!(
             Some(row.refresh_token.expose_secret().to_string()),

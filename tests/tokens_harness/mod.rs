@@ -189,6 +189,23 @@ pub fn outcome_sum(replicas: &[Replica], outcome: RefreshOutcome) -> u64 {
     replicas.iter().map(|r| r.outcome(outcome)).sum()
 }
 
+/// Checks one round of gets across replicas: `expected` results, all the same
+/// valid token, `round` refreshes in total so far and no rejected grant.
+#[track_caller]
+pub fn assert_round(
+    all: &[Result<AccessToken, TokenError>],
+    expected: usize,
+    idp: &Idp,
+    round: u64,
+) -> AccessToken {
+    assert_eq!(all.len(), expected);
+    let token = all_same(all);
+    assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
+    assert_eq!(idp.rejected(), 0);
+    assert!(idp.is_valid_access_token(token.expose_secret()));
+    token
+}
+
 pub fn all_same(results: &[Result<AccessToken, TokenError>]) -> AccessToken {
     let first = results[0].as_ref().expect("get succeeded").clone();
     for r in results {
