@@ -19,6 +19,7 @@ use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{CryptoError, Keyring};
 
 mod codec;
+mod lease;
 pub mod postgres;
 mod rotation;
 pub mod sqlite;

@@ -29,7 +29,7 @@ use super::codec::{self, LinkRow, LINK_COLUMNS};
 use super::rotation::{self, RowSql};
 use super::{
     ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL, CLAIM_ATTEMPTS,
+    RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
 };
 use crate::config::{Config, DatabaseConfig, EncryptionFormat};
 use crate::crypto::{Keyring, Sealed};
