@@ -89,6 +89,9 @@ pub fn classify_error_code(code: &str) -> RefreshError {
     }
 }
 
+/// Longest access-token lifetime believed; a provider claiming more gets this.
+pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// One provider's token endpoint, ready to refresh.
 pub struct ProviderClient {
     id: String,
@@ -227,9 +230,28 @@ impl ProviderClient {
                 .map(|r| r.secret())
                 .filter(|r| !r.is_empty())
                 .map(|r| SecretString::from(r.to_string())),
-            expires_in: resp.expires_in().filter(|d| !d.is_zero()),
+            // Capped so `now + expires_in` can never overflow a timestamp (which
+            // would panic after the provider has already rotated the token).
+            expires_in: resp
+                .expires_in()
+                .filter(|d| !d.is_zero())
+                .map(|d| d.min(MAX_EXPIRES_IN)),
             extra: (!extra.is_empty()).then_some(serde_json::Value::Object(extra)),
         }
+    }
+}
+
+/// A provider's own error code as we may repeat it in logs and errors. Real codes
+/// are snake_case words; anything else (a provider that echoes the request puts a
+/// token there) is not repeated.
+fn printable_code(code: &str) -> String {
+    let plain = !code.is_empty()
+        && code.len() <= 48
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    if plain {
+        code.to_string()
+    } else {
+        "unrecognised error code".to_string()
     }
 }
 
@@ -251,7 +273,7 @@ fn classify(e: RequestTokenError<HttpError, BasicErrorResponse>) -> Attempt {
                 BasicErrorResponseType::UnsupportedGrantType => {
                     "unsupported_grant_type".to_string()
                 }
-                BasicErrorResponseType::Extension(s) => s.clone(),
+                BasicErrorResponseType::Extension(s) => printable_code(s),
             };
             match classify_error_code(&code) {
                 RefreshError::Transient(m) => Attempt::Retry(m, None),

@@ -72,7 +72,8 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
         access_token: r.access_token,
         // No new refresh token in the response: the old one stays valid.
         refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
-        expiry: lifetime.map(|l| now + l),
+        // Checked: a lifetime past the calendar's end means "does not expire".
+        expiry: lifetime.and_then(|l| now.checked_add_signed(l)),
         extra: r.extra.or_else(|| row.extra.clone()),
     };
     let token = AccessToken::new(new.access_token.clone(), new.expiry);
