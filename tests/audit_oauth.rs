@@ -366,3 +366,17 @@ async fn an_absurd_lifetime_does_not_lose_the_rotated_token(pool: sqlx::PgPool) 
     assert_eq!(row.refresh_token.expose_secret(), "rt_new");
     assert_eq!(row.access_token.expose_secret(), "a_new");
 }
+
+#[tokio::test]
+async fn entra_interaction_required_means_the_user_must_sign_in_again() {
+    let (r, _) = refresh_against(
+        400,
+        JSON,
+        r#"{"error":"interaction_required","error_description":"AADSTS50076: Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication.","error_codes":[50076],"suberror":"basic_action"}"#,
+    )
+    .await;
+    assert_eq!(
+        r.unwrap_err(),
+        RefreshError::Rejected("interaction_required".into())
+    );
+}

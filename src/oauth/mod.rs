@@ -75,8 +75,18 @@ pub enum RefreshError {
 }
 
 /// OAuth error codes meaning "this refresh token is dead" rather than "this client
-/// is wrong". GitHub says `bad_refresh_token` (with HTTP 200).
-const PERMANENT_CODES: &[&str] = &["invalid_grant", "bad_refresh_token"];
+/// is wrong". GitHub says `bad_refresh_token` (with HTTP 200). Microsoft Entra and
+/// OIDC providers answer `interaction_required`, `login_required` or
+/// `consent_required` when the refresh token cannot be used until the user signs
+/// in again (MFA, conditional access, revoked consent): the user must act, and
+/// asking the provider again on every request cannot help.
+const PERMANENT_CODES: &[&str] = &[
+    "invalid_grant",
+    "bad_refresh_token",
+    "interaction_required",
+    "login_required",
+    "consent_required",
+];
 
 /// Classifies an OAuth `error` code.
 pub fn classify_error_code(code: &str) -> RefreshError {
