@@ -380,3 +380,19 @@ async fn entra_interaction_required_means_the_user_must_sign_in_again() {
         RefreshError::Rejected("interaction_required".into())
     );
 }
+
+#[test]
+fn debug_of_a_token_response_never_shows_extra_credentials() {
+    let resp: oauth2::StandardTokenResponse<
+        tokenproxy::oauth::OtherFields,
+        oauth2::basic::BasicTokenType,
+    > = serde_json::from_str(
+        r#"{"access_token":"at_secret_1","refresh_token":"rt_secret_2","token_type":"bearer","id_token":"eyJ_id_secret_3"}"#,
+    )
+    .unwrap();
+    let text = format!("{resp:?}");
+    for secret in ["at_secret_1", "rt_secret_2", "eyJ_id_secret_3"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    assert!(text.contains("id_token"), "{text}");
+}

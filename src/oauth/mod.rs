@@ -27,11 +27,24 @@ use crate::config::{ClientAuth, ProviderConfig};
 pub use self::http::{HttpClient, HttpError};
 
 /// Every field of a token response that `oauth2` does not model itself.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct OtherFields {
     /// Field name → value.
     #[serde(flatten)]
     pub fields: HashMap<String, serde_json::Value>,
+}
+
+/// Names only: the values may be credentials too (an OIDC `id_token`, a
+/// provider's second token), and `oauth2`'s own `Debug` of a token response
+/// prints this.
+impl std::fmt::Debug for OtherFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.fields.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("OtherFields")
+            .field("fields", &names)
+            .finish_non_exhaustive()
+    }
 }
 impl oauth2::ExtraTokenFields for OtherFields {}
 
