@@ -240,3 +240,41 @@ async fn admin_listener_errors_are_json_and_garbage_is_harmless(pool: PgPool) {
     assert_eq!(get(&admin("/healthz"), &[]).await.status, 200);
     assert_eq!(get(&admin("/readyz"), &[]).await.status, 200);
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn github_and_gitlab_client_credential_forms_work_and_never_travel_upstream(pool: PgPool) {
+    let w = world(pool).await;
+    // `gh`, octokit and GitHub Actions send `Authorization: token <TOKEN>`;
+    // glab and python-gitlab send `PRIVATE-TOKEN: <TOKEN>`.
+    let token_scheme = format!("token {}", w.token);
+    let a = get(
+        &w.proxy.url("/gh/api/user"),
+        &[("authorization", &token_scheme)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = get(
+        &w.proxy.url("/gh/api/user"),
+        &[("private-token", w.token.as_str())],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    // A PRIVATE-TOKEN beside the usual credential is a caller credential too.
+    let bearer = format!("Bearer {}", w.token);
+    let a = get(
+        &w.proxy.url("/gh/api/user"),
+        &[("authorization", &bearer), ("private-token", &w.token)],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let seen = w.api.requests();
+    assert_eq!(seen.len(), 3);
+    for r in seen {
+        for (name, value) in &r.headers {
+            assert!(
+                !String::from_utf8_lossy(value.as_bytes()).contains("tpx_"),
+                "{name} carried the proxy token upstream"
+            );
+        }
+    }
+}

@@ -281,7 +281,7 @@ impl Pipeline {
                 .and_then(|a| header::HeaderValue::from_str(a.as_str()).ok())
         });
         headers::remove_hop_by_hop(&mut headers);
-        headers.remove(header::AUTHORIZATION);
+        super::caller::remove_caller_credentials(&mut headers);
         if self.forwarded_headers {
             headers::add_forwarded(
                 &mut headers,
