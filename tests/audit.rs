@@ -278,3 +278,73 @@ async fn github_and_gitlab_client_credential_forms_work_and_never_travel_upstrea
         }
     }
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn upstream_redirects_come_back_through_the_proxy(pool: PgPool) {
+    use http_body_util::{BodyExt, Full};
+    // An upstream that redirects like GitHub does for a renamed repository.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let o = origin.clone();
+    let _stop = support::upstream::serve_with(listener, None, move |req| {
+        let o = o.clone();
+        async move {
+            let location = match req.uri().path() {
+                "/base/old.git/info/refs" => {
+                    format!("{o}/base/new.git/info/refs?service=git-upload-pack")
+                }
+                "/base/relative" => "/base/other".to_string(),
+                "/base/outside" => "/elsewhere".to_string(),
+                _ => "https://codeload.example/archive".to_string(),
+            };
+            let mut resp = http::Response::new(
+                Full::new(bytes::Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            *resp.status_mut() = http::StatusCode::MOVED_PERMANENTLY;
+            resp.headers_mut()
+                .insert("location", location.parse().unwrap());
+            resp
+        }
+    });
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&format!(
+        r#"
+[[providers]]
+id = "github"
+client_id = "cid"
+token_url = "http://127.0.0.1:9/token"
+
+  [[providers.routes]]
+  prefix = "/gh/git"
+  upstream = "{origin}/base"
+  inject = {{ basic_username = "x-access-token" }}
+"#
+    ));
+    let proxy = Harness::start(config, store, fake).await;
+    let auth = format!("Bearer {token}");
+    let location = |path: &'static str| {
+        let url = proxy.url(path);
+        let auth = auth.clone();
+        async move {
+            let a = get(&url, &[("authorization", &auth)]).await;
+            assert_eq!(a.status, 301);
+            a.headers["location"].to_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(
+        location("/gh/git/old.git/info/refs").await,
+        "/gh/git/new.git/info/refs?service=git-upload-pack"
+    );
+    assert_eq!(location("/gh/git/relative").await, "/gh/git/other");
+    assert_eq!(location("/gh/git/outside").await, "/elsewhere");
+    assert_eq!(
+        location("/gh/git/foreign").await,
+        "https://codeload.example/archive"
+    );
+}

@@ -175,9 +175,12 @@ impl Pipeline {
         let (parts, body) = req.into_parts();
         let prepared = self.upstream_request(parts, host, uri, conn);
         let body = read_body(body).await?;
+        // Reverse mode: the caller only knows our prefix, so redirects to the
+        // upstream must come back through it.
+        let redirects = matches!(entry, Entry::Reverse).then_some(&*route);
         self.forward(&route, &caller, prepared, body, token, outcome)
             .await
-            .map(respond)
+            .map(|resp| respond(resp, redirects))
     }
 
     /// Phases by entry: who is calling, which route, and the upstream URI.
@@ -518,10 +521,22 @@ fn to_proxy_body(body: OutBody) -> ProxyBody {
 
 /// Phase: the upstream's response for the caller. Hop-by-hop headers go, and so
 /// does any `tokenproxy-error` the upstream tried to set: that header means
-/// tokenproxy itself answered.
-fn respond(resp: Response<Incoming>) -> Response<ProxyBody> {
+/// tokenproxy itself answered. With `redirects` (reverse mode), a `Location` on
+/// the upstream is rewritten to the route's prefix.
+fn respond(resp: Response<Incoming>, redirects: Option<&Route>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&ERROR_HEADER);
+    if let Some(route) = redirects {
+        let rewritten = parts
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| route.caller_location(l))
+            .and_then(|l| HeaderValue::from_str(&l).ok());
+        if let Some(location) = rewritten {
+            parts.headers.insert(header::LOCATION, location);
+        }
+    }
     Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
 }
