@@ -123,7 +123,7 @@ pub struct ProviderClient {
     token_url: TokenUrl,
     auth: ClientAuth,
     timeout: Duration,
-    extra_params: Vec<(String, String)>,
+    extra_params: Vec<(String, SecretString)>,
     extra_fields: Vec<String>,
     http: HttpClient,
 }
@@ -228,7 +228,7 @@ impl ProviderClient {
         let rt = RefreshToken::new(refresh_token.expose_secret().to_string());
         let mut req = client.exchange_refresh_token(&rt);
         for (k, v) in &self.extra_params {
-            req = req.add_extra_param(k.as_str(), v.as_str());
+            req = req.add_extra_param(k.as_str(), v.expose_secret().to_string());
         }
         match req.request_async(&self.http).await {
             Ok(resp) => Ok(self.accept(resp)),
