@@ -477,6 +477,21 @@ impl Config {
                 ));
             }
         }
+        // Zero would not mean "no limit": every connection, request or pool
+        // checkout would fail at once.
+        for (key, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.upstream_timeout", self.server.upstream_timeout),
+            ("server.connect_timeout", self.server.connect_timeout),
+            ("database.acquire_timeout", self.database.acquire_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(key, "must be above zero"));
+            }
+        }
         check_database_url(&self.database.url)?;
         let t = &self.tokens;
         if !(t.refresh_ahead_remaining > 0.0 && t.refresh_ahead_remaining < 1.0) {

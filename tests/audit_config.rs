@@ -99,3 +99,17 @@ fn extra_params_resolve_env_and_file_like_other_secrets() {
     .unwrap_err();
     assert!(err.to_string().contains("MISSING_VAR"), "{err}");
 }
+
+#[test]
+fn zero_timeouts_are_refused_with_their_key() {
+    for (section, key) in [
+        ("server", "header_read_timeout"),
+        ("server", "upstream_timeout"),
+        ("server", "connect_timeout"),
+        ("database", "acquire_timeout"),
+    ] {
+        let text = format!("[{section}]\n{key} = \"0s\"\n");
+        let err = Config::from_toml_with_env(&text, &[]).unwrap_err();
+        assert_eq!(err.key, format!("{section}.{key}"), "{err}");
+    }
+}
