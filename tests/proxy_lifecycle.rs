@@ -258,6 +258,32 @@ async fn a_second_sigterm_stops_without_waiting_out_the_drain(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_declared_body_that_never_arrives_is_cut_off(pool: PgPool) {
+    let w = world(pool, r#"header_read_timeout = "300ms""#).await;
+    let mut stream = TcpStream::connect(w.proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /gh/api/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 10\r\n\r\nabc",
+                w.token
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The rest of the body never comes; the connection is kept open.
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), stream.read(&mut out))
+        .await
+        .expect("tokenproxy answers a stalled body instead of waiting forever")
+        .unwrap();
+    let head = String::from_utf8_lossy(&out[..n]);
+    assert_eq!(raw_status(&head), 400, "{head}");
+    assert!(head.contains("tokenproxy-error: bad_request"), "{head}");
+    assert_eq!(w.api.count(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn slow_or_silent_clients_are_cut_off(pool: PgPool) {
     let w = world(pool, r#"header_read_timeout = "200ms""#).await;
     for partial in ["", "GET /gh/api/user HTTP/1.1\r\nHost: x\r\n"] {

@@ -110,6 +110,7 @@ impl Pipeline {
             upstreams,
             metrics: deps.metrics.clone(),
             forwarded_headers: config.server.forwarded_headers,
+            body_timeout: config.server.header_read_timeout,
             forward: config
                 .forward
                 .as_ref()

@@ -78,6 +78,9 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Add `X-Forwarded-*` and `Via`.
     pub forwarded_headers: bool,
+    /// Time a client has to send a small (buffered) request body: without it a
+    /// client that declares a body and never sends it holds its slot forever.
+    pub body_timeout: std::time::Duration,
     /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
     pub forward: Option<super::connect::ForwardMode>,
 }
@@ -174,7 +177,7 @@ impl Pipeline {
         };
         let (parts, body) = req.into_parts();
         let prepared = self.upstream_request(parts, host, uri, conn);
-        let body = read_body(body).await?;
+        let body = read_body(body, self.body_timeout).await?;
         // Reverse mode: the caller only knows our prefix, so redirects to the
         // upstream must come back through it.
         let redirects = matches!(entry, Entry::Reverse).then_some(&*route);
@@ -489,17 +492,18 @@ pub(super) fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError
 }
 
 /// Buffers the request body when it is empty or declared small enough to
-/// replay, otherwise leaves it streaming.
-async fn read_body(body: Incoming) -> Result<OutBody, ProxyError> {
+/// replay (within `timeout`), otherwise leaves it streaming (a stalled stream is
+/// bounded by the upstream's response timeout instead).
+async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<OutBody, ProxyError> {
     if body.is_end_stream() {
         return Ok(OutBody::Replayable(Bytes::new()));
     }
     match body.size_hint().exact() {
         Some(len) if len <= RETRY_BODY_LIMIT => {
             let limit = usize::try_from(RETRY_BODY_LIMIT).unwrap_or(usize::MAX);
-            let collected = Limited::new(body, limit)
-                .collect()
+            let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
                 .await
+                .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time"))?
                 .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
             Ok(OutBody::Replayable(collected.to_bytes()))
         }
