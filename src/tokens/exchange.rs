@@ -68,6 +68,14 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
     let provider_id = inner.providers[key.0 as usize].id.as_str();
     let now = inner.clock.now();
     let lifetime = r.expires_in.map(cache::to_chrono);
+    if r.expires_in.is_some_and(|l| l <= inner.skew()) {
+        // Such a token is "expired" the moment it arrives: every request refreshes.
+        tracing::warn!(
+            provider = provider_id,
+            expires_in = ?r.expires_in,
+            "the provider's tokens live no longer than tokens.refresh_skew; lower refresh_skew"
+        );
+    }
     let new = TokenSet {
         access_token: r.access_token,
         // No new refresh token in the response: the old one stays valid.
