@@ -125,10 +125,28 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                 tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
             }
             Err(e) => {
-                // The provider rotated the token but we could not store it. The new
-                // access token works, so serve it; the link will need a new login if
-                // the old refresh token was single-use.
-                tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token");
+                // The provider rotated the token but we could not store it, and the
+                // old refresh token may already be dead: the new one exists only
+                // here. Serve (and cache) the new access token, and keep trying to
+                // store the set in the background until the database is back. The
+                // write stays a compare-and-swap on the token we exchanged, so it
+                // can only heal the row, never overwrite a newer one.
+                tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token; retrying in the background");
+                let entry = Entry::new(
+                    token.clone(),
+                    lifetime,
+                    inner.cfg.refresh_ahead_remaining,
+                    inner.skew(),
+                    now,
+                );
+                insert_if_current(inner, key, entry, epoch).await;
+                tokio::spawn(keep_persisting(
+                    inner.store.clone(),
+                    provider_id.to_string(),
+                    key.1,
+                    row.refresh_token_stored.clone(),
+                    new,
+                ));
                 return Step::Done(Ok(Served {
                     token,
                     exchanged: true,
@@ -136,6 +154,40 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
             }
         }
     }
+}
+
+/// How long a refreshed token set that could not be stored is retried.
+const PERSIST_RETRY_FOR: Duration = Duration::from_secs(3600);
+
+/// Retries storing a refreshed token set (with backoff) until it is stored, the
+/// row turns out to hold something else, or [`PERSIST_RETRY_FOR`] passes.
+async fn keep_persisting(
+    store: Arc<dyn crate::store::LinkStore>,
+    provider_id: String,
+    user: uuid::Uuid,
+    old: crate::store::StoredSecret,
+    new: TokenSet,
+) {
+    let give_up = tokio::time::Instant::now() + PERSIST_RETRY_FOR;
+    let mut wait = Duration::from_millis(200);
+    while tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(wait).await;
+        match store.write_refreshed(&provider_id, user, &old, &new).await {
+            Ok(true) => {
+                tracing::info!(provider = %provider_id, %user, "stored the refreshed token after the database came back");
+                return;
+            }
+            Ok(false) => {
+                tracing::warn!(provider = %provider_id, %user, "the link changed before the refreshed token could be stored");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(provider = %provider_id, %user, error = %e, "still cannot store the refreshed token");
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    tracing::error!(provider = %provider_id, %user, "gave up storing the refreshed token; the user may need to log in again");
 }
 
 async fn lost_race(inner: &Arc<Inner>, key: Key, ours: AccessToken) -> Step {
