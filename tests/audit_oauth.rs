@@ -396,3 +396,62 @@ fn debug_of_a_token_response_never_shows_extra_credentials() {
     }
     assert!(text.contains("id_token"), "{text}");
 }
+
+/// A provider that rejects our client (a rotated client secret) is not asked
+/// again for every user and request: one rejection pauses refreshes briefly.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_rejected_client_does_not_hammer_the_provider(pool: sqlx::PgPool) {
+    use tokenproxy::config::TokensConfig;
+    use tokenproxy::crypto::Keyring;
+    use tokenproxy::store::postgres::PgStore;
+    use tokenproxy::store::{LinkStore, TokenSet};
+    use tokenproxy::telemetry::Metrics;
+    use tokenproxy::tokens::{SystemClock, TokenError, TokenSource};
+
+    let idp = Scripted::start(Canned {
+        status: 401,
+        content_type: JSON,
+        body: r#"{"error":"invalid_client","error_description":"Client authentication failed"}"#
+            .into(),
+    })
+    .await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let users: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+    for &user in &users {
+        store
+            .put_link(
+                "p",
+                user,
+                &TokenSet {
+                    access_token: SecretString::from("a_old".to_string()),
+                    refresh_token: SecretString::from(format!("rt_{user}")),
+                    expiry: Some(chrono::Utc::now() - chrono::Duration::hours(1)),
+                    extra: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let source = TokenSource::new(
+        store.clone(),
+        &[idp.provider()],
+        &TokensConfig::default(),
+        Metrics::new(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    for &user in &users {
+        for _ in 0..2 {
+            assert_eq!(
+                source.get("p", user).await.unwrap_err(),
+                TokenError::IdpUnavailable
+            );
+        }
+    }
+    assert_eq!(idp.requests().len(), 1, "one rejection, then a pause");
+    // Nothing was recorded on any link.
+    for &user in &users {
+        let row = store.get_link("p", user).await.unwrap().unwrap();
+        assert_eq!(row.refresh_failure_reason, "");
+    }
+}

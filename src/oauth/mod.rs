@@ -87,6 +87,14 @@ pub enum RefreshError {
     Misconfigured(String),
 }
 
+impl RefreshError {
+    /// Whether the provider rejected our client itself (wrong secret, client not
+    /// allowed the grant): true for every user until the configuration changes.
+    pub fn is_client_rejected(&self) -> bool {
+        matches!(self, Self::Misconfigured(code) if code == "invalid_client" || code == "unauthorized_client")
+    }
+}
+
 /// OAuth error codes meaning "this refresh token is dead" rather than "this client
 /// is wrong". GitHub says `bad_refresh_token` (with HTTP 200). Microsoft Entra and
 /// OIDC providers answer `interaction_required`, `login_required` or

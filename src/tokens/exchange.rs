@@ -37,6 +37,15 @@ pub(super) async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<
 /// Exchanges the row's refresh token while we hold the lease, and settles the outcome.
 pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease) -> Step {
     let provider = &inner.providers[key.0 as usize];
+    let paused = provider
+        .client_rejected_until
+        .lock()
+        .is_some_and(|until| tokio::time::Instant::now() < until);
+    if paused {
+        // Our client was just rejected: asking again for every user and request
+        // would only hammer the provider (and may get the app rate-limited).
+        return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
+    }
     let started = tokio::time::Instant::now();
     let result = provider
         .client
@@ -55,6 +64,15 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         Err(e) => {
             // Transient (or a client misconfiguration): nothing about the link changes.
             tracing::warn!(provider = %provider.id, user = %key.1, error = %e, "refresh failed");
+            if e.is_client_rejected() {
+                tracing::error!(
+                    provider = %provider.id,
+                    pause = ?CLIENT_REJECTED_PAUSE,
+                    "the provider rejected the client credentials; check client_id and client_secret"
+                );
+                *provider.client_rejected_until.lock() =
+                    Some(tokio::time::Instant::now() + CLIENT_REJECTED_PAUSE);
+            }
             inner
                 .metrics
                 .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
@@ -62,6 +80,9 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         }
     }
 }
+
+/// How long no refresh is attempted at a provider after it rejected our client.
+const CLIENT_REJECTED_PAUSE: Duration = Duration::from_secs(10);
 
 /// Writes a successful refresh with a compare-and-swap on the refresh token read.
 async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step {
