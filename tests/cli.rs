@@ -5,19 +5,15 @@
 //! The binary runs with a cleared environment, so the test's own `DATABASE_URL` or
 //! `TOKENPROXY_*` variables never leak into it; each test passes what it needs.
 
-use std::io::Write;
+#[path = "cli_harness/mod.rs"]
+mod harness;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use harness::*;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tokenproxy");
-const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-const USER: &str = "6f9619ff-8b86-d011-b42d-00cf4fc964ff";
-/// Distinctive token values, searched for in every output.
-const ACCESS: &str = "gho_ACCESSsecretVALUE123";
-const REFRESH: &str = "ghr_REFRESHsecretVALUE456";
 
 /// A config file and the database URL it should talk to.
 struct Setup {
@@ -78,46 +74,12 @@ fn run(s: &Setup, args: &[&str], stdin: &str) -> Output {
 }
 
 fn run_env(config: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("TP_TEST_KEY", KEY)
-        .env("TP_TEST_CLIENT_SECRET", "client-secret-value")
-        .env("RUST_LOG", "warn")
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("run tokenproxy");
-    let mut pipe = child.stdin.take().unwrap();
-    // The command may exit before reading stdin (e.g. unknown provider); ignore EPIPE.
-    let _ = pipe.write_all(stdin.as_bytes());
-    drop(pipe);
-    child.wait_with_output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8(o.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        stdout(o),
-        stderr(o)
-    );
+    let base = [
+        ("TP_TEST_KEY", KEY),
+        ("TP_TEST_CLIENT_SECRET", "client-secret-value"),
+    ];
+    let env: Vec<_> = base.iter().chain(env).copied().collect();
+    run_bin(config, None, args, stdin, &env)
 }
 
 /// Asserts exit `code` and a single `tokenproxy: …` line on stderr containing `needle`.
@@ -157,26 +119,8 @@ async fn end_to_end(pool: PgPool) {
     assert_eq!(count(&pool, "external_auth_links").await, 0);
 
     // token create: the token is the last line; only its SHA-256 is stored.
-    let o = run(
-        &s,
-        &[
-            "token",
-            "create",
-            "--user",
-            USER,
-            "--provider",
-            "github",
-            "--name",
-            "ci",
-            "--ttl",
-            "30d",
-        ],
-        "",
-    );
-    assert_ok(&o);
-    let out = stdout(&o);
-    let token = out.lines().last().unwrap().to_string();
-    assert!(token.starts_with("tpx_") && token.len() > 40, "{out}");
+    let out = assert_ok(&run(&s, &token_create_args("ci"), ""));
+    let (token, id) = created_token(&out);
     assert_eq!(out.matches(&token).count(), 1, "printed once: {out}");
     let hash: Vec<u8> = sqlx::query_scalar("SELECT hash FROM proxy_tokens")
         .fetch_one(&pool)
@@ -189,11 +133,6 @@ async fn end_to_end(pool: PgPool) {
             .await
             .unwrap();
     assert!(!dump.contains(&token[4..]), "token stored in clear: {dump}");
-    let id = out
-        .lines()
-        .find_map(|l| l.strip_prefix("id: "))
-        .expect("id line")
-        .to_string();
 
     // link put: an RFC 6749 token response on stdin; encrypted at rest, extra fields kept.
     let response = format!(

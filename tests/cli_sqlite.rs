@@ -4,20 +4,18 @@
 //!
 //! The binary runs with a cleared environment; each test passes what it needs.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+#[path = "cli_harness/mod.rs"]
+mod harness;
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use harness::*;
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::SqlitePool;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokenproxy");
-const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const NEW_KEY: &str = "ERERERERERERERERERERERERERERERERERERERERERE=";
-const USER: &str = "6f9619ff-8b86-d011-b42d-00cf4fc964ff";
-const ACCESS: &str = "gho_ACCESSsecretVALUE123";
-const REFRESH: &str = "ghr_REFRESHsecretVALUE456";
 const CLIENT_SECRET: &str = "client-secret-value";
 
 fn quickstart() -> PathBuf {
@@ -26,48 +24,12 @@ fn quickstart() -> PathBuf {
 
 /// Runs the binary in `cwd` with the quick-start config, `args` and `stdin`.
 fn run(cwd: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("TOKENPROXY_KEY", KEY)
-        .env("GITHUB_CLIENT_SECRET", CLIENT_SECRET)
-        .env("RUST_LOG", "warn")
-        .current_dir(cwd)
-        .arg("--config")
-        .arg(quickstart())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("run tokenproxy");
-    let mut pipe = child.stdin.take().unwrap();
-    // The command may exit before reading stdin; ignore EPIPE.
-    let _ = pipe.write_all(stdin.as_bytes());
-    drop(pipe);
-    child.wait_with_output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8(o.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        stdout(o),
-        stderr(o)
-    );
-    stdout(o)
+    let base = [
+        ("TOKENPROXY_KEY", KEY),
+        ("GITHUB_CLIENT_SECRET", CLIENT_SECRET),
+    ];
+    let env: Vec<_> = base.iter().chain(env).copied().collect();
+    run_bin(&quickstart(), Some(cwd), args, stdin, &env)
 }
 
 #[track_caller]
@@ -117,35 +79,13 @@ async fn every_command_works_on_a_sqlite_file() {
     let db = open_file(&file).await;
 
     // token create: the token is the last line; only its SHA-256 is stored.
-    let out = assert_ok(&run(
-        cwd,
-        &[
-            "token",
-            "create",
-            "--user",
-            USER,
-            "--provider",
-            "github",
-            "--name",
-            "laptop",
-            "--ttl",
-            "30d",
-        ],
-        "",
-        &[],
-    ));
-    let token = out.lines().last().unwrap().to_string();
-    assert!(token.starts_with("tpx_") && token.len() > 40, "{out}");
+    let out = assert_ok(&run(cwd, &token_create_args("laptop"), "", &[]));
+    let (token, id) = created_token(&out);
     let hash: Vec<u8> = sqlx::query_scalar("SELECT hash FROM proxy_tokens")
         .fetch_one(&db)
         .await
         .unwrap();
     assert_eq!(hash, Sha256::digest(token.as_bytes()).to_vec());
-    let id = out
-        .lines()
-        .find_map(|l| l.strip_prefix("id: "))
-        .expect("id line")
-        .to_string();
 
     // link put: encrypted at rest, the chosen extra fields kept.
     let response = format!(

@@ -20,6 +20,7 @@ use tokenproxy::store::postgres::PgStore;
 use tokenproxy::store::{ChangeEvent, LeaseClaim, LinkStore, StoreError};
 use uuid::Uuid;
 
+use conformance::suite::next_event;
 use conformance::{keyring, tokens, KEY_A};
 
 /// Instantiates each named suite function once per backend.
@@ -268,19 +269,11 @@ async fn coder_format_registers_its_key_like_coder(pool: PgPool) {
     assert_eq!(test.expose_secret(), "coder");
 }
 
-async fn next(rx: &mut tokio::sync::mpsc::Receiver<ChangeEvent>) -> ChangeEvent {
-    // A bound so a broken feed fails the test instead of hanging it.
-    tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("change event within the bound")
-        .expect("feed open")
-}
-
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn change_feed_announces_writes_and_resyncs(pool: PgPool) {
     let store = PgStore::from_pool(pool.clone(), keyring(EncryptionFormat::Native, &[KEY_A]));
     let mut rx = store.watch_changes().await.unwrap();
-    assert_eq!(next(&mut rx).await, ChangeEvent::Resync);
+    assert_eq!(next_event(&mut rx).await, ChangeEvent::Resync);
     let user = Uuid::new_v4();
     let ev = |p: &str| ChangeEvent::Link {
         provider_id: p.to_owned(),
@@ -291,7 +284,7 @@ async fn change_feed_announces_writes_and_resyncs(pool: PgPool) {
         .put_link("github", user, &tokens("a0", "r0"))
         .await
         .unwrap();
-    assert_eq!(next(&mut rx).await, ev("github"));
+    assert_eq!(next_event(&mut rx).await, ev("github"));
     let read = store.get_link("github", user).await.unwrap().unwrap();
     assert!(store
         .write_refreshed(
@@ -302,7 +295,7 @@ async fn change_feed_announces_writes_and_resyncs(pool: PgPool) {
         )
         .await
         .unwrap());
-    assert_eq!(next(&mut rx).await, ev("github"));
+    assert_eq!(next_event(&mut rx).await, ev("github"));
     // A write that does not apply announces nothing: the next event is gitlab's.
     assert!(!store
         .write_refreshed(
@@ -317,9 +310,9 @@ async fn change_feed_announces_writes_and_resyncs(pool: PgPool) {
         .put_link("gitlab", user, &tokens("a0", "r0"))
         .await
         .unwrap();
-    assert_eq!(next(&mut rx).await, ev("gitlab"));
+    assert_eq!(next_event(&mut rx).await, ev("gitlab"));
     assert!(store.delete_link("github", user).await.unwrap());
-    assert_eq!(next(&mut rx).await, ev("github"));
+    assert_eq!(next_event(&mut rx).await, ev("github"));
     assert!(!store.delete_link("github", user).await.unwrap());
 
     // Kill the listener's connection: the feed says Resync and keeps working.
@@ -331,12 +324,12 @@ async fn change_feed_announces_writes_and_resyncs(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(killed, vec![true]);
-    assert_eq!(next(&mut rx).await, ChangeEvent::Resync);
+    assert_eq!(next_event(&mut rx).await, ChangeEvent::Resync);
     store
         .put_link("github", user, &tokens("a3", "r3"))
         .await
         .unwrap();
-    assert_eq!(next(&mut rx).await, ev("github"));
+    assert_eq!(next_event(&mut rx).await, ev("github"));
 }
 
 #[tokio::test]
@@ -406,8 +399,7 @@ async fn sqlite_feed_resyncs_when_changes_were_pruned_unseen() {
     .execute(backend.pool())
     .await
     .unwrap();
-    let next = conformance::suite::next_event;
-    assert_eq!(next(&mut rx).await, ChangeEvent::Resync);
+    assert_eq!(next_event(&mut rx).await, ChangeEvent::Resync);
     // And then it goes on announcing.
     let user = Uuid::new_v4();
     store
@@ -415,7 +407,7 @@ async fn sqlite_feed_resyncs_when_changes_were_pruned_unseen() {
         .await
         .unwrap();
     assert_eq!(
-        next(&mut rx).await,
+        next_event(&mut rx).await,
         ChangeEvent::Link {
             provider_id: "github".into(),
             user_id: user

@@ -13,7 +13,7 @@ use std::time::Duration;
 use harness::*;
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
-use support::idp::{Fault, Idp, IdpOptions, ManualClock};
+use support::idp::{Fault, IdpOptions};
 use tokenproxy::config::TokensConfig;
 use tokenproxy::store::{LeaseClaim, LinkStore};
 use tokenproxy::telemetry::RefreshOutcome;
@@ -26,15 +26,8 @@ async fn five_hundred_concurrent_gets_refresh_once(pool: PgPool) {
 }
 
 async fn five_hundred(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
+    let (clock, idp, st, user) = setup(&pool).await;
     idp.set_latency(Duration::from_millis(50));
-    let st = store(&pool);
-    let user = Uuid::new_v4();
     seed_expired(&idp, &st, &*clock, user).await;
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
 
@@ -59,15 +52,8 @@ async fn three_replicas_refresh_once(pool: PgPool) {
 }
 
 async fn three_replicas(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
+    let (clock, idp, st, user) = setup(&pool).await;
     idp.set_latency(Duration::from_millis(50));
-    let st = store(&pool);
-    let user = Uuid::new_v4();
     seed_expired(&idp, &st, &*clock, user).await;
     let providers = [idp.provider(P)];
     let mut replicas = Vec::new();
@@ -76,48 +62,22 @@ async fn three_replicas(pool: PgPool) {
     }
 
     for round in 1..=2u64 {
-        let tasks: Vec<_> = replicas
-            .iter()
-            .map(|r| {
-                let s = r.source.clone();
-                tokio::spawn(async move { concurrent_gets(&s, user, 200).await })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        assert_eq!(all.len(), 600);
-        let token = all_same(&all);
-        assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
-        assert_eq!(idp.rejected(), 0);
-        assert!(idp.is_valid_access_token(token.expose_secret()));
+        let all = gets_on_every_replica(&replicas, user, 200).await;
+        assert_round(&all, 600, &idp, round);
         assert_link_intact(&idp, &st, user).await;
         // The next expiry: two hours later.
         clock.advance(Duration::from_secs(7200));
     }
-    let adopted: u64 = replicas
-        .iter()
-        .map(|r| r.outcome(RefreshOutcome::Adopted))
-        .sum();
-    let success: u64 = replicas
-        .iter()
-        .map(|r| r.outcome(RefreshOutcome::Success))
-        .sum();
-    assert_eq!(success, 2);
-    assert!(adopted >= 1, "waiting replicas adopted the winner's token");
+    assert_eq!(outcome_sum(&replicas, RefreshOutcome::Success), 2);
+    assert!(
+        outcome_sum(&replicas, RefreshOutcome::Adopted) >= 1,
+        "waiting replicas adopted the winner's token"
+    );
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn dead_lease_holder_delays_at_most_the_lease(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     seed_expired(&idp, &st, &*clock, user).await;
     let mut provider = idp.provider(P);
     provider.timeout = Duration::from_millis(500);
@@ -152,14 +112,7 @@ async fn dead_lease_holder_delays_at_most_the_lease(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn revoked_grant_is_permanent_and_asked_once(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     seed_expired(&idp, &st, &*clock, user).await;
     idp.revoke(user);
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
@@ -195,9 +148,7 @@ async fn revoked_grant_is_permanent_and_asked_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn github_bad_refresh_token_is_permanent(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
+    let (clock, idp) = idp_with(IdpOptions {
         github_style: true,
         ..Default::default()
     })
@@ -218,14 +169,7 @@ async fn github_bad_refresh_token_is_permanent(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn transient_failures_record_nothing_and_recover(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     seed_expired(&idp, &st, &*clock, user).await;
     let mut provider = idp.provider(P);
     provider.timeout = Duration::from_millis(300);
@@ -268,14 +212,7 @@ async fn transient_failures_record_nothing_and_recover(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn transient_failure_serves_still_valid_token(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     // Within the skew (60 s) but not expired: due for refresh, still works.
     let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(30)));
     st.put_link(P, user, &set).await.unwrap();
@@ -299,14 +236,7 @@ async fn transient_failure_serves_still_valid_token(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn expiry_follows_the_injected_clock(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(120)));
     st.put_link(P, user, &set).await.unwrap();
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
@@ -330,14 +260,7 @@ async fn expiry_follows_the_injected_clock(pool: PgPool) {
 async fn store_outage_serves_cached_unexpired_token_then_store_unavailable(pool: PgPool) {
     use tokenproxy::crypto::Keyring;
     use tokenproxy::store::postgres::PgStore;
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(120)));
     st.put_link(P, user, &set).await.unwrap();
     let own = own_pool(&pool).await;
@@ -367,14 +290,7 @@ async fn store_outage_serves_cached_unexpired_token_then_store_unavailable(pool:
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     st.put_link(P, user, &idp.seed(user)).await.unwrap();
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
     let t0 = r.source.get(P, user).await.unwrap();
@@ -400,14 +316,7 @@ async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn interrupted_exchange_is_not_replayed(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     seed_expired(&idp, &st, &*clock, user).await;
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
     // The provider rotates the token but the answer never arrives.
@@ -424,15 +333,8 @@ async fn interrupted_exchange_is_not_replayed(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn callers_going_away_do_not_abandon_the_refresh(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
+    let (clock, idp, st, user) = setup(&pool).await;
     idp.set_latency(Duration::from_millis(200));
-    let st = store(&pool);
-    let user = Uuid::new_v4();
     seed_expired(&idp, &st, &*clock, user).await;
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
     let callers: Vec<_> = (0..20)

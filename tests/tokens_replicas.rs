@@ -135,14 +135,7 @@ impl LinkStore for StaleOnce {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn stale_exchange_adopts_the_winner(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = support::idp::Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     seed_expired(&idp, &st, &*clock, user).await;
     let providers = [idp.provider(P)];
     let snapshot = st.get_link(P, user).await.unwrap().unwrap();
@@ -175,14 +168,7 @@ async fn stale_exchange_adopts_the_winner(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn refresh_on_one_replica_is_seen_by_another(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = support::idp::Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     st.put_link(P, user, &idp.seed(user)).await.unwrap();
     let providers = [idp.provider(P)];
     let a = replica(&pool, &providers, &tokens_cfg(), clock.clone()).await;
@@ -208,14 +194,7 @@ async fn refresh_on_one_replica_is_seen_by_another(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn link_put_is_seen_by_every_replica(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = support::idp::Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     st.put_link(P, user, &idp.seed(user)).await.unwrap();
     let providers = [idp.provider(P)];
     let mut replicas = Vec::new();
@@ -245,9 +224,7 @@ async fn link_put_is_seen_by_every_replica(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn refresh_ahead_keeps_requests_off_the_provider(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = support::idp::Idp::start(IdpOptions {
-        clock: clock.clone(),
+    let (clock, idp) = idp_with(IdpOptions {
         expires_in: Some(Duration::from_secs(1000)),
         ..Default::default()
     })
@@ -294,9 +271,7 @@ async fn refresh_ahead_keeps_requests_off_the_provider(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn client_secret_post_extra_params_and_kept_refresh_token(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = support::idp::Idp::start(IdpOptions {
-        clock: clock.clone(),
+    let (clock, idp) = idp_with(IdpOptions {
         rotate: false,
         expires_in: None,
         ..Default::default()
@@ -330,14 +305,7 @@ async fn client_secret_post_extra_params_and_kept_refresh_token(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn invalid_client_is_not_recorded_on_the_link(pool: PgPool) {
-    let clock = ManualClock::new();
-    let idp = support::idp::Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
-    let st = store(&pool);
-    let user = Uuid::new_v4();
+    let (clock, idp, st, user) = setup(&pool).await;
     seed_expired(&idp, &st, &*clock, user).await;
     let mut provider = idp.provider(P);
     provider.client_secret = Some("wrong".to_string().into());
@@ -365,14 +333,8 @@ async fn race(pool: PgPool) {
         .unwrap_or(0x5EED_2026);
     eprintln!("randomized race seed: {seed} (TOKENS_RACE_SEED to reproduce)");
     let mut rng = StdRng::seed_from_u64(seed);
-    let clock = ManualClock::new();
-    let idp = Arc::new(
-        support::idp::Idp::start(IdpOptions {
-            clock: clock.clone(),
-            ..Default::default()
-        })
-        .await,
-    );
+    let (clock, idp) = idp_with(IdpOptions::default()).await;
+    let idp = Arc::new(idp);
     let st = store(&pool);
     let users: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
     for &u in &users {
@@ -488,9 +450,7 @@ async fn race(pool: PgPool) {
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn https_token_endpoint_trusts_only_the_configured_ca(pool: PgPool) {
     let ca = support::upstream::TestCa::new();
-    let clock = ManualClock::new();
-    let idp = support::idp::Idp::start(IdpOptions {
-        clock: clock.clone(),
+    let (clock, idp) = idp_with(IdpOptions {
         tls: Some(ca.acceptor()),
         ..Default::default()
     })

@@ -10,9 +10,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harness::{all_same, concurrent_gets, replica_with, tokens_cfg, P};
+use harness::{
+    assert_round, gets_on_every_replica, idp_with, outcome_sum, replica_with, tokens_cfg, P,
+};
 use secrecy::{ExposeSecret, SecretString};
-use support::idp::{Idp, IdpOptions, ManualClock};
+use support::idp::IdpOptions;
 use tokenproxy::config::DatabaseConfig;
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::LinkStore;
@@ -32,12 +34,7 @@ fn open(dir: &std::path::Path) -> Arc<dyn LinkStore> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_sqlite_replicas_refresh_each_expiry_once() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new();
-    let idp = Idp::start(IdpOptions {
-        clock: clock.clone(),
-        ..Default::default()
-    })
-    .await;
+    let (clock, idp) = idp_with(IdpOptions::default()).await;
     idp.set_latency(Duration::from_millis(50));
     let store = open(dir.path());
     store.migrate().await.unwrap();
@@ -55,22 +52,8 @@ async fn three_sqlite_replicas_refresh_each_expiry_once() {
             .push(replica_with(open(dir.path()), &providers, &tokens_cfg(), clock.clone()).await);
     }
     for round in 1..=2u64 {
-        let tasks: Vec<_> = replicas
-            .iter()
-            .map(|r| {
-                let s = r.source.clone();
-                tokio::spawn(async move { concurrent_gets(&s, user, 200).await })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        assert_eq!(all.len(), 600);
-        let token = all_same(&all);
-        assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
-        assert_eq!(idp.rejected(), 0);
-        assert!(idp.is_valid_access_token(token.expose_secret()));
+        let all = gets_on_every_replica(&replicas, user, 200).await;
+        assert_round(&all, 600, &idp, round);
         let row = store.get_link(P, user).await.unwrap().unwrap();
         assert_eq!(
             Some(row.refresh_token.expose_secret().to_string()),
@@ -85,10 +68,9 @@ async fn three_sqlite_replicas_refresh_each_expiry_once() {
         // The next expiry: two hours later.
         clock.advance(Duration::from_secs(7200));
     }
-    let sum = |o| replicas.iter().map(|r| r.outcome(o)).sum::<u64>();
-    assert_eq!(sum(RefreshOutcome::Success), 2);
+    assert_eq!(outcome_sum(&replicas, RefreshOutcome::Success), 2);
     assert!(
-        sum(RefreshOutcome::Adopted) >= 1,
+        outcome_sum(&replicas, RefreshOutcome::Adopted) >= 1,
         "waiting replicas adopted the winner's token"
     );
 }

@@ -18,8 +18,16 @@ use uuid::Uuid;
 use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{CryptoError, Keyring};
 
+mod codec;
+mod lease;
 pub mod postgres;
+mod rotation;
 pub mod sqlite;
+
+/// Retries of a conditional write (or lease claim) whose row changed between the
+/// attempt and the read that explains the miss. Each retry needs another
+/// concurrent change, so a small bound suffices.
+const CLAIM_ATTEMPTS: usize = 3;
 
 /// Postgres channel on which every link change is announced.
 pub const CHANGE_CHANNEL: &str = "tokenproxy_links";
@@ -356,6 +364,32 @@ pub fn open(cfg: &DatabaseConfig, keyring: Keyring) -> Result<Arc<dyn LinkStore>
         Backend::Postgres => Arc::new(postgres::PgStore::connect(cfg, keyring)?),
         Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect(cfg, keyring)?),
     })
+}
+
+/// The verdict of [`LinkStore::ready`] on the `(version, success)` rows of a
+/// backend's `_sqlx_migrations` table: every up migration of `migrator` must
+/// have applied. A table that cannot be read for any reason but connectivity
+/// means the migrations never ran.
+fn check_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Result<Vec<(i64, bool)>, StoreError>,
+) -> Result<(), StoreError> {
+    let applied = applied.map_err(|e| match e {
+        StoreError::Other(_) => StoreError::Other("migrations not applied".into()),
+        unavailable => unavailable,
+    })?;
+    for m in migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+    {
+        if !applied.iter().any(|&(v, ok)| v == m.version && ok) {
+            return Err(StoreError::Other(format!(
+                "migration {} ({}) not applied",
+                m.version, m.description
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// [`open`] with the keyring `[encryption]` describes.

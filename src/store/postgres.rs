@@ -20,57 +20,26 @@ mod tokens;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, TimeZone, Utc};
-use secrecy::{ExposeSecret, SecretString};
+use chrono::{DateTime, TimeZone, Utc};
+use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::FromRow;
 use uuid::Uuid;
 
+use super::codec::{self, LinkRow, LINK_COLUMNS};
+use super::rotation::{self, RowSql};
 use super::{
     ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
     RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
 };
 use crate::config::{Config, DatabaseConfig, EncryptionFormat};
-use crate::crypto::{Keyring, Sealed, ValueContext};
+use crate::crypto::{Keyring, Sealed};
 
 /// The embedded migrations (`migrations/*.sql`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Column names, also the native format's associated data.
-const ACCESS: &str = "oauth_access_token";
-const REFRESH: &str = "oauth_refresh_token";
-
-/// Retries of a conditional write (or lease claim) whose row changed between the
-/// attempt and the read that explains the miss. Each retry needs another
-/// concurrent change, so a small bound suffices.
-const CLAIM_ATTEMPTS: usize = 3;
-
-/// The columns every link read selects, in [`LinkRow`] order.
-const LINK_COLUMNS: &str = "provider_id, user_id, created_at, updated_at, \
-    oauth_access_token, oauth_access_token_key_id, oauth_refresh_token, \
-    oauth_refresh_token_key_id, oauth_expiry, oauth_extra, \
-    oauth_refresh_failure_reason, refresh_lease_expires_at";
-
 /// The `pg_notify` payload of a link: `provider_id TAB user_id`.
 const NOTIFY_EXPR: &str =
     "pg_notify($NOTIFY_CHANNEL, provider_id || E'\\t' || user_id::text)::text";
-
-/// A link row exactly as stored.
-#[derive(FromRow)]
-struct LinkRow {
-    provider_id: String,
-    user_id: Uuid,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    oauth_access_token: String,
-    oauth_access_token_key_id: Option<String>,
-    oauth_refresh_token: String,
-    oauth_refresh_token_key_id: Option<String>,
-    oauth_expiry: DateTime<Utc>,
-    oauth_extra: Option<serde_json::Value>,
-    oauth_refresh_failure_reason: String,
-    refresh_lease_expires_at: Option<DateTime<Utc>>,
-}
 
 /// Postgres-backed [`LinkStore`].
 #[derive(Clone)]
@@ -98,12 +67,6 @@ fn coder_zero_time() -> DateTime<Utc> {
 
 fn expiry_to_db(expiry: Option<DateTime<Utc>>) -> DateTime<Utc> {
     expiry.unwrap_or_else(coder_zero_time)
-}
-
-fn expiry_from_db(stored: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    // Anything in year 1 or before is a zero time, whatever the time zone
-    // Coder's driver attached to it.
-    (stored.year() > 1).then_some(stored)
 }
 
 /// Maps a sqlx error: connectivity problems are `Unavailable` (the proxy answers
@@ -207,12 +170,6 @@ impl PgStore {
         dbcrypt::register_key(self, id).await
     }
 
-    fn seal(&self, plain: &SecretString, ctx: ValueContext<'_>) -> Result<Sealed, StoreError> {
-        self.keyring
-            .seal(plain.expose_secret(), ctx)
-            .map_err(|e| StoreError::Other(format!("cannot encrypt {}: {e}", ctx.column)))
-    }
-
     /// Encrypts both token columns of a row.
     fn seal_pair(
         &self,
@@ -220,69 +177,7 @@ impl PgStore {
         user_id: Uuid,
         tokens: &TokenSet,
     ) -> Result<(Sealed, Sealed), StoreError> {
-        let ctx = |column| ValueContext {
-            provider_id,
-            user_id,
-            column,
-        };
-        Ok((
-            self.seal(&tokens.access_token, ctx(ACCESS))?,
-            self.seal(&tokens.refresh_token, ctx(REFRESH))?,
-        ))
-    }
-
-    fn open(&self, row: &LinkRow, column: &'static str) -> Result<SecretString, StoreError> {
-        let (value, key_id) = match column {
-            ACCESS => (&row.oauth_access_token, &row.oauth_access_token_key_id),
-            _ => (&row.oauth_refresh_token, &row.oauth_refresh_token_key_id),
-        };
-        let ctx = ValueContext {
-            provider_id: &row.provider_id,
-            user_id: row.user_id,
-            column,
-        };
-        self.keyring
-            .open(value, key_id.as_deref(), ctx)
-            .map_err(|source| StoreError::Decrypt {
-                provider_id: row.provider_id.clone(),
-                user_id: row.user_id,
-                column,
-                source,
-            })
-    }
-
-    fn decode(&self, row: LinkRow) -> Result<Link, StoreError> {
-        let access_token = self.open(&row, ACCESS)?;
-        let refresh_token = self.open(&row, REFRESH)?;
-        Ok(Link {
-            access_token,
-            refresh_token,
-            refresh_token_stored: StoredSecret(row.oauth_refresh_token),
-            expiry: expiry_from_db(row.oauth_expiry),
-            extra: row.oauth_extra,
-            refresh_failure_reason: row.oauth_refresh_failure_reason,
-            lease_expires_at: row.refresh_lease_expires_at,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            provider_id: row.provider_id,
-            user_id: row.user_id,
-        })
-    }
-
-    async fn fetch_row(
-        &self,
-        provider_id: &str,
-        user_id: Uuid,
-    ) -> Result<Option<LinkRow>, StoreError> {
-        sqlx::query_as::<_, LinkRow>(&format!(
-            "SELECT {LINK_COLUMNS} FROM external_auth_links \
-             WHERE provider_id = $1 AND user_id = $2"
-        ))
-        .bind(provider_id)
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)
+        codec::seal_pair(&self.keyring, provider_id, user_id, tokens)
     }
 }
 
@@ -291,7 +186,7 @@ impl LinkStore for PgStore {
     async fn get_link(&self, provider_id: &str, user_id: Uuid) -> Result<Option<Link>, StoreError> {
         self.fetch_row(provider_id, user_id)
             .await?
-            .map(|r| self.decode(r))
+            .map(|r| codec::decode(&self.keyring, r))
             .transpose()
     }
 
@@ -363,29 +258,7 @@ impl LinkStore for PgStore {
         .map_err(map_err)?;
         Ok(rows
             .into_iter()
-            .map(|r| {
-                // Coder encrypts empty strings too, so an encrypted refresh token is
-                // only known to be non-empty once decrypted; if it cannot be, say so
-                // rather than fail the whole listing.
-                let has_refresh_token = match r.oauth_refresh_token_key_id {
-                    None => !r.oauth_refresh_token.is_empty(),
-                    Some(_) => self
-                        .open(&r, REFRESH)
-                        .map(|t| !t.expose_secret().is_empty())
-                        .unwrap_or(true),
-                };
-                LinkSummary {
-                    encrypted: r.oauth_access_token_key_id.is_some()
-                        || r.oauth_refresh_token_key_id.is_some(),
-                    has_refresh_token,
-                    expiry: expiry_from_db(r.oauth_expiry),
-                    provider_id: r.provider_id,
-                    user_id: r.user_id,
-                    created_at: r.created_at,
-                    updated_at: r.updated_at,
-                    refresh_failure_reason: r.oauth_refresh_failure_reason,
-                }
-            })
+            .map(|r| codec::summarize(&self.keyring, r))
             .collect())
     }
 
@@ -411,28 +284,7 @@ impl LinkStore for PgStore {
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         self.ensure_key_registered().await?;
-        if self
-            .cas_write(provider_id, user_id, &old_refresh.0, new)
-            .await?
-        {
-            return Ok(true);
-        }
-        // A re-encryption (rotation) changes the stored value without changing the
-        // token. Losing this write would lose a refresh token the provider already
-        // rotated, so retry against the re-encrypted value while the token is the
-        // same. Bounded: each retry needs another concurrent re-encryption.
-        for _ in 0..CLAIM_ATTEMPTS {
-            let Some(current) = self
-                .reencrypted_same_token(provider_id, user_id, old_refresh)
-                .await?
-            else {
-                return Ok(false);
-            };
-            if self.cas_write(provider_id, user_id, &current, new).await? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        rotation::write_refreshed(self, provider_id, user_id, old_refresh, new).await
     }
 
     async fn record_refresh_failure(
@@ -443,34 +295,8 @@ impl LinkStore for PgStore {
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        if self
-            .cas_failure(provider_id, user_id, &old_refresh.0, lease, reason)
-            .await?
-        {
-            return Ok(true);
-        }
-        // As in `write_refreshed`: a re-encrypted copy of the same token still is
-        // the token that was rejected. Stop once the value stops changing: then
-        // the miss was the lease (or a real change), not a re-encryption.
-        let mut tried = old_refresh.0.clone();
-        for _ in 0..CLAIM_ATTEMPTS {
-            match self
-                .reencrypted_same_token(provider_id, user_id, old_refresh)
-                .await?
-            {
-                Some(current) if current != tried => {
-                    if self
-                        .cas_failure(provider_id, user_id, &current, lease, reason)
-                        .await?
-                    {
-                        return Ok(true);
-                    }
-                    tried = current;
-                }
-                _ => return Ok(false),
-            }
-        }
-        Ok(false)
+        rotation::record_refresh_failure(self, provider_id, user_id, old_refresh, lease, reason)
+            .await
     }
 
     async fn create_proxy_token(
@@ -504,7 +330,7 @@ impl LinkStore for PgStore {
 
     async fn rotate_keys(&self) -> Result<RotateReport, StoreError> {
         self.ensure_key_registered().await?;
-        rotate::rotate(self).await
+        rotation::rotate(self).await
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -512,26 +338,11 @@ impl LinkStore for PgStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        let applied: Vec<(i64, bool)> =
-            sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| match map_err(e) {
-                    StoreError::Other(_) => StoreError::Other("migrations not applied".into()),
-                    unavailable => unavailable,
-                })?;
-        for m in MIGRATOR
-            .iter()
-            .filter(|m| !m.migration_type.is_down_migration())
-        {
-            if !applied.iter().any(|&(v, ok)| v == m.version && ok) {
-                return Err(StoreError::Other(format!(
-                    "migration {} ({}) not applied",
-                    m.version, m.description
-                )));
-            }
-        }
-        Ok(())
+        let applied = sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err);
+        super::check_migrations(&MIGRATOR, applied)
     }
 
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {

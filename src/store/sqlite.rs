@@ -24,8 +24,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, SecondsFormat, Utc};
-use secrecy::{ExposeSecret, SecretString};
+use chrono::{DateTime, SecondsFormat, Utc};
+use secrecy::ExposeSecret;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -33,23 +33,17 @@ use sqlx::sqlite::{
 use sqlx::{FromRow, Row};
 use uuid::Uuid;
 
+use super::codec::{self, LinkRow, LINK_COLUMNS};
+use super::rotation::{self, RowSql};
 use super::{
     ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet,
+    RotateReport, StoreError, StoredSecret, TokenSet, CLAIM_ATTEMPTS,
 };
 use crate::config::{Config, DatabaseConfig};
-use crate::crypto::{Keyring, Sealed, ValueContext};
+use crate::crypto::{Keyring, Sealed};
 
 /// The embedded migrations (`migrations-sqlite/*.sql`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-sqlite");
-
-/// Column names, also the native format's associated data.
-const ACCESS: &str = "oauth_access_token";
-const REFRESH: &str = "oauth_refresh_token";
-
-/// Retries of a conditional write (or lease claim) whose row changed between the
-/// attempt and the read that explains the miss; each needs another concurrent change.
-const CLAIM_ATTEMPTS: usize = 3;
 
 /// The database clock in the stored timestamp shape. SQLite keeps `'now'` fixed
 /// within one statement, so a statement that both compares and writes it sees
@@ -61,12 +55,6 @@ const ZERO_TIME: &str = "0001-01-01T00:00:00.000000Z";
 
 /// A writer waits at least this long for another process's write to finish.
 const MIN_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The columns every link read selects.
-const LINK_COLUMNS: &str = "provider_id, user_id, created_at, updated_at, \
-    oauth_access_token, oauth_access_token_key_id, oauth_refresh_token, \
-    oauth_refresh_token_key_id, oauth_expiry, oauth_extra, \
-    oauth_refresh_failure_reason, refresh_lease_expires_at";
 
 /// Formats a time in the one stored shape (microseconds, UTC, `Z`).
 pub(crate) fn ts_to_db(t: DateTime<Utc>) -> String {
@@ -113,10 +101,6 @@ fn expiry_to_db(expiry: Option<DateTime<Utc>>) -> String {
     expiry.map_or_else(|| ZERO_TIME.to_owned(), ts_to_db)
 }
 
-fn expiry_from_db(stored: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    (stored.year() > 1).then_some(stored)
-}
-
 /// Maps a sqlx error: a busy or unreachable file is `Unavailable` (the proxy
 /// answers 503), everything else `Other`. Never includes query parameters.
 pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
@@ -138,29 +122,16 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// A link row exactly as stored, with text columns parsed.
-struct LinkRow {
-    provider_id: String,
-    user_id: Uuid,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    oauth_access_token: String,
-    oauth_access_token_key_id: Option<String>,
-    oauth_refresh_token: String,
-    oauth_refresh_token_key_id: Option<String>,
-    oauth_expiry: DateTime<Utc>,
-    oauth_extra: Option<serde_json::Value>,
-    oauth_refresh_failure_reason: String,
-    refresh_lease_expires_at: Option<DateTime<Utc>>,
-}
+/// A [`LinkRow`] read from SQLite's text columns.
+struct SqliteLinkRow(LinkRow);
 
-impl<'r> FromRow<'r, SqliteRow> for LinkRow {
+impl<'r> FromRow<'r, SqliteRow> for SqliteLinkRow {
     fn from_row(row: &'r SqliteRow) -> Result<Self, sqlx::Error> {
         let extra: Option<String> = row.try_get("oauth_extra")?;
         let oauth_extra = extra
             .map(|s| serde_json::from_str(&s).map_err(|_| decode_err("oauth_extra", "JSON")))
             .transpose()?;
-        Ok(Self {
+        Ok(Self(LinkRow {
             provider_id: row.try_get("provider_id")?,
             user_id: uuid_col(row, "user_id")?,
             created_at: time_col(row, "created_at")?,
@@ -173,7 +144,7 @@ impl<'r> FromRow<'r, SqliteRow> for LinkRow {
             oauth_extra,
             oauth_refresh_failure_reason: row.try_get("oauth_refresh_failure_reason")?,
             refresh_lease_expires_at: opt_time_col(row, "refresh_lease_expires_at")?,
-        })
+        }))
     }
 }
 
@@ -260,12 +231,6 @@ impl SqliteStore {
         })
     }
 
-    fn seal(&self, plain: &SecretString, ctx: ValueContext<'_>) -> Result<Sealed, StoreError> {
-        self.keyring
-            .seal(plain.expose_secret(), ctx)
-            .map_err(|e| StoreError::Other(format!("cannot encrypt {}: {e}", ctx.column)))
-    }
-
     /// Encrypts both token columns of a row.
     fn seal_pair(
         &self,
@@ -273,93 +238,7 @@ impl SqliteStore {
         user_id: Uuid,
         tokens: &TokenSet,
     ) -> Result<(Sealed, Sealed), StoreError> {
-        let ctx = |column| ValueContext {
-            provider_id,
-            user_id,
-            column,
-        };
-        Ok((
-            self.seal(&tokens.access_token, ctx(ACCESS))?,
-            self.seal(&tokens.refresh_token, ctx(REFRESH))?,
-        ))
-    }
-
-    /// Decrypts one token column of a row.
-    fn unseal(&self, row: &LinkRow, column: &'static str) -> Result<SecretString, StoreError> {
-        let (value, key_id) = match column {
-            ACCESS => (&row.oauth_access_token, &row.oauth_access_token_key_id),
-            _ => (&row.oauth_refresh_token, &row.oauth_refresh_token_key_id),
-        };
-        let ctx = ValueContext {
-            provider_id: &row.provider_id,
-            user_id: row.user_id,
-            column,
-        };
-        self.keyring
-            .open(value, key_id.as_deref(), ctx)
-            .map_err(|source| StoreError::Decrypt {
-                provider_id: row.provider_id.clone(),
-                user_id: row.user_id,
-                column,
-                source,
-            })
-    }
-
-    fn decode(&self, row: LinkRow) -> Result<Link, StoreError> {
-        let access_token = self.unseal(&row, ACCESS)?;
-        let refresh_token = self.unseal(&row, REFRESH)?;
-        Ok(Link {
-            access_token,
-            refresh_token,
-            refresh_token_stored: StoredSecret(row.oauth_refresh_token),
-            expiry: expiry_from_db(row.oauth_expiry),
-            extra: row.oauth_extra,
-            refresh_failure_reason: row.oauth_refresh_failure_reason,
-            lease_expires_at: row.refresh_lease_expires_at,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            provider_id: row.provider_id,
-            user_id: row.user_id,
-        })
-    }
-
-    fn summarize(&self, r: LinkRow) -> LinkSummary {
-        // An encrypted refresh token is only known to be non-empty once
-        // decrypted; if it cannot be, say so rather than fail the whole listing.
-        let has_refresh_token = match r.oauth_refresh_token_key_id {
-            None => !r.oauth_refresh_token.is_empty(),
-            Some(_) => self
-                .unseal(&r, REFRESH)
-                .map(|t| !t.expose_secret().is_empty())
-                .unwrap_or(true),
-        };
-        LinkSummary {
-            encrypted: r.oauth_access_token_key_id.is_some()
-                || r.oauth_refresh_token_key_id.is_some(),
-            has_refresh_token,
-            expiry: expiry_from_db(r.oauth_expiry),
-            provider_id: r.provider_id,
-            user_id: r.user_id,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-            refresh_failure_reason: r.oauth_refresh_failure_reason,
-        }
-    }
-
-    async fn fetch_row(
-        &self,
-        provider_id: &str,
-        user_id: Uuid,
-    ) -> Result<Option<LinkRow>, StoreError> {
-        sqlx::query_as::<_, LinkRow>(&format!(
-            "SELECT {LINK_COLUMNS} FROM external_auth_links \
-             WHERE provider_id = ?1 AND user_id = ?2"
-        ))
-        .bind(provider_id)
-        .bind(user_id.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)
+        codec::seal_pair(&self.keyring, provider_id, user_id, tokens)
     }
 }
 
@@ -383,7 +262,7 @@ impl LinkStore for SqliteStore {
     async fn get_link(&self, provider_id: &str, user_id: Uuid) -> Result<Option<Link>, StoreError> {
         self.fetch_row(provider_id, user_id)
             .await?
-            .map(|r| self.decode(r))
+            .map(|r| codec::decode(&self.keyring, r))
             .transpose()
     }
 
@@ -436,7 +315,7 @@ impl LinkStore for SqliteStore {
     }
 
     async fn list_links(&self, user_id: Option<Uuid>) -> Result<Vec<LinkSummary>, StoreError> {
-        let rows = sqlx::query_as::<_, LinkRow>(&format!(
+        let rows = sqlx::query_as::<_, SqliteLinkRow>(&format!(
             "SELECT {LINK_COLUMNS} FROM external_auth_links \
              WHERE ?1 IS NULL OR user_id = ?1 ORDER BY user_id, provider_id"
         ))
@@ -444,7 +323,10 @@ impl LinkStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(rows.into_iter().map(|r| self.summarize(r)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| codec::summarize(&self.keyring, r.0))
+            .collect())
     }
 
     async fn claim_refresh_lease(
@@ -468,8 +350,7 @@ impl LinkStore for SqliteStore {
         old_refresh: &StoredSecret,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
-        self.write_refreshed_cas(provider_id, user_id, old_refresh, new)
-            .await
+        rotation::write_refreshed(self, provider_id, user_id, old_refresh, new).await
     }
 
     async fn record_refresh_failure(
@@ -480,7 +361,7 @@ impl LinkStore for SqliteStore {
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        self.record_failure_cas(provider_id, user_id, old_refresh, lease, reason)
+        rotation::record_refresh_failure(self, provider_id, user_id, old_refresh, lease, reason)
             .await
     }
 
@@ -514,7 +395,7 @@ impl LinkStore for SqliteStore {
     }
 
     async fn rotate_keys(&self) -> Result<RotateReport, StoreError> {
-        rotate::rotate(self).await
+        rotation::rotate(self).await
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -522,26 +403,11 @@ impl LinkStore for SqliteStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        let applied: Vec<(i64, bool)> =
-            sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| match map_err(e) {
-                    StoreError::Other(_) => StoreError::Other("migrations not applied".into()),
-                    unavailable => unavailable,
-                })?;
-        for m in MIGRATOR
-            .iter()
-            .filter(|m| !m.migration_type.is_down_migration())
-        {
-            if !applied.iter().any(|&(v, ok)| v == m.version && ok) {
-                return Err(StoreError::Other(format!(
-                    "migration {} ({}) not applied",
-                    m.version, m.description
-                )));
-            }
-        }
-        Ok(())
+        let applied = sqlx::query_as("SELECT version, success FROM _sqlx_migrations")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err);
+        super::check_migrations(&MIGRATOR, applied)
     }
 
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {

@@ -17,7 +17,7 @@ use chrono::{TimeZone, Utc};
 use secrecy::{SecretBox, SecretString};
 use tokenproxy::config::EncryptionFormat;
 use tokenproxy::crypto::Keyring;
-use tokenproxy::store::{LinkStore, StoredSecret, TokenSet};
+use tokenproxy::store::{Link, LinkStore, StoredSecret, TokenSet};
 use uuid::Uuid;
 
 /// The four token columns of a row, exactly as stored.
@@ -78,4 +78,13 @@ pub fn tokens(access: &str, refresh: &str) -> TokenSet {
 /// A stored value.
 pub fn stored(s: &str) -> StoredSecret {
     StoredSecret(s.to_owned())
+}
+
+/// Puts a `github` link for `user` with tokens `a0`/`r0` and reads it back.
+pub async fn put_and_read(store: &dyn LinkStore, user: Uuid) -> Link {
+    store
+        .put_link("github", user, &tokens("a0", "r0"))
+        .await
+        .unwrap();
+    store.get_link("github", user).await.unwrap().unwrap()
 }

@@ -9,7 +9,7 @@ use tokenproxy::crypto::Keyring;
 use tokenproxy::store::{ChangeEvent, LeaseClaim, LinkStore, NewProxyToken, StoreError};
 use uuid::Uuid;
 
-use super::{keyring, stored, tokens, Backend, KEY_A, KEY_B};
+use super::{keyring, put_and_read, stored, tokens, Backend, KEY_A, KEY_B};
 
 /// `migrate` on an empty database makes it ready; running it again changes nothing.
 pub async fn migrations_apply_twice(b: &dyn Backend) {
@@ -159,11 +159,7 @@ pub async fn concurrent_refresh_writes_exactly_one_applies(b: &dyn Backend) {
 pub async fn failure_record_against_changed_token_applies_nothing(b: &dyn Backend) {
     let store = b.store(keyring(EncryptionFormat::Native, &[KEY_A])).await;
     let user = Uuid::new_v4();
-    store
-        .put_link("github", user, &tokens("a0", "r0"))
-        .await
-        .unwrap();
-    let old = store.get_link("github", user).await.unwrap().unwrap();
+    let old = put_and_read(store.as_ref(), user).await;
     let old_stored = &old.refresh_token_stored;
     assert!(store
         .write_refreshed("github", user, old_stored, &tokens("a1", "r1"))
@@ -218,11 +214,7 @@ pub async fn lease_claim_held_changed_and_expiry(b: &dyn Backend) {
     let store = b.store(keyring(EncryptionFormat::Native, &[KEY_A])).await;
     let store = store.as_ref();
     let user = Uuid::new_v4();
-    store
-        .put_link("github", user, &tokens("a0", "r0"))
-        .await
-        .unwrap();
-    let old = store.get_link("github", user).await.unwrap().unwrap();
+    let old = put_and_read(store, user).await;
     let old_stored = &old.refresh_token_stored;
 
     let LeaseClaim::Acquired(first) = claim(store, user, old_stored).await else {
@@ -297,11 +289,7 @@ pub async fn concurrent_lease_claims_exactly_one_acquires(b: &dyn Backend) {
     }
     for _ in 0..5 {
         let user = Uuid::new_v4();
-        stores[0]
-            .put_link("github", user, &tokens("a0", "r0"))
-            .await
-            .unwrap();
-        let old = stores[0].get_link("github", user).await.unwrap().unwrap();
+        let old = put_and_read(stores[0].as_ref(), user).await;
         let claims = stores.iter().flat_map(|s| {
             let old = old.refresh_token_stored.clone();
             (0..5).map(move |_| {

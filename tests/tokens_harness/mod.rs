@@ -18,7 +18,7 @@ use tokenproxy::tokens::{AccessToken, Clock, TokenError, TokenSource};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::support::idp::Idp;
+use crate::support::idp::{Idp, IdpOptions, ManualClock};
 
 pub const P: &str = "idp";
 
@@ -96,6 +96,24 @@ pub fn store(pool: &PgPool) -> PgStore {
     PgStore::from_pool(pool.clone(), Keyring::plaintext())
 }
 
+/// A manual clock and the test identity provider (with `opts`) running on it.
+pub async fn idp_with(opts: IdpOptions) -> (Arc<ManualClock>, Idp) {
+    let clock = ManualClock::new();
+    let idp = Idp::start(IdpOptions {
+        clock: clock.clone(),
+        ..opts
+    })
+    .await;
+    (clock, idp)
+}
+
+/// The common start of a test: a manual clock, the default identity provider on
+/// it, the store over the test's database, and a fresh user.
+pub async fn setup(pool: &PgPool) -> (Arc<ManualClock>, Idp, PgStore, Uuid) {
+    let (clock, idp) = idp_with(IdpOptions::default()).await;
+    (clock, idp, store(pool), Uuid::new_v4())
+}
+
 /// Seeds a link whose access token already expired (at the IdP too).
 pub async fn seed_expired(idp: &Idp, store: &PgStore, clock: &dyn Clock, user: Uuid) {
     let set = idp.seed_with_expiry(user, Some(clock.now() - chrono::Duration::seconds(10)));
@@ -144,6 +162,48 @@ pub async fn concurrent_gets(
         out.push(t.await.unwrap());
     }
     out
+}
+
+/// `per_replica` concurrent gets on every replica at once; every result.
+pub async fn gets_on_every_replica(
+    replicas: &[Replica],
+    user: Uuid,
+    per_replica: usize,
+) -> Vec<Result<AccessToken, TokenError>> {
+    let tasks: Vec<_> = replicas
+        .iter()
+        .map(|r| {
+            let s = r.source.clone();
+            tokio::spawn(async move { concurrent_gets(&s, user, per_replica).await })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// How many refreshes ended with `outcome`, over all `replicas`.
+pub fn outcome_sum(replicas: &[Replica], outcome: RefreshOutcome) -> u64 {
+    replicas.iter().map(|r| r.outcome(outcome)).sum()
+}
+
+/// Checks one round of gets across replicas: `expected` results, all the same
+/// valid token, `round` refreshes in total so far and no rejected grant.
+#[track_caller]
+pub fn assert_round(
+    all: &[Result<AccessToken, TokenError>],
+    expected: usize,
+    idp: &Idp,
+    round: u64,
+) -> AccessToken {
+    assert_eq!(all.len(), expected);
+    let token = all_same(all);
+    assert_eq!(idp.refreshes(), round, "exactly one refresh per expiry");
+    assert_eq!(idp.rejected(), 0);
+    assert!(idp.is_valid_access_token(token.expose_secret()));
+    token
 }
 
 pub fn all_same(results: &[Result<AccessToken, TokenError>]) -> AccessToken {

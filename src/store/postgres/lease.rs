@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{announced, map_err, CLAIM_ATTEMPTS};
+use super::{announced, map_err};
+use crate::store::lease as shared;
 use crate::store::{Lease, LeaseClaim, StoreError, StoredSecret, CHANGE_CHANNEL};
 
 /// Claims the lease; see [`LinkStore::claim_refresh_lease`](crate::store::LinkStore::claim_refresh_lease).
@@ -18,8 +19,8 @@ pub(super) async fn claim(
     old_refresh: &StoredSecret,
     lease: Duration,
 ) -> Result<LeaseClaim, StoreError> {
-    for _ in 0..CLAIM_ATTEMPTS {
-        let claimed: Option<DateTime<Utc>> = sqlx::query_scalar(
+    let attempt = || async move {
+        sqlx::query_scalar(
             "UPDATE external_auth_links \
              SET refresh_lease_expires_at = now() + make_interval(secs => $4) \
              WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $3 \
@@ -32,16 +33,10 @@ pub(super) async fn claim(
         .bind(lease.as_secs_f64())
         .fetch_optional(pool)
         .await
-        .map_err(map_err)?;
-        if let Some(expires_at) = claimed {
-            return Ok(LeaseClaim::Acquired(Lease {
-                provider_id: provider_id.to_owned(),
-                user_id,
-                expires_at,
-            }));
-        }
-        // Why not? Ask with the database clock again.
-        let row: Option<(String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
+        .map_err(map_err)
+    };
+    let reread = || async move {
+        sqlx::query_as(
             "SELECT oauth_refresh_token, refresh_lease_expires_at, now() \
              FROM external_auth_links WHERE provider_id = $1 AND user_id = $2",
         )
@@ -49,18 +44,10 @@ pub(super) async fn claim(
         .bind(user_id)
         .fetch_optional(pool)
         .await
-        .map_err(map_err)?;
-        match row {
-            None => return Ok(LeaseClaim::Changed),
-            Some((stored, _, _)) if StoredSecret(stored.clone()) != *old_refresh => {
-                return Ok(LeaseClaim::Changed)
-            }
-            Some((_, Some(until), now)) if until > now => return Ok(LeaseClaim::Held { until }),
-            // The lease ran out (or was released) in between: try again.
-            Some(_) => continue,
-        }
-    }
-    Ok(LeaseClaim::Changed)
+        .map_err(map_err)
+    };
+    let time = |t: &DateTime<Utc>| Ok(*t);
+    shared::claim(provider_id, user_id, old_refresh, attempt, reread, time).await
 }
 
 /// Releases `lease` if it is still the row's, announcing it.

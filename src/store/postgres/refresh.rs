@@ -1,21 +1,53 @@
-//! The compare-and-swap writes that follow a refresh, success or failure.
+//! The SQL steps of the shared refresh writes and key rotation
+//! ([`crate::store::rotation`]), which decides when to retry them.
 //!
-//! Both compare `oauth_refresh_token` with the value exactly as it was read. A
-//! re-encryption (`keys rotate` here or in Coder) changes that value without
-//! changing the token, so after a miss they check whether the row still holds
-//! the same token under a new ciphertext and, if so, retry against it: losing a
-//! refresh write would lose a token the provider has already rotated.
+//! Both refresh writes compare `oauth_refresh_token` with the value exactly as
+//! it was read, and announce what they change in the same statement.
 
-use secrecy::ExposeSecret;
 use uuid::Uuid;
 
-use super::{announced, expiry_to_db, map_err, PgStore, REFRESH};
-use crate::crypto::ValueContext;
-use crate::store::{Lease, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL};
+use super::{announced, expiry_to_db, map_err, rotate, PgStore};
+use crate::crypto::{Keyring, Sealed};
+use crate::store::codec::{LinkRow, LINK_COLUMNS};
+use crate::store::rotation::RowSql;
+use crate::store::{Lease, StoreError, TokenSet, CHANGE_CHANNEL};
 
-impl PgStore {
-    /// The refresh-token compare-and-swap write. Returns whether it applied.
-    pub(super) async fn cas_write(
+#[async_trait::async_trait]
+impl RowSql for PgStore {
+    fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    async fn fetch_row(
+        &self,
+        provider_id: &str,
+        user_id: Uuid,
+    ) -> Result<Option<LinkRow>, StoreError> {
+        sqlx::query_as::<_, LinkRow>(&format!(
+            "SELECT {LINK_COLUMNS} FROM external_auth_links \
+             WHERE provider_id = $1 AND user_id = $2"
+        ))
+        .bind(provider_id)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn rows_after(&self, after: Option<&(String, Uuid)>) -> Result<Vec<LinkRow>, StoreError> {
+        rotate::rows_after(self, after).await
+    }
+
+    async fn swap_tokens(
+        &self,
+        row: &LinkRow,
+        access: &Sealed,
+        refresh: &Sealed,
+    ) -> Result<bool, StoreError> {
+        rotate::swap_tokens(self, row, access, refresh).await
+    }
+
+    async fn cas_write(
         &self,
         provider_id: &str,
         user_id: Uuid,
@@ -51,8 +83,7 @@ impl PgStore {
         Ok(!rows.is_empty())
     }
 
-    /// The compare-and-swap record of a permanent refresh failure.
-    pub(super) async fn cas_failure(
+    async fn cas_failure(
         &self,
         provider_id: &str,
         user_id: Uuid,
@@ -83,37 +114,5 @@ impl PgStore {
             .await
             .map_err(map_err)?;
         Ok(!rows.is_empty())
-    }
-
-    /// After a missed compare-and-swap: if the row still holds the same refresh
-    /// token, only re-encrypted (by `keys rotate` here or in Coder), returns the
-    /// value it holds now so the write can be retried against it.
-    pub(super) async fn reencrypted_same_token(
-        &self,
-        provider_id: &str,
-        user_id: Uuid,
-        old_refresh: &StoredSecret,
-    ) -> Result<Option<String>, StoreError> {
-        if self.keyring.is_empty() {
-            return Ok(None);
-        }
-        let Some(row) = self.fetch_row(provider_id, user_id).await? else {
-            return Ok(None);
-        };
-        if row.oauth_refresh_token == old_refresh.0 {
-            // Same value yet the CAS missed: a write raced and was undone; retry.
-            return Ok(Some(row.oauth_refresh_token));
-        }
-        let current = self.open(&row, REFRESH)?;
-        let ctx = ValueContext {
-            provider_id,
-            user_id,
-            column: REFRESH,
-        };
-        let old = self.keyring.open_any(&old_refresh.0, ctx);
-        use subtle::ConstantTimeEq;
-        let (a, b) = (current.expose_secret(), old.expose_secret());
-        let same = a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()));
-        Ok(same.then_some(row.oauth_refresh_token))
     }
 }

@@ -1,96 +1,43 @@
-//! `keys rotate`: re-encrypt every link with the first key.
+//! The SQL of `keys rotate` on Postgres; [`crate::store::rotation`] decides
+//! which rows change.
 //!
-//! Each row is rewritten by a compare-and-swap on all four token columns exactly as
-//! read, so a concurrent refresh or login is never overwritten with older tokens;
-//! such rows are counted as `raced` (run again to finish them). A refresh that
-//! lands after the rewrite still applies: `write_refreshed` recognises a
-//! re-encrypted copy of the token it exchanged. The failure reason, expiry and
-//! lease are left as they are.
+//! Each row is rewritten by a compare-and-swap on all four token columns exactly
+//! as read. A refresh that lands after the rewrite still applies:
+//! `write_refreshed` recognises a re-encrypted copy of the token it exchanged.
 
-use secrecy::ExposeSecret;
+use uuid::Uuid;
 
-use super::{map_err, LinkRow, PgStore, ACCESS, LINK_COLUMNS, REFRESH};
-use crate::crypto::{Sealed, ValueContext};
-use crate::store::{RotateReport, StoreError, CHANGE_CHANNEL};
+use super::{announced, map_err, LinkRow, PgStore, LINK_COLUMNS};
+use crate::crypto::Sealed;
+use crate::store::rotation::PAGE;
+use crate::store::{StoreError, CHANGE_CHANNEL};
 
-/// Rows read per page, to bound memory on large tables.
-const PAGE: i64 = 500;
-
-pub(super) async fn rotate(store: &PgStore) -> Result<RotateReport, StoreError> {
-    let mut report = RotateReport::default();
-    let mut after: Option<(String, uuid::Uuid)> = None;
-    loop {
-        let rows: Vec<LinkRow> = sqlx::query_as(&format!(
-            "SELECT {LINK_COLUMNS} FROM external_auth_links \
-             WHERE $1::text IS NULL OR (provider_id, user_id) > ($1, $2) \
-             ORDER BY provider_id, user_id LIMIT $3"
-        ))
-        .bind(after.as_ref().map(|a| a.0.as_str()))
-        .bind(after.as_ref().map(|a| a.1))
-        .bind(PAGE)
-        .fetch_all(store.pool())
-        .await
-        .map_err(map_err)?;
-        let Some(last) = rows.last() else {
-            return Ok(report);
-        };
-        after = Some((last.provider_id.clone(), last.user_id));
-        for row in &rows {
-            match rotate_row(store, row).await? {
-                Outcome::Unchanged => report.unchanged += 1,
-                Outcome::Rotated => report.rotated += 1,
-                Outcome::Raced => report.raced += 1,
-            }
-        }
-    }
+/// Up to [`PAGE`] rows after `after`, in `(provider_id, user_id)` order.
+pub(super) async fn rows_after(
+    store: &PgStore,
+    after: Option<&(String, Uuid)>,
+) -> Result<Vec<LinkRow>, StoreError> {
+    sqlx::query_as(&format!(
+        "SELECT {LINK_COLUMNS} FROM external_auth_links \
+         WHERE $1::text IS NULL OR (provider_id, user_id) > ($1, $2) \
+         ORDER BY provider_id, user_id LIMIT $3"
+    ))
+    .bind(after.map(|a| a.0.as_str()))
+    .bind(after.map(|a| a.1))
+    .bind(PAGE)
+    .fetch_all(store.pool())
+    .await
+    .map_err(map_err)
 }
 
-enum Outcome {
-    Unchanged,
-    Rotated,
-    Raced,
-}
-
-/// The column as it should be stored now: `None` when it already is.
-fn reseal(
+/// Writes both token columns while all four are still as in `row`; announces.
+pub(super) async fn swap_tokens(
     store: &PgStore,
     row: &LinkRow,
-    column: &'static str,
-) -> Result<Option<Sealed>, StoreError> {
-    let plain = store.open(row, column)?;
-    let key_id = match column {
-        ACCESS => row.oauth_access_token_key_id.as_deref(),
-        _ => row.oauth_refresh_token_key_id.as_deref(),
-    };
-    if store
-        .keyring()
-        .is_current(plain.expose_secret().is_empty(), key_id)
-    {
-        return Ok(None);
-    }
-    let ctx = ValueContext {
-        provider_id: &row.provider_id,
-        user_id: row.user_id,
-        column,
-    };
-    store.seal(&plain, ctx).map(Some)
-}
-
-async fn rotate_row(store: &PgStore, row: &LinkRow) -> Result<Outcome, StoreError> {
-    let access = reseal(store, row, ACCESS)?;
-    let refresh = reseal(store, row, REFRESH)?;
-    if access.is_none() && refresh.is_none() {
-        return Ok(Outcome::Unchanged);
-    }
-    let keep = |v: &String, id: &Option<String>| Sealed {
-        value: v.clone(),
-        key_id: id.clone(),
-    };
-    let access =
-        access.unwrap_or_else(|| keep(&row.oauth_access_token, &row.oauth_access_token_key_id));
-    let refresh =
-        refresh.unwrap_or_else(|| keep(&row.oauth_refresh_token, &row.oauth_refresh_token_key_id));
-    let sql = super::announced(
+    access: &Sealed,
+    refresh: &Sealed,
+) -> Result<bool, StoreError> {
+    let sql = announced(
         "UPDATE external_auth_links SET \
            oauth_access_token = $3, oauth_access_token_key_id = $4, \
            oauth_refresh_token = $5, oauth_refresh_token_key_id = $6 \
@@ -117,9 +64,5 @@ async fn rotate_row(store: &PgStore, row: &LinkRow) -> Result<Outcome, StoreErro
         .fetch_all(store.pool())
         .await
         .map_err(map_err)?;
-    Ok(if applied.is_empty() {
-        Outcome::Raced
-    } else {
-        Outcome::Rotated
-    })
+    Ok(!applied.is_empty())
 }

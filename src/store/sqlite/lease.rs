@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
-use super::{map_err, ts_from_db, ts_to_db, CLAIM_ATTEMPTS, NOW};
+use super::{map_err, ts_from_db, ts_to_db, NOW};
+use crate::store::lease as shared;
 use crate::store::{Lease, LeaseClaim, StoreError, StoredSecret};
 
 /// Claims the lease; see [`LinkStore::claim_refresh_lease`](crate::store::LinkStore::claim_refresh_lease).
@@ -24,10 +25,10 @@ pub(super) async fn claim(
 ) -> Result<LeaseClaim, StoreError> {
     // A strftime modifier; a lease shorter than SQLite's millisecond clock
     // resolution would not fence, so round up to at least one.
-    let plus = format!("+{:.3} seconds", lease.as_secs_f64().max(0.001));
-    let user = user_id.to_string();
-    for _ in 0..CLAIM_ATTEMPTS {
-        let claimed: Option<String> = sqlx::query_scalar(&format!(
+    let plus = &format!("+{:.3} seconds", lease.as_secs_f64().max(0.001));
+    let user = &user_id.to_string();
+    let attempt = || async move {
+        sqlx::query_scalar(&format!(
             "UPDATE external_auth_links \
              SET refresh_lease_expires_at = strftime('%Y-%m-%dT%H:%M:%f000Z', 'now', ?4) \
              WHERE provider_id = ?1 AND user_id = ?2 AND oauth_refresh_token = ?3 \
@@ -35,46 +36,26 @@ pub(super) async fn claim(
              RETURNING refresh_lease_expires_at"
         ))
         .bind(provider_id)
-        .bind(&user)
+        .bind(user)
         .bind(&old_refresh.0)
-        .bind(&plus)
+        .bind(plus)
         .fetch_optional(pool)
         .await
-        .map_err(map_err)?;
-        if let Some(expires_at) = claimed {
-            let expires_at = parse(&expires_at)?;
-            return Ok(LeaseClaim::Acquired(Lease {
-                provider_id: provider_id.to_owned(),
-                user_id,
-                expires_at,
-            }));
-        }
-        // Why not? Ask with the database clock again.
-        let row: Option<(String, Option<String>, String)> = sqlx::query_as(&format!(
+        .map_err(map_err)
+    };
+    let reread = || async move {
+        sqlx::query_as(&format!(
             "SELECT oauth_refresh_token, refresh_lease_expires_at, {NOW} \
              FROM external_auth_links WHERE provider_id = ?1 AND user_id = ?2"
         ))
         .bind(provider_id)
-        .bind(&user)
+        .bind(user)
         .fetch_optional(pool)
         .await
-        .map_err(map_err)?;
-        match row {
-            None => return Ok(LeaseClaim::Changed),
-            Some((stored, _, _)) if StoredSecret(stored.clone()) != *old_refresh => {
-                return Ok(LeaseClaim::Changed)
-            }
-            Some((_, Some(until), now)) => {
-                let until = parse(&until)?;
-                if until > parse(&now)? {
-                    return Ok(LeaseClaim::Held { until });
-                }
-            }
-            // The lease ran out (or was released) in between: try again.
-            Some(_) => {}
-        }
-    }
-    Ok(LeaseClaim::Changed)
+        .map_err(map_err)
+    };
+    let time = |t: &String| parse(t);
+    shared::claim(provider_id, user_id, old_refresh, attempt, reread, time).await
 }
 
 /// Releases `lease` if it is still the row's.

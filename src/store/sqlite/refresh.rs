@@ -1,87 +1,54 @@
-//! The compare-and-swap writes that follow a refresh, success or failure.
+//! The SQL steps of the shared refresh writes and key rotation
+//! ([`crate::store::rotation`]), which decides when to retry them.
 //!
-//! As in the Postgres backend, both compare `oauth_refresh_token` with the value
-//! exactly as it was read, and after a miss check whether the row still holds
-//! the same token under a new ciphertext (`keys rotate`); if so they retry
-//! against it, since losing a refresh write would lose a token the provider has
-//! already rotated. Each write is one `UPDATE`, atomic under SQLite's writer lock.
+//! As in the Postgres backend, both refresh writes compare `oauth_refresh_token`
+//! with the value exactly as it was read. Each write is one `UPDATE`, atomic
+//! under SQLite's writer lock.
 
-use secrecy::ExposeSecret;
 use uuid::Uuid;
 
-use super::{expiry_to_db, map_err, ts_to_db, SqliteStore, CLAIM_ATTEMPTS, NOW, REFRESH};
-use crate::crypto::ValueContext;
-use crate::store::{Lease, StoreError, StoredSecret, TokenSet};
+use super::{expiry_to_db, map_err, rotate, ts_to_db, SqliteLinkRow, SqliteStore, NOW};
+use crate::crypto::{Keyring, Sealed};
+use crate::store::codec::{LinkRow, LINK_COLUMNS};
+use crate::store::rotation::RowSql;
+use crate::store::{Lease, StoreError, TokenSet};
 
-impl SqliteStore {
-    /// [`LinkStore::write_refreshed`](crate::store::LinkStore::write_refreshed).
-    pub(super) async fn write_refreshed_cas(
+#[async_trait::async_trait]
+impl RowSql for SqliteStore {
+    fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    async fn fetch_row(
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &StoredSecret,
-        new: &TokenSet,
-    ) -> Result<bool, StoreError> {
-        if self
-            .cas_write(provider_id, user_id, &old_refresh.0, new)
-            .await?
-        {
-            return Ok(true);
-        }
-        // Bounded: each retry needs another concurrent re-encryption.
-        for _ in 0..CLAIM_ATTEMPTS {
-            let Some(current) = self
-                .reencrypted_same_token(provider_id, user_id, old_refresh)
-                .await?
-            else {
-                return Ok(false);
-            };
-            if self.cas_write(provider_id, user_id, &current, new).await? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+    ) -> Result<Option<LinkRow>, StoreError> {
+        let row = sqlx::query_as::<_, SqliteLinkRow>(&format!(
+            "SELECT {LINK_COLUMNS} FROM external_auth_links \
+             WHERE provider_id = ?1 AND user_id = ?2"
+        ))
+        .bind(provider_id)
+        .bind(user_id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(row.map(|r| r.0))
     }
 
-    /// [`LinkStore::record_refresh_failure`](crate::store::LinkStore::record_refresh_failure).
-    pub(super) async fn record_failure_cas(
+    async fn rows_after(&self, after: Option<&(String, Uuid)>) -> Result<Vec<LinkRow>, StoreError> {
+        rotate::rows_after(self, after).await
+    }
+
+    async fn swap_tokens(
         &self,
-        provider_id: &str,
-        user_id: Uuid,
-        old_refresh: &StoredSecret,
-        lease: Option<&Lease>,
-        reason: &str,
+        row: &LinkRow,
+        access: &Sealed,
+        refresh: &Sealed,
     ) -> Result<bool, StoreError> {
-        if self
-            .cas_failure(provider_id, user_id, &old_refresh.0, lease, reason)
-            .await?
-        {
-            return Ok(true);
-        }
-        // Stop once the value stops changing: then the miss was the lease (or a
-        // real change), not a re-encryption.
-        let mut tried = old_refresh.0.clone();
-        for _ in 0..CLAIM_ATTEMPTS {
-            match self
-                .reencrypted_same_token(provider_id, user_id, old_refresh)
-                .await?
-            {
-                Some(current) if current != tried => {
-                    if self
-                        .cas_failure(provider_id, user_id, &current, lease, reason)
-                        .await?
-                    {
-                        return Ok(true);
-                    }
-                    tried = current;
-                }
-                _ => return Ok(false),
-            }
-        }
-        Ok(false)
+        rotate::swap_tokens(self, row, access, refresh).await
     }
 
-    /// The refresh-token compare-and-swap write. Returns whether it applied.
     async fn cas_write(
         &self,
         provider_id: &str,
@@ -114,7 +81,6 @@ impl SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
-    /// The compare-and-swap record of a permanent refresh failure.
     async fn cas_failure(
         &self,
         provider_id: &str,
@@ -142,36 +108,5 @@ impl SqliteStore {
         .await
         .map_err(map_err)?;
         Ok(done.rows_affected() > 0)
-    }
-
-    /// After a missed compare-and-swap: if the row still holds the same refresh
-    /// token, only re-encrypted, returns the value it holds now.
-    async fn reencrypted_same_token(
-        &self,
-        provider_id: &str,
-        user_id: Uuid,
-        old_refresh: &StoredSecret,
-    ) -> Result<Option<String>, StoreError> {
-        if self.keyring.is_empty() {
-            return Ok(None);
-        }
-        let Some(row) = self.fetch_row(provider_id, user_id).await? else {
-            return Ok(None);
-        };
-        if row.oauth_refresh_token == old_refresh.0 {
-            // Same value yet the CAS missed: a write raced and was undone; retry.
-            return Ok(Some(row.oauth_refresh_token));
-        }
-        let current = self.unseal(&row, REFRESH)?;
-        let ctx = ValueContext {
-            provider_id,
-            user_id,
-            column: REFRESH,
-        };
-        let old = self.keyring.open_any(&old_refresh.0, ctx);
-        use subtle::ConstantTimeEq;
-        let (a, b) = (current.expose_secret(), old.expose_secret());
-        let same = a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()));
-        Ok(same.then_some(row.oauth_refresh_token))
     }
 }

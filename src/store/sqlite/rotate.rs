@@ -1,93 +1,42 @@
-//! `keys rotate` on SQLite: re-encrypt every link with the first key.
+//! The SQL of `keys rotate` on SQLite; [`crate::store::rotation`] decides which
+//! rows change.
 //!
 //! Each row is rewritten by a compare-and-swap on all four token columns exactly
-//! as read (`IS` is SQLite's null-safe equality), so a concurrent refresh or login
-//! is never overwritten with older tokens; such rows count as `raced`. Failure
-//! reason, expiry and lease are left as they are.
+//! as read (`IS` is SQLite's null-safe equality).
 
-use secrecy::ExposeSecret;
+use uuid::Uuid;
 
-use super::{map_err, LinkRow, SqliteStore, ACCESS, LINK_COLUMNS, REFRESH};
-use crate::crypto::{Sealed, ValueContext};
-use crate::store::{RotateReport, StoreError};
+use super::{map_err, LinkRow, SqliteLinkRow, SqliteStore, LINK_COLUMNS};
+use crate::crypto::Sealed;
+use crate::store::rotation::PAGE;
+use crate::store::StoreError;
 
-/// Rows read per page, to bound memory on large tables.
-const PAGE: i64 = 500;
-
-pub(super) async fn rotate(store: &SqliteStore) -> Result<RotateReport, StoreError> {
-    let mut report = RotateReport::default();
-    let mut after: Option<(String, String)> = None;
-    loop {
-        let rows: Vec<LinkRow> = sqlx::query_as(&format!(
-            "SELECT {LINK_COLUMNS} FROM external_auth_links \
-             WHERE ?1 IS NULL OR (provider_id, user_id) > (?1, ?2) \
-             ORDER BY provider_id, user_id LIMIT ?3"
-        ))
-        .bind(after.as_ref().map(|a| a.0.as_str()))
-        .bind(after.as_ref().map(|a| a.1.as_str()))
-        .bind(PAGE)
-        .fetch_all(store.pool())
-        .await
-        .map_err(map_err)?;
-        let Some(last) = rows.last() else {
-            return Ok(report);
-        };
-        after = Some((last.provider_id.clone(), last.user_id.to_string()));
-        for row in &rows {
-            match rotate_row(store, row).await? {
-                Outcome::Unchanged => report.unchanged += 1,
-                Outcome::Rotated => report.rotated += 1,
-                Outcome::Raced => report.raced += 1,
-            }
-        }
-    }
+/// Up to [`PAGE`] rows after `after`, in `(provider_id, user_id)` order.
+pub(super) async fn rows_after(
+    store: &SqliteStore,
+    after: Option<&(String, Uuid)>,
+) -> Result<Vec<LinkRow>, StoreError> {
+    let rows: Vec<SqliteLinkRow> = sqlx::query_as(&format!(
+        "SELECT {LINK_COLUMNS} FROM external_auth_links \
+         WHERE ?1 IS NULL OR (provider_id, user_id) > (?1, ?2) \
+         ORDER BY provider_id, user_id LIMIT ?3"
+    ))
+    .bind(after.map(|a| a.0.as_str()))
+    .bind(after.map(|a| a.1.to_string()))
+    .bind(PAGE)
+    .fetch_all(store.pool())
+    .await
+    .map_err(map_err)?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
-enum Outcome {
-    Unchanged,
-    Rotated,
-    Raced,
-}
-
-/// The column as it should be stored now: `None` when it already is.
-fn reseal(
+/// Writes both token columns while all four are still as in `row`.
+pub(super) async fn swap_tokens(
     store: &SqliteStore,
     row: &LinkRow,
-    column: &'static str,
-) -> Result<Option<Sealed>, StoreError> {
-    let plain = store.unseal(row, column)?;
-    let key_id = match column {
-        ACCESS => row.oauth_access_token_key_id.as_deref(),
-        _ => row.oauth_refresh_token_key_id.as_deref(),
-    };
-    if store
-        .keyring()
-        .is_current(plain.expose_secret().is_empty(), key_id)
-    {
-        return Ok(None);
-    }
-    let ctx = ValueContext {
-        provider_id: &row.provider_id,
-        user_id: row.user_id,
-        column,
-    };
-    store.seal(&plain, ctx).map(Some)
-}
-
-async fn rotate_row(store: &SqliteStore, row: &LinkRow) -> Result<Outcome, StoreError> {
-    let access = reseal(store, row, ACCESS)?;
-    let refresh = reseal(store, row, REFRESH)?;
-    if access.is_none() && refresh.is_none() {
-        return Ok(Outcome::Unchanged);
-    }
-    let keep = |v: &String, id: &Option<String>| Sealed {
-        value: v.clone(),
-        key_id: id.clone(),
-    };
-    let access =
-        access.unwrap_or_else(|| keep(&row.oauth_access_token, &row.oauth_access_token_key_id));
-    let refresh =
-        refresh.unwrap_or_else(|| keep(&row.oauth_refresh_token, &row.oauth_refresh_token_key_id));
+    access: &Sealed,
+    refresh: &Sealed,
+) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE external_auth_links SET \
            oauth_access_token = ?3, oauth_access_token_key_id = ?4, \
@@ -109,9 +58,5 @@ async fn rotate_row(store: &SqliteStore, row: &LinkRow) -> Result<Outcome, Store
     .execute(store.pool())
     .await
     .map_err(map_err)?;
-    Ok(if done.rows_affected() == 0 {
-        Outcome::Raced
-    } else {
-        Outcome::Rotated
-    })
+    Ok(done.rows_affected() > 0)
 }
