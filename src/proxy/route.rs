@@ -294,7 +294,13 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
             }
         }
     }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    // A `;params` suffix does not make a dot segment safe: servlet containers
+    // (Bitbucket Server, Jira) strip it and then resolve `..;` as `..`.
+    let dot_segment = |seg: &str| {
+        let name = seg.split(';').next().unwrap_or_default();
+        name == "." || name == ".."
+    };
+    if path.split('/').any(dot_segment) {
         return Err(ProxyError::BadRequest(
             "'.' and '..' segments are not allowed",
         ));
@@ -463,6 +469,9 @@ mod tests {
             "/github/api/%5cx",
             "/github/api/%5Cx",
             "/github/api\\..\\x",
+            "/github/api/..;/admin",
+            "/github/api/..;jsessionid=1/x",
+            "/github/api/.;/x",
             "github/api",
             "",
         ] {
@@ -481,6 +490,7 @@ mod tests {
             "/a//b",
             "/a/%20b/%41",
             "/a/%2",
+            "/a/b;c/d..;e",
         ] {
             check_path(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
