@@ -27,6 +27,9 @@ pub const TOKEN_PREFIX: &str = "tpx_";
 const MAX_TOKEN_LEN: usize = 256;
 /// Most verified tokens kept in memory.
 const CACHE_CAPACITY: u64 = 100_000;
+/// Most unknown tokens remembered (a client retrying with a deleted or mistyped
+/// token costs one lookup per cache lifetime, not one per request).
+const UNKNOWN_CAPACITY: u64 = 10_000;
 
 /// The identified caller.
 #[derive(Debug, Clone)]
@@ -156,6 +159,10 @@ pub struct CallerIdentity {
     static_user: Option<Uuid>,
     store: Arc<dyn LinkStore>,
     verified: moka::future::Cache<[u8; 32], Arc<Verified>>,
+    /// Hashes the store did not know. Safe to remember: a token is random and
+    /// only presented after it was created, so "unknown" does not turn into
+    /// "known" for the same value.
+    unknown: moka::sync::Cache<[u8; 32], ()>,
     touched: moka::sync::Cache<Uuid, ()>,
 }
 
@@ -168,6 +175,10 @@ impl CallerIdentity {
             store,
             verified: moka::future::Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
+                .time_to_live(config.cache_ttl)
+                .build(),
+            unknown: moka::sync::Cache::builder()
+                .max_capacity(UNKNOWN_CAPACITY)
                 .time_to_live(config.cache_ttl)
                 .build(),
             touched: moka::sync::Cache::builder()
@@ -215,6 +226,9 @@ impl CallerIdentity {
         let token = extract().ok_or(ProxyError::Unauthenticated)?;
         let hash = hash_token(&token);
         drop(token);
+        if self.unknown.contains_key(&hash) {
+            return Err(ProxyError::Unauthenticated);
+        }
         let store = self.store.clone();
         let verified = self
             .verified
@@ -230,7 +244,10 @@ impl CallerIdentity {
             })
             .await
             .map_err(|e| match *e {
-                LookupFailure::NotFound => ProxyError::Unauthenticated,
+                LookupFailure::NotFound => {
+                    self.unknown.insert(hash, ());
+                    ProxyError::Unauthenticated
+                }
                 LookupFailure::Store => ProxyError::StoreUnavailable,
             })?;
         // The map lookup compared hashes already; compare again in constant time
