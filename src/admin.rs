@@ -31,7 +31,11 @@ pub struct AdminState {
 /// Answers one admin request.
 pub async fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the admin endpoints answer GET and HEAD only",
+        );
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -39,7 +43,11 @@ pub async fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<By
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(e) => {
                 tracing::warn!(error = %e, "not ready");
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: link store\n")
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "not ready: the link store is unavailable",
+                )
             }
         },
         "/metrics" => {
@@ -50,8 +58,30 @@ pub async fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<By
             );
             resp
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "the admin listener serves /healthz, /readyz and /metrics",
+        ),
     }
+}
+
+/// tokenproxy's own error answer (DESIGN.md "Errors"): the `tokenproxy-error`
+/// header and the JSON body, as on the proxy listener.
+fn error(status: StatusCode, code: &'static str, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "error": { "code": code, "message": message, "provider": null }
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert("tokenproxy-error", HeaderValue::from_static(code));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -23,7 +23,7 @@ pub use forward::{ForwardConfig, HostPattern, Unrouted};
 pub use overrides::apply_env_overrides;
 use overrides::{blame_override, override_table};
 pub use secrets::resolve_secret;
-use secrets::{secret_list, secret_opt, secret_plain, SECRET_ENV};
+use secrets::{secret_list, secret_map, secret_opt, secret_plain, SECRET_ENV};
 use serde::Deserialize;
 use url::Url;
 use uuid::Uuid;
@@ -314,9 +314,11 @@ pub struct ProviderConfig {
     /// Deadline for one exchange with the token endpoint.
     #[serde(default = "default_provider_timeout", with = "duration_str")]
     pub timeout: Duration,
-    /// Extra form parameters sent with every refresh grant.
-    #[serde(default)]
-    pub extra_params: BTreeMap<String, String>,
+    /// Extra form parameters sent with every refresh grant. Values may be
+    /// `env:`/`file:` and are kept secret: some providers take a client assertion
+    /// here.
+    #[serde(default, deserialize_with = "secret_map")]
+    pub extra_params: BTreeMap<String, SecretString>,
     /// Fields of a token response kept in `oauth_extra`.
     #[serde(default)]
     pub extra_fields: Vec<String>,
@@ -473,6 +475,21 @@ impl Config {
                     "server.listen",
                     "static caller mode serves one fixed user and may only listen on loopback",
                 ));
+            }
+        }
+        // Zero would not mean "no limit": every connection, request or pool
+        // checkout would fail at once.
+        for (key, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.upstream_timeout", self.server.upstream_timeout),
+            ("server.connect_timeout", self.server.connect_timeout),
+            ("database.acquire_timeout", self.database.acquire_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(key, "must be above zero"));
             }
         }
         check_database_url(&self.database.url)?;

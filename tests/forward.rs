@@ -660,3 +660,25 @@ token_url = "http://127.0.0.1:9/token"
     assert!(!r.ok, "{r:?}");
     assert_eq!(up.count(), 3);
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn odd_connect_targets_get_tokenproxys_own_answers(pool: PgPool) {
+    let w = world(pool, "", "").await;
+    let auth = basic("x", &w.token);
+    for (target, want) in [
+        ("api.github.test", 400),
+        ("api.github.test:0", 403),
+        ("[::1]:443", 403),
+        ("127.0.0.1:1", 403),
+        ("*.github.test:443", 403),
+        ("API.GITHUB.TEST.:443", 200),
+    ] {
+        let mut s = TcpStream::connect(w.proxy.addr).await.unwrap();
+        let (status, head) = connect(&mut s, target, Some(&auth)).await;
+        assert_eq!(status, want, "CONNECT {target}: {head}");
+        if want != 200 {
+            assert!(head.contains("tokenproxy-error: "), "{target}: {head}");
+        }
+    }
+    assert_eq!(w.api.count(), 0);
+}

@@ -170,6 +170,39 @@ async fn a_busy_caller_costs_one_lookup_and_one_touch(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_client_retrying_an_unknown_token_costs_one_lookup(pool: PgPool) {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(Counting {
+        inner: PgStore::from_pool(pool, Keyring::plaintext()),
+        finds: AtomicUsize::new(0),
+        touches: AtomicUsize::new(0),
+    });
+    let config = harness::config(&config_toml(&api.url(), "cache_ttl = \"1h\""));
+    let proxy = Harness::start(config, store.clone(), FakeTokens::new()).await;
+    // A CI job still using a token that never existed (or a typo), in a loop.
+    for _ in 0..20 {
+        let a = get(
+            &proxy.url("/gh/api/user"),
+            &[("authorization", "Bearer tpx_mistyped_or_deleted")],
+        )
+        .await;
+        a.assert_error(401, "unauthenticated");
+    }
+    assert_eq!(store.finds.load(Ordering::SeqCst), 1);
+    // A real token still works, and is looked up once.
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let a = get(
+        &proxy.url("/gh/api/user"),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_ne!(a.status, 401);
+    assert_eq!(store.finds.load(Ordering::SeqCst), 2);
+    assert_eq!(api.count(), 0, "link_missing: nothing reached the upstream");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn static_mode_serves_its_user_without_a_credential(pool: PgPool) {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));

@@ -211,6 +211,79 @@ async fn sigterm_to_the_binary_drains_the_in_flight_request(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_second_sigterm_stops_without_waiting_out_the_drain(pool: PgPool) {
+    use tokenproxy::store::{LinkStore, TokenSet};
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = PgStore::from_pool(pool.clone(), Keyring::plaintext());
+    let user = Uuid::new_v4();
+    let link = TokenSet {
+        access_token: GH_TOKEN.to_string().into(),
+        refresh_token: String::new().into(),
+        expiry: None,
+        extra: None,
+    };
+    store.put_link("github", user, &link).await.unwrap();
+    let (_, token) = create_token(&store, user, &[]).await;
+    let proxy = harness::Spawned::start(
+        &harness::db_url(&pool),
+        &format!(
+            "[[providers]]\nid = \"github\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
+            api.url()
+        ),
+    )
+    .await;
+    let url = proxy.url("/gh/api/slow");
+    let auth = format!("Bearer {token}");
+    let in_flight = tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await });
+    api.slow_arrived(1).await;
+
+    proxy.terminate();
+    assert!(
+        wait_refused(proxy.addr).await,
+        "still accepting after SIGTERM"
+    );
+    // The drain (30 s grace) is under way and the request is held upstream.
+    proxy.terminate();
+    let mut proxy = proxy;
+    let status = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || proxy.child.wait().unwrap()),
+    )
+    .await
+    .expect("a second SIGTERM stops the process without waiting out the grace period")
+    .unwrap();
+    assert!(!status.success(), "a cut-short drain is not a clean exit");
+    assert!(in_flight.await.is_err(), "the held request was cut off");
+    api.release_slow();
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_declared_body_that_never_arrives_is_cut_off(pool: PgPool) {
+    let w = world(pool, r#"header_read_timeout = "300ms""#).await;
+    let mut stream = TcpStream::connect(w.proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /gh/api/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 10\r\n\r\nabc",
+                w.token
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The rest of the body never comes; the connection is kept open.
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), stream.read(&mut out))
+        .await
+        .expect("tokenproxy answers a stalled body instead of waiting forever")
+        .unwrap();
+    let head = String::from_utf8_lossy(&out[..n]);
+    assert_eq!(raw_status(&head), 400, "{head}");
+    assert!(head.contains("tokenproxy-error: bad_request"), "{head}");
+    assert_eq!(w.api.count(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn slow_or_silent_clients_are_cut_off(pool: PgPool) {
     let w = world(pool, r#"header_read_timeout = "200ms""#).await;
     for partial in ["", "GET /gh/api/user HTTP/1.1\r\nHost: x\r\n"] {

@@ -8,6 +8,11 @@ use crate::telemetry;
 /// Runs the server until a shutdown signal.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     telemetry::init_tracing(cfg.logging.format);
+    if cfg.providers.iter().all(|p| p.routes.is_empty()) {
+        tracing::warn!(
+            "no [[providers]] with routes configured: every request will answer no_route"
+        );
+    }
     if cfg.encryption.keys.is_empty() {
         tracing::warn!("encryption.keys is empty: tokens are stored in plain text");
     }

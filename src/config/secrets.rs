@@ -69,3 +69,19 @@ pub(super) fn secret_list<'de, D: serde::Deserializer<'de>>(
         .map(|e| e.0)
         .collect())
 }
+
+pub(super) fn secret_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, SecretString>, D::Error> {
+    /// One map value, resolved on its own so an error names its key.
+    struct Value(SecretString);
+    impl<'de> Deserialize<'de> for Value {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            secret_plain(d).map(Value)
+        }
+    }
+    Ok(std::collections::BTreeMap::<String, Value>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect())
+}

@@ -143,7 +143,7 @@ impl HttpClient {
             .map_err(|e| HttpError::Body(e.to_string()))?
             .to_bytes();
         let mut resp = http::Response::from_parts(parts, body.to_vec());
-        normalize_ok_body(&mut resp);
+        normalize_body(&mut resp);
         Ok(resp)
     }
 }
@@ -159,28 +159,98 @@ impl<'c> oauth2::AsyncHttpClient<'c> for HttpClient {
     }
 }
 
-/// Makes a 200 answer acceptable to `oauth2`'s strict parser: a body carrying an
-/// OAuth `error` (GitHub answers `bad_refresh_token` with HTTP 200) becomes a 400,
-/// and a missing `token_type` (some providers omit it) defaults to `bearer`.
-fn normalize_ok_body(resp: &mut oauth2::HttpResponse) {
-    if resp.status() != http::StatusCode::OK {
-        return;
-    }
-    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice(resp.body()) else {
+/// Makes an answer acceptable to `oauth2`'s strict parser without losing what the
+/// provider said. A successful refresh has already rotated the refresh token at
+/// the provider, so failing to parse it would lose the user's link: be liberal.
+///
+/// - A form-encoded body (GitHub without `Accept: application/json`, some older
+///   servers) is read as the JSON object it stands for.
+/// - A 200 carrying an OAuth `error` (GitHub answers `bad_refresh_token` with
+///   HTTP 200) becomes the 400 it should have been.
+/// - In a 200: a missing or null `token_type` defaults to `bearer`; `expires_in`
+///   given as a string (Azure) or a fraction becomes whole seconds (dropped when
+///   it is not a number at all); a `scope` list becomes the space-separated string
+///   RFC 6749 specifies.
+fn normalize_body(resp: &mut oauth2::HttpResponse) {
+    let Some(mut map) = body_object(resp) else {
         return;
     };
-    let json = http::HeaderValue::from_static("application/json");
-    if map.get("error").is_some_and(|e| e.is_string()) && !map.contains_key("access_token") {
+    let ok = resp.status() == http::StatusCode::OK;
+    if ok && map.get("error").is_some_and(|e| e.is_string()) && !map.contains_key("access_token") {
         *resp.status_mut() = http::StatusCode::BAD_REQUEST;
-        resp.headers_mut().insert(http::header::CONTENT_TYPE, json);
-        return;
     }
-    if !map.contains_key("token_type") {
+    if resp.status() == http::StatusCode::OK {
+        normalize_token_fields(&mut map);
+    }
+    *resp.body_mut() = serde_json::to_vec(&map).unwrap_or_default();
+    // The body is JSON now, whatever the provider labelled it.
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+}
+
+/// The body as a JSON object: parsed as JSON, else as a form-encoded body that
+/// holds an OAuth field. `None` for anything else (left for `oauth2` to refuse).
+fn body_object(resp: &oauth2::HttpResponse) -> Option<serde_json::Map<String, serde_json::Value>> {
+    use serde_json::Value;
+    match serde_json::from_slice::<Value>(resp.body()) {
+        Ok(Value::Object(map)) => return Some(map),
+        Ok(_) => return None,
+        Err(_) => {}
+    }
+    let map: serde_json::Map<String, Value> = url::form_urlencoded::parse(resp.body())
+        .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+        .collect();
+    (map.contains_key("access_token") || map.contains_key("error")).then_some(map)
+}
+
+/// Rewrites a token response's fields into the types RFC 6749 §5.1 names.
+fn normalize_token_fields(map: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::Value;
+    if map.get("token_type").is_none_or(Value::is_null) {
         map.insert("token_type".into(), "bearer".into());
-        *resp.body_mut() = serde_json::to_vec(&map).expect("a JSON map serializes");
     }
-    // Some providers answer form- or text-typed JSON; the body was JSON, say so.
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, json);
+    match map.get("expires_in") {
+        Some(Value::Number(n)) if n.is_u64() => {}
+        Some(Value::Null) | None => {}
+        Some(v) => {
+            let secs = match v {
+                Value::Number(n) => n.as_f64(),
+                Value::String(s) => s.trim().parse::<f64>().ok(),
+                _ => None,
+            };
+            match secs.filter(|s| s.is_finite()) {
+                // Whole seconds, never negative (0 and below: already expired).
+                Some(s) => map.insert("expires_in".into(), Value::from(s.max(0.0) as u64)),
+                None => map.remove("expires_in"),
+            };
+        }
+    }
+    match map.get("scope") {
+        Some(Value::String(_) | Value::Null) | None => {}
+        Some(Value::Array(items)) => {
+            let joined = items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" ");
+            map.insert("scope".into(), Value::String(joined));
+        }
+        Some(_) => {
+            map.remove("scope");
+        }
+    }
+    match map.get("refresh_token") {
+        Some(Value::String(_) | Value::Null) | None => {}
+        Some(Value::Number(n)) => {
+            let text = n.to_string();
+            map.insert("refresh_token".into(), Value::String(text));
+        }
+        Some(_) => {
+            map.remove("refresh_token");
+        }
+    }
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -208,14 +278,14 @@ mod tests {
     #[test]
     fn github_style_error_in_200_becomes_400() {
         let mut r = ok(r#"{"error":"bad_refresh_token","error_description":"x"}"#);
-        normalize_ok_body(&mut r);
+        normalize_body(&mut r);
         assert_eq!(r.status(), 400);
     }
 
     #[test]
     fn missing_token_type_defaults_to_bearer() {
         let mut r = ok(r#"{"access_token":"a"}"#);
-        normalize_ok_body(&mut r);
+        normalize_body(&mut r);
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
         assert_eq!(v["token_type"], "bearer");
         assert_eq!(r.status(), 200);

@@ -27,11 +27,24 @@ use crate::config::{ClientAuth, ProviderConfig};
 pub use self::http::{HttpClient, HttpError};
 
 /// Every field of a token response that `oauth2` does not model itself.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct OtherFields {
     /// Field name → value.
     #[serde(flatten)]
     pub fields: HashMap<String, serde_json::Value>,
+}
+
+/// Names only: the values may be credentials too (an OIDC `id_token`, a
+/// provider's second token), and `oauth2`'s own `Debug` of a token response
+/// prints this.
+impl std::fmt::Debug for OtherFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.fields.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("OtherFields")
+            .field("fields", &names)
+            .finish_non_exhaustive()
+    }
 }
 impl oauth2::ExtraTokenFields for OtherFields {}
 
@@ -74,9 +87,27 @@ pub enum RefreshError {
     Misconfigured(String),
 }
 
+impl RefreshError {
+    /// Whether the provider rejected our client itself (wrong secret, client not
+    /// allowed the grant): true for every user until the configuration changes.
+    pub fn is_client_rejected(&self) -> bool {
+        matches!(self, Self::Misconfigured(code) if code == "invalid_client" || code == "unauthorized_client")
+    }
+}
+
 /// OAuth error codes meaning "this refresh token is dead" rather than "this client
-/// is wrong". GitHub says `bad_refresh_token` (with HTTP 200).
-const PERMANENT_CODES: &[&str] = &["invalid_grant", "bad_refresh_token"];
+/// is wrong". GitHub says `bad_refresh_token` (with HTTP 200). Microsoft Entra and
+/// OIDC providers answer `interaction_required`, `login_required` or
+/// `consent_required` when the refresh token cannot be used until the user signs
+/// in again (MFA, conditional access, revoked consent): the user must act, and
+/// asking the provider again on every request cannot help.
+const PERMANENT_CODES: &[&str] = &[
+    "invalid_grant",
+    "bad_refresh_token",
+    "interaction_required",
+    "login_required",
+    "consent_required",
+];
 
 /// Classifies an OAuth `error` code.
 pub fn classify_error_code(code: &str) -> RefreshError {
@@ -89,6 +120,9 @@ pub fn classify_error_code(code: &str) -> RefreshError {
     }
 }
 
+/// Longest access-token lifetime believed; a provider claiming more gets this.
+pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// One provider's token endpoint, ready to refresh.
 pub struct ProviderClient {
     id: String,
@@ -97,7 +131,7 @@ pub struct ProviderClient {
     token_url: TokenUrl,
     auth: ClientAuth,
     timeout: Duration,
-    extra_params: Vec<(String, String)>,
+    extra_params: Vec<(String, SecretString)>,
     extra_fields: Vec<String>,
     http: HttpClient,
 }
@@ -202,7 +236,7 @@ impl ProviderClient {
         let rt = RefreshToken::new(refresh_token.expose_secret().to_string());
         let mut req = client.exchange_refresh_token(&rt);
         for (k, v) in &self.extra_params {
-            req = req.add_extra_param(k.as_str(), v.as_str());
+            req = req.add_extra_param(k.as_str(), v.expose_secret().to_string());
         }
         match req.request_async(&self.http).await {
             Ok(resp) => Ok(self.accept(resp)),
@@ -227,9 +261,28 @@ impl ProviderClient {
                 .map(|r| r.secret())
                 .filter(|r| !r.is_empty())
                 .map(|r| SecretString::from(r.to_string())),
-            expires_in: resp.expires_in().filter(|d| !d.is_zero()),
+            // Capped so `now + expires_in` can never overflow a timestamp (which
+            // would panic after the provider has already rotated the token).
+            expires_in: resp
+                .expires_in()
+                .filter(|d| !d.is_zero())
+                .map(|d| d.min(MAX_EXPIRES_IN)),
             extra: (!extra.is_empty()).then_some(serde_json::Value::Object(extra)),
         }
+    }
+}
+
+/// A provider's own error code as we may repeat it in logs and errors. Real codes
+/// are snake_case words; anything else (a provider that echoes the request puts a
+/// token there) is not repeated.
+fn printable_code(code: &str) -> String {
+    let plain = !code.is_empty()
+        && code.len() <= 48
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    if plain {
+        code.to_string()
+    } else {
+        "unrecognised error code".to_string()
     }
 }
 
@@ -251,7 +304,7 @@ fn classify(e: RequestTokenError<HttpError, BasicErrorResponse>) -> Attempt {
                 BasicErrorResponseType::UnsupportedGrantType => {
                     "unsupported_grant_type".to_string()
                 }
-                BasicErrorResponseType::Extension(s) => s.clone(),
+                BasicErrorResponseType::Extension(s) => printable_code(s),
             };
             match classify_error_code(&code) {
                 RefreshError::Transient(m) => Attempt::Retry(m, None),

@@ -27,6 +27,9 @@ pub const TOKEN_PREFIX: &str = "tpx_";
 const MAX_TOKEN_LEN: usize = 256;
 /// Most verified tokens kept in memory.
 const CACHE_CAPACITY: u64 = 100_000;
+/// Most unknown tokens remembered (a client retrying with a deleted or mistyped
+/// token costs one lookup per cache lifetime, not one per request).
+const UNKNOWN_CAPACITY: u64 = 10_000;
 
 /// The identified caller.
 #[derive(Debug, Clone)]
@@ -46,22 +49,52 @@ impl Caller {
     }
 }
 
+/// GitLab's token header; GitLab clients (glab, python-gitlab) send their token
+/// here rather than in `Authorization`.
+pub const PRIVATE_TOKEN: header::HeaderName = header::HeaderName::from_static("private-token");
+
 /// Finds the proxy token in the request: `Proxy-Authorization` first, then
-/// `Authorization`; Bearer, or the password (or, failing that, the user name) of
-/// Basic credentials. Headers that hold something else are ignored.
+/// `Authorization` — Bearer, GitHub's `token` scheme (what `gh` and most GitHub
+/// clients send), or the password (or, failing that, the user name) of Basic
+/// credentials — then a bare token in `PRIVATE-TOKEN`. Headers that hold
+/// something else are ignored.
 pub fn extract_proxy_token(headers: &HeaderMap) -> Option<SecretString> {
     [header::PROXY_AUTHORIZATION, header::AUTHORIZATION]
         .iter()
         .flat_map(|name| headers.get_all(name))
         .filter_map(|v| v.to_str().ok())
         .find_map(parse_credential)
+        .or_else(|| {
+            headers
+                .get_all(PRIVATE_TOKEN)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .find(|v| is_proxy_token(v))
+                .map(|v| SecretString::from(v.to_string()))
+        })
+}
+
+/// Removes every header that carries a proxy token (a caller credential) from a
+/// request about to go upstream: `Authorization` and `Proxy-Authorization` go
+/// anyway; `PRIVATE-TOKEN` goes when it holds one of ours.
+pub fn remove_caller_credentials(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    let ours = headers
+        .get_all(PRIVATE_TOKEN)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.trim().starts_with(TOKEN_PREFIX)));
+    if ours {
+        headers.remove(PRIVATE_TOKEN);
+    }
 }
 
 /// Parses one credential header value for a proxy token.
 fn parse_credential(value: &str) -> Option<SecretString> {
     let (scheme, rest) = value.trim().split_once(' ')?;
     let rest = rest.trim();
-    if scheme.eq_ignore_ascii_case("bearer") {
+    if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token") {
         return is_proxy_token(rest).then(|| SecretString::from(rest.to_string()));
     }
     if scheme.eq_ignore_ascii_case("basic") {
@@ -126,6 +159,10 @@ pub struct CallerIdentity {
     static_user: Option<Uuid>,
     store: Arc<dyn LinkStore>,
     verified: moka::future::Cache<[u8; 32], Arc<Verified>>,
+    /// Hashes the store did not know. Safe to remember: a token is random and
+    /// only presented after it was created, so "unknown" does not turn into
+    /// "known" for the same value.
+    unknown: moka::sync::Cache<[u8; 32], ()>,
     touched: moka::sync::Cache<Uuid, ()>,
 }
 
@@ -138,6 +175,10 @@ impl CallerIdentity {
             store,
             verified: moka::future::Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
+                .time_to_live(config.cache_ttl)
+                .build(),
+            unknown: moka::sync::Cache::builder()
+                .max_capacity(UNKNOWN_CAPACITY)
                 .time_to_live(config.cache_ttl)
                 .build(),
             touched: moka::sync::Cache::builder()
@@ -185,6 +226,9 @@ impl CallerIdentity {
         let token = extract().ok_or(ProxyError::Unauthenticated)?;
         let hash = hash_token(&token);
         drop(token);
+        if self.unknown.contains_key(&hash) {
+            return Err(ProxyError::Unauthenticated);
+        }
         let store = self.store.clone();
         let verified = self
             .verified
@@ -200,7 +244,10 @@ impl CallerIdentity {
             })
             .await
             .map_err(|e| match *e {
-                LookupFailure::NotFound => ProxyError::Unauthenticated,
+                LookupFailure::NotFound => {
+                    self.unknown.insert(hash, ());
+                    ProxyError::Unauthenticated
+                }
                 LookupFailure::Store => ProxyError::StoreUnavailable,
             })?;
         // The map lookup compared hashes already; compare again in constant time
@@ -281,6 +328,26 @@ mod tests {
     }
 
     #[test]
+    fn github_token_scheme_and_gitlab_private_token() {
+        let h = headers(&[("authorization", "token tpx_gh")]);
+        assert_eq!(found(&h).as_deref(), Some("tpx_gh"));
+        let h = headers(&[("private-token", "tpx_gl")]);
+        assert_eq!(found(&h).as_deref(), Some("tpx_gl"));
+        let h = headers(&[("private-token", "glpat-theirs")]);
+        assert_eq!(found(&h), None);
+        let mut h = headers(&[
+            ("authorization", "Bearer x"),
+            ("proxy-authorization", "Bearer y"),
+            ("private-token", "tpx_gl"),
+        ]);
+        remove_caller_credentials(&mut h);
+        assert!(h.is_empty());
+        let mut h = headers(&[("private-token", "glpat-theirs")]);
+        remove_caller_credentials(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
     fn basic_password_or_user() {
         let h = headers(&[("authorization", &basic("x", "tpx_pw"))]);
         assert_eq!(found(&h).as_deref(), Some("tpx_pw"));
@@ -316,7 +383,7 @@ mod tests {
             "Bearer tpx_a b",
             "Bearer tpx_a$b",
             "Bearer",
-            "Token tpx_abc",
+            "Digest tpx_abc",
             "tpx_abc",
         ] {
             assert_eq!(found(&headers(&[("authorization", bad)])), None, "{bad}");

@@ -110,6 +110,7 @@ impl Pipeline {
             upstreams,
             metrics: deps.metrics.clone(),
             forwarded_headers: config.server.forwarded_headers,
+            body_timeout: config.server.header_read_timeout,
             forward: config
                 .forward
                 .as_ref()
@@ -246,7 +247,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokens,
         metrics,
     };
-    let result = run(listener, admin, deps, shutdown_signal()).await;
+    let signals = Signals::install();
+    let (first, second) = signals.split();
+    let result = tokio::select! {
+        r = run(listener, admin, deps, first) => r,
+        // An operator who signals again does not want to wait out the drain.
+        () = second => Err(anyhow::anyhow!(
+            "second shutdown signal: stopped without waiting for in-flight requests"
+        )),
+    };
     background_stop.cancel();
     let _ = background.await;
     result
@@ -254,17 +263,68 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    Signals::install().next().await;
+}
+
+/// SIGTERM and SIGINT listeners, installed once so a second signal is not lost
+/// while the first one is being handled.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
     }
-    tracing::info!("shutdown signal received");
+
+    /// Completes on the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.term) => {}
+            () = recv(&mut self.int) => {}
+        }
+    }
+
+    /// Two futures: the first completes on the first signal (begin draining), the
+    /// second on the one after it (stop now).
+    fn split(
+        mut self,
+    ) -> (
+        impl Future<Output = ()> + Send + 'static,
+        impl Future<Output = ()> + Send + 'static,
+    ) {
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            self.next().await;
+            tracing::info!("shutdown signal received; draining (signal again to stop now)");
+            let _ = first_tx.send(());
+            self.next().await;
+            tracing::warn!("second shutdown signal received; stopping now");
+            let _ = second_tx.send(());
+        });
+        let first = async move {
+            let _ = first_rx.await;
+        };
+        let second = async move {
+            // A dropped sender (no signal support) never fires.
+            if second_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        (first, second)
+    }
 }

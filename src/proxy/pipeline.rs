@@ -78,6 +78,9 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Add `X-Forwarded-*` and `Via`.
     pub forwarded_headers: bool,
+    /// Time a client has to send a small (buffered) request body: without it a
+    /// client that declares a body and never sends it holds its slot forever.
+    pub body_timeout: std::time::Duration,
     /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
     pub forward: Option<super::connect::ForwardMode>,
 }
@@ -174,10 +177,13 @@ impl Pipeline {
         };
         let (parts, body) = req.into_parts();
         let prepared = self.upstream_request(parts, host, uri, conn);
-        let body = read_body(body).await?;
+        let body = read_body(body, self.body_timeout).await?;
+        // Reverse mode: the caller only knows our prefix, so redirects to the
+        // upstream must come back through it.
+        let redirects = matches!(entry, Entry::Reverse).then_some(&*route);
         self.forward(&route, &caller, prepared, body, token, outcome)
             .await
-            .map(respond)
+            .map(|resp| respond(resp, redirects))
     }
 
     /// Phases by entry: who is calling, which route, and the upstream URI.
@@ -281,7 +287,7 @@ impl Pipeline {
                 .and_then(|a| header::HeaderValue::from_str(a.as_str()).ok())
         });
         headers::remove_hop_by_hop(&mut headers);
-        headers.remove(header::AUTHORIZATION);
+        super::caller::remove_caller_credentials(&mut headers);
         if self.forwarded_headers {
             headers::add_forwarded(
                 &mut headers,
@@ -486,17 +492,18 @@ pub(super) fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError
 }
 
 /// Buffers the request body when it is empty or declared small enough to
-/// replay, otherwise leaves it streaming.
-async fn read_body(body: Incoming) -> Result<OutBody, ProxyError> {
+/// replay (within `timeout`), otherwise leaves it streaming (a stalled stream is
+/// bounded by the upstream's response timeout instead).
+async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<OutBody, ProxyError> {
     if body.is_end_stream() {
         return Ok(OutBody::Replayable(Bytes::new()));
     }
     match body.size_hint().exact() {
         Some(len) if len <= RETRY_BODY_LIMIT => {
             let limit = usize::try_from(RETRY_BODY_LIMIT).unwrap_or(usize::MAX);
-            let collected = Limited::new(body, limit)
-                .collect()
+            let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
                 .await
+                .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time"))?
                 .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
             Ok(OutBody::Replayable(collected.to_bytes()))
         }
@@ -518,10 +525,22 @@ fn to_proxy_body(body: OutBody) -> ProxyBody {
 
 /// Phase: the upstream's response for the caller. Hop-by-hop headers go, and so
 /// does any `tokenproxy-error` the upstream tried to set: that header means
-/// tokenproxy itself answered.
-fn respond(resp: Response<Incoming>) -> Response<ProxyBody> {
+/// tokenproxy itself answered. With `redirects` (reverse mode), a `Location` on
+/// the upstream is rewritten to the route's prefix.
+fn respond(resp: Response<Incoming>, redirects: Option<&Route>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&ERROR_HEADER);
+    if let Some(route) = redirects {
+        let rewritten = parts
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| route.caller_location(l))
+            .and_then(|l| HeaderValue::from_str(&l).ok());
+        if let Some(location) = rewritten {
+            parts.headers.insert(header::LOCATION, location);
+        }
+    }
     Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
 }

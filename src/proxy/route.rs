@@ -186,6 +186,40 @@ impl Route {
     }
 }
 
+impl Route {
+    /// Reverse mode: a `Location` the upstream sent, as the caller must see it. A
+    /// redirect to the upstream itself (absolute, or a path under the route's
+    /// upstream path) is rewritten to go through this route's prefix, so the
+    /// caller (git following a renamed repository, say) comes back through
+    /// tokenproxy instead of going to the provider without a credential. Other
+    /// locations are left alone (`None`).
+    pub fn caller_location(&self, location: &str) -> Option<String> {
+        let prefix = self.prefix.as_deref()?;
+        let origin = format!("{}://{}", self.scheme, self.authority);
+        let path = if location.starts_with('/') && !location.starts_with("//") {
+            location
+        } else {
+            let head = location.get(..origin.len())?;
+            let rest = &location[origin.len()..];
+            if !head.eq_ignore_ascii_case(&origin)
+                || !(rest.is_empty() || rest.starts_with(['/', '?', '#']))
+            {
+                return None;
+            }
+            rest
+        };
+        let rest = path.strip_prefix(self.base_path.as_str())?;
+        if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+            return None;
+        }
+        let mut out = format!("{prefix}{rest}");
+        if !out.starts_with('/') {
+            out.insert(0, '/');
+        }
+        Some(out)
+    }
+}
+
 /// All routes, longest prefix first.
 #[derive(Debug, Default)]
 pub struct Router {
@@ -260,7 +294,13 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
             }
         }
     }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    // A `;params` suffix does not make a dot segment safe: servlet containers
+    // (Bitbucket Server, Jira) strip it and then resolve `..;` as `..`.
+    let dot_segment = |seg: &str| {
+        let name = seg.split(';').next().unwrap_or_default();
+        name == "." || name == ".."
+    };
+    if path.split('/').any(dot_segment) {
         return Err(ProxyError::BadRequest(
             "'.' and '..' segments are not allowed",
         ));
@@ -328,6 +368,44 @@ mod tests {
     }
 
     #[test]
+    fn upstream_redirects_come_back_through_the_prefix() {
+        let r = route("/gh/git", "https://github.com");
+        let loc = |l: &str| r.caller_location(l);
+        assert_eq!(
+            loc("https://github.com/org/new.git/info/refs?service=git-upload-pack").as_deref(),
+            Some("/gh/git/org/new.git/info/refs?service=git-upload-pack")
+        );
+        assert_eq!(loc("HTTPS://GitHub.com").as_deref(), Some("/gh/git"));
+        assert_eq!(loc("/login").as_deref(), Some("/gh/git/login"));
+        assert_eq!(loc("https://codeload.github.com/x"), None);
+        assert_eq!(loc("https://github.com.evil/x"), None);
+        assert_eq!(loc("http://github.com/x"), None);
+        assert_eq!(loc("//github.com/x"), None);
+        assert_eq!(loc("relative/path"), None);
+        let r = route("/gl", "https://gitlab.example/api/v4/");
+        assert_eq!(
+            r.caller_location("https://gitlab.example/api/v4/projects/2")
+                .as_deref(),
+            Some("/gl/projects/2")
+        );
+        assert_eq!(
+            r.caller_location("/api/v4?page=2").as_deref(),
+            Some("/gl?page=2")
+        );
+        assert_eq!(r.caller_location("/users/sign_in"), None);
+        assert_eq!(r.caller_location("/api/v4x"), None);
+        let r = route("/", "http://127.0.0.1:8081");
+        assert_eq!(
+            r.caller_location("http://127.0.0.1:8081/a").as_deref(),
+            Some("/a")
+        );
+        assert_eq!(
+            r.caller_location("http://127.0.0.1:8081").as_deref(),
+            Some("/")
+        );
+    }
+
+    #[test]
     fn host_comes_from_the_upstream_with_non_default_port() {
         assert_eq!(route("/a", "https://h.example").host, "h.example");
         assert_eq!(
@@ -391,6 +469,9 @@ mod tests {
             "/github/api/%5cx",
             "/github/api/%5Cx",
             "/github/api\\..\\x",
+            "/github/api/..;/admin",
+            "/github/api/..;jsessionid=1/x",
+            "/github/api/.;/x",
             "github/api",
             "",
         ] {
@@ -409,6 +490,7 @@ mod tests {
             "/a//b",
             "/a/%20b/%41",
             "/a/%2",
+            "/a/b;c/d..;e",
         ] {
             check_path(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }

@@ -37,6 +37,15 @@ pub(super) async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<
 /// Exchanges the row's refresh token while we hold the lease, and settles the outcome.
 pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease) -> Step {
     let provider = &inner.providers[key.0 as usize];
+    let paused = provider
+        .client_rejected_until
+        .lock()
+        .is_some_and(|until| tokio::time::Instant::now() < until);
+    if paused {
+        // Our client was just rejected: asking again for every user and request
+        // would only hammer the provider (and may get the app rate-limited).
+        return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
+    }
     let started = tokio::time::Instant::now();
     let result = provider
         .client
@@ -55,6 +64,15 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         Err(e) => {
             // Transient (or a client misconfiguration): nothing about the link changes.
             tracing::warn!(provider = %provider.id, user = %key.1, error = %e, "refresh failed");
+            if e.is_client_rejected() {
+                tracing::error!(
+                    provider = %provider.id,
+                    pause = ?CLIENT_REJECTED_PAUSE,
+                    "the provider rejected the client credentials; check client_id and client_secret"
+                );
+                *provider.client_rejected_until.lock() =
+                    Some(tokio::time::Instant::now() + CLIENT_REJECTED_PAUSE);
+            }
             inner
                 .metrics
                 .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
@@ -63,16 +81,28 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
     }
 }
 
+/// How long no refresh is attempted at a provider after it rejected our client.
+const CLIENT_REJECTED_PAUSE: Duration = Duration::from_secs(10);
+
 /// Writes a successful refresh with a compare-and-swap on the refresh token read.
 async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
     let now = inner.clock.now();
     let lifetime = r.expires_in.map(cache::to_chrono);
+    if r.expires_in.is_some_and(|l| l <= inner.skew()) {
+        // Such a token is "expired" the moment it arrives: every request refreshes.
+        tracing::warn!(
+            provider = provider_id,
+            expires_in = ?r.expires_in,
+            "the provider's tokens live no longer than tokens.refresh_skew; lower refresh_skew"
+        );
+    }
     let new = TokenSet {
         access_token: r.access_token,
         // No new refresh token in the response: the old one stays valid.
         refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
-        expiry: lifetime.map(|l| now + l),
+        // Checked: a lifetime past the calendar's end means "does not expire".
+        expiry: lifetime.and_then(|l| now.checked_add_signed(l)),
         extra: r.extra.or_else(|| row.extra.clone()),
     };
     let token = AccessToken::new(new.access_token.clone(), new.expiry);
@@ -116,10 +146,28 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                 tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
             }
             Err(e) => {
-                // The provider rotated the token but we could not store it. The new
-                // access token works, so serve it; the link will need a new login if
-                // the old refresh token was single-use.
-                tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token");
+                // The provider rotated the token but we could not store it, and the
+                // old refresh token may already be dead: the new one exists only
+                // here. Serve (and cache) the new access token, and keep trying to
+                // store the set in the background until the database is back. The
+                // write stays a compare-and-swap on the token we exchanged, so it
+                // can only heal the row, never overwrite a newer one.
+                tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token; retrying in the background");
+                let entry = Entry::new(
+                    token.clone(),
+                    lifetime,
+                    inner.cfg.refresh_ahead_remaining,
+                    inner.skew(),
+                    now,
+                );
+                insert_if_current(inner, key, entry, epoch).await;
+                tokio::spawn(keep_persisting(
+                    inner.store.clone(),
+                    provider_id.to_string(),
+                    key.1,
+                    row.refresh_token_stored.clone(),
+                    new,
+                ));
                 return Step::Done(Ok(Served {
                     token,
                     exchanged: true,
@@ -127,6 +175,40 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
             }
         }
     }
+}
+
+/// How long a refreshed token set that could not be stored is retried.
+const PERSIST_RETRY_FOR: Duration = Duration::from_secs(3600);
+
+/// Retries storing a refreshed token set (with backoff) until it is stored, the
+/// row turns out to hold something else, or [`PERSIST_RETRY_FOR`] passes.
+async fn keep_persisting(
+    store: Arc<dyn crate::store::LinkStore>,
+    provider_id: String,
+    user: uuid::Uuid,
+    old: crate::store::StoredSecret,
+    new: TokenSet,
+) {
+    let give_up = tokio::time::Instant::now() + PERSIST_RETRY_FOR;
+    let mut wait = Duration::from_millis(200);
+    while tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(wait).await;
+        match store.write_refreshed(&provider_id, user, &old, &new).await {
+            Ok(true) => {
+                tracing::info!(provider = %provider_id, %user, "stored the refreshed token after the database came back");
+                return;
+            }
+            Ok(false) => {
+                tracing::warn!(provider = %provider_id, %user, "the link changed before the refreshed token could be stored");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(provider = %provider_id, %user, error = %e, "still cannot store the refreshed token");
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    tracing::error!(provider = %provider_id, %user, "gave up storing the refreshed token; the user may need to log in again");
 }
 
 async fn lost_race(inner: &Arc<Inner>, key: Key, ours: AccessToken) -> Step {

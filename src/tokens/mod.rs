@@ -134,6 +134,9 @@ pub struct TokenSource {
 struct Provider {
     id: String,
     client: ProviderClient,
+    /// While set and in the future, the provider rejected our client itself
+    /// (`invalid_client`): no user's refresh can succeed, so none is attempted.
+    client_rejected_until: parking_lot::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Longest a remembered `link_missing` / `reauth_required` answer is trusted
@@ -264,6 +267,7 @@ impl TokenSource {
             list.push(Provider {
                 id: p.id.clone(),
                 client,
+                client_rejected_until: parking_lot::Mutex::new(None),
             });
         }
         let cache = moka::future::Cache::builder()
