@@ -12,13 +12,11 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use support::idp::{Idp, IdpOptions};
+use support::store_wrapper::{HookedStore, Hooks};
 use tokenproxy::config::TokensConfig;
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
-use tokenproxy::store::{
-    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet,
-};
+use tokenproxy::store::{LinkStore, StoreError, StoredSecret, TokenSet};
 use tokenproxy::telemetry::Metrics;
 use tokenproxy::tokens::{SystemClock, TokenSource};
 use uuid::Uuid;
@@ -26,39 +24,15 @@ use uuid::Uuid;
 /// Postgres, except that the first `fail_writes` refreshed-token writes fail as
 /// if the database had gone away.
 struct FlakyWrites {
-    inner: PgStore,
     fail_writes: AtomicUsize,
     writes: AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl LinkStore for FlakyWrites {
-    async fn get_link(&self, p: &str, u: Uuid) -> Result<Option<Link>, StoreError> {
-        self.inner.get_link(p, u).await
-    }
-    async fn put_link(&self, p: &str, u: Uuid, t: &TokenSet) -> Result<(), StoreError> {
-        self.inner.put_link(p, u, t).await
-    }
-    async fn delete_link(&self, p: &str, u: Uuid) -> Result<bool, StoreError> {
-        self.inner.delete_link(p, u).await
-    }
-    async fn list_links(&self, u: Option<Uuid>) -> Result<Vec<LinkSummary>, StoreError> {
-        self.inner.list_links(u).await
-    }
-    async fn claim_refresh_lease(
-        &self,
-        p: &str,
-        u: Uuid,
-        old: &StoredSecret,
-        lease: Duration,
-    ) -> Result<LeaseClaim, StoreError> {
-        self.inner.claim_refresh_lease(p, u, old, lease).await
-    }
-    async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.inner.release_refresh_lease(lease).await
-    }
+impl Hooks for FlakyWrites {
     async fn write_refreshed(
         &self,
+        inner: &dyn LinkStore,
         p: &str,
         u: Uuid,
         old: &StoredSecret,
@@ -68,55 +42,21 @@ impl LinkStore for FlakyWrites {
         if n < self.fail_writes.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("connection refused (test)".into()));
         }
-        self.inner.write_refreshed(p, u, old, new).await
-    }
-    async fn record_refresh_failure(
-        &self,
-        p: &str,
-        u: Uuid,
-        old: &StoredSecret,
-        lease: Option<&Lease>,
-        reason: &str,
-    ) -> Result<bool, StoreError> {
-        self.inner
-            .record_refresh_failure(p, u, old, lease, reason)
-            .await
-    }
-    async fn create_proxy_token(&self, t: &NewProxyToken) -> Result<ProxyTokenInfo, StoreError> {
-        self.inner.create_proxy_token(t).await
-    }
-    async fn find_proxy_token(&self, h: &[u8; 32]) -> Result<Option<ProxyTokenInfo>, StoreError> {
-        self.inner.find_proxy_token(h).await
-    }
-    async fn list_proxy_tokens(&self, u: Option<Uuid>) -> Result<Vec<ProxyTokenInfo>, StoreError> {
-        self.inner.list_proxy_tokens(u).await
-    }
-    async fn revoke_proxy_token(&self, id: Uuid) -> Result<bool, StoreError> {
-        self.inner.revoke_proxy_token(id).await
-    }
-    async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError> {
-        self.inner.touch_proxy_token(id).await
-    }
-    async fn rotate_keys(&self) -> Result<RotateReport, StoreError> {
-        self.inner.rotate_keys().await
-    }
-    async fn ready(&self) -> Result<(), StoreError> {
-        self.inner.ready().await
-    }
-    async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {
-        self.inner.watch_changes().await
+        inner.write_refreshed(p, u, old, new).await
     }
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn a_rotated_token_the_database_refused_is_stored_when_it_comes_back(pool: PgPool) {
     let idp = Idp::start(IdpOptions::default()).await;
-    let store = Arc::new(FlakyWrites {
-        inner: PgStore::from_pool(pool, Keyring::plaintext()),
-        // More failures than the request path retries.
-        fail_writes: AtomicUsize::new(5),
-        writes: AtomicUsize::new(0),
-    });
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        FlakyWrites {
+            // More failures than the request path retries.
+            fail_writes: AtomicUsize::new(5),
+            writes: AtomicUsize::new(0),
+        },
+    ));
     let user = Uuid::new_v4();
     let seeded = idp.seed_with_expiry(user, Some(chrono::Utc::now() - chrono::Duration::hours(1)));
     store.put_link("p", user, &seeded).await.unwrap();

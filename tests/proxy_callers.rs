@@ -13,96 +13,43 @@ use std::time::Duration;
 
 use harness::{create_token, get, FakeTokens, Harness};
 use sqlx::PgPool;
+use support::store_wrapper::{HookedStore, Hooks};
 use support::upstream::{tokens, CredentialForm, TestUpstream};
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
-use tokenproxy::store::{
-    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet,
-};
+use tokenproxy::store::{LinkStore, ProxyTokenInfo, StoreError};
 use uuid::Uuid;
 
 const GH_TOKEN: &str = "gho_callers";
 
-/// Delegates to Postgres, counting the proxy-token calls.
+/// Counts the proxy-token calls.
 struct Counting {
-    inner: PgStore,
     finds: AtomicUsize,
     touches: AtomicUsize,
 }
 
+impl Counting {
+    fn new() -> Self {
+        Counting {
+            finds: AtomicUsize::new(0),
+            touches: AtomicUsize::new(0),
+        }
+    }
+}
+
 #[async_trait::async_trait]
-impl LinkStore for Counting {
-    async fn get_link(&self, p: &str, u: Uuid) -> Result<Option<Link>, StoreError> {
-        self.inner.get_link(p, u).await
-    }
-    async fn put_link(&self, p: &str, u: Uuid, t: &TokenSet) -> Result<(), StoreError> {
-        self.inner.put_link(p, u, t).await
-    }
-    async fn delete_link(&self, p: &str, u: Uuid) -> Result<bool, StoreError> {
-        self.inner.delete_link(p, u).await
-    }
-    async fn list_links(&self, u: Option<Uuid>) -> Result<Vec<LinkSummary>, StoreError> {
-        self.inner.list_links(u).await
-    }
-    async fn claim_refresh_lease(
+impl Hooks for Counting {
+    async fn find_proxy_token(
         &self,
-        p: &str,
-        u: Uuid,
-        old: &StoredSecret,
-        lease: Duration,
-    ) -> Result<LeaseClaim, StoreError> {
-        self.inner.claim_refresh_lease(p, u, old, lease).await
-    }
-    async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.inner.release_refresh_lease(lease).await
-    }
-    async fn write_refreshed(
-        &self,
-        p: &str,
-        u: Uuid,
-        old: &StoredSecret,
-        new: &TokenSet,
-    ) -> Result<bool, StoreError> {
-        self.inner.write_refreshed(p, u, old, new).await
-    }
-    async fn record_refresh_failure(
-        &self,
-        p: &str,
-        u: Uuid,
-        old: &StoredSecret,
-        lease: Option<&Lease>,
-        reason: &str,
-    ) -> Result<bool, StoreError> {
-        self.inner
-            .record_refresh_failure(p, u, old, lease, reason)
-            .await
-    }
-    async fn create_proxy_token(&self, t: &NewProxyToken) -> Result<ProxyTokenInfo, StoreError> {
-        self.inner.create_proxy_token(t).await
-    }
-    async fn find_proxy_token(&self, h: &[u8; 32]) -> Result<Option<ProxyTokenInfo>, StoreError> {
+        inner: &dyn LinkStore,
+        h: &[u8; 32],
+    ) -> Result<Option<ProxyTokenInfo>, StoreError> {
         self.finds.fetch_add(1, Ordering::SeqCst);
-        self.inner.find_proxy_token(h).await
+        inner.find_proxy_token(h).await
     }
-    async fn list_proxy_tokens(&self, u: Option<Uuid>) -> Result<Vec<ProxyTokenInfo>, StoreError> {
-        self.inner.list_proxy_tokens(u).await
-    }
-    async fn revoke_proxy_token(&self, id: Uuid) -> Result<bool, StoreError> {
-        self.inner.revoke_proxy_token(id).await
-    }
-    async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError> {
+    async fn touch_proxy_token(&self, inner: &dyn LinkStore, id: Uuid) -> Result<(), StoreError> {
         self.touches.fetch_add(1, Ordering::SeqCst);
-        self.inner.touch_proxy_token(id).await
-    }
-    async fn rotate_keys(&self) -> Result<RotateReport, StoreError> {
-        self.inner.rotate_keys().await
-    }
-    async fn ready(&self) -> Result<(), StoreError> {
-        self.inner.ready().await
-    }
-    async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {
-        self.inner.watch_changes().await
+        inner.touch_proxy_token(id).await
     }
 }
 
@@ -127,11 +74,10 @@ token_url = "http://127.0.0.1:9/token"
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn a_busy_caller_costs_one_lookup_and_one_touch(pool: PgPool) {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
-    let store = Arc::new(Counting {
-        inner: PgStore::from_pool(pool, Keyring::plaintext()),
-        finds: AtomicUsize::new(0),
-        touches: AtomicUsize::new(0),
-    });
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        Counting::new(),
+    ));
     let user = Uuid::new_v4();
     let (_, token) = create_token(&*store, user, &[]).await;
     let fake = FakeTokens::new();
@@ -151,7 +97,7 @@ async fn a_busy_caller_costs_one_lookup_and_one_touch(pool: PgPool) {
         assert_eq!(status, 200);
     }
     assert_eq!(
-        store.finds.load(Ordering::SeqCst),
+        store.hooks.finds.load(Ordering::SeqCst),
         1,
         "one lookup for 50 requests"
     );
@@ -165,18 +111,21 @@ async fn a_busy_caller_costs_one_lookup_and_one_touch(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(used.is_some(), "last_used_at recorded");
-    assert_eq!(store.touches.load(Ordering::SeqCst), 1, "touched once");
+    assert_eq!(
+        store.hooks.touches.load(Ordering::SeqCst),
+        1,
+        "touched once"
+    );
     assert_eq!(api.count(), 50);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn a_client_retrying_an_unknown_token_costs_one_lookup(pool: PgPool) {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
-    let store = Arc::new(Counting {
-        inner: PgStore::from_pool(pool, Keyring::plaintext()),
-        finds: AtomicUsize::new(0),
-        touches: AtomicUsize::new(0),
-    });
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        Counting::new(),
+    ));
     let config = harness::config(&config_toml(&api.url(), "cache_ttl = \"1h\""));
     let proxy = Harness::start(config, store.clone(), FakeTokens::new()).await;
     // A CI job still using a token that never existed (or a typo), in a loop.
@@ -188,7 +137,7 @@ async fn a_client_retrying_an_unknown_token_costs_one_lookup(pool: PgPool) {
         .await;
         a.assert_error(401, "unauthenticated");
     }
-    assert_eq!(store.finds.load(Ordering::SeqCst), 1);
+    assert_eq!(store.hooks.finds.load(Ordering::SeqCst), 1);
     // A real token still works, and is looked up once.
     let user = Uuid::new_v4();
     let (_, token) = create_token(&*store, user, &[]).await;
@@ -198,7 +147,7 @@ async fn a_client_retrying_an_unknown_token_costs_one_lookup(pool: PgPool) {
     )
     .await;
     assert_ne!(a.status, 401);
-    assert_eq!(store.finds.load(Ordering::SeqCst), 2);
+    assert_eq!(store.hooks.finds.load(Ordering::SeqCst), 2);
     assert_eq!(api.count(), 0, "link_missing: nothing reached the upstream");
 }
 

@@ -18,13 +18,11 @@ use rand::{Rng, SeedableRng};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use support::idp::{Fault, IdpOptions, ManualClock};
+use support::store_wrapper::{HookedStore, Hooks};
 use tokenproxy::config::TokensConfig;
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
-use tokenproxy::store::{
-    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet,
-};
+use tokenproxy::store::{Lease, LeaseClaim, Link, LinkStore, StoreError, StoredSecret};
 use tokenproxy::telemetry::RefreshOutcome;
 use tokenproxy::tokens::TokenError;
 use uuid::Uuid;
@@ -33,14 +31,18 @@ use uuid::Uuid;
 /// re-check under the lease) and grants a (fake) lease on it — forcing its replica to exchange a refresh token that another
 /// replica already used. Everything else goes to the real store.
 struct StaleOnce {
-    real: PgStore,
     stale: Mutex<Option<(Link, u8)>>,
     faked: Mutex<bool>,
 }
 
 #[async_trait::async_trait]
-impl LinkStore for StaleOnce {
-    async fn get_link(&self, p: &str, u: Uuid) -> Result<Option<Link>, StoreError> {
+impl Hooks for StaleOnce {
+    async fn get_link(
+        &self,
+        inner: &dyn LinkStore,
+        p: &str,
+        u: Uuid,
+    ) -> Result<Option<Link>, StoreError> {
         let served = {
             let mut stale = self.stale.lock();
             let served = stale.as_mut().map(|(link, reads)| {
@@ -56,19 +58,11 @@ impl LinkStore for StaleOnce {
             *self.faked.lock() = true;
             return Ok(Some(link));
         }
-        self.real.get_link(p, u).await
-    }
-    async fn put_link(&self, p: &str, u: Uuid, t: &TokenSet) -> Result<(), StoreError> {
-        self.real.put_link(p, u, t).await
-    }
-    async fn delete_link(&self, p: &str, u: Uuid) -> Result<bool, StoreError> {
-        self.real.delete_link(p, u).await
-    }
-    async fn list_links(&self, u: Option<Uuid>) -> Result<Vec<LinkSummary>, StoreError> {
-        self.real.list_links(u).await
+        inner.get_link(p, u).await
     }
     async fn claim_refresh_lease(
         &self,
+        inner: &dyn LinkStore,
         p: &str,
         u: Uuid,
         old: &StoredSecret,
@@ -81,55 +75,7 @@ impl LinkStore for StaleOnce {
                 expires_at: chrono::Utc::now(),
             }));
         }
-        self.real.claim_refresh_lease(p, u, old, lease).await
-    }
-    async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.real.release_refresh_lease(lease).await
-    }
-    async fn write_refreshed(
-        &self,
-        p: &str,
-        u: Uuid,
-        old: &StoredSecret,
-        new: &TokenSet,
-    ) -> Result<bool, StoreError> {
-        self.real.write_refreshed(p, u, old, new).await
-    }
-    async fn record_refresh_failure(
-        &self,
-        p: &str,
-        u: Uuid,
-        old: &StoredSecret,
-        lease: Option<&Lease>,
-        reason: &str,
-    ) -> Result<bool, StoreError> {
-        self.real
-            .record_refresh_failure(p, u, old, lease, reason)
-            .await
-    }
-    async fn create_proxy_token(&self, t: &NewProxyToken) -> Result<ProxyTokenInfo, StoreError> {
-        self.real.create_proxy_token(t).await
-    }
-    async fn find_proxy_token(&self, h: &[u8; 32]) -> Result<Option<ProxyTokenInfo>, StoreError> {
-        self.real.find_proxy_token(h).await
-    }
-    async fn list_proxy_tokens(&self, u: Option<Uuid>) -> Result<Vec<ProxyTokenInfo>, StoreError> {
-        self.real.list_proxy_tokens(u).await
-    }
-    async fn revoke_proxy_token(&self, id: Uuid) -> Result<bool, StoreError> {
-        self.real.revoke_proxy_token(id).await
-    }
-    async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError> {
-        self.real.touch_proxy_token(id).await
-    }
-    async fn rotate_keys(&self) -> Result<RotateReport, StoreError> {
-        self.real.rotate_keys().await
-    }
-    async fn ready(&self) -> Result<(), StoreError> {
-        self.real.ready().await
-    }
-    async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {
-        self.real.watch_changes().await
+        inner.claim_refresh_lease(p, u, old, lease).await
     }
 }
 
@@ -146,11 +92,13 @@ async fn stale_exchange_adopts_the_winner(pool: PgPool) {
     assert_eq!(idp.refreshes(), 1);
 
     // Replica A reads the stale snapshot and is granted a lease on it.
-    let stale = Arc::new(StaleOnce {
-        real: PgStore::from_pool(own_pool(&pool).await, Keyring::plaintext()),
-        stale: Mutex::new(Some((snapshot, 2))),
-        faked: Mutex::new(false),
-    });
+    let stale = Arc::new(HookedStore::new(
+        PgStore::from_pool(own_pool(&pool).await, Keyring::plaintext()),
+        StaleOnce {
+            stale: Mutex::new(Some((snapshot, 2))),
+            faked: Mutex::new(false),
+        },
+    ));
     let a = replica_with(stale, &providers, &tokens_cfg(), clock.clone()).await;
     let got = a
         .source

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: real HTTP servers that behave like
-//! identity providers and upstreams, on loopback.
+//! identity providers and upstreams, on loopback, and a store wrapper that
+//! intercepts chosen calls.
 #![allow(dead_code)]
 
 pub mod idp;
+pub mod store_wrapper;
 pub mod upstream;
