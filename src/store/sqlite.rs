@@ -37,7 +37,7 @@ use super::codec::{self, LinkRow, LINK_COLUMNS};
 use super::rotation::{self, RowSql};
 use super::{
     ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet, CLAIM_ATTEMPTS,
+    RotateReport, StoreError, StoredSecret, TokenSet,
 };
 use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{Keyring, Sealed};
@@ -217,12 +217,21 @@ impl SqliteStore {
     /// try to apply a migration; the loser fails on the bookkeeping row after the
     /// winner committed, and simply runs again to find everything applied.
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        // sqlx takes no migration lock on SQLite: processes starting together race,
+        // and the loser of each step fails on `_sqlx_migrations`' unique version.
+        // Every retry re-reads what is applied, so each one makes progress; the
+        // backoff lets the winner commit its step first.
+        const MIGRATE_ATTEMPTS: u32 = 10;
         let mut last = None;
-        for _ in 0..CLAIM_ATTEMPTS {
+        for attempt in 0..MIGRATE_ATTEMPTS {
             match MIGRATOR.run(&self.pool).await {
                 Ok(()) => return Ok(()),
                 Err(e) => last = Some(e),
             }
+            tokio::time::sleep(std::time::Duration::from_millis(
+                20 * u64::from(attempt + 1),
+            ))
+            .await;
         }
         Err(match last {
             Some(sqlx::migrate::MigrateError::Execute(inner)) => map_err(inner),
