@@ -8,6 +8,8 @@ mod support;
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use harness::{create_token, get, Harness};
 use sqlx::PgPool;
 use support::idp::{Fault, Idp, IdpOptions};
@@ -212,4 +214,68 @@ async fn token_source_failures_become_error_codes(pool: PgPool) {
 
     // None of the failing requests reached the upstream.
     assert_eq!(w.api.count(), 0);
+}
+
+/// A TCP relay in front of `to` that records, for every connection it accepts,
+/// how many refreshes the IdP had completed at that moment.
+async fn counting_relay(to: std::net::SocketAddr, idp: Arc<Idp>) -> (String, Arc<Mutex<Vec<u64>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            seen.lock().push(idp.refreshes());
+            tokio::spawn(async move {
+                let mut out = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn the_upstream_connection_opens_while_the_refresh_is_in_flight(pool: PgPool) {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    idp.set_latency(std::time::Duration::from_millis(300));
+    let check = {
+        let idp = idp.clone();
+        Arc::new(move |t: &str| idp.is_valid_access_token(t))
+    };
+    let api = TestUpstream::start(CredentialForm::Bearer, check).await;
+    let api_addr: std::net::SocketAddr = api.url().trim_start_matches("http://").parse().unwrap();
+    let (relay, accepted) = counting_relay(api_addr, idp.clone()).await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    let expired = idp.seed_with_expiry(
+        user,
+        Some(chrono::Utc::now() - chrono::Duration::minutes(5)),
+    );
+    store.put_link("github", user, &expired).await.unwrap();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let config = idp_config(&idp, &relay);
+    let tokens = token_source(&config, store.clone());
+    let proxy = Harness::start(config, store.clone(), tokens).await;
+    let auth = format!("Bearer {token}");
+    let h = [("authorization", auth.as_str())];
+
+    assert_eq!(get(&proxy.url("/gh/api/user"), &h).await.status, 200);
+    assert_eq!(idp.refreshes(), 1);
+    assert_eq!(
+        *accepted.lock(),
+        [0],
+        "one upstream connection, opened before the provider answered the refresh, \
+         and used by the request that waited"
+    );
+    let seen = api.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(idp.is_valid_access_token(seen[0].token.as_deref().unwrap()));
+
+    // Cache hits open nothing ahead: they reuse the pooled connection.
+    for _ in 0..5 {
+        assert_eq!(get(&proxy.url("/gh/api/user"), &h).await.status, 200);
+    }
+    assert_eq!(accepted.lock().len(), 1);
+    assert_eq!(idp.refreshes(), 1);
 }

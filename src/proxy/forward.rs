@@ -29,6 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::ProxyError;
+use super::prewarm::Prewarm;
 use super::route::ClientKey;
 use super::ProxyBody;
 use crate::config::ServerConfig;
@@ -36,12 +37,16 @@ use crate::config::ServerConfig;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The pooled client type used for every upstream.
-pub type UpstreamClient = Client<HttpsConnector<ConnectTo>, ProxyBody>;
+/// The connector of every upstream client: pre-opened connections first.
+pub type UpstreamConnector = Prewarm<HttpsConnector<ConnectTo>>;
 
-/// The upstream clients, keyed by the extra CA they trust and `connect_to`.
+/// The pooled client type used for every upstream.
+pub type UpstreamClient = Client<UpstreamConnector, ProxyBody>;
+
+/// The upstream clients, keyed by the extra CA they trust and `connect_to`, each
+/// with the connector that pre-opens its connections.
 pub struct Upstreams {
-    clients: HashMap<ClientKey, UpstreamClient>,
+    clients: HashMap<ClientKey, (UpstreamClient, UpstreamConnector)>,
     response_timeout: Duration,
 }
 
@@ -108,13 +113,21 @@ impl Upstreams {
         })
     }
 
+    /// Starts opening a connection for a request to `uri` that is about to wait
+    /// (for its token), so the handshake overlaps the wait.
+    pub fn prewarm(&self, key: &ClientKey, uri: &Uri) {
+        if let Some((_, connector)) = self.clients.get(key) {
+            connector.prewarm(uri);
+        }
+    }
+
     /// Sends `req` with the client for `key` and waits for the response head.
     pub async fn send(
         &self,
         key: &ClientKey,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let client = self
+        let (client, _) = self
             .clients
             .get(key)
             .ok_or(ProxyError::UpstreamUnavailable)?;
@@ -168,7 +181,7 @@ fn build_client(
     server: &ServerConfig,
     extra_ca: Option<&Path>,
     connect_to: Option<&str>,
-) -> Result<UpstreamClient, ClientSetupError> {
+) -> Result<(UpstreamClient, UpstreamConnector), ClientSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -193,9 +206,11 @@ fn build_client(
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    let connector = Prewarm::new(https);
+    let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(https))
+        .build(connector.clone());
+    Ok((client, connector))
 }

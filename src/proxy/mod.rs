@@ -38,6 +38,7 @@ pub mod forward;
 pub mod headers;
 pub mod inject;
 pub mod pipeline;
+pub mod prewarm;
 pub mod route;
 pub mod server;
 

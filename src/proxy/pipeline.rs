@@ -165,7 +165,7 @@ impl Pipeline {
         let (caller, route, uri) = self.enter(&req, entry, outcome).await?;
         outcome.route = Some(route.clone());
         authorize(&caller, &route)?;
-        let token = self.token(&route, &caller).await?;
+        let token = self.token_or_prewarm(&route, &caller, &uri).await?;
         outcome.token = "served";
         let host = match entry {
             Entry::Reverse => route.host.clone(),
@@ -267,6 +267,23 @@ impl Pipeline {
     /// Phase: an access token for the caller at the route's provider.
     async fn token(&self, route: &Route, caller: &Caller) -> Result<AccessToken, ProxyError> {
         Ok(self.tokens.get(&route.provider, caller.user_id).await?)
+    }
+
+    /// The token phase, opening the upstream connection meanwhile when the token
+    /// is not at hand (a refresh or a store read): the handshake then overlaps the
+    /// wait. A cache hit is ready at the first poll and starts nothing.
+    async fn token_or_prewarm(
+        &self,
+        route: &Route,
+        caller: &Caller,
+        uri: &Uri,
+    ) -> Result<AccessToken, ProxyError> {
+        let mut lookup = std::pin::pin!(self.token(route, caller));
+        if let std::task::Poll::Ready(done) = futures_util::poll!(lookup.as_mut()) {
+            return done;
+        }
+        self.upstreams.prewarm(route.client_key(), uri);
+        lookup.await
     }
 
     /// Phase: the outgoing request head, without the credential. Hop-by-hop and
