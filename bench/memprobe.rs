@@ -1,8 +1,11 @@
 //! Memory probe for `BENCHMARKS.md`: how much resident memory 100k entries cost in
 //! each kind of cache `tokenproxy serve` keeps per link or caller, built the same
-//! way (moka, same key/value shapes, same expiry policies), next to a plain
-//! `HashMap` holding the same data. It explains where the RSS of the 100k-link
-//! measurement goes. Run: `cargo bench --bench memprobe` (`N=...` to change 100k).
+//! way (`quick_cache`, same key/value shapes), next to a plain `HashMap` holding the
+//! same data and the moka caches they replaced (issue 7), kept as the "before"
+//! reference. It explains where the RSS of the 100k-link measurement goes.
+//! The `quick_cache` rows are sized like `tokens::bounded_cache` (a sixteenth of
+//! headroom for uneven sharding). Run: `cargo bench --bench memprobe` (`N=...`
+//! to change 100k).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,9 +32,23 @@ struct Entry {
     generation: u64,
 }
 
-/// Stand-in for a verified caller: hash plus the proxy token record.
+/// Stand-in for a verified caller as cached now: hash plus what the request path
+/// reads, and the last-use throttle's timestamp.
 #[allow(dead_code)]
 struct Verified {
+    hash: [u8; 32],
+    token_id: Uuid,
+    user_id: Uuid,
+    providers: Arc<[String]>,
+    expires_at: Option<i64>,
+    revoked: bool,
+    loaded: std::time::Instant,
+    touched_ms: std::sync::atomic::AtomicI64,
+}
+
+/// Stand-in for a verified caller as cached before: hash plus the whole record.
+#[allow(dead_code)]
+struct VerifiedBefore {
     hash: [u8; 32],
     id: Uuid,
     user_id: Uuid,
@@ -50,8 +67,21 @@ fn entry(i: u64) -> Arc<Entry> {
     })
 }
 
-fn verified(i: u64) -> Arc<Verified> {
+fn verified(i: u64, empty: &Arc<[String]>) -> Arc<Verified> {
     Arc::new(Verified {
+        hash: [i as u8; 32],
+        token_id: Uuid::from_u128(i as u128),
+        user_id: Uuid::from_u128(i as u128),
+        providers: empty.clone(),
+        expires_at: None,
+        revoked: false,
+        loaded: std::time::Instant::now(),
+        touched_ms: std::sync::atomic::AtomicI64::new(0),
+    })
+}
+
+fn verified_before(i: u64) -> Arc<VerifiedBefore> {
+    Arc::new(VerifiedBefore {
         hash: [i as u8; 32],
         id: Uuid::from_u128(i as u128),
         user_id: Uuid::from_u128(i as u128),
@@ -108,27 +138,50 @@ async fn main() {
     );
 
     let b = rss_kib();
-    let tokens: moka::future::Cache<(u32, Uuid), Arc<Entry>> = moka::future::Cache::builder()
+    let tokens: quick_cache::sync::Cache<(u32, Uuid), Arc<Entry>> =
+        quick_cache::sync::Cache::new((n + n / 16) as usize);
+    for i in 0..n {
+        tokens.insert((0, Uuid::from_u128(i as u128)), entry(i));
+    }
+    report("token cache: quick_cache::sync (now)", n, b);
+
+    let b = rss_kib();
+    let empty: Arc<[String]> = Arc::from(Vec::new());
+    let callers: quick_cache::sync::Cache<[u8; 32], Arc<Verified>> =
+        quick_cache::sync::Cache::new((n + n / 16) as usize);
+    for i in 0..n {
+        callers.insert(key32(i), verified(i, &empty));
+    }
+    report(
+        "verified-caller cache: quick_cache::sync, slim entry (now)",
+        n,
+        b,
+    );
+
+    println!("before (issue 7):");
+    let b = rss_kib();
+    let moka_tokens: moka::future::Cache<(u32, Uuid), Arc<Entry>> = moka::future::Cache::builder()
         .max_capacity(n)
         .expire_after(Expiry)
         .build();
     for i in 0..n {
-        tokens
+        moka_tokens
             .insert((0, Uuid::from_u128(i as u128)), entry(i))
             .await;
     }
-    tokens.run_pending_tasks().await;
+    moka_tokens.run_pending_tasks().await;
     report("token cache: moka::future, expire_after", n, b);
 
     let b = rss_kib();
-    let callers: moka::future::Cache<[u8; 32], Arc<Verified>> = moka::future::Cache::builder()
-        .max_capacity(n)
-        .time_to_live(Duration::from_secs(3600))
-        .build();
+    let moka_callers: moka::future::Cache<[u8; 32], Arc<VerifiedBefore>> =
+        moka::future::Cache::builder()
+            .max_capacity(n)
+            .time_to_live(Duration::from_secs(3600))
+            .build();
     for i in 0..n {
-        callers.insert(key32(i), verified(i)).await;
+        moka_callers.insert(key32(i), verified_before(i)).await;
     }
-    callers.run_pending_tasks().await;
+    moka_callers.run_pending_tasks().await;
     report("verified-caller cache: moka::future, time_to_live", n, b);
 
     let b = rss_kib();
@@ -141,16 +194,18 @@ async fn main() {
     }
     touched.run_pending_tasks();
     report(
-        "last-use throttle: moka::sync<Uuid, ()>, time_to_live",
+        "last-use throttle: moka::sync<Uuid, ()> (now in the entry)",
         n,
         b,
     );
 
     println!(
-        "(entries held: {} {} {} {})",
+        "(entries held: {} {} {} {} {} {})",
         m.len(),
-        tokens.entry_count(),
-        callers.entry_count(),
+        tokens.len(),
+        callers.len(),
+        moka_tokens.entry_count(),
+        moka_callers.entry_count(),
         touched.entry_count()
     );
 }

@@ -7,11 +7,14 @@
 //! time-to-live bounds how long a revoked token keeps working. In `static` mode
 //! (a sidecar on loopback) every request is one configured user.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use http::header::{self, HeaderMap};
+use quick_cache::sync::{EntryAction, EntryResult};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -140,51 +143,86 @@ pub fn hash_token(token: &SecretString) -> [u8; 32] {
     Sha256::digest(token.expose_secret().as_bytes()).into()
 }
 
-/// A verified token as cached: the hash it was found under and its record.
+/// A verified token as cached: the hash it was found under and what the request
+/// path needs from its record. The name and the creation and last-use times are
+/// left out — nothing on the request path reads them, and every cached caller
+/// costs memory (issue 7: 100k cached callers).
 struct Verified {
     hash: [u8; 32],
-    info: ProxyTokenInfo,
+    token_id: Uuid,
+    user_id: Uuid,
+    /// Shared with every [`Caller`] built from this entry: no allocation per request.
+    providers: Arc<[String]>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked: bool,
+    /// When the record was read; it is trusted for `callers.cache_ttl` after that.
+    loaded: Instant,
+    /// The last-use throttle: unix milliseconds of the last `last_used_at` write
+    /// (this process's, or the store's value when the record was read).
+    touched_ms: AtomicI64,
 }
 
-/// Why a lookup produced nothing to cache.
-#[derive(Debug)]
-enum LookupFailure {
-    NotFound,
-    Store,
+impl Verified {
+    fn new(hash: [u8; 32], info: ProxyTokenInfo) -> Self {
+        let providers: Arc<[String]> = if info.providers.is_empty() {
+            ALL_PROVIDERS.clone()
+        } else {
+            Arc::from(info.providers)
+        };
+        Self {
+            hash,
+            token_id: info.id,
+            user_id: info.user_id,
+            providers,
+            expires_at: info.expires_at,
+            revoked: info.revoked_at.is_some(),
+            loaded: Instant::now(),
+            touched_ms: AtomicI64::new(
+                info.last_used_at.map_or(i64::MIN, |t| t.timestamp_millis()),
+            ),
+        }
+    }
 }
+
+/// The empty provider list (= all providers), shared by every unrestricted caller.
+static ALL_PROVIDERS: LazyLock<Arc<[String]>> = LazyLock::new(|| Arc::from(Vec::new()));
 
 /// Identifies callers; cheap to share.
 pub struct CallerIdentity {
     mode: CallerMode,
     static_user: Option<Uuid>,
     store: Arc<dyn LinkStore>,
-    verified: moka::future::Cache<[u8; 32], Arc<Verified>>,
+    /// Verified tokens by hash. A `quick_cache` rather than moka: about a third of
+    /// the memory per entry; entries older than `ttl` are not served and are
+    /// replaced on the next lookup (or evicted when the cache is full).
+    verified: quick_cache::sync::Cache<[u8; 32], Arc<Verified>>,
+    ttl: Duration,
+    touch_every_ms: i64,
     /// Hashes the store did not know. Safe to remember: a token is random and
     /// only presented after it was created, so "unknown" does not turn into
     /// "known" for the same value.
     unknown: moka::sync::Cache<[u8; 32], ()>,
-    touched: moka::sync::Cache<Uuid, ()>,
+    /// Failed store lookups so far: lets callers that waited on a lookup of the
+    /// same token share its failure instead of retrying one after another.
+    store_failures: AtomicU64,
 }
 
 impl CallerIdentity {
     /// Builds the identity phase for `config` over `store`.
     pub fn new(config: &CallersConfig, store: Arc<dyn LinkStore>) -> Self {
+        let touch_every = config.touch_interval.max(Duration::from_secs(1));
         Self {
             mode: config.mode,
             static_user: config.static_user,
             store,
-            verified: moka::future::Cache::builder()
-                .max_capacity(CACHE_CAPACITY)
-                .time_to_live(config.cache_ttl)
-                .build(),
+            verified: crate::tokens::bounded_cache(CACHE_CAPACITY),
+            ttl: config.cache_ttl,
+            touch_every_ms: i64::try_from(touch_every.as_millis()).unwrap_or(i64::MAX),
             unknown: moka::sync::Cache::builder()
                 .max_capacity(UNKNOWN_CAPACITY)
                 .time_to_live(config.cache_ttl)
                 .build(),
-            touched: moka::sync::Cache::builder()
-                .max_capacity(CACHE_CAPACITY)
-                .time_to_live(config.touch_interval.max(Duration::from_secs(1)))
-                .build(),
+            store_failures: AtomicU64::new(0),
         }
     }
 
@@ -220,63 +258,102 @@ impl CallerIdentity {
             return Ok(Caller {
                 user_id,
                 token_id: None,
-                providers: Arc::from(Vec::new()),
+                providers: ALL_PROVIDERS.clone(),
             });
         }
         let token = extract().ok_or(ProxyError::Unauthenticated)?;
         let hash = hash_token(&token);
         drop(token);
-        if self.unknown.contains_key(&hash) {
-            return Err(ProxyError::Unauthenticated);
-        }
-        let store = self.store.clone();
-        let verified = self
-            .verified
-            .try_get_with(hash, async move {
-                match store.find_proxy_token(&hash).await {
-                    Ok(Some(info)) => Ok(Arc::new(Verified { hash, info })),
-                    Ok(None) => Err(LookupFailure::NotFound),
-                    Err(e) => {
-                        log_store_error(&e);
-                        Err(LookupFailure::Store)
-                    }
-                }
-            })
-            .await
-            .map_err(|e| match *e {
-                LookupFailure::NotFound => {
-                    self.unknown.insert(hash, ());
-                    ProxyError::Unauthenticated
-                }
-                LookupFailure::Store => ProxyError::StoreUnavailable,
-            })?;
+        let verified = match self.verified.get(&hash) {
+            Some(v) if v.loaded.elapsed() < self.ttl => v,
+            _ => self.lookup(hash).await?,
+        };
         // The map lookup compared hashes already; compare again in constant time
         // so no code path depends on a variable-time comparison of caller secrets.
         if !bool::from(verified.hash.ct_eq(&hash)) {
             return Err(ProxyError::Unauthenticated);
         }
-        let info = &verified.info;
-        if info.revoked_at.is_some() {
+        if verified.revoked {
             return Err(ProxyError::Unauthenticated);
         }
-        if info.expires_at.is_some_and(|t| t <= chrono::Utc::now()) {
+        let now = Utc::now();
+        if verified.expires_at.is_some_and(|t| t <= now) {
             return Err(ProxyError::Unauthenticated);
         }
-        self.touch(info.id);
+        self.touch(&verified, now.timestamp_millis());
         Ok(Caller {
-            user_id: info.user_id,
-            token_id: Some(info.id),
-            providers: Arc::from(info.providers.clone()),
+            user_id: verified.user_id,
+            token_id: Some(verified.token_id),
+            providers: verified.providers.clone(),
         })
     }
 
+    /// Reads the token's record from the store, once for all concurrent callers
+    /// presenting the same token (the others wait for the first one's answer).
+    async fn lookup(&self, hash: [u8; 32]) -> Result<Arc<Verified>, ProxyError> {
+        let failures = self.store_failures.load(Ordering::Acquire);
+        let ttl = self.ttl;
+        let guard = match self
+            .verified
+            .entry_async(&hash, |_, v| {
+                if v.loaded.elapsed() < ttl {
+                    EntryAction::Retain(v.clone())
+                } else {
+                    EntryAction::ReplaceWithGuard
+                }
+            })
+            .await
+        {
+            EntryResult::Retained(v) => return Ok(v),
+            EntryResult::Vacant(g) | EntryResult::Replaced(g, _) => g,
+            // Neither happens: the callback never removes, and the async form has
+            // no timeout.
+            EntryResult::Removed(..) | EntryResult::Timeout => {
+                return Err(ProxyError::StoreUnavailable)
+            }
+        };
+        // Another caller's lookup of this token may have just failed while we
+        // waited for it: share its answer rather than asking the store again.
+        if self.unknown.contains_key(&hash) {
+            return Err(ProxyError::Unauthenticated);
+        }
+        if self.store_failures.load(Ordering::Acquire) != failures {
+            return Err(ProxyError::StoreUnavailable);
+        }
+        match self.store.find_proxy_token(&hash).await {
+            Ok(Some(info)) => {
+                let v = Arc::new(Verified::new(hash, info));
+                let _ = guard.insert(v.clone());
+                Ok(v)
+            }
+            Ok(None) => {
+                self.unknown.insert(hash, ());
+                Err(ProxyError::Unauthenticated)
+            }
+            Err(e) => {
+                log_store_error(&e);
+                self.store_failures.fetch_add(1, Ordering::AcqRel);
+                Err(ProxyError::StoreUnavailable)
+            }
+        }
+    }
+
     /// Records the token's last use at most once per touch interval, off the
-    /// request path.
-    fn touch(&self, id: Uuid) {
-        if !self.touched.entry(id).or_insert(()).is_fresh() {
+    /// request path. The throttle is the cached entry's timestamp (a relaxed
+    /// compare-and-swap), so only one of many concurrent requests writes.
+    fn touch(&self, v: &Verified, now_ms: i64) {
+        let last = v.touched_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) < self.touch_every_ms {
+            return;
+        }
+        if v.touched_ms
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
             return;
         }
         let store = self.store.clone();
+        let id = v.token_id;
         tokio::spawn(async move {
             if let Err(e) = store.touch_proxy_token(id).await {
                 tracing::debug!(token_id = %id, error = %e, "could not record proxy token use");

@@ -24,16 +24,20 @@ use crate::telemetry::ProviderLabels;
 
 /// Period of the refresh-ahead scan.
 const AHEAD_TICK: Duration = Duration::from_secs(1);
+/// Period of the pass that drops entries no longer servable (memory only).
+const TIDY_TICK: Duration = Duration::from_secs(30);
 
 /// Starts the listener and (when enabled) the refresh-ahead loop.
 pub(super) fn spawn(inner: Arc<Inner>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
     let listener = tokio::spawn(listen(inner.clone(), shutdown.clone()));
+    let tidy = tokio::spawn(tidy_loop(inner.clone(), shutdown.clone()));
     let ahead = inner
         .cfg
         .refresh_ahead
         .then(|| tokio::spawn(ahead_loop(inner, shutdown)));
     tokio::spawn(async move {
         let _ = listener.await;
+        let _ = tidy.await;
         if let Some(a) = ahead {
             let _ = a.await;
         }
@@ -89,7 +93,7 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
             let key = (pidx, user_id);
             inner.epoch_slot(&key).fetch_add(1, Ordering::AcqRel);
             inner.forget_broken(key).await;
-            if inner.uncache(key).await.is_some() {
+            if inner.uncache(key).is_some() {
                 inner.metrics.cache_invalidations.inc();
             }
             let _ = inner.changes.send(Some(key));
@@ -106,9 +110,19 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
             inner
                 .metrics
                 .cache_invalidations
-                .inc_by(inner.cache.entry_count());
+                .inc_by(inner.cache.len() as u64);
             let _ = inner.changes.send(None);
         }
+    }
+}
+
+async fn tidy_loop(inner: Arc<Inner>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(TIDY_TICK) => {}
+        }
+        super::cache::tidy(&inner.cache, inner.clock.now());
     }
 }
 
@@ -156,7 +170,6 @@ pub(super) async fn refresh_ahead_pass(inner: &Arc<Inner>) -> usize {
             .inc();
         tracing::debug!(provider = %provider, user = %key.1, "refreshing ahead of expiry");
         let inner = inner.clone();
-        let key = *key;
         let token = entry.token.clone();
         tasks.push(tokio::spawn(async move {
             flight::run(&inner, key, Want::Replace(token)).await

@@ -4,8 +4,8 @@
 //! The cache is keyed by provider index and user id, never by a token value. An
 //! entry carries the access token plus what refresh-ahead needs (the token's
 //! lifetime, when to start refreshing, when it was last used). Usability is always
-//! decided with the injected [`Clock`](super::Clock); moka's own expiry (on its
-//! monotonic clock) only keeps memory tidy.
+//! decided with the injected [`Clock`](super::Clock); [`tidy`] only keeps memory
+//! tidy.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{AccessToken, Clock};
+use super::AccessToken;
 
 /// Cache key: index of the provider in the source's provider list, and the user.
 pub(crate) type Key = (u32, uuid::Uuid);
@@ -113,41 +113,11 @@ pub(crate) fn ahead_time(
     Some(at.min(unusable_at))
 }
 
-/// moka expiry: drop an entry once it can no longer be served (expiry minus skew,
-/// on the injected clock, converted to a duration from now).
-pub(crate) struct EntryExpiry {
-    pub clock: Arc<dyn Clock>,
-    pub skew: Duration,
-}
-
-impl EntryExpiry {
-    fn ttl(&self, value: &Arc<Entry>) -> Option<Duration> {
-        let exp = value.token.expiry()?;
-        let left = exp - to_chrono(self.skew) - self.clock.now();
-        Some(left.to_std().unwrap_or(Duration::ZERO))
-    }
-}
-
-impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &Key,
-        value: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        self.ttl(value)
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &Key,
-        value: &Arc<Entry>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        // A replaced entry is a new token version: its own expiry counts.
-        self.ttl(value)
-    }
+/// Drops every entry whose token has expired at `now` (injected clock) — memory
+/// tidying only: the hit path already skips entries past expiry minus skew, and
+/// an unexpired one is kept as the outage fallback until it expires.
+pub(crate) fn tidy(cache: &quick_cache::sync::Cache<Key, Arc<Entry>>, now: DateTime<Utc>) {
+    cache.retain(|_, e| unexpired(e.token.expiry(), now));
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                     inner.skew(),
                     now,
                 );
-                insert_if_current(inner, key, entry, epoch).await;
+                insert_if_current(inner, key, entry, epoch);
                 return Step::Done(Ok(Served {
                     token,
                     exchanged: true,
@@ -160,7 +160,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                     inner.skew(),
                     now,
                 );
-                insert_if_current(inner, key, entry, epoch).await;
+                insert_if_current(inner, key, entry, epoch);
                 tokio::spawn(keep_persisting(
                     inner.store.clone(),
                     provider_id.to_string(),
@@ -256,7 +256,7 @@ async fn rejected(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease, reaso
                         .metrics
                         .refresh_outcome(provider_id, RefreshOutcome::InvalidGrant);
                     tracing::info!(provider = provider_id, user = %key.1, reason, "refresh token rejected; re-authentication required");
-                    inner.uncache(key).await;
+                    inner.uncache(key);
                     Step::Done(Err(TokenError::ReauthRequired))
                 }
                 // The row or the lease changed under us: look again.

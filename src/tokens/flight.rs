@@ -124,7 +124,7 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
         let row = match inner.store.get_link(provider_id, user).await {
             Ok(Some(row)) => row,
             Ok(None) => {
-                inner.uncache(key).await;
+                inner.uncache(key);
                 remember_broken(inner, key, TokenError::LinkMissing, epoch).await;
                 return Err(TokenError::LinkMissing);
             }
@@ -280,14 +280,14 @@ pub(super) async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u
         inner.skew(),
         inner.clock.now(),
     );
-    insert_if_current(inner, key, entry, epoch).await;
+    insert_if_current(inner, key, entry, epoch);
     Served {
         token,
         exchanged: false,
     }
 }
 
-pub(super) async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
+pub(super) fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
     if inner.epoch(&key) != epoch {
         return;
     }
@@ -295,16 +295,14 @@ pub(super) async fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: E
     // generation is the one the row was read in.
     entry.generation = inner.generation();
     let entry = Arc::new(entry);
-    inner.cache.insert(key, entry.clone()).await;
+    inner.cache.insert(key, entry.clone());
     // The listener bumps the epoch *then* drops the key; we insert *then* look
     // again. Whichever order they interleave in, a change announced after our read
     // never leaves our entry behind.
     if inner.epoch(&key) != epoch {
-        if let Some(current) = inner.cached(key).await {
-            if Arc::ptr_eq(&current, &entry) {
-                inner.uncache(key).await;
-            }
-        }
+        inner
+            .cache
+            .remove_if(&key, |current| Arc::ptr_eq(current, &entry));
     }
 }
 
@@ -332,7 +330,7 @@ pub(super) fn still_valid(inner: &Inner, row: &Link) -> Option<Served> {
 
 /// The cached token if it still works (skew ignored), else `err`.
 async fn cached_fallback(inner: &Inner, key: &Key, err: TokenError) -> FlightResult {
-    match inner.cached(*key).await {
+    match inner.cached(*key) {
         Some(e) if cache::unexpired(e.token.expiry(), inner.clock.now()) => Ok(Served {
             token: e.token.clone(),
             exchanged: false,
