@@ -39,10 +39,23 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The pooled client type used for every upstream.
 pub type UpstreamClient = Client<HttpsConnector<ConnectTo>, ProxyBody>;
 
-/// The upstream clients, keyed by the extra CA they trust and `connect_to`.
+/// The upstream clients, keyed by the extra CA they trust and `connect_to`: one
+/// set per proxy worker thread, so a pooled connection's task runs on the thread
+/// of the requests it serves and handing a request to it wakes no other thread.
 pub struct Upstreams {
-    clients: HashMap<ClientKey, UpstreamClient>,
+    per_worker: Vec<HashMap<ClientKey, UpstreamClient>>,
     response_timeout: Duration,
+}
+
+thread_local! {
+    /// Which client set this thread uses; proxy worker threads set it at start,
+    /// every other thread uses the first set.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread use client set `index` (see [`Upstreams::new`]).
+pub fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index));
 }
 
 /// The TCP connector: dials the URI's host, or always `connect_to` when set.
@@ -87,23 +100,19 @@ pub enum ClientSetupError {
 }
 
 impl Upstreams {
-    /// Builds one client for the default roots and one per distinct
-    /// (extra CA, `connect_to`) pair.
+    /// Builds, for each of `workers` worker threads (at least one), one client for
+    /// the default roots and one per distinct (extra CA, `connect_to`) pair.
     pub fn new(
         server: &ServerConfig,
         keys: impl IntoIterator<Item = ClientKey>,
+        workers: usize,
     ) -> Result<Self, ClientSetupError> {
-        let mut clients = HashMap::new();
-        clients.insert((None, None), build_client(server, None, None)?);
-        for key in keys {
-            if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key) {
-                let (ca, to) = slot.key();
-                let client = build_client(server, ca.as_deref(), to.as_deref())?;
-                slot.insert(client);
-            }
-        }
+        let keys: Vec<ClientKey> = keys.into_iter().collect();
+        let per_worker = (0..workers.max(1))
+            .map(|_| client_set(server, &keys))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
-            clients,
+            per_worker,
             response_timeout: server.upstream_timeout,
         })
     }
@@ -114,10 +123,9 @@ impl Upstreams {
         key: &ClientKey,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let client = self
-            .clients
-            .get(key)
-            .ok_or(ProxyError::UpstreamUnavailable)?;
+        let index = WORKER.with(std::cell::Cell::get);
+        let clients = self.per_worker.get(index).unwrap_or(&self.per_worker[0]);
+        let client = clients.get(key).ok_or(ProxyError::UpstreamUnavailable)?;
         match tokio::time::timeout(self.response_timeout, client.request(req)).await {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
             Ok(Ok(resp)) => Ok(resp),
@@ -128,6 +136,23 @@ impl Upstreams {
             }
         }
     }
+}
+
+/// One client per distinct key, plus the default one.
+fn client_set(
+    server: &ServerConfig,
+    keys: &[ClientKey],
+) -> Result<HashMap<ClientKey, UpstreamClient>, ClientSetupError> {
+    let mut clients = HashMap::new();
+    clients.insert((None, None), build_client(server, None, None)?);
+    for key in keys {
+        if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key.clone()) {
+            let (ca, to) = slot.key();
+            let client = build_client(server, ca.as_deref(), to.as_deref())?;
+            slot.insert(client);
+        }
+    }
+    Ok(clients)
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -147,10 +147,30 @@ pub async fn serve<H: Handler>(
     limits: Limits,
     tls: Option<TlsAcceptor>,
     metrics: Option<Arc<Metrics>>,
+    shutdown: ShutdownSignal,
+) {
+    let permits = connection_slots(&limits);
+    serve_shared(listener, handler, limits, tls, metrics, shutdown, permits).await;
+}
+
+/// The connection limit of `limits`, to share between listeners that serve the
+/// same port (see [`serve_shared`]).
+pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(limits.max_connections))
+}
+
+/// [`serve`], taking connection slots from `permits`, which other listeners of
+/// the same port (one per worker thread) share.
+pub async fn serve_shared<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    metrics: Option<Arc<Metrics>>,
     mut shutdown: ShutdownSignal,
+    permits: Arc<Semaphore>,
 ) {
     let builder = Arc::new(http_builder(&limits));
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
