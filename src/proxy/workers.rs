@@ -41,7 +41,14 @@ pub fn count() -> usize {
 /// Binds `n` sockets to `addr` with `SO_REUSEPORT`, so `n` threads can each
 /// accept on their own. With port 0, the later sockets take the port the first
 /// one got.
+///
+/// A port already in use is an error, as with a plain bind: `SO_REUSEPORT` would
+/// otherwise let a second tokenproxy (same user) silently share the port with
+/// a running one, so the address is first bound once without it.
 pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n.max(1) {
@@ -172,5 +179,21 @@ impl Workers {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bind;
+
+    #[test]
+    fn sockets_share_one_port_and_a_taken_port_is_refused() {
+        let any = "127.0.0.1:0".parse().unwrap();
+        let listeners = bind(any, 2).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        assert_eq!(listeners[1].local_addr().unwrap(), addr);
+        // A second server on the same port fails as with a plain bind.
+        let err = bind(addr, 2).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }
 }
