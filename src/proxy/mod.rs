@@ -173,6 +173,21 @@ pub async fn run(
         .map(drop)
 }
 
+/// [`run`], serving the proxy on one worker thread per listener (from
+/// [`workers::bind`]) as `tokenproxy serve` does.
+pub async fn run_workers(
+    listeners: Vec<std::net::TcpListener>,
+    admin: TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let workers = run_on(ProxyListener::Workers(listeners), admin, deps, shutdown).await?;
+    if let Some(workers) = workers {
+        workers.release().await;
+    }
+    Ok(())
+}
+
 /// Where the proxy listener is served.
 enum ProxyListener {
     /// On the current runtime.

@@ -1,8 +1,8 @@
 //! The listener: accepts connections within bounds and shuts down gracefully.
 //!
 //! Each accepted connection holds a semaphore permit, so at most
-//! `max_connections` are served at once and the accept loop simply waits when
-//! full. Request heads are bounded in size and in the time a client has to send
+//! `max_connections` are served at once; when full, the accept loop waits for a
+//! free slot holding at most one accepted connection. Request heads are bounded in size and in the time a client has to send
 //! them. On shutdown the listener is closed at once (new connections are
 //! refused), every connection is told to finish its in-flight requests, and after
 //! the grace period whatever is left is cut off.
@@ -176,11 +176,6 @@ pub async fn serve_shared<H: Handler>(
     let mut backoff = Duration::from_millis(5);
     loop {
         while tasks.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.fired() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (stream, remote) = tokio::select! {
             biased;
             _ = shutdown.fired() => break,
@@ -196,6 +191,16 @@ pub async fn serve_shared<H: Handler>(
             },
         };
         backoff = Duration::from_millis(5);
+        // Accept first, then wait for a slot: with several listeners sharing the
+        // slots (one per worker), a listener waiting for a slot before accepting
+        // could take the freed slot while the waiting connection sits in another
+        // listener's backlog. This way a listener holds at most one connection
+        // while the limit is reached, and every freed slot serves one.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.fired() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
         let _ = stream.set_nodelay(true);
         let slot = Arc::new(ConnSlot {
             _permit: permit,
