@@ -15,13 +15,14 @@ use prometheus_client::registry::Registry;
 
 use crate::config::LogFormat;
 
-/// Labels of `tokenproxy_requests_total`.
+/// Labels of `tokenproxy_requests_total`. Shared strings (the route's own), so
+/// counting a request allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Provider id, or empty when no route matched.
-    pub provider: String,
+    pub provider: Arc<str>,
     /// Route prefix (or host in forward mode), or empty.
-    pub route: String,
+    pub route: Arc<str>,
     /// HTTP status sent to the caller.
     pub status: u16,
 }

@@ -26,6 +26,11 @@ struct World {
 }
 
 async fn world(pool: PgPool, server_toml: &str) -> World {
+    world_on(pool, server_toml, 0).await
+}
+
+/// [`world`], with the proxy on `workers` worker threads (0: the test's runtime).
+async fn world_on(pool: PgPool, server_toml: &str, workers: usize) -> World {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
     let user = Uuid::new_v4();
@@ -48,7 +53,10 @@ token_url = "http://127.0.0.1:9/token"
 "#,
         api.url()
     ));
-    let proxy = Harness::start(config, store, fake).await;
+    let proxy = match workers {
+        0 => Harness::start(config, store, fake).await,
+        n => Harness::start_workers(config, store, fake, n).await,
+    };
     World { api, proxy, token }
 }
 
@@ -326,4 +334,35 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot(pool: PgPool) {
     assert_eq!(slow.await.unwrap().status, 200);
     assert_eq!(second.await.unwrap().status, 200);
     assert_eq!(w.api.count(), 2);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn worker_threads_share_the_connection_limit_without_stranding_connections(pool: PgPool) {
+    // Two workers, one slot: a freed slot must go to a worker holding a waiting
+    // connection, never to one idling in accept while the other's queue waits.
+    let w = world_on(pool, "max_connections = 1", 2).await;
+    let auth = format!("Bearer {}", w.token);
+    let slow = {
+        let (url, auth) = (w.proxy.url("/gh/api/slow"), auth.clone());
+        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+    };
+    w.api.slow_arrived(1).await;
+    let waiting: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, auth) = (w.proxy.url("/gh/api/user"), auth.clone());
+            tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(w.api.count(), 1);
+    w.api.release_slow();
+    assert_eq!(slow.await.unwrap().status, 200);
+    for request in waiting {
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), request)
+            .await
+            .expect("a waiting connection was stranded")
+            .unwrap();
+        assert_eq!(answer.status, 200);
+    }
+    assert_eq!(w.api.count(), 7);
 }

@@ -43,11 +43,26 @@ pub type UpstreamConnector = Prewarm<HttpsConnector<ConnectTo>>;
 /// The pooled client type used for every upstream.
 pub type UpstreamClient = Client<UpstreamConnector, ProxyBody>;
 
-/// The upstream clients, keyed by the extra CA they trust and `connect_to`, each
-/// with the connector that pre-opens its connections.
+/// One upstream client with the connector that pre-opens its connections.
+type ClientSet = HashMap<ClientKey, (UpstreamClient, UpstreamConnector)>;
+
+/// The upstream clients, keyed by the extra CA they trust and `connect_to`: one
+/// set per proxy worker thread, so a pooled connection's task runs on the thread
+/// of the requests it serves and handing a request to it wakes no other thread.
 pub struct Upstreams {
-    clients: HashMap<ClientKey, (UpstreamClient, UpstreamConnector)>,
+    per_worker: Vec<ClientSet>,
     response_timeout: Duration,
+}
+
+thread_local! {
+    /// Which client set this thread uses; proxy worker threads set it at start,
+    /// every other thread uses the first set.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread use client set `index` (see [`Upstreams::new`]).
+pub fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index));
 }
 
 /// The TCP connector: dials the URI's host, or always `connect_to` when set.
@@ -92,23 +107,19 @@ pub enum ClientSetupError {
 }
 
 impl Upstreams {
-    /// Builds one client for the default roots and one per distinct
-    /// (extra CA, `connect_to`) pair.
+    /// Builds, for each of `workers` worker threads (at least one), one client for
+    /// the default roots and one per distinct (extra CA, `connect_to`) pair.
     pub fn new(
         server: &ServerConfig,
         keys: impl IntoIterator<Item = ClientKey>,
+        workers: usize,
     ) -> Result<Self, ClientSetupError> {
-        let mut clients = HashMap::new();
-        clients.insert((None, None), build_client(server, None, None)?);
-        for key in keys {
-            if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key) {
-                let (ca, to) = slot.key();
-                let client = build_client(server, ca.as_deref(), to.as_deref())?;
-                slot.insert(client);
-            }
-        }
+        let keys: Vec<ClientKey> = keys.into_iter().collect();
+        let per_worker = (0..workers.max(1))
+            .map(|_| client_set(server, &keys))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
-            clients,
+            per_worker,
             response_timeout: server.upstream_timeout,
         })
     }
@@ -116,9 +127,15 @@ impl Upstreams {
     /// Starts opening a connection for a request to `uri` that is about to wait
     /// (for its token), so the handshake overlaps the wait.
     pub fn prewarm(&self, key: &ClientKey, uri: &Uri) {
-        if let Some((_, connector)) = self.clients.get(key) {
+        if let Some((_, connector)) = self.clients().get(key) {
             connector.prewarm(uri);
         }
+    }
+
+    /// The calling worker thread's client set.
+    fn clients(&self) -> &ClientSet {
+        let index = WORKER.with(std::cell::Cell::get);
+        self.per_worker.get(index).unwrap_or(&self.per_worker[0])
     }
 
     /// Sends `req` with the client for `key` and waits for the response head.
@@ -128,7 +145,7 @@ impl Upstreams {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (client, _) = self
-            .clients
+            .clients()
             .get(key)
             .ok_or(ProxyError::UpstreamUnavailable)?;
         match tokio::time::timeout(self.response_timeout, client.request(req)).await {
@@ -141,6 +158,20 @@ impl Upstreams {
             }
         }
     }
+}
+
+/// One client per distinct key, plus the default one.
+fn client_set(server: &ServerConfig, keys: &[ClientKey]) -> Result<ClientSet, ClientSetupError> {
+    let mut clients = HashMap::new();
+    clients.insert((None, None), build_client(server, None, None)?);
+    for key in keys {
+        if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(key.clone()) {
+            let (ca, to) = slot.key();
+            let client = build_client(server, ca.as_deref(), to.as_deref())?;
+            slot.insert(client);
+        }
+    }
+    Ok(clients)
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

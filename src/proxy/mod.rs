@@ -41,6 +41,7 @@ pub mod pipeline;
 pub mod prewarm;
 pub mod route;
 pub mod server;
+pub mod workers;
 
 pub use error::ProxyError;
 pub use pipeline::Pipeline;
@@ -97,12 +98,18 @@ pub struct Deps {
 impl Pipeline {
     /// Prepares routes, caller identification and upstream clients from `deps`.
     pub fn new(deps: &Deps) -> anyhow::Result<Self> {
+        Self::with_workers(deps, 1)
+    }
+
+    /// [`Pipeline::new`] with one set of upstream clients per worker thread.
+    pub fn with_workers(deps: &Deps, workers: usize) -> anyhow::Result<Self> {
         let config = &deps.config;
         let router = route::Router::from_config(config)
             .map_err(|m| anyhow::anyhow!("providers.routes: {m}"))?;
         let upstreams = forward::Upstreams::new(
             &config.server,
             router.routes().iter().map(|r| r.client_key().clone()),
+            workers,
         )?;
         Ok(Self {
             router,
@@ -155,19 +162,61 @@ impl server::Handler for AdminHandler {
 
 /// Serves the proxy on `listener` and the admin endpoints on `admin` until
 /// `shutdown` completes, then drains in-flight requests for
-/// `server.shutdown_grace` and returns.
+/// `server.shutdown_grace` and returns. Everything runs on the current runtime.
 pub async fn run(
     listener: TcpListener,
     admin: TcpListener,
     deps: Deps,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_on(ProxyListener::Here(listener), admin, deps, shutdown)
+        .await
+        .map(drop)
+}
+
+/// [`run`], serving the proxy on one worker thread per listener (from
+/// [`workers::bind`]) as `tokenproxy serve` does.
+pub async fn run_workers(
+    listeners: Vec<std::net::TcpListener>,
+    admin: TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let workers = run_on(ProxyListener::Workers(listeners), admin, deps, shutdown).await?;
+    if let Some(workers) = workers {
+        workers.release().await;
+    }
+    Ok(())
+}
+
+/// Where the proxy listener is served.
+enum ProxyListener {
+    /// On the current runtime.
+    Here(TcpListener),
+    /// One worker thread per socket (see [`workers`]).
+    Workers(Vec<std::net::TcpListener>),
+}
+
+/// [`run`], on worker threads when asked; returns the workers, drained, to be
+/// released once nothing of the main runtime needs their runtimes any more.
+async fn run_on(
+    proxy: ProxyListener,
+    admin: TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Option<workers::Workers>> {
     let config = deps.config.clone();
-    let addr = listener.local_addr()?;
+    let (addr, worker_count) = match &proxy {
+        ProxyListener::Here(l) => (l.local_addr()?, 1),
+        ProxyListener::Workers(ls) => (
+            ls.first().context("no proxy listener")?.local_addr()?,
+            ls.len(),
+        ),
+    };
     if config.callers.mode == CallerMode::Static && !addr.ip().is_loopback() {
         anyhow::bail!("static caller mode may only listen on loopback, not {addr}");
     }
-    let pipeline = Arc::new(Pipeline::new(&deps)?);
+    let pipeline = Arc::new(Pipeline::with_workers(&deps, worker_count)?);
     let tls = config
         .server
         .tls
@@ -194,19 +243,31 @@ pub async fn run(
         None,
         signal.clone(),
     ));
-    tracing::info!(%addr, admin = %admin_addr, tls = tls.is_some(), "listening");
-    server::serve(
-        listener,
-        pipeline,
-        limits,
-        tls,
-        Some(deps.metrics.clone()),
-        signal,
-    )
-    .await;
+    tracing::info!(%addr, admin = %admin_addr, tls = tls.is_some(), workers = worker_count, "listening");
+    let workers = match proxy {
+        ProxyListener::Here(listener) => {
+            let metrics = Some(deps.metrics.clone());
+            server::serve(listener, pipeline, limits, tls, metrics, signal).await;
+            None
+        }
+        ProxyListener::Workers(listeners) => {
+            let shared = workers::Shared {
+                handler: pipeline,
+                permits: server::connection_slots(&limits),
+                limits,
+                tls,
+                metrics: deps.metrics.clone(),
+                shutdown: signal,
+            };
+            let mut workers = workers::spawn(listeners, &shared).context("starting workers")?;
+            drop(shared);
+            workers.drained().await;
+            Some(workers)
+        }
+    };
     admin_task.await.context("admin listener task")?;
     tracing::info!("stopped");
-    Ok(())
+    Ok(workers)
 }
 
 /// `tokenproxy serve`: opens the store (applying migrations when
@@ -229,8 +290,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         Arc::new(SystemClock),
     )?;
-    let listener = TcpListener::bind(config.server.listen)
-        .await
+    let listeners = workers::bind(config.server.listen, workers::count())
         .with_context(|| format!("server.listen: cannot bind {}", config.server.listen))?;
     let admin = TcpListener::bind(config.server.admin_listen)
         .await
@@ -251,7 +311,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let signals = Signals::install();
     let (first, second) = signals.split();
     let result = tokio::select! {
-        r = run(listener, admin, deps, first) => r,
+        r = run_on(ProxyListener::Workers(listeners), admin, deps, first) => r,
         // An operator who signals again does not want to wait out the drain.
         () = second => Err(anyhow::anyhow!(
             "second shutdown signal: stopped without waiting for in-flight requests"
@@ -259,7 +319,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     background_stop.cancel();
     let _ = background.await;
-    result
+    if let Ok(Some(workers)) = result {
+        workers.release().await;
+        return Ok(());
+    }
+    result.map(drop)
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -432,16 +432,27 @@ impl Pipeline {
             token = outcome.token,
             "request"
         );
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                provider: provider.to_string(),
-                route: route.to_string(),
+        let labels = match &outcome.route {
+            Some(r) => RequestLabels {
+                provider: r.provider.clone(),
+                route: r.label.clone(),
                 status,
-            })
-            .inc();
+            },
+            None => RequestLabels {
+                provider: no_label(),
+                route: no_label(),
+                status,
+            },
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
         self.metrics.request_duration.observe(took.as_secs_f64());
     }
+}
+
+/// The empty label value, shared.
+fn no_label() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
 }
 
 /// Whether an HTTP/1 request uses absolute-form (`GET http://host/path`), the

@@ -1,8 +1,8 @@
 //! The listener: accepts connections within bounds and shuts down gracefully.
 //!
 //! Each accepted connection holds a semaphore permit, so at most
-//! `max_connections` are served at once and the accept loop simply waits when
-//! full. Request heads are bounded in size and in the time a client has to send
+//! `max_connections` are served at once; when full, the accept loop waits for a
+//! free slot holding at most one accepted connection. Request heads are bounded in size and in the time a client has to send
 //! them. On shutdown the listener is closed at once (new connections are
 //! refused), every connection is told to finish its in-flight requests, and after
 //! the grace period whatever is left is cut off.
@@ -147,20 +147,35 @@ pub async fn serve<H: Handler>(
     limits: Limits,
     tls: Option<TlsAcceptor>,
     metrics: Option<Arc<Metrics>>,
+    shutdown: ShutdownSignal,
+) {
+    let permits = connection_slots(&limits);
+    serve_shared(listener, handler, limits, tls, metrics, shutdown, permits).await;
+}
+
+/// The connection limit of `limits`, to share between listeners that serve the
+/// same port (see [`serve_shared`]).
+pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(limits.max_connections))
+}
+
+/// [`serve`], taking connection slots from `permits`, which other listeners of
+/// the same port (one per worker thread) share.
+pub async fn serve_shared<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    metrics: Option<Arc<Metrics>>,
     mut shutdown: ShutdownSignal,
+    permits: Arc<Semaphore>,
 ) {
     let builder = Arc::new(http_builder(&limits));
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
     loop {
         while tasks.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.fired() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (stream, remote) = tokio::select! {
             biased;
             _ = shutdown.fired() => break,
@@ -176,6 +191,16 @@ pub async fn serve<H: Handler>(
             },
         };
         backoff = Duration::from_millis(5);
+        // Accept first, then wait for a slot: with several listeners sharing the
+        // slots (one per worker), a listener waiting for a slot before accepting
+        // could take the freed slot while the waiting connection sits in another
+        // listener's backlog. This way a listener holds at most one connection
+        // while the limit is reached, and every freed slot serves one.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.fired() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
         let _ = stream.set_nodelay(true);
         let slot = Arc::new(ConnSlot {
             _permit: permit,

@@ -55,8 +55,42 @@ impl Harness {
         tokens: Arc<dyn TokenLookup>,
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        Self::start_on(config, store, tokens, addr, move |admin, deps, stop| {
+            tokio::spawn(proxy::run(listener, admin, deps, stop))
+        })
+        .await
+    }
+
+    /// [`Harness::start`] with the proxy on `workers` worker threads, as
+    /// `tokenproxy serve` runs it.
+    pub async fn start_workers(
+        config: Config,
+        store: Arc<dyn LinkStore>,
+        tokens: Arc<dyn TokenLookup>,
+        workers: usize,
+    ) -> Self {
+        let any = "127.0.0.1:0".parse().unwrap();
+        let listeners = proxy::workers::bind(any, workers).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        Self::start_on(config, store, tokens, addr, move |admin, deps, stop| {
+            tokio::spawn(proxy::run_workers(listeners, admin, deps, stop))
+        })
+        .await
+    }
+
+    async fn start_on(
+        config: Config,
+        store: Arc<dyn LinkStore>,
+        tokens: Arc<dyn TokenLookup>,
+        addr: SocketAddr,
+        run: impl FnOnce(
+            TcpListener,
+            Deps,
+            std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        ) -> JoinHandle<anyhow::Result<()>>,
+    ) -> Self {
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
         let metrics = Metrics::new();
         let deps = Deps {
@@ -66,9 +100,13 @@ impl Harness {
             metrics: metrics.clone(),
         };
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(proxy::run(listener, admin, deps, async move {
-            let _ = rx.await;
-        }));
+        let task = run(
+            admin,
+            deps,
+            Box::pin(async move {
+                let _ = rx.await;
+            }),
+        );
         Self {
             addr,
             admin: admin_addr,
