@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokenproxy::cli::{self, Cli, EXIT_USAGE};
 
+/// jemalloc instead of glibc malloc: with an arena per proxy worker thread, glibc
+/// fragmented 100k cached links into 65 MiB of resident memory (BENCHMARKS.md,
+/// memory).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     match Cli::try_parse() {
         Ok(args) => cli::run(args),
