@@ -410,8 +410,8 @@ impl Pipeline {
     ) {
         let status = resp.status().as_u16();
         let (provider, route) = match &outcome.route {
-            Some(r) => (&*r.provider, &*r.label),
-            None => ("", ""),
+            Some(r) => (r.provider.clone(), r.label.clone()),
+            None => (NO_LABEL.clone(), NO_LABEL.clone()),
         };
         let error = resp
             .headers()
@@ -421,8 +421,8 @@ impl Pipeline {
         tracing::info!(
             target: "tokenproxy::access",
             method = %method,
-            route,
-            provider,
+            route = &*route,
+            provider = &*provider,
             user = outcome.user.map(|u| u.to_string()).unwrap_or_default(),
             status,
             error,
@@ -432,28 +432,18 @@ impl Pipeline {
             token = outcome.token,
             "request"
         );
-        let labels = match &outcome.route {
-            Some(r) => RequestLabels {
-                provider: r.provider.clone(),
-                route: r.label.clone(),
-                status,
-            },
-            None => RequestLabels {
-                provider: no_label(),
-                route: no_label(),
-                status,
-            },
+        let labels = RequestLabels {
+            provider,
+            route,
+            status,
         };
         self.metrics.requests.get_or_create(&labels).inc();
         self.metrics.request_duration.observe(took.as_secs_f64());
     }
 }
 
-/// The empty label value, shared.
-fn no_label() -> Arc<str> {
-    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    EMPTY.get_or_init(|| Arc::from("")).clone()
-}
+/// The empty label value (no route matched), shared.
+static NO_LABEL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
 
 /// Whether an HTTP/1 request uses absolute-form (`GET http://host/path`), the
 /// form clients use towards a forward proxy. HTTP/2 requests always carry an
