@@ -3,9 +3,8 @@
 //! way (`quick_cache`, same key/value shapes), next to a plain `HashMap` holding the
 //! same data and the moka caches they replaced (issue 7), kept as the "before"
 //! reference. It explains where the RSS of the 100k-link measurement goes.
-//! The `quick_cache` rows are sized like `tokens::bounded_cache` (a sixteenth of
-//! headroom for uneven sharding). Run: `cargo bench --bench memprobe` (`N=...`
-//! to change 100k).
+//! The `quick_cache` rows are built by `tokens::bounded_cache`, as the server's
+//! are. Run: `cargo bench --bench memprobe` (`N=...` to change 100k).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -139,7 +138,7 @@ async fn main() {
 
     let b = rss_kib();
     let tokens: quick_cache::sync::Cache<(u32, Uuid), Arc<Entry>> =
-        quick_cache::sync::Cache::new((n + n / 16) as usize);
+        tokenproxy::tokens::bounded_cache(n);
     for i in 0..n {
         tokens.insert((0, Uuid::from_u128(i as u128)), entry(i));
     }
@@ -148,7 +147,7 @@ async fn main() {
     let b = rss_kib();
     let empty: Arc<[String]> = Arc::from(Vec::new());
     let callers: quick_cache::sync::Cache<[u8; 32], Arc<Verified>> =
-        quick_cache::sync::Cache::new((n + n / 16) as usize);
+        tokenproxy::tokens::bounded_cache(n);
     for i in 0..n {
         callers.insert(key32(i), verified(i, &empty));
     }

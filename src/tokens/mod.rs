@@ -129,7 +129,7 @@ impl Clock for SystemClock {
 /// evenly over shards and evicts per shard, while keys land on shards unevenly
 /// (binomially): sized at exactly `capacity`, a full 100k cache evicted 1.6% early.
 /// Each shard gets six standard deviations of room on top of its share.
-pub(crate) fn bounded_cache<K, V>(capacity: u64) -> quick_cache::sync::Cache<K, V>
+pub fn bounded_cache<K, V>(capacity: u64) -> quick_cache::sync::Cache<K, V>
 where
     K: Eq + std::hash::Hash,
     V: Clone,
