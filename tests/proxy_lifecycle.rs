@@ -15,6 +15,7 @@ use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 const GH_TOKEN: &str = "gho_lifecycle";
@@ -176,50 +177,11 @@ async fn wait_refused(addr: std::net::SocketAddr) -> bool {
     false
 }
 
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn sigterm_to_the_binary_drains_the_in_flight_request(pool: PgPool) {
-    use tokenproxy::store::{LinkStore, TokenSet};
-    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
-    let store = PgStore::from_pool(pool.clone(), Keyring::plaintext());
-    let user = Uuid::new_v4();
-    let link = TokenSet {
-        access_token: GH_TOKEN.to_string().into(),
-        refresh_token: String::new().into(),
-        expiry: None,
-        extra: None,
-    };
-    store.put_link("github", user, &link).await.unwrap();
-    let (_, token) = create_token(&store, user, &[]).await;
-    let mut proxy = harness::Spawned::start(
-        &harness::db_url(&pool),
-        &format!(
-            "[[providers]]\nid = \"github\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
-            api.url()
-        ),
-    )
-    .await;
-    let url = proxy.url("/gh/api/slow");
-    let auth = format!("Bearer {token}");
-    let in_flight = tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await });
-    api.slow_arrived(1).await;
-
-    proxy.terminate();
-    assert!(
-        wait_refused(proxy.addr).await,
-        "still accepting after SIGTERM"
-    );
-    assert!(!in_flight.is_finished());
-    api.release_slow();
-    let answer = in_flight.await.unwrap();
-    assert_eq!(answer.status, 200);
-    let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "serve exited with {status}");
-}
-
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn a_second_sigterm_stops_without_waiting_out_the_drain(pool: PgPool) {
+/// The built binary serving one route on `pool`'s database, with a request held
+/// at the upstream (`api.release_slow()` lets it finish).
+async fn binary_with_request_in_flight(
+    pool: PgPool,
+) -> (TestUpstream, harness::Spawned, JoinHandle<harness::Answer>) {
     use tokenproxy::store::{LinkStore, TokenSet};
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let store = PgStore::from_pool(pool.clone(), Keyring::plaintext());
@@ -244,6 +206,37 @@ async fn a_second_sigterm_stops_without_waiting_out_the_drain(pool: PgPool) {
     let auth = format!("Bearer {token}");
     let in_flight = tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await });
     api.slow_arrived(1).await;
+    (api, proxy, in_flight)
+}
+
+/// A GET of `path` through `w`'s proxy with its caller token, in the background.
+fn spawn_get(w: &World, path: &str) -> JoinHandle<harness::Answer> {
+    let (url, auth) = (w.proxy.url(path), format!("Bearer {}", w.token));
+    tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn sigterm_to_the_binary_drains_the_in_flight_request(pool: PgPool) {
+    let (api, mut proxy, in_flight) = binary_with_request_in_flight(pool).await;
+
+    proxy.terminate();
+    assert!(
+        wait_refused(proxy.addr).await,
+        "still accepting after SIGTERM"
+    );
+    assert!(!in_flight.is_finished());
+    api.release_slow();
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, 200);
+    let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "serve exited with {status}");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_second_sigterm_stops_without_waiting_out_the_drain(pool: PgPool) {
+    let (api, proxy, in_flight) = binary_with_request_in_flight(pool).await;
 
     proxy.terminate();
     assert!(
@@ -316,16 +309,9 @@ async fn slow_or_silent_clients_are_cut_off(pool: PgPool) {
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn connections_beyond_the_limit_wait_for_a_free_slot(pool: PgPool) {
     let w = world(pool, "max_connections = 1").await;
-    let auth = format!("Bearer {}", w.token);
-    let slow = {
-        let (url, auth) = (w.proxy.url("/gh/api/slow"), auth.clone());
-        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
-    };
+    let slow = spawn_get(&w, "/gh/api/slow");
     w.api.slow_arrived(1).await;
-    let second = {
-        let (url, auth) = (w.proxy.url("/gh/api/user"), auth.clone());
-        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
-    };
+    let second = spawn_get(&w, "/gh/api/user");
     // While the only slot is taken, the second connection is not served.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(!second.is_finished());
@@ -341,18 +327,9 @@ async fn worker_threads_share_the_connection_limit_without_stranding_connections
     // Two workers, one slot: a freed slot must go to a worker holding a waiting
     // connection, never to one idling in accept while the other's queue waits.
     let w = world_on(pool, "max_connections = 1", 2).await;
-    let auth = format!("Bearer {}", w.token);
-    let slow = {
-        let (url, auth) = (w.proxy.url("/gh/api/slow"), auth.clone());
-        tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
-    };
+    let slow = spawn_get(&w, "/gh/api/slow");
     w.api.slow_arrived(1).await;
-    let waiting: Vec<_> = (0..6)
-        .map(|_| {
-            let (url, auth) = (w.proxy.url("/gh/api/user"), auth.clone());
-            tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
-        })
-        .collect();
+    let waiting: Vec<_> = (0..6).map(|_| spawn_get(&w, "/gh/api/user")).collect();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(w.api.count(), 1);
     w.api.release_slow();
