@@ -136,6 +136,36 @@ async fn every_command_works_on_a_sqlite_file() {
     let new_only = [("TOKENPROXY_ENCRYPTION__KEYS", NEW_KEY)];
     let out = assert_ok(&run(cwd, &["link", "list", "--json"], "", &new_only));
     assert!(out.contains("\"has_refresh_token\": true"), "{out}");
+    // `link list` never decrypts: prove the old key may go by reading both tokens
+    // back with the new key alone.
+    {
+        use secrecy::{ExposeSecret, SecretBox};
+        use tokenproxy::config::EncryptionFormat;
+        use tokenproxy::crypto::{native_key_id, Keyring};
+        use tokenproxy::store::LinkStore;
+        let new_id = native_key_id(&[0x11; 32]);
+        let key_ids: (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT oauth_access_token_key_id, oauth_refresh_token_key_id FROM external_auth_links",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(key_ids, (Some(new_id.clone()), Some(new_id)));
+        let store = tokenproxy::store::sqlite::SqliteStore::from_pool(
+            db.clone(),
+            Keyring::new(
+                vec![SecretBox::new(Box::new([0x11; 32]))],
+                EncryptionFormat::Native,
+            ),
+        );
+        let link = store
+            .get_link("github", USER.parse().unwrap())
+            .await
+            .expect("decrypts with the new key alone")
+            .expect("link exists");
+        assert_eq!(link.access_token.expose_secret(), ACCESS);
+        assert_eq!(link.refresh_token.expose_secret(), REFRESH);
+    }
 
     // token revoke: once; a second time there is nothing to revoke.
     assert_ok(&run(cwd, &["token", "revoke", &id], "", &[]));

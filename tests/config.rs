@@ -409,8 +409,36 @@ fn example_shapes() {
     assert!(sidecar.server.listen.ip().is_loopback());
 }
 
+/// The binary with `TOKENPROXY_CONFIG` naming a broken file: `--config` must win.
 #[test]
 fn config_flag_wins_over_environment() {
-    let p = tokenproxy::config::resolve_path(Some(Path::new("/x/given.toml")));
-    assert_eq!(p, Path::new("/x/given.toml"));
+    let dir = tempfile::tempdir().unwrap();
+    let given = dir.path().join("given.toml");
+    std::fs::write(
+        &given,
+        "[database]\nurl = \"postgres://unused@127.0.0.1:1/x\"\n",
+    )
+    .unwrap();
+    let from_env = dir.path().join("from_env.toml");
+    std::fs::write(&from_env, "this is [not toml\n").unwrap();
+    let check = |flag: Option<&Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+        cmd.env_clear()
+            .env("TOKENPROXY_CONFIG", &from_env)
+            .current_dir(dir.path());
+        if let Some(f) = flag {
+            cmd.arg("--config").arg(f);
+        }
+        cmd.arg("check-config").output().unwrap()
+    };
+    // Without the flag the environment's file is read (and is broken) ...
+    let o = check(None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(64), "stderr: {err}");
+    assert!(err.contains("invalid TOML"), "{err}");
+    // ... with it, the flag's file, and the environment is ignored.
+    let o = check(Some(&given));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "stderr: {err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n");
 }

@@ -168,7 +168,7 @@ timeout = "2s"
         .await
         .assert_error(404, "no_route");
     proxy.shutdown().await;
-    assert_eq!(idp.refreshes(), 1);
+    idp.assert_grants(1, 1, 0);
 
     let mut secrets = vec![
         token.clone(),

@@ -96,7 +96,7 @@ async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
     let w = world(pool).await;
     let h = [("authorization", w.auth.as_str())];
     assert_eq!(get(&w.proxy.url("/gh/api/user"), &h).await.status, 200);
-    assert_eq!(w.idp.refreshes(), 0);
+    w.idp.assert_grants(0, 0, 0);
 
     // An upstream that rejects every token: one refresh, one retry, then its 401.
     let a = get(&w.proxy.url("/gh/api/always401"), &h).await;
@@ -105,7 +105,7 @@ async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
         a.error_code().is_none(),
         "the upstream's own 401 passes through"
     );
-    assert_eq!(w.idp.refreshes(), 1);
+    w.idp.assert_grants(1, 1, 0);
     let seen: Vec<_> = w.api.requests().into_iter().map(|r| r.token).collect();
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[0], seen[1], "the first attempt used the cached token");
@@ -114,7 +114,7 @@ async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
 
     // The refreshed token is now served from the cache, without another refresh.
     assert_eq!(get(&w.proxy.url("/gh/api/user"), &h).await.status, 200);
-    assert_eq!(w.idp.refreshes(), 1);
+    w.idp.assert_grants(1, 1, 0);
     assert_eq!(w.api.requests().pop().unwrap().token, seen[2]);
 
     // A streamed body (over 64 KiB) cannot be replayed: the 401 passes through
@@ -129,7 +129,7 @@ async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
     .await;
     assert_eq!(a.status, 401);
     assert_eq!(w.api.count(), before + 1);
-    assert_eq!(w.idp.refreshes(), 2);
+    w.idp.assert_grants(2, 2, 0);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
@@ -147,7 +147,7 @@ async fn a_token_the_upstream_revoked_is_replaced_transparently(pool: PgPool) {
         .set_check(Arc::new(move |t| t != bad && idp.is_valid_access_token(t)));
     let a = get(&w.proxy.url("/gh/api/user"), &h).await;
     assert_eq!(a.status, 200);
-    assert_eq!(w.idp.refreshes(), 1);
+    w.idp.assert_grants(1, 1, 0);
     assert_eq!(w.api.count(), 3);
 }
 
@@ -261,7 +261,7 @@ async fn the_upstream_connection_opens_while_the_refresh_is_in_flight(pool: PgPo
     let h = [("authorization", auth.as_str())];
 
     assert_eq!(get(&proxy.url("/gh/api/user"), &h).await.status, 200);
-    assert_eq!(idp.refreshes(), 1);
+    idp.assert_grants(1, 1, 0);
     assert_eq!(
         *accepted.lock(),
         [0],
@@ -277,5 +277,5 @@ async fn the_upstream_connection_opens_while_the_refresh_is_in_flight(pool: PgPo
         assert_eq!(get(&proxy.url("/gh/api/user"), &h).await.status, 200);
     }
     assert_eq!(accepted.lock().len(), 1);
-    assert_eq!(idp.refreshes(), 1);
+    idp.assert_grants(1, 1, 0);
 }

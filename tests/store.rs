@@ -389,7 +389,7 @@ async fn sqlite_feed_resyncs_when_changes_were_pruned_unseen() {
     let backend = conformance::backends::Sqlite::migrated().await;
     let store = conformance::Backend::store(&backend, Keyring::plaintext()).await;
     let mut rx = store.watch_changes().await.unwrap();
-    assert_eq!(rx.recv().await, Some(ChangeEvent::Resync));
+    assert_eq!(next_event(&mut rx).await, ChangeEvent::Resync);
     // Changes the feed never saw are gone: it cannot tell what changed.
     sqlx::query(
         "INSERT INTO link_changes (seq, provider_id, user_id) \

@@ -117,38 +117,64 @@ async fn stale_exchange_adopts_the_winner(pool: PgPool) {
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn refresh_on_one_replica_is_seen_by_another(pool: PgPool) {
     let (clock, idp, st, user) = setup(&pool).await;
+    let other = Uuid::new_v4();
+    // Links exist before the replicas start: their first resync covers them, and no
+    // notification about them is still in flight.
     st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    st.put_link(P, other, &idp.seed(other)).await.unwrap();
     let providers = [idp.provider(P)];
     let a = replica(&pool, &providers, &tokens_cfg(), clock.clone()).await;
     let b = replica(&pool, &providers, &tokens_cfg(), clock.clone()).await;
-    let t0 = a.source.get(P, user).await.unwrap();
-    assert!(b.source.get(P, user).await.unwrap().same_version(&t0));
+    a.synced().await;
+    b.synced().await;
+    let t0 = a.warm(user).await;
+    assert!(b.warm(user).await.same_version(&t0));
+    b.warm(other).await;
+    b.assert_hit(user).await;
+    let (invalidated, resyncs) = (b.invalidations(), b.source.resyncs());
 
     // An upstream rejected t0 on A: A refreshes once; B follows without expiry.
     let t1 = a.source.refresh_rejected(P, user, &t0).await.unwrap();
     assert!(!t1.same_version(&t0));
-    assert_eq!(idp.refreshes(), 1);
+    idp.assert_grants(1, 1, 0);
     // A second rejection of the same version does not refresh again.
     let again = a.source.refresh_rejected(P, user, &t0).await.unwrap();
     assert!(again.same_version(&t1));
-    assert_eq!(idp.refreshes(), 1);
+    idp.assert_grants(1, 1, 0);
+    // B had t0 cached (a hit above): only the change notification can make it
+    // serve t1 before t0 expires on the manual clock.
     eventually("B serves A's new token", || async {
         b.source.get(P, user).await.unwrap().same_version(&t1)
     })
     .await;
-    assert!(b.metrics.cache_invalidations.get() >= 1);
-    assert_eq!(idp.refreshes(), 1, "B did not refresh itself");
+    assert_eq!(b.source.resyncs(), resyncs, "no resync did the work");
+    assert_eq!(
+        b.invalidations() - invalidated,
+        1,
+        "B dropped exactly the changed key"
+    );
+    b.assert_hit(other).await;
+    idp.assert_grants(1, 1, 0);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn link_put_is_seen_by_every_replica(pool: PgPool) {
     let (clock, idp, st, user) = setup(&pool).await;
+    let other = Uuid::new_v4();
     st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    st.put_link(P, other, &idp.seed(other)).await.unwrap();
     let providers = [idp.provider(P)];
     let mut replicas = Vec::new();
+    let mut before = Vec::new();
     for _ in 0..3 {
         let r = replica(&pool, &providers, &tokens_cfg(), clock.clone()).await;
-        r.source.get(P, user).await.unwrap();
+        // After the first resync, both keys cached and served from the cache: from
+        // here on only a notification can change what this replica serves.
+        r.synced().await;
+        r.warm(user).await;
+        r.warm(other).await;
+        r.assert_hit(user).await;
+        before.push((r.invalidations(), r.source.resyncs()));
         replicas.push(r);
     }
     let fresh = idp.seed(user);
@@ -167,7 +193,16 @@ async fn link_put_is_seen_by_every_replica(pool: PgPool) {
         })
         .await;
     }
-    assert_eq!(idp.attempts(), 0);
+    for (r, (invalidated, resyncs)) in replicas.iter().zip(before) {
+        assert_eq!(r.source.resyncs(), resyncs, "no resync did the work");
+        assert_eq!(
+            r.invalidations() - invalidated,
+            2,
+            "one invalidation per change (put, delete) of the one key"
+        );
+        r.assert_hit(other).await;
+    }
+    idp.assert_grants(0, 0, 0);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
@@ -207,7 +242,12 @@ async fn refresh_ahead_keeps_requests_off_the_provider(pool: PgPool) {
         .get_or_create(&tokenproxy::telemetry::ProviderLabels { provider: P.into() })
         .get();
     assert!(ahead >= 5, "refreshes started ahead: {ahead}");
-    assert_eq!(idp.rejected(), 0);
+    let g = idp.grants();
+    assert_eq!(
+        (g.attempts, g.rejections, g.reuse),
+        (g.successes, 0, 0),
+        "every grant succeeded, none presented a used refresh token"
+    );
     assert_link_intact(&idp, &st, user).await;
 
     // Unused links are not refreshed ahead.
@@ -425,7 +465,7 @@ async fn https_token_endpoint_trusts_only_the_configured_ca(pool: PgPool) {
         .await
         .expect("refreshed over TLS");
     assert!(idp.is_valid_access_token(t.expose_secret()));
-    assert_eq!(idp.refreshes(), 1);
+    idp.assert_grants(1, 1, 0);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

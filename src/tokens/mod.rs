@@ -415,6 +415,12 @@ impl TokenSource {
         self.inner.sync_refreshes.load(Ordering::Relaxed)
     }
 
+    /// How many change-feed resyncs this source has applied (the first comes when
+    /// the feed connects): lets tests wait for it instead of sleeping.
+    pub fn resyncs(&self) -> u64 {
+        self.inner.generation()
+    }
+
     /// Drops every cached token (the next lookups re-read the store).
     pub fn clear_cache(&self) {
         self.inner.cache.clear();

@@ -14,8 +14,12 @@
 //! - Faults can be queued ([`Fault`]): 500, 429 with `Retry-After`, a hang. Latency
 //!   can be added to every answer.
 //! - [`Idp::seed`] issues a user's initial tokens (as a login would), ready for
-//!   `LinkStore::put_link`; [`Idp::is_valid_access_token`] lets test upstreams check
-//!   injected credentials.
+//!   `LinkStore::put_link`; like a real provider, a new login retires the user's
+//!   previous refresh token. [`Idp::is_valid_access_token`] lets test upstreams
+//!   check injected credentials.
+//! - Every refresh test checks the whole tally with [`Idp::assert_grants`]
+//!   (attempts, successes, rejections, and reuse, which must be zero): successes
+//!   alone cannot tell one refresh from one success plus many double spends.
 //!
 //! Usage:
 //! ```ignore
@@ -121,6 +125,8 @@ enum RefreshState {
     Current,
     Used,
     Revoked,
+    /// Replaced by a later login of the same user.
+    Superseded,
 }
 
 #[derive(Default)]
@@ -130,6 +136,7 @@ struct State {
     current: HashMap<Uuid, String>,
     per_token: HashMap<String, u64>,
     faults: VecDeque<Fault>,
+    attempt_times: Vec<tokio::time::Instant>,
     latency: Duration,
     auth_methods: Vec<&'static str>,
     extra_params: Vec<Vec<(String, String)>>,
@@ -254,6 +261,13 @@ impl Idp {
     /// (in the past = already expired at the IdP too).
     pub fn seed_with_expiry(&self, user: Uuid, expiry: Option<DateTime<Utc>>) -> TokenSet {
         let mut st = self.shared.state.lock();
+        // A new login replaces the user's grant, as at real providers: the refresh
+        // token a stale row still holds must stop working.
+        if let Some(old) = st.current.get(&user).cloned() {
+            if let Some((_, state @ RefreshState::Current)) = st.refresh.get_mut(&old) {
+                *state = RefreshState::Superseded;
+            }
+        }
         let (access, refresh) = issue(&self.shared, &mut st, user, expiry);
         TokenSet {
             access_token: SecretString::from(access),
@@ -311,6 +325,37 @@ impl Idp {
         self.shared.reused.load(Ordering::SeqCst)
     }
 
+    /// When each token request arrived (before latency or faults), in order.
+    pub fn attempt_times(&self) -> Vec<tokio::time::Instant> {
+        self.shared.state.lock().attempt_times.clone()
+    }
+
+    /// The IdP's whole tally of refresh grants, for one assertion.
+    pub fn grants(&self) -> Grants {
+        Grants {
+            attempts: self.attempts(),
+            successes: self.refreshes(),
+            rejections: self.rejected(),
+            reuse: self.reused(),
+        }
+    }
+
+    /// Asserts the IdP saw exactly this many token requests, successful grants and
+    /// rejected grants, and that no retired refresh token was presented again.
+    #[track_caller]
+    pub fn assert_grants(&self, attempts: u64, successes: u64, rejections: u64) {
+        assert_eq!(
+            self.grants(),
+            Grants {
+                attempts,
+                successes,
+                rejections,
+                reuse: 0
+            },
+            "the IdP's tally of refresh grants"
+        );
+    }
+
     /// How many grants presented this refresh token.
     pub fn attempts_with(&self, refresh_token: &str) -> u64 {
         let st = self.shared.state.lock();
@@ -356,6 +401,19 @@ impl Idp {
     }
 }
 
+/// What the IdP saw, as compared by [`Idp::assert_grants`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grants {
+    /// Every token request (faulted, rejected and successful).
+    pub attempts: u64,
+    /// Successful refresh grants.
+    pub successes: u64,
+    /// Grants answered `invalid_grant` (or `bad_refresh_token`).
+    pub rejections: u64,
+    /// Rejected grants presenting an already used refresh token (a double spend).
+    pub reuse: u64,
+}
+
 fn issue(
     shared: &Shared,
     st: &mut State,
@@ -395,6 +453,7 @@ async fn answer(
     s.attempts.fetch_add(1, Ordering::SeqCst);
     let (fault, latency) = {
         let mut st = s.state.lock();
+        st.attempt_times.push(tokio::time::Instant::now());
         (st.faults.pop_front(), st.latency)
     };
     if !latency.is_zero() {

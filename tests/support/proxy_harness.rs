@@ -193,6 +193,19 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Answer {
+    try_send(method, url, headers, body)
+        .await
+        .expect("proxy answers")
+}
+
+/// Like [`send`], but a failed exchange (connection cut, body cut short) is an
+/// `Err` naming it, so a test can expect exactly that and nothing else.
+pub async fn try_send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Answer, String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
@@ -201,13 +214,18 @@ pub async fn send(
     let resp = client
         .request(req.body(Full::new(body.into())).unwrap())
         .await
-        .expect("proxy answers");
+        .map_err(|e| format!("request failed: {e:?}"))?;
     let (parts, body) = resp.into_parts();
-    Answer {
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("body failed: {e:?}"))?
+        .to_bytes();
+    Ok(Answer {
         status: parts.status,
         headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+        body,
+    })
 }
 
 /// GET with headers.
@@ -223,11 +241,26 @@ pub fn bearer(token: &str) -> (String, String) {
 /// Writes raw bytes to `addr` and returns everything read until the server closes
 /// (send `Connection: close`).
 pub async fn raw(addr: SocketAddr, request: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out).await;
-    String::from_utf8_lossy(&out).into_owned()
+    raw_bytes(addr, request.as_bytes()).await
+}
+
+/// How long a raw exchange may take before the test fails: a server that never
+/// answers or never closes must fail the test, not hang it.
+pub const RAW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends raw bytes (which need not be UTF-8) and reads until the server closes,
+/// failing after [`RAW_TIMEOUT`].
+pub async fn raw_bytes(addr: SocketAddr, request: &[u8]) -> String {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    tokio::time::timeout(RAW_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no complete answer within {RAW_TIMEOUT:?} from {addr}"))
 }
 
 /// The status code of a raw HTTP/1.1 response.

@@ -156,9 +156,16 @@ impl TestUpstream {
     }
 
     /// Waits until `n` `/slow` requests have arrived.
+    /// Fails the test after 10 s rather than hanging it.
     pub async fn slow_arrived(&self, n: usize) {
         let mut rx = self.state.slow_arrived.subscribe();
-        let _ = rx.wait_for(|v| *v >= n).await;
+        let wait = async { rx.wait_for(|v| *v >= n).await.is_ok() };
+        let arrived = tokio::time::timeout(std::time::Duration::from_secs(10), wait).await;
+        match arrived {
+            Ok(true) => {}
+            Ok(false) => panic!("the upstream stopped before {n} /slow requests arrived"),
+            Err(_) => panic!("{n} /slow requests did not arrive within 10 s"),
+        }
     }
 }
 
