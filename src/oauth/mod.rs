@@ -365,7 +365,18 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(100));
-        assert!(backoff(10) <= Duration::from_secs(2));
+        // Jitter is random: sample each step many times and check both bounds, so a
+        // zero (or uncapped, or flat) backoff fails.
+        let ms = Duration::from_millis;
+        for _ in 0..200 {
+            for (attempt, step) in [(1, ms(100)), (2, ms(200)), (3, ms(400)), (10, ms(2000))] {
+                let b = backoff(attempt);
+                assert!(
+                    b >= step / 2 && b <= step,
+                    "backoff({attempt}) = {b:?}, want 50-100 % of {step:?}"
+                );
+            }
+            assert!(backoff(40) <= ms(2000), "capped however many attempts");
+        }
     }
 }
