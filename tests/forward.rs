@@ -13,11 +13,12 @@
 mod harness;
 mod support;
 
+use support::util::{basic, git};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use base64::Engine;
 use harness::{create_token, FakeTokens, Harness};
 use sqlx::PgPool;
 use support::upstream::{tokens, CredentialForm, GitServer, TestCa, TestUpstream};
@@ -277,13 +278,6 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
     (harness::raw_status(&head), head)
 }
 
-fn basic(user: &str, pass: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    )
-}
-
 async fn connect(stream: &mut TcpStream, target: &str, auth: Option<&str>) -> (u16, String) {
     let auth = auth
         .map(|a| format!("Proxy-Authorization: {a}\r\n"))
@@ -432,32 +426,6 @@ async fn static_callers_need_no_proxy_credential(pool: PgPool) {
     assert!(r.ok, "{r:?}");
     assert_eq!(r.status, 200);
     assert_eq!(w.api.requests()[0].token.as_deref(), Some(GH_TOKEN));
-}
-
-/// Runs git with an isolated configuration; panics with its output on failure.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let home = dir.parent().unwrap_or(dir);
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

@@ -8,8 +8,9 @@
 mod harness;
 mod support;
 
+pub use support::util::git;
+
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use harness::{create_token, FakeTokens, Harness, Spawned};
@@ -21,31 +22,6 @@ use tokenproxy::store::{LinkStore, TokenSet};
 use uuid::Uuid;
 
 pub const GH_TOKEN: &str = "gho_git_access_token";
-
-/// Runs git with an isolated configuration; panics with its output on failure.
-pub fn git(dir: &Path, args: &[&str]) -> String {
-    let home = dir.parent().unwrap_or(dir);
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("HOME", home)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .env_remove("GIT_DIR")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A git server with one empty bare repository and a proxy routing to it.
 pub struct GitWorld {

@@ -8,6 +8,8 @@
 mod harness;
 mod support;
 
+use support::util::basic;
+
 use std::sync::Arc;
 
 use harness::{create_token, get, raw, raw_status, send, FakeTokens, Harness};
@@ -103,14 +105,6 @@ async fn world(pool: PgPool) -> World {
         user,
         token,
     }
-}
-
-fn basic(user: &str, pass: &str) -> String {
-    use base64::Engine;
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    )
 }
 
 /// No header of any recorded request holds a proxy token or Proxy-Authorization.

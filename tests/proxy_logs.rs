@@ -8,6 +8,8 @@
 mod harness;
 mod support;
 
+use support::util::basic;
+
 use std::io::Write;
 use std::sync::Arc;
 
@@ -36,14 +38,6 @@ impl Write for Captured {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-fn basic(user: &str, pass: &str) -> String {
-    use base64::Engine;
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    )
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

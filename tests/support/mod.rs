@@ -6,3 +6,4 @@
 pub mod idp;
 pub mod store_wrapper;
 pub mod upstream;
+pub mod util;

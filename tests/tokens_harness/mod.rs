@@ -131,20 +131,7 @@ pub async fn assert_link_intact(idp: &Idp, store: &PgStore, user: Uuid) {
     assert_eq!(row.refresh_failure_reason, "");
 }
 
-/// Waits (bounded) for a background effect such as a change notification.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..200 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
+pub use crate::support::util::eventually;
 
 pub async fn concurrent_gets(
     source: &Arc<TokenSource>,
