@@ -366,7 +366,9 @@ async fn serve_answers_healthcheck_and_stops_on_sigterm(pool: PgPool) {
     std::fs::write(
         &config,
         format!(
-            "[server]\nadmin_listen = \"127.0.0.1:{port}\"\n[database]\nurl = \"{}\"\n",
+            // The proxy listener on port 0: the default 127.0.0.1:8080 may be taken
+            // on a shared runner (and two test runs would collide on it).
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:{port}\"\n[database]\nurl = \"{}\"\n",
             db_url(&pool)
         ),
     )
