@@ -1,6 +1,7 @@
 //! Caches that heal by themselves (issue 11, must-have 5): a change made by plain
 //! SQL (no NOTIFY of ours) reaches every replica through the table's trigger; a
-//! LISTEN connection that was killed is noticed and every cache resynced; and a
+//! LISTEN connection that was killed, or that silently went deaf (a relay that
+//! stops delivering), is noticed and every cache resynced; and a
 //! cached entry is read again once it is `tokens.cache_max_age` old, while an
 //! unreachable store still leaves the cached token serving.
 
@@ -234,4 +235,135 @@ async fn cached_entry_is_read_again_after_max_age(pool: PgPool) {
     assert_eq!(served(&r, user).await.unwrap(), "changed-silently");
     assert_eq!(flaky.reads.load(Ordering::SeqCst), 2);
     assert_eq!(idp.refreshes(), 0);
+}
+
+/// A TCP relay to Postgres that can make the connections that issued `LISTEN`
+/// deaf: they stay open, but nothing the server sends reaches the client — a
+/// connection a NAT or load balancer silently forgot.
+struct Relay {
+    port: u16,
+    conns: Arc<parking_lot::Mutex<Vec<Arc<RelayConn>>>>,
+    /// Every relay task; aborted on drop, which closes every relayed socket.
+    tasks: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Default)]
+struct RelayConn {
+    listens: AtomicBool,
+    deaf: AtomicBool,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<parking_lot::Mutex<Vec<Arc<RelayConn>>>> = Arc::default();
+        let list = conns.clone();
+        let tasks: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let spawned = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let conn = Arc::new(RelayConn::default());
+                list.lock().push(conn.clone());
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = conn.clone();
+                let up_task = tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        if buf[..n]
+                            .windows(6)
+                            .any(|w| w.eq_ignore_ascii_case(b"LISTEN"))
+                        {
+                            up.listens.store(true, Ordering::SeqCst);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let down_task = tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                        if conn.deaf.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                spawned.lock().extend([up_task, down_task]);
+            }
+        });
+        tasks.lock().push(accept);
+        Self { port, conns, tasks }
+    }
+
+    /// Makes every connection that has issued `LISTEN` so far deaf; how many.
+    fn deafen_listeners(&self) -> usize {
+        let conns = self.conns.lock();
+        conns
+            .iter()
+            .filter(|c| c.listens.load(Ordering::SeqCst))
+            .inspect(|c| c.deaf.store(true, Ordering::SeqCst))
+            .count()
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn deaf_listen_connection_is_detected_and_resynced(pool: PgPool) {
+    let (clock, idp, st, user) = setup(&pool).await;
+    st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    let opts = pool.connect_options();
+    let relay = Relay::start(opts.get_port()).await;
+    let relayed = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(
+            opts.as_ref()
+                .clone()
+                .host("127.0.0.1")
+                .port(relay.port)
+                // The relay reads the queries to find the LISTEN connection.
+                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let store = PgStore::from_pool(relayed, Keyring::plaintext())
+        .with_listen_check_interval(Duration::from_millis(300));
+    let r = replica_with(Arc::new(store), &[idp.provider(P)], &tokens_cfg(), clock).await;
+    r.warm(user).await;
+    within(Duration::from_secs(5), "the feed is listening", || async {
+        listener_pid(&pool).await.is_some()
+    })
+    .await;
+
+    // The connection goes deaf; then a change is announced (by the trigger)
+    // that it never hears.
+    assert_eq!(relay.deafen_listeners(), 1);
+    set_access_by_sql(&pool, user, "announced-to-a-deaf-ear").await;
+
+    let took = within(
+        Duration::from_secs(10),
+        "deafness noticed and resynced",
+        || async { served(&r, user).await.as_deref() == Ok("announced-to-a-deaf-ear") },
+    )
+    .await;
+    eprintln!("resynced {took:?} after the LISTEN connection went deaf");
+    drop(r);
+    drop(relay);
 }
