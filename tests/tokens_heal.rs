@@ -3,7 +3,9 @@
 //! LISTEN connection that was killed, or that silently went deaf (a relay that
 //! stops delivering), is noticed and every cache resynced; and a
 //! cached entry is read again once it is `tokens.cache_max_age` old, while an
-//! unreachable store still leaves the cached token serving.
+//! unreachable store still leaves the cached token serving. Also must-have 6
+//! through two token sources: a stale background write for a provider that does
+//! not rotate refresh tokens, encryption on, loses to the newer one.
 
 #[path = "tokens_harness/mod.rs"]
 mod harness;
@@ -366,4 +368,92 @@ async fn deaf_listen_connection_is_detected_and_resynced(pool: PgPool) {
     eprintln!("resynced {took:?} after the LISTEN connection went deaf");
     drop(r);
     drop(relay);
+}
+
+/// Fails every refresh write while `down`, and records what the first write
+/// after it came back answered.
+#[derive(Default)]
+struct WritesDown {
+    down: AtomicBool,
+    after: parking_lot::Mutex<Option<bool>>,
+}
+
+#[async_trait::async_trait]
+impl Hooks for Arc<WritesDown> {
+    async fn write_refreshed(
+        &self,
+        inner: &dyn LinkStore,
+        p: &str,
+        u: Uuid,
+        read: &tokenproxy::store::Fence,
+        new: &tokenproxy::store::TokenSet,
+    ) -> Result<bool, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("test: writes refused".into()));
+        }
+        let applied = inner.write_refreshed(p, u, read, new).await?;
+        self.after.lock().get_or_insert(applied);
+        Ok(applied)
+    }
+}
+
+/// Issue 11's acceptance for must-have 6, through two token sources: a provider
+/// that keeps its refresh token, encryption on. Replica A refreshes but cannot
+/// store the answer and keeps retrying in the background; meanwhile replica B
+/// refreshes and stores a newer access token. A's late write must lose.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn non_rotating_stale_background_write_does_not_overwrite_newer_token(pool: PgPool) {
+    use secrecy::{ExposeSecret, SecretBox};
+    use tokenproxy::tokens::Clock;
+    let keys = || {
+        Keyring::new(
+            vec![SecretBox::new(Box::new([0x42u8; 32]))],
+            tokenproxy::config::EncryptionFormat::Native,
+        )
+    };
+    let (clock, idp) = idp_with(support::idp::IdpOptions {
+        rotate: false,
+        ..Default::default()
+    })
+    .await;
+    let user = Uuid::new_v4();
+    let plain = PgStore::from_pool(pool.clone(), keys());
+    let expired = idp.seed_with_expiry(user, Some(clock.now() - chrono::Duration::seconds(10)));
+    plain.put_link(P, user, &expired).await.unwrap();
+    let providers = [idp.provider(P)];
+
+    let hooks = Arc::new(WritesDown::default());
+    hooks.down.store(true, Ordering::SeqCst);
+    let a_store = HookedStore::new(
+        PgStore::from_pool(own_pool(&pool).await, keys()),
+        hooks.clone(),
+    );
+    let a = replica_with(Arc::new(a_store), &providers, &tokens_cfg(), clock.clone()).await;
+    let b_store = PgStore::from_pool(own_pool(&pool).await, keys());
+    let b = replica_with(Arc::new(b_store), &providers, &tokens_cfg(), clock.clone()).await;
+
+    let older = served(&a, user).await.expect("A serves its unstored token");
+    let newer = served(&b, user).await.expect("B refreshes and stores");
+    assert_ne!(older, newer);
+    assert_eq!(idp.refreshes(), 2);
+    let row = plain.get_link(P, user).await.unwrap().unwrap();
+    assert_eq!(row.access_token.expose_secret(), newer);
+
+    // The database comes back for A: its background retry runs against a row
+    // that B changed since A read it.
+    hooks.down.store(false, Ordering::SeqCst);
+    within(
+        Duration::from_secs(5),
+        "A's background write ran",
+        || async { hooks.after.lock().is_some() },
+    )
+    .await;
+    assert_eq!(
+        *hooks.after.lock(),
+        Some(false),
+        "the stale write must lose"
+    );
+    let row = plain.get_link(P, user).await.unwrap().unwrap();
+    assert_eq!(row.access_token.expose_secret(), newer);
+    assert_eq!(idp.reused(), 0);
 }
