@@ -21,8 +21,8 @@ use tokenproxy::proxy::inject::inject_credential;
 use tokenproxy::proxy::route::Router;
 use tokenproxy::store::postgres::PgStore;
 use tokenproxy::store::{
-    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet,
+    ChangeEvent, Fence, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken,
+    ProxyTokenInfo, RotateReport, StoreError, StoredSecret, TokenSet,
 };
 use tokenproxy::telemetry::Metrics;
 use tokenproxy::tokens::{SystemClock, TokenSource};
@@ -82,7 +82,7 @@ impl LinkStore for Counting {
         &self,
         p: &str,
         u: Uuid,
-        old: &StoredSecret,
+        old: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         self.count("write_refreshed");
@@ -92,7 +92,7 @@ impl LinkStore for Counting {
         &self,
         p: &str,
         u: Uuid,
-        old: &StoredSecret,
+        old: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {

@@ -156,6 +156,10 @@ pub struct DatabaseConfig {
     /// How long to wait for a pooled connection before answering `store_unavailable`.
     #[serde(with = "duration_str")]
     pub acquire_timeout: Duration,
+    /// How often the Postgres change feed checks that its LISTEN connection
+    /// still hears; a missed check reconnects and resyncs every cache.
+    #[serde(with = "duration_str")]
+    pub listen_check_interval: Duration,
 }
 
 impl Default for DatabaseConfig {
@@ -165,6 +169,7 @@ impl Default for DatabaseConfig {
             migrate_on_start: true,
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            listen_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -211,6 +216,10 @@ pub struct TokensConfig {
     /// How long one replica may hold the cross-replica refresh lease.
     #[serde(with = "duration_str")]
     pub lease_timeout: Duration,
+    /// Longest a cached link is served without reading it again, so a change
+    /// whose notification was lost still reaches the cache.
+    #[serde(with = "duration_str")]
+    pub cache_max_age: Duration,
 }
 
 impl Default for TokensConfig {
@@ -222,6 +231,7 @@ impl Default for TokensConfig {
             refresh_ahead_used_within: Duration::from_secs(600),
             refresh_ahead_remaining: 0.2,
             lease_timeout: Duration::from_secs(30),
+            cache_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -487,6 +497,11 @@ impl Config {
             ("server.upstream_timeout", self.server.upstream_timeout),
             ("server.connect_timeout", self.server.connect_timeout),
             ("database.acquire_timeout", self.database.acquire_timeout),
+            (
+                "database.listen_check_interval",
+                self.database.listen_check_interval,
+            ),
+            ("tokens.cache_max_age", self.tokens.cache_max_age),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be above zero"));

@@ -16,7 +16,7 @@ use support::store_wrapper::{HookedStore, Hooks};
 use tokenproxy::config::TokensConfig;
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
-use tokenproxy::store::{LinkStore, StoreError, StoredSecret, TokenSet};
+use tokenproxy::store::{Fence, LinkStore, StoreError, TokenSet};
 use tokenproxy::telemetry::Metrics;
 use tokenproxy::tokens::{SystemClock, TokenSource};
 use uuid::Uuid;
@@ -35,7 +35,7 @@ impl Hooks for FlakyWrites {
         inner: &dyn LinkStore,
         p: &str,
         u: Uuid,
-        old: &StoredSecret,
+        old: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         let n = self.writes.fetch_add(1, Ordering::SeqCst);

@@ -59,6 +59,7 @@ conformance_suite!(
     refresh_write_racing_rotation_is_never_lost,
     proxy_tokens_create_find_list_revoke_touch,
     change_feed_announces_every_applied_change,
+    non_rotating_stale_writer_is_fenced,
 );
 
 // Migrations start from an empty database, so they are instantiated by hand.
@@ -133,12 +134,7 @@ async fn migrations_serve_beside_an_older_coder_schema(pool: PgPool) {
         LeaseClaim::Acquired(_)
     ));
     assert!(store
-        .write_refreshed(
-            "github",
-            user,
-            &link.refresh_token_stored,
-            &tokens("a1", "r1")
-        )
+        .write_refreshed("github", user, &link.fence(), &tokens("a1", "r1"))
         .await
         .unwrap());
     let link = store.get_link("github", user).await.unwrap().unwrap();
@@ -287,23 +283,13 @@ async fn change_feed_announces_writes_and_resyncs(pool: PgPool) {
     assert_eq!(next_event(&mut rx).await, ev("github"));
     let read = store.get_link("github", user).await.unwrap().unwrap();
     assert!(store
-        .write_refreshed(
-            "github",
-            user,
-            &read.refresh_token_stored,
-            &tokens("a1", "r1")
-        )
+        .write_refreshed("github", user, &read.fence(), &tokens("a1", "r1"))
         .await
         .unwrap());
     assert_eq!(next_event(&mut rx).await, ev("github"));
     // A write that does not apply announces nothing: the next event is gitlab's.
     assert!(!store
-        .write_refreshed(
-            "github",
-            user,
-            &read.refresh_token_stored,
-            &tokens("a2", "r2")
-        )
+        .write_refreshed("github", user, &read.fence(), &tokens("a2", "r2"))
         .await
         .unwrap());
     store
@@ -340,6 +326,7 @@ async fn unreachable_database_is_unavailable() {
         migrate_on_start: false,
         max_connections: 1,
         acquire_timeout: Duration::from_millis(500),
+        ..Default::default()
     };
     let store = PgStore::connect(&cfg, Keyring::plaintext()).unwrap();
     let err = store.get_link("github", Uuid::new_v4()).await.unwrap_err();

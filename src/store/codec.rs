@@ -10,7 +10,7 @@ use chrono::{DateTime, Datelike, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
-use super::{Link, LinkSummary, StoreError, StoredSecret, TokenSet};
+use super::{Fence, Link, LinkSummary, StoreError, StoredSecret, TokenSet};
 use crate::crypto::{Keyring, Sealed, ValueContext};
 
 /// Column names, also the native format's associated data.
@@ -125,6 +125,7 @@ pub(super) fn decode(keyring: &Keyring, row: LinkRow) -> Result<Link, StoreError
         access_token,
         refresh_token,
         refresh_token_stored: StoredSecret(row.oauth_refresh_token),
+        access_token_stored: StoredSecret(row.oauth_access_token),
         expiry: expiry_from_db(row.oauth_expiry),
         extra: row.oauth_extra,
         refresh_failure_reason: row.oauth_refresh_failure_reason,
@@ -196,27 +197,70 @@ pub(super) fn rotated(
     )))
 }
 
-/// After a missed compare-and-swap against `old_refresh`: if `row` (read after
-/// the miss) still holds the same refresh token, only re-encrypted (by
-/// `keys rotate` here or in Coder), the value it holds now.
-pub(super) fn same_token(
+/// Whether one token column of `row` holds the same token as `old` (a value
+/// of that column as read earlier), maybe re-encrypted (by `keys rotate` here
+/// or in Coder).
+fn same_value(
     keyring: &Keyring,
-    row: LinkRow,
-    old_refresh: &StoredSecret,
-) -> Result<Option<String>, StoreError> {
-    if row.oauth_refresh_token == old_refresh.0 {
-        // Same value yet the CAS missed: a write raced and was undone; retry.
-        return Ok(Some(row.oauth_refresh_token));
+    row: &LinkRow,
+    column: &'static str,
+    old: &StoredSecret,
+) -> Result<bool, StoreError> {
+    let (value, _) = row.column(column);
+    if *value == old.0 {
+        return Ok(true);
     }
-    let current = open(keyring, &row, REFRESH)?;
+    let current = open(keyring, row, column)?;
     let ctx = ValueContext {
         provider_id: &row.provider_id,
         user_id: row.user_id,
-        column: REFRESH,
+        column,
     };
-    let old = keyring.open_any(&old_refresh.0, ctx);
+    let old = keyring.open_any(&old.0, ctx);
     use subtle::ConstantTimeEq;
     let (a, b) = (current.expose_secret(), old.expose_secret());
-    let same = a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()));
-    Ok(same.then_some(row.oauth_refresh_token))
+    Ok(a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes())))
+}
+
+/// After a missed compare-and-swap against `read`: if `row` (read after the
+/// miss) still holds the same refresh token — and, when `with_access`, the same
+/// access token — only re-encrypted, the fence to retry against (the values it
+/// holds now). If the values are even unchanged, a write raced and was undone:
+/// retry too.
+pub(super) fn same_tokens(
+    keyring: &Keyring,
+    row: LinkRow,
+    read: &Fence,
+    with_access: bool,
+) -> Result<Option<Fence>, StoreError> {
+    if !same_value(keyring, &row, REFRESH, &read.refresh)? {
+        return Ok(None);
+    }
+    if with_access && !same_value(keyring, &row, ACCESS, &read.access)? {
+        return Ok(None);
+    }
+    Ok(Some(Fence {
+        refresh: StoredSecret(row.oauth_refresh_token),
+        access: StoredSecret(row.oauth_access_token),
+    }))
+}
+
+/// Whether `new` is a different refresh token than the one `read` holds (the
+/// provider rotated it).
+pub(super) fn rotates(
+    keyring: &Keyring,
+    provider_id: &str,
+    user_id: Uuid,
+    read: &Fence,
+    new: &SecretString,
+) -> bool {
+    let ctx = ValueContext {
+        provider_id,
+        user_id,
+        column: REFRESH,
+    };
+    let old = keyring.open_any(&read.refresh.0, ctx);
+    use subtle::ConstantTimeEq;
+    let (a, b) = (old.expose_secret(), new.expose_secret());
+    !(a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes())))
 }

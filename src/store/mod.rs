@@ -74,6 +74,19 @@ impl PartialEq for StoredSecret {
 }
 impl Eq for StoredSecret {}
 
+/// What a write after a refresh is fenced by: both token columns exactly as the
+/// refresh read them. The refresh token alone fences nothing for a provider
+/// that does not rotate it (and, with encryption on, every write re-encrypts
+/// it); the access token changes with every refresh, so together they catch any
+/// concurrent writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// `oauth_refresh_token` as read.
+    pub refresh: StoredSecret,
+    /// `oauth_access_token` as read.
+    pub access: StoredSecret,
+}
+
 /// One user's link to one provider, decrypted.
 #[derive(Debug, Clone)]
 pub struct Link {
@@ -87,6 +100,8 @@ pub struct Link {
     pub refresh_token: SecretString,
     /// `oauth_refresh_token` exactly as stored, for compare-and-swap.
     pub refresh_token_stored: StoredSecret,
+    /// `oauth_access_token` exactly as stored, for compare-and-swap.
+    pub access_token_stored: StoredSecret,
     /// When the access token expires; `None` for Coder's zero time ("never").
     pub expiry: Option<DateTime<Utc>>,
     /// `oauth_extra`.
@@ -99,6 +114,16 @@ pub struct Link {
     pub created_at: DateTime<Utc>,
     /// `updated_at`.
     pub updated_at: DateTime<Utc>,
+}
+
+impl Link {
+    /// The fence of a write that follows a refresh of this row.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            refresh: self.refresh_token_stored.clone(),
+            access: self.access_token_stored.clone(),
+        }
+    }
 }
 
 /// A link without its token values, for listings.
@@ -262,28 +287,33 @@ pub trait LinkStore: Send + Sync + 'static {
     async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError>;
 
     /// Compare-and-swap after a successful refresh: writes `new` (encrypting it)
-    /// only if `oauth_refresh_token` still equals `old_refresh`; clears the failure
+    /// only if the row still holds what was read (`read`); clears the failure
     /// reason and the lease; announces. `Ok(false)` = lost the race.
     ///
-    /// Deliberately not fenced by the lease holder: a token the provider already
-    /// rotated must be persisted whenever the row still holds the one exchanged,
-    /// or the new refresh token would be lost.
+    /// When `new` rotated the refresh token, only `oauth_refresh_token` must
+    /// still be as read: the provider may already have retired the old one, so
+    /// the new one must be kept whenever the row still holds the one exchanged.
+    /// When it did not rotate, the access token must be as read too, so a stale
+    /// writer cannot overwrite a newer access token. A re-encryption alone
+    /// (`keys rotate`) does not count as a change. Deliberately not fenced by
+    /// the lease holder, for the same reason as the rotated case.
     async fn write_refreshed(
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &StoredSecret,
+        read: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError>;
 
     /// Compare-and-swap record of a permanent refresh failure: sets
-    /// `oauth_refresh_failure_reason` only if the row still holds `old_refresh` (and,
-    /// when `lease` is given, that lease is still the row's). Announces when applied.
+    /// `oauth_refresh_failure_reason` only if the row still holds both tokens as
+    /// read (and, when `lease` is given, that lease is still the row's).
+    /// Announces when applied.
     async fn record_refresh_failure(
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &StoredSecret,
+        read: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError>;

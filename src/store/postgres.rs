@@ -28,8 +28,8 @@ use uuid::Uuid;
 use super::codec::{self, LinkRow, LINK_COLUMNS};
 use super::rotation::{self, RowSql};
 use super::{
-    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
+    ChangeEvent, Fence, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken,
+    ProxyTokenInfo, RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
 };
 use crate::config::{Config, DatabaseConfig, EncryptionFormat};
 use crate::crypto::{Keyring, Sealed};
@@ -48,6 +48,8 @@ pub struct PgStore {
     keyring: Arc<Keyring>,
     /// Set once the first key is known to be in `dbcrypt_keys` (Coder format).
     key_registered: Arc<tokio::sync::OnceCell<()>>,
+    /// How often the change feed checks that its connection still hears.
+    feed_check: Duration,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -113,7 +115,7 @@ impl PgStore {
             .max_connections(cfg.max_connections)
             .acquire_timeout(cfg.acquire_timeout)
             .connect_lazy_with(opts);
-        Ok(Self::from_pool(pool, keyring))
+        Ok(Self::from_pool(pool, keyring).with_listen_check_interval(cfg.listen_check_interval))
     }
 
     /// [`connect`](Self::connect) with the keyring `[encryption]` describes.
@@ -128,7 +130,15 @@ impl PgStore {
             pool,
             keyring: Arc::new(keyring),
             key_registered: Arc::new(tokio::sync::OnceCell::new()),
+            feed_check: DatabaseConfig::default().listen_check_interval,
         }
+    }
+
+    /// Sets how often the change feed pings itself to prove its connection
+    /// still hears (`database.listen_check_interval`). Zero is taken as 1 ms.
+    pub fn with_listen_check_interval(mut self, every: Duration) -> Self {
+        self.feed_check = every.max(Duration::from_millis(1));
+        self
     }
 
     /// The pool, for callers that need their own connection (e.g. tests).
@@ -280,23 +290,22 @@ impl LinkStore for PgStore {
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &StoredSecret,
+        read: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         self.ensure_key_registered().await?;
-        rotation::write_refreshed(self, provider_id, user_id, old_refresh, new).await
+        rotation::write_refreshed(self, provider_id, user_id, read, new).await
     }
 
     async fn record_refresh_failure(
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &StoredSecret,
+        read: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        rotation::record_refresh_failure(self, provider_id, user_id, old_refresh, lease, reason)
-            .await
+        rotation::record_refresh_failure(self, provider_id, user_id, read, lease, reason).await
     }
 
     async fn create_proxy_token(
@@ -346,6 +355,6 @@ impl LinkStore for PgStore {
     }
 
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<ChangeEvent>, StoreError> {
-        feed::watch(&self.pool).await
+        feed::watch(&self.pool, self.feed_check).await
     }
 }

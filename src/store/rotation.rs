@@ -5,18 +5,21 @@
 //! overwritten with older tokens; such rows count as `raced` (run again to
 //! finish them). Failure reason, expiry and lease are left as they are.
 //!
-//! The refresh writes compare `oauth_refresh_token` with the value exactly as
-//! it was read. A re-encryption (`keys rotate` here or in Coder) changes that
-//! value without changing the token, so after a miss they check whether the row
-//! still holds the same token under a new ciphertext and, if so, retry against
-//! it: losing a refresh write would lose a token the provider has already
-//! rotated. The decisions live here once; each backend supplies the SQL steps
-//! through [`RowSql`].
+//! The refresh writes are fenced by both token columns exactly as they were
+//! read ([`Fence`]): the refresh token alone cannot tell a concurrent writer
+//! from none when the provider does not rotate it. Only a write whose refresh
+//! token rotated drops the access-token condition — the old refresh token may
+//! already be dead, so the new one must be stored whenever the row still holds
+//! the one exchanged. A re-encryption (`keys rotate` here or in Coder) changes
+//! the stored values without changing the tokens, so after a miss they check
+//! whether the row still holds the same tokens under new ciphertexts and, if
+//! so, retry against them. The decisions live here once; each backend supplies
+//! the SQL steps through [`RowSql`].
 
 use uuid::Uuid;
 
 use super::codec::{self, LinkRow};
-use super::{Lease, RotateReport, StoreError, StoredSecret, TokenSet, CLAIM_ATTEMPTS};
+use super::{Fence, Lease, RotateReport, StoreError, TokenSet, CLAIM_ATTEMPTS};
 use crate::crypto::{Keyring, Sealed};
 
 /// Rows read per page, to bound memory on large tables.
@@ -35,21 +38,25 @@ pub(super) trait RowSql: Sync {
         user_id: Uuid,
     ) -> Result<Option<LinkRow>, StoreError>;
 
-    /// The refresh-token compare-and-swap write; whether it applied.
+    /// The compare-and-swap write after a refresh: applies only while
+    /// `oauth_refresh_token` equals `old_refresh` and, when given,
+    /// `oauth_access_token` equals `old_access`; whether it applied.
     async fn cas_write(
         &self,
         provider_id: &str,
         user_id: Uuid,
         old_refresh: &str,
+        old_access: Option<&str>,
         new: &TokenSet,
     ) -> Result<bool, StoreError>;
 
-    /// The compare-and-swap record of a permanent refresh failure; whether it applied.
+    /// The compare-and-swap record of a permanent refresh failure, while both
+    /// token columns are as in `read`; whether it applied.
     async fn cas_failure(
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &str,
+        read: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError>;
@@ -97,22 +104,46 @@ pub(super) async fn write_refreshed(
     sql: &impl RowSql,
     provider_id: &str,
     user_id: Uuid,
-    old_refresh: &StoredSecret,
+    read: &Fence,
     new: &TokenSet,
 ) -> Result<bool, StoreError> {
+    let with_access = !codec::rotates(
+        sql.keyring(),
+        provider_id,
+        user_id,
+        read,
+        &new.refresh_token,
+    );
+    let access = |f: &Fence| with_access.then(|| f.access.0.clone());
     if sql
-        .cas_write(provider_id, user_id, &old_refresh.0, new)
+        .cas_write(
+            provider_id,
+            user_id,
+            &read.refresh.0,
+            access(read).as_deref(),
+            new,
+        )
         .await?
     {
         return Ok(true);
     }
     // Bounded: each retry needs another concurrent re-encryption.
     for _ in 0..CLAIM_ATTEMPTS {
-        let Some(current) = reencrypted_same_token(sql, provider_id, user_id, old_refresh).await?
+        let Some(current) =
+            reencrypted_same_tokens(sql, provider_id, user_id, read, with_access).await?
         else {
             return Ok(false);
         };
-        if sql.cas_write(provider_id, user_id, &current, new).await? {
+        if sql
+            .cas_write(
+                provider_id,
+                user_id,
+                &current.refresh.0,
+                access(&current).as_deref(),
+                new,
+            )
+            .await?
+        {
             return Ok(true);
         }
     }
@@ -124,22 +155,22 @@ pub(super) async fn record_refresh_failure(
     sql: &impl RowSql,
     provider_id: &str,
     user_id: Uuid,
-    old_refresh: &StoredSecret,
+    read: &Fence,
     lease: Option<&Lease>,
     reason: &str,
 ) -> Result<bool, StoreError> {
     if sql
-        .cas_failure(provider_id, user_id, &old_refresh.0, lease, reason)
+        .cas_failure(provider_id, user_id, read, lease, reason)
         .await?
     {
         return Ok(true);
     }
-    // A re-encrypted copy of the same token still is the token that was
-    // rejected. Stop once the value stops changing: then the miss was the lease
-    // (or a real change), not a re-encryption.
-    let mut tried = old_refresh.0.clone();
+    // A re-encrypted copy of the same tokens still is what was rejected. Stop
+    // once the values stop changing: then the miss was the lease (or a real
+    // change), not a re-encryption.
+    let mut tried = read.clone();
     for _ in 0..CLAIM_ATTEMPTS {
-        match reencrypted_same_token(sql, provider_id, user_id, old_refresh).await? {
+        match reencrypted_same_tokens(sql, provider_id, user_id, read, true).await? {
             Some(current) if current != tried => {
                 if sql
                     .cas_failure(provider_id, user_id, &current, lease, reason)
@@ -155,20 +186,22 @@ pub(super) async fn record_refresh_failure(
     Ok(false)
 }
 
-/// After a missed compare-and-swap: if the row still holds the same refresh
-/// token, only re-encrypted, returns the value it holds now so the write can be
-/// retried against it. Without keys nothing is ever re-encrypted.
-async fn reencrypted_same_token(
+/// After a missed compare-and-swap: if the row still holds the same tokens
+/// (the access token only when `with_access`), only re-encrypted, returns the
+/// values it holds now so the write can be retried against them. Without keys
+/// nothing is ever re-encrypted.
+async fn reencrypted_same_tokens(
     sql: &impl RowSql,
     provider_id: &str,
     user_id: Uuid,
-    old_refresh: &StoredSecret,
-) -> Result<Option<String>, StoreError> {
+    read: &Fence,
+    with_access: bool,
+) -> Result<Option<Fence>, StoreError> {
     if sql.keyring().is_empty() {
         return Ok(None);
     }
     match sql.fetch_row(provider_id, user_id).await? {
-        Some(row) => codec::same_token(sql.keyring(), row, old_refresh),
+        Some(row) => codec::same_tokens(sql.keyring(), row, read, with_access),
         None => Ok(None),
     }
 }

@@ -36,8 +36,8 @@ use uuid::Uuid;
 use super::codec::{self, LinkRow, LINK_COLUMNS};
 use super::rotation::{self, RowSql};
 use super::{
-    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet,
+    ChangeEvent, Fence, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken,
+    ProxyTokenInfo, RotateReport, StoreError, StoredSecret, TokenSet,
 };
 use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{Keyring, Sealed};
@@ -356,22 +356,21 @@ impl LinkStore for SqliteStore {
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &StoredSecret,
+        read: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
-        rotation::write_refreshed(self, provider_id, user_id, old_refresh, new).await
+        rotation::write_refreshed(self, provider_id, user_id, read, new).await
     }
 
     async fn record_refresh_failure(
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &StoredSecret,
+        read: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        rotation::record_refresh_failure(self, provider_id, user_id, old_refresh, lease, reason)
-            .await
+        rotation::record_refresh_failure(self, provider_id, user_id, read, lease, reason).await
     }
 
     async fn create_proxy_token(

@@ -53,6 +53,10 @@ pub(crate) struct Entry {
     /// last resync are not served on the hit path (they may have missed a change),
     /// but remain a last resort while the store is unreachable.
     pub generation: u64,
+    /// When the token was read from the store or the provider (injected clock).
+    /// Past `tokens.cache_max_age` the entry is read again once, so a change
+    /// whose notification was lost still arrives; it stays the outage fallback.
+    pub cached_at: DateTime<Utc>,
 }
 
 impl Entry {
@@ -78,6 +82,7 @@ impl Entry {
             ahead_started: AtomicBool::new(false),
             rejected_once: AtomicBool::new(false),
             generation: 0,
+            cached_at: now,
         }
     }
 
@@ -85,6 +90,12 @@ impl Entry {
     pub fn touch(&self, now: DateTime<Utc>) {
         self.last_used_ms
             .store(now.timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// Whether it was cached at least `max_age` before `now`, so the hit path
+    /// reads it again.
+    pub fn aged(&self, now: DateTime<Utc>, max_age: Duration) -> bool {
+        now - self.cached_at >= to_chrono(max_age)
     }
 
     /// Whether it was served within `window` of `now`.
@@ -149,5 +160,16 @@ mod tests {
         // Short lifetimes: never later than the moment the token becomes unusable.
         assert_eq!(ahead_time(t(1000), life, 0.001, skew, 0.0), Some(t(990)));
         assert_eq!(ahead_time(t(1000), life, 0.0, skew, 0.0), None);
+    }
+
+    #[test]
+    fn entries_age_from_when_they_were_cached() {
+        let token = AccessToken::new(secrecy::SecretString::from("a"), None);
+        let e = Entry::new(token, None, 0.2, Duration::from_secs(60), t(0));
+        let max = Duration::from_secs(300);
+        assert!(!e.aged(t(299), max));
+        assert!(e.aged(t(300), max));
+        // A clock that went backwards does not make an entry older.
+        assert!(!e.aged(t(-5), max));
     }
 }

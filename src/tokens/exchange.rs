@@ -111,7 +111,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
         let epoch = inner.epoch(&key);
         match inner
             .store
-            .write_refreshed(provider_id, key.1, &row.refresh_token_stored, &new)
+            .write_refreshed(provider_id, key.1, &row.fence(), &new)
             .await
         {
             Ok(true) => {
@@ -165,7 +165,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                     inner.store.clone(),
                     provider_id.to_string(),
                     key.1,
-                    row.refresh_token_stored.clone(),
+                    row.fence(),
                     new,
                 ));
                 return Step::Done(Ok(Served {
@@ -186,7 +186,7 @@ async fn keep_persisting(
     store: Arc<dyn crate::store::LinkStore>,
     provider_id: String,
     user: uuid::Uuid,
-    old: crate::store::StoredSecret,
+    old: crate::store::Fence,
     new: TokenSet,
 ) {
     let give_up = tokio::time::Instant::now() + PERSIST_RETRY_FOR;
@@ -242,13 +242,7 @@ async fn rejected(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease, reaso
         Ok(Some(_)) => {
             match inner
                 .store
-                .record_refresh_failure(
-                    provider_id,
-                    key.1,
-                    &row.refresh_token_stored,
-                    Some(lease),
-                    reason,
-                )
+                .record_refresh_failure(provider_id, key.1, &row.fence(), Some(lease), reason)
                 .await
             {
                 Ok(true) => {

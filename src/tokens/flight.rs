@@ -376,6 +376,7 @@ mod tests {
             access_token: SecretString::from(access.to_string()),
             refresh_token: SecretString::from(refresh.to_string()),
             refresh_token_stored: StoredSecret(refresh.into()),
+            access_token_stored: StoredSecret(access.into()),
             expiry: Some(t(expiry)),
             extra: None,
             refresh_failure_reason: reason.into(),

@@ -234,6 +234,12 @@ impl Inner {
 
     /// Whether a cached entry may be served on the hit path at `now`.
     fn servable(&self, e: &Entry, now: DateTime<Utc>) -> bool {
+        self.current(e, now) && !e.aged(now, self.cfg.cache_max_age)
+    }
+
+    /// Whether a cached entry is usable and from the current resync generation
+    /// (it may still be due for its `cache_max_age` re-read).
+    fn current(&self, e: &Entry, now: DateTime<Utc>) -> bool {
         e.generation == self.generation() && cache::usable(e.token.expiry(), now, self.skew())
     }
 
@@ -352,7 +358,8 @@ impl TokenSource {
                 inner.hit.inc();
                 return Ok(e.token.clone());
             }
-            Some(_) => true,
+            // Only aged: a re-read that finds the same row adopted nothing.
+            Some(e) => !inner.current(&e, now),
             None => {
                 // Answered from memory too (a known-broken link), so counted as a hit.
                 if let Some(err) = inner.known_broken(key).await {

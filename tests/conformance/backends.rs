@@ -101,6 +101,7 @@ impl Sqlite {
             migrate_on_start: false,
             max_connections: 4,
             acquire_timeout: Duration::from_secs(10),
+            ..Default::default()
         }
     }
 

@@ -17,7 +17,7 @@ use chrono::{TimeZone, Utc};
 use secrecy::{SecretBox, SecretString};
 use tokenproxy::config::EncryptionFormat;
 use tokenproxy::crypto::Keyring;
-use tokenproxy::store::{Link, LinkStore, StoredSecret, TokenSet};
+use tokenproxy::store::{Fence, Link, LinkStore, StoredSecret, TokenSet};
 use uuid::Uuid;
 
 /// The four token columns of a row, exactly as stored.
@@ -78,6 +78,14 @@ pub fn tokens(access: &str, refresh: &str) -> TokenSet {
 /// A stored value.
 pub fn stored(s: &str) -> StoredSecret {
     StoredSecret(s.to_owned())
+}
+
+/// A fence of stored refresh and access token values.
+pub fn fence(refresh: &str, access: &str) -> Fence {
+    Fence {
+        refresh: stored(refresh),
+        access: stored(access),
+    }
 }
 
 /// Puts a `github` link for `user` with tokens `a0`/`r0` and reads it back.

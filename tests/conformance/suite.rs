@@ -9,7 +9,7 @@ use tokenproxy::crypto::Keyring;
 use tokenproxy::store::{ChangeEvent, LeaseClaim, LinkStore, NewProxyToken, StoreError};
 use uuid::Uuid;
 
-use super::{keyring, put_and_read, stored, tokens, Backend, KEY_A, KEY_B};
+use super::{fence, keyring, put_and_read, stored, tokens, Backend, KEY_A, KEY_B};
 
 /// `migrate` on an empty database makes it ready; running it again changes nothing.
 pub async fn migrations_apply_twice(b: &dyn Backend) {
@@ -141,7 +141,7 @@ pub async fn concurrent_refresh_writes_exactly_one_applies(b: &dyn Backend) {
                 .unwrap();
             let old = a.get_link("github", user).await.unwrap().unwrap();
             let (t1, t2) = (tokens("a1", "r1"), tokens("a2", "r2"));
-            let old = &old.refresh_token_stored;
+            let old = &old.fence();
             let (ra, rc) = tokio::join!(
                 a.write_refreshed("github", user, old, &t1),
                 c.write_refreshed("github", user, old, &t2),
@@ -160,7 +160,7 @@ pub async fn failure_record_against_changed_token_applies_nothing(b: &dyn Backen
     let store = b.store(keyring(EncryptionFormat::Native, &[KEY_A])).await;
     let user = Uuid::new_v4();
     let old = put_and_read(store.as_ref(), user).await;
-    let old_stored = &old.refresh_token_stored;
+    let old_stored = &old.fence();
     assert!(store
         .write_refreshed("github", user, old_stored, &tokens("a1", "r1"))
         .await
@@ -174,13 +174,7 @@ pub async fn failure_record_against_changed_token_applies_nothing(b: &dyn Backen
     assert_eq!(now.refresh_token.expose_secret(), "r1");
     // Against the current token it applies, and a put clears it.
     assert!(store
-        .record_refresh_failure(
-            "github",
-            user,
-            &now.refresh_token_stored,
-            None,
-            "invalid_grant"
-        )
+        .record_refresh_failure("github", user, &now.fence(), None, "invalid_grant")
         .await
         .unwrap());
     let failed = store.get_link("github", user).await.unwrap().unwrap();
@@ -193,7 +187,12 @@ pub async fn failure_record_against_changed_token_applies_nothing(b: &dyn Backen
     assert_eq!(relinked.refresh_failure_reason, "");
     // A lost link is reported as not applied, not as an error.
     assert!(!store
-        .write_refreshed("github", Uuid::new_v4(), &stored("x"), &tokens("a", "r"))
+        .write_refreshed(
+            "github",
+            Uuid::new_v4(),
+            &fence("x", "y"),
+            &tokens("a", "r")
+        )
         .await
         .unwrap());
 }
@@ -216,6 +215,7 @@ pub async fn lease_claim_held_changed_and_expiry(b: &dyn Backend) {
     let user = Uuid::new_v4();
     let old = put_and_read(store, user).await;
     let old_stored = &old.refresh_token_stored;
+    let old_fence = &old.fence();
 
     let LeaseClaim::Acquired(first) = claim(store, user, old_stored).await else {
         panic!("first claim must acquire")
@@ -247,7 +247,7 @@ pub async fn lease_claim_held_changed_and_expiry(b: &dyn Backend) {
 
     // The old holder is fenced off: its failure record and release do nothing.
     assert!(!store
-        .record_refresh_failure("github", user, old_stored, Some(&first), "invalid_grant")
+        .record_refresh_failure("github", user, old_fence, Some(&first), "invalid_grant")
         .await
         .unwrap());
     store.release_refresh_lease(&first).await.unwrap();
@@ -257,7 +257,7 @@ pub async fn lease_claim_held_changed_and_expiry(b: &dyn Backend) {
 
     // The current holder's failure record applies and releases the lease.
     assert!(store
-        .record_refresh_failure("github", user, old_stored, Some(&second), "invalid_grant")
+        .record_refresh_failure("github", user, old_fence, Some(&second), "invalid_grant")
         .await
         .unwrap());
     let row = store.get_link("github", user).await.unwrap().unwrap();
@@ -273,7 +273,7 @@ pub async fn lease_claim_held_changed_and_expiry(b: &dyn Backend) {
         panic!("released lease can be claimed again")
     };
     assert!(store
-        .write_refreshed("github", user, old_stored, &tokens("a1", "r1"))
+        .write_refreshed("github", user, old_fence, &tokens("a1", "r1"))
         .await
         .unwrap());
     let row = store.get_link("github", user).await.unwrap().unwrap();
@@ -332,13 +332,7 @@ pub async fn rotation_reencrypts_everything_and_keeps_failure_reasons(b: &dyn Ba
         .await;
     let failed = old.get_link("github", users[0]).await.unwrap().unwrap();
     assert!(old
-        .record_refresh_failure(
-            "github",
-            users[0],
-            &failed.refresh_token_stored,
-            None,
-            "bad"
-        )
+        .record_refresh_failure("github", users[0], &failed.fence(), None, "bad")
         .await
         .unwrap());
 
@@ -398,12 +392,7 @@ pub async fn refresh_write_racing_rotation_is_never_lost(b: &dyn Backend) {
     let read = refresher.get_link("github", user).await.unwrap().unwrap();
     assert_eq!(rotator.rotate_keys().await.unwrap().rotated, 1);
     assert!(refresher
-        .write_refreshed(
-            "github",
-            user,
-            &read.refresh_token_stored,
-            &tokens("a1", "r1")
-        )
+        .write_refreshed("github", user, &read.fence(), &tokens("a1", "r1"))
         .await
         .unwrap());
     let now = rotator.get_link("github", user).await.unwrap().unwrap();
@@ -412,7 +401,7 @@ pub async fn refresh_write_racing_rotation_is_never_lost(b: &dyn Backend) {
     // Likewise a failure record against a token that was only re-encrypted.
     assert_eq!(rotator.rotate_keys().await.unwrap().rotated, 1);
     assert!(refresher
-        .record_refresh_failure("github", user, &now.refresh_token_stored, None, "revoked")
+        .record_refresh_failure("github", user, &now.fence(), None, "revoked")
         .await
         .unwrap());
     let now = rotator.get_link("github", user).await.unwrap().unwrap();
@@ -434,12 +423,7 @@ pub async fn refresh_write_racing_rotation_is_never_lost(b: &dyn Backend) {
         let mut applied = 0;
         for (u, read) in users.iter().zip(&reads) {
             let ok = refresher
-                .write_refreshed(
-                    "github",
-                    *u,
-                    &read.refresh_token_stored,
-                    &tokens("a1", "r1"),
-                )
+                .write_refreshed("github", *u, &read.fence(), &tokens("a1", "r1"))
                 .await
                 .unwrap();
             applied += usize::from(ok);
@@ -564,7 +548,7 @@ pub async fn change_feed_announces_every_applied_change(b: &dyn Backend) {
         .unwrap();
     assert_eq!(next_event(&mut rx).await, ev("github"));
     let read = store.get_link("github", user).await.unwrap().unwrap();
-    let old = &read.refresh_token_stored;
+    let old = &read.fence();
     assert!(store
         .write_refreshed("github", user, old, &tokens("a1", "r1"))
         .await
@@ -590,7 +574,7 @@ pub async fn change_feed_announces_every_applied_change(b: &dyn Backend) {
     store.release_refresh_lease(&lease).await.unwrap();
     assert_eq!(next_event(&mut rx).await, ev("github"));
     assert!(store
-        .record_refresh_failure("github", user, &now.refresh_token_stored, None, "bad")
+        .record_refresh_failure("github", user, &now.fence(), None, "bad")
         .await
         .unwrap());
     assert_eq!(next_event(&mut rx).await, ev("github"));
@@ -600,4 +584,88 @@ pub async fn change_feed_announces_every_applied_change(b: &dyn Backend) {
     assert!(!store.delete_link("github", user).await.unwrap());
     assert!(store.delete_link("gitlab", user).await.unwrap());
     assert_eq!(next_event(&mut rx).await, ev("gitlab"));
+}
+
+/// A provider that does not rotate refresh tokens: a stale writer (it read the
+/// row before a newer refresh landed) must not overwrite the newer access
+/// token, nor record a failure over it — with encryption on, where every write
+/// re-encrypts the unchanged refresh token, and off, where it is unchanged
+/// byte for byte. A re-encryption alone (`keys rotate`) does not fence a write.
+pub async fn non_rotating_stale_writer_is_fenced(b: &dyn Backend) {
+    let keyed = [
+        Keyring::plaintext(),
+        keyring(EncryptionFormat::Native, &[KEY_A]),
+        keyring(EncryptionFormat::Coder, &[KEY_A]),
+    ];
+    for (i, kr) in keyed.into_iter().enumerate() {
+        let encrypted = i > 0;
+        let store = b.store(kr).await;
+        let user = Uuid::new_v4();
+        store
+            .put_link("github", user, &tokens("a0", "r0"))
+            .await
+            .unwrap();
+        let stale = store.get_link("github", user).await.unwrap().unwrap();
+        let fresh = store.get_link("github", user).await.unwrap().unwrap();
+
+        // The newer refresh lands first; the provider kept r0.
+        assert!(store
+            .write_refreshed("github", user, &fresh.fence(), &tokens("b1", "r0"))
+            .await
+            .unwrap());
+        // The stale writer's older access token must not replace it ...
+        assert!(
+            !store
+                .write_refreshed("github", user, &stale.fence(), &tokens("a1", "r0"))
+                .await
+                .unwrap(),
+            "stale write applied (case {i})"
+        );
+        // ... nor may it mark the link broken.
+        assert!(!store
+            .record_refresh_failure("github", user, &stale.fence(), None, "invalid_grant")
+            .await
+            .unwrap());
+        let now = store.get_link("github", user).await.unwrap().unwrap();
+        assert_eq!(now.access_token.expose_secret(), "b1", "case {i}");
+        assert_eq!(now.refresh_token.expose_secret(), "r0");
+        assert_eq!(now.refresh_failure_reason, "");
+
+        // A stale writer whose answer rotated the refresh token still lands: the
+        // provider may have retired r0, and the row still holds the one exchanged.
+        assert!(store
+            .write_refreshed("github", user, &stale.fence(), &tokens("a2", "r2"))
+            .await
+            .unwrap());
+        let now = store.get_link("github", user).await.unwrap().unwrap();
+        assert_eq!(now.refresh_token.expose_secret(), "r2");
+
+        if encrypted {
+            // Only re-encrypted since the read: the write applies.
+            let rotator = b
+                .store(keyring(EncryptionFormat::Native, &[KEY_B, KEY_A]))
+                .await;
+            let read = rotator.get_link("github", user).await.unwrap().unwrap();
+            assert!(rotator.rotate_keys().await.unwrap().rotated >= 1);
+            assert!(rotator
+                .write_refreshed("github", user, &read.fence(), &tokens("c1", "r2"))
+                .await
+                .unwrap());
+            let now = rotator.get_link("github", user).await.unwrap().unwrap();
+            assert_eq!(now.access_token.expose_secret(), "c1");
+            // Likewise a failure record.
+            let read = now;
+            let again = b
+                .store(keyring(EncryptionFormat::Coder, &[KEY_A, KEY_B]))
+                .await;
+            assert!(again.rotate_keys().await.unwrap().rotated >= 1);
+            assert!(rotator
+                .record_refresh_failure("github", user, &read.fence(), None, "revoked")
+                .await
+                .unwrap());
+            let now = rotator.get_link("github", user).await.unwrap().unwrap();
+            assert_eq!(now.refresh_failure_reason, "revoked");
+            assert_eq!(now.access_token.expose_secret(), "c1");
+        }
+    }
 }

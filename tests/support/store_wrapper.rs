@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenproxy::store::{
-    ChangeEvent, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken, ProxyTokenInfo,
-    RotateReport, StoreError, StoredSecret, TokenSet,
+    ChangeEvent, Fence, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken,
+    ProxyTokenInfo, RotateReport, StoreError, StoredSecret, TokenSet,
 };
 use uuid::Uuid;
 
@@ -39,7 +39,7 @@ pub trait Hooks: Send + Sync + 'static {
         inner: &dyn LinkStore,
         p: &str,
         u: Uuid,
-        old: &StoredSecret,
+        old: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         inner.write_refreshed(p, u, old, new).await
@@ -103,7 +103,7 @@ impl<H: Hooks> LinkStore for HookedStore<H> {
         &self,
         p: &str,
         u: Uuid,
-        old: &StoredSecret,
+        old: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         self.hooks
@@ -114,7 +114,7 @@ impl<H: Hooks> LinkStore for HookedStore<H> {
         &self,
         p: &str,
         u: Uuid,
-        old: &StoredSecret,
+        old: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {

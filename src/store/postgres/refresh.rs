@@ -1,8 +1,8 @@
 //! The SQL steps of the shared refresh writes and key rotation
 //! ([`crate::store::rotation`]), which decides when to retry them.
 //!
-//! Both refresh writes compare `oauth_refresh_token` with the value exactly as
-//! it was read, and announce what they change in the same statement.
+//! Both refresh writes compare the token columns with the values exactly as
+//! they were read, and announce what they change in the same statement.
 
 use uuid::Uuid;
 
@@ -10,7 +10,7 @@ use super::{announced, expiry_to_db, map_err, rotate, PgStore};
 use crate::crypto::{Keyring, Sealed};
 use crate::store::codec::{LinkRow, LINK_COLUMNS};
 use crate::store::rotation::RowSql;
-use crate::store::{Lease, StoreError, TokenSet, CHANGE_CHANNEL};
+use crate::store::{Fence, Lease, StoreError, TokenSet, CHANGE_CHANNEL};
 
 #[async_trait::async_trait]
 impl RowSql for PgStore {
@@ -52,6 +52,7 @@ impl RowSql for PgStore {
         provider_id: &str,
         user_id: Uuid,
         old_refresh: &str,
+        old_access: Option<&str>,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         let (access, refresh) = self.seal_pair(provider_id, user_id, new)?;
@@ -63,6 +64,7 @@ impl RowSql for PgStore {
                oauth_refresh_failure_reason = '', refresh_lease_expires_at = NULL, \
                updated_at = now() \
              WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $9 \
+               AND ($11::text IS NULL OR oauth_access_token = $11) \
              RETURNING provider_id, user_id",
             "$10",
         );
@@ -77,6 +79,7 @@ impl RowSql for PgStore {
             .bind(&new.extra)
             .bind(old_refresh)
             .bind(CHANGE_CHANNEL)
+            .bind(old_access)
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
@@ -87,7 +90,7 @@ impl RowSql for PgStore {
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &str,
+        read: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
@@ -99,6 +102,7 @@ impl RowSql for PgStore {
                  THEN refresh_lease_expires_at ELSE NULL END, \
                updated_at = now() \
              WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $3 \
+               AND oauth_access_token = $7 \
                AND ($5::timestamptz IS NULL OR refresh_lease_expires_at = $5) \
              RETURNING provider_id, user_id",
             "$6",
@@ -106,10 +110,11 @@ impl RowSql for PgStore {
         let rows: Vec<String> = sqlx::query_scalar(&sql)
             .bind(provider_id)
             .bind(user_id)
-            .bind(old_refresh)
+            .bind(&read.refresh.0)
             .bind(reason)
             .bind(lease.map(|l| l.expires_at))
             .bind(CHANGE_CHANNEL)
+            .bind(&read.access.0)
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;

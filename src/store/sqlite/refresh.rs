@@ -1,9 +1,9 @@
 //! The SQL steps of the shared refresh writes and key rotation
 //! ([`crate::store::rotation`]), which decides when to retry them.
 //!
-//! As in the Postgres backend, both refresh writes compare `oauth_refresh_token`
-//! with the value exactly as it was read. Each write is one `UPDATE`, atomic
-//! under SQLite's writer lock.
+//! As in the Postgres backend, both refresh writes compare the token columns
+//! with the values exactly as they were read. Each write is one `UPDATE`,
+//! atomic under SQLite's writer lock.
 
 use uuid::Uuid;
 
@@ -11,7 +11,7 @@ use super::{expiry_to_db, map_err, rotate, ts_to_db, SqliteLinkRow, SqliteStore,
 use crate::crypto::{Keyring, Sealed};
 use crate::store::codec::{LinkRow, LINK_COLUMNS};
 use crate::store::rotation::RowSql;
-use crate::store::{Lease, StoreError, TokenSet};
+use crate::store::{Fence, Lease, StoreError, TokenSet};
 
 #[async_trait::async_trait]
 impl RowSql for SqliteStore {
@@ -54,6 +54,7 @@ impl RowSql for SqliteStore {
         provider_id: &str,
         user_id: Uuid,
         old_refresh: &str,
+        old_access: Option<&str>,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         let (access, refresh) = self.seal_pair(provider_id, user_id, new)?;
@@ -64,7 +65,8 @@ impl RowSql for SqliteStore {
                oauth_expiry = ?7, oauth_extra = ?8, \
                oauth_refresh_failure_reason = '', refresh_lease_expires_at = NULL, \
                updated_at = {NOW} \
-             WHERE provider_id = ?1 AND user_id = ?2 AND oauth_refresh_token = ?9"
+             WHERE provider_id = ?1 AND user_id = ?2 AND oauth_refresh_token = ?9 \
+               AND (?10 IS NULL OR oauth_access_token = ?10)"
         ))
         .bind(provider_id)
         .bind(user_id.to_string())
@@ -75,6 +77,7 @@ impl RowSql for SqliteStore {
         .bind(expiry_to_db(new.expiry))
         .bind(new.extra.as_ref().map(|v| v.to_string()))
         .bind(old_refresh)
+        .bind(old_access)
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
@@ -85,7 +88,7 @@ impl RowSql for SqliteStore {
         &self,
         provider_id: &str,
         user_id: Uuid,
-        old_refresh: &str,
+        read: &Fence,
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
@@ -97,13 +100,15 @@ impl RowSql for SqliteStore {
                  THEN refresh_lease_expires_at ELSE NULL END, \
                updated_at = {NOW} \
              WHERE provider_id = ?1 AND user_id = ?2 AND oauth_refresh_token = ?3 \
+               AND oauth_access_token = ?6 \
                AND (?5 IS NULL OR refresh_lease_expires_at = ?5)"
         ))
         .bind(provider_id)
         .bind(user_id.to_string())
-        .bind(old_refresh)
+        .bind(&read.refresh.0)
         .bind(reason)
         .bind(lease.map(|l| ts_to_db(l.expires_at)))
+        .bind(&read.access.0)
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
