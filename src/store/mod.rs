@@ -19,6 +19,7 @@ use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{CryptoError, Keyring};
 
 mod codec;
+pub mod coder;
 mod lease;
 pub mod postgres;
 mod rotation;
