@@ -235,13 +235,17 @@ pub enum CallerMode {
     Token,
     /// Every request is one fixed user (sidecar); loopback listeners only.
     Static,
+    /// Callers are Coder workspace agents presenting their agent token; the
+    /// request acts for the workspace owner (see `proxy::caller_coder`).
+    #[serde(rename = "coder_agent")]
+    CoderAgent,
 }
 
 /// `[callers]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallersConfig {
-    /// `token` or `static`.
+    /// `token`, `static` or `coder_agent`.
     pub mode: CallerMode,
     /// The user served in `static` mode.
     pub static_user: Option<Uuid>,

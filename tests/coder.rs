@@ -7,8 +7,17 @@
 //! (key = bytes(range(32)), nonce = bytes(range(0xa0, 0xac)), no associated data):
 //! `base64.b64encode(nonce + AESGCM(key).encrypt(nonce, pt, None))`.
 
+#[path = "support/proxy_harness.rs"]
+mod harness;
+mod support;
+
+use std::sync::Arc;
+
+use base64::Engine;
+use harness::{get, FakeTokens, Harness};
 use secrecy::{ExposeSecret, SecretBox};
 use sqlx::PgPool;
+use support::upstream::{tokens, CredentialForm, TestUpstream};
 use tokenproxy::config::EncryptionFormat;
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::coder::{agent_owner, check_keys, check_lease_support};
@@ -290,4 +299,95 @@ async fn serves_rows_a_coder_writer_encrypted_including_the_failure_convention(p
         link.refresh_failure_reason,
         "invalid_grant: Bad refresh token"
     );
+}
+
+const GH_TOKEN: &str = "gho_workspace_owner";
+
+fn agent_config(upstream: &str) -> tokenproxy::config::Config {
+    harness::config(&format!(
+        r#"
+[callers]
+mode = "coder_agent"
+cache_ttl = "1h"
+
+[[providers]]
+id = "github"
+client_id = "cid"
+token_url = "http://127.0.0.1:9/token"
+
+  [[providers.routes]]
+  prefix = "/gh/api"
+  upstream = "{upstream}"
+"#
+    ))
+}
+
+#[sqlx::test(migrations = false)]
+async fn agent_tokens_act_for_the_workspace_owner_through_the_proxy(pool: PgPool) {
+    coder_db(&pool).await;
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let owner = Uuid::new_v4();
+    let ws = workspace(&pool, owner).await;
+    let old = build(&pool, ws, 1, "start").await;
+    let agent = build(&pool, ws, 2, "start").await;
+    let gone_owner = Uuid::new_v4();
+    let gone_ws = workspace(&pool, gone_owner).await;
+    let gone = build(&pool, gone_ws, 1, "start").await;
+    exec(
+        &pool,
+        &format!("UPDATE workspaces SET deleted = TRUE WHERE id = '{gone_ws}'"),
+    )
+    .await;
+
+    let fake = FakeTokens::new();
+    fake.set("github", owner, GH_TOKEN);
+    fake.set("github", gone_owner, GH_TOKEN);
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let proxy = Harness::start(agent_config(&api.url()), store, fake).await;
+    let url = proxy.url("/gh/api/user");
+
+    let git = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("coder:{agent}"))
+    );
+    let bearer = format!("Bearer {agent}");
+    let session = agent.to_string();
+    for h in [
+        ("coder-session-token", session.as_str()),
+        ("authorization", bearer.as_str()),
+        ("authorization", git.as_str()),
+    ] {
+        let a = get(&url, &[h]).await;
+        assert_eq!(a.status, 200, "{}", h.0);
+    }
+    let seen = api.requests();
+    assert_eq!(seen.len(), 3);
+    for r in &seen {
+        assert_eq!(
+            r.token.as_deref(),
+            Some(GH_TOKEN),
+            "the owner's link is injected"
+        );
+        assert!(
+            r.headers.get("coder-session-token").is_none(),
+            "the agent token never reaches the upstream"
+        );
+    }
+
+    // Unknown agent, superseded build, deleted workspace, nothing at all: 401.
+    let unknown = format!("Bearer {}", Uuid::new_v4());
+    let superseded = format!("Bearer {old}");
+    let deleted = format!("Bearer {gone}");
+    for auth in [
+        unknown.as_str(),
+        superseded.as_str(),
+        deleted.as_str(),
+        "Bearer tpx_x",
+    ] {
+        get(&url, &[("authorization", auth)])
+            .await
+            .assert_error(401, "unauthenticated");
+    }
+    get(&url, &[]).await.assert_error(401, "unauthenticated");
+    assert_eq!(api.count(), 3, "refused callers never reach the upstream");
 }

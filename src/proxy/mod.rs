@@ -32,6 +32,7 @@ use crate::tokens::{AccessToken, TokenError, TokenSource};
 
 pub mod ca;
 pub mod caller;
+pub mod caller_coder;
 pub mod connect;
 pub mod error;
 pub mod forward;

@@ -310,6 +310,16 @@ pub trait LinkStore: Send + Sync + 'static {
     /// Records that a proxy token was used now.
     async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError>;
 
+    /// The owner of the Coder workspace whose agent holds `auth_token`, resolved
+    /// as coderd does (see [`coder::agent_owner`]); `None` when coderd would refuse
+    /// it. Only a Postgres store over a Coder database can answer.
+    async fn find_coder_agent_owner(&self, auth_token: Uuid) -> Result<Option<Uuid>, StoreError> {
+        let _ = auth_token;
+        Err(StoreError::Other(
+            "callers.mode = \"coder_agent\" needs a Postgres Coder database".into(),
+        ))
+    }
+
     /// Re-encrypts every link with the first key by compare-and-swap, keeping
     /// failure reasons; announces each change.
     async fn rotate_keys(&self) -> Result<RotateReport, StoreError>;

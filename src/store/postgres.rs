@@ -324,6 +324,10 @@ impl LinkStore for PgStore {
         tokens::revoke(&self.pool, id).await
     }
 
+    async fn find_coder_agent_owner(&self, auth_token: Uuid) -> Result<Option<Uuid>, StoreError> {
+        super::coder::agent_owner(&self.pool, auth_token).await
+    }
+
     async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError> {
         tokens::touch(&self.pool, id).await
     }
