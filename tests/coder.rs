@@ -391,3 +391,71 @@ async fn agent_tokens_act_for_the_workspace_owner_through_the_proxy(pool: PgPool
     get(&url, &[]).await.assert_error(401, "unauthenticated");
     assert_eq!(api.count(), 3, "refused callers never reach the upstream");
 }
+
+#[test]
+fn coder_section_takes_coders_comma_separated_keys() {
+    let b64 = |k: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+    let keys = format!("{},{}", b64(kat_key()), b64([7; 32]));
+    let env = [(
+        "CODER_EXTERNAL_TOKEN_ENCRYPTION_KEYS".to_string(),
+        keys.clone(),
+    )];
+    let toml = r#"
+[coder]
+access_url = "https://coder.example.com"
+encryption_keys = "env:CODER_EXTERNAL_TOKEN_ENCRYPTION_KEYS"
+"#;
+    let cfg = tokenproxy::config::Config::from_toml_with_env(toml, &env).unwrap();
+    assert_eq!(cfg.encryption_format(), EncryptionFormat::Coder);
+    let kr = Keyring::new(cfg.encryption_keys(), cfg.encryption_format());
+    assert_eq!(kr.coder_key_ids().len(), 2);
+    assert_eq!(
+        kr.primary_key_id(),
+        Some(KAT_KEY_ID),
+        "the first key encrypts"
+    );
+
+    let bad = [(
+        "CODER_EXTERNAL_TOKEN_ENCRYPTION_KEYS".to_string(),
+        format!("{},not-a-key", b64(kat_key())),
+    )];
+    let e = tokenproxy::config::Config::from_toml_with_env(toml, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("coder.encryption_keys") && e.contains("key 2"),
+        "{e}"
+    );
+    assert!(
+        !e.contains(&b64(kat_key())),
+        "no key material in errors: {e}"
+    );
+
+    let both = format!("{toml}\n[encryption]\nkeys = [\"{}\"]\n", b64(kat_key()));
+    let e = tokenproxy::config::Config::from_toml_with_env(&both, &env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not both"), "{e}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn start_up_check_refuses_what_coderd_would(pool: PgPool) {
+    coder_db(&pool).await;
+    insert_key(&pool, 1, Some(KAT_KEY_ID), None, KAT_TEST).await;
+    let store = PgStore::from_pool(pool.clone(), keyring(&[kat_key()]));
+    store.check_coder_database().await.unwrap();
+    // Another key as primary: not in dbcrypt_keys.
+    let other = PgStore::from_pool(pool.clone(), keyring(&[[9; 32], kat_key()]));
+    let e = other.check_coder_database().await.unwrap_err().to_string();
+    assert!(e.contains("not in Coder's dbcrypt_keys"), "{e}");
+    exec(
+        &pool,
+        "DROP FUNCTION acquire_external_auth_link_refresh_lease(text, uuid, bigint)",
+    )
+    .await;
+    let e = store.check_coder_database().await.unwrap_err().to_string();
+    assert!(
+        e.contains("acquire_external_auth_link_refresh_lease"),
+        "{e}"
+    );
+}

@@ -283,6 +283,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if config.database.migrate_on_start {
         store_dyn.migrate().await.context("applying migrations")?;
     }
+    if config.coder.is_some() {
+        store_dyn
+            .check_coder_database()
+            .await
+            .context("refusing the Coder database")?;
+    }
     let metrics = Metrics::new();
     let tokens = TokenSource::new(
         store_dyn.clone(),

@@ -310,6 +310,15 @@ pub trait LinkStore: Send + Sync + 'static {
     /// Records that a proxy token was used now.
     async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError>;
 
+    /// With `[coder]`: refuses a Coder database tokenproxy cannot share safely
+    /// (no refresh lease; a primary key missing from or revoked in
+    /// `dbcrypt_keys`; rows encrypted with a key we lack). See [`coder`].
+    async fn check_coder_database(&self) -> Result<(), StoreError> {
+        Err(StoreError::Other(
+            "[coder] needs database.url to name Coder's Postgres database".into(),
+        ))
+    }
+
     /// The owner of the Coder workspace whose agent holds `auth_token`, resolved
     /// as coderd does (see [`coder::agent_owner`]); `None` when coderd would refuse
     /// it. Only a Postgres store over a Coder database can answer.
@@ -405,6 +414,6 @@ fn check_migrations(
 
 /// [`open`] with the keyring `[encryption]` describes.
 pub fn open_config(cfg: &Config) -> Result<Arc<dyn LinkStore>, StoreError> {
-    let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);
+    let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption_format());
     open(&cfg.database, keyring)
 }
