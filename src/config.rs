@@ -83,6 +83,38 @@ pub struct Config {
     /// Forward (`HTTPS_PROXY`) mode; off when absent.
     #[serde(default)]
     pub forward: Option<ForwardConfig>,
+    /// Serving beside Coder (`[coder]`); off when absent.
+    #[serde(default)]
+    pub coder: Option<CoderConfig>,
+}
+
+/// `[coder]`: tokenproxy serves beside a Coder deployment, on Coder's database
+/// (`database.url` names it).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoderConfig {
+    /// Coder's `CODER_ACCESS_URL`; re-link pages are `<access_url>/external-auth/<id>`.
+    pub access_url: Option<Url>,
+    /// Coder's `CODER_EXTERNAL_TOKEN_ENCRYPTION_KEYS`: comma-separated standard
+    /// base64 32-byte keys, the first encrypts (Coder's dbcrypt format). Typically
+    /// `"env:CODER_EXTERNAL_TOKEN_ENCRYPTION_KEYS"`.
+    #[serde(deserialize_with = "secret_opt")]
+    pub encryption_keys: Option<SecretString>,
+}
+
+impl CoderConfig {
+    /// The keys of `encryption_keys`, in order; each entry as `[encryption] keys` holds them.
+    fn key_list(&self) -> Vec<SecretString> {
+        self.encryption_keys
+            .as_ref()
+            .map(|k| {
+                k.expose_secret()
+                    .split(',')
+                    .map(|s| SecretString::from(s.trim().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// `[server]`: listeners and resource bounds.
@@ -245,13 +277,17 @@ pub enum CallerMode {
     Token,
     /// Every request is one fixed user (sidecar); loopback listeners only.
     Static,
+    /// Callers are Coder workspace agents presenting their agent token; the
+    /// request acts for the workspace owner (see `proxy::caller_coder`).
+    #[serde(rename = "coder_agent")]
+    CoderAgent,
 }
 
 /// `[callers]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallersConfig {
-    /// `token` or `static`.
+    /// `token`, `static` or `coder_agent`.
     pub mode: CallerMode,
     /// The user served in `static` mode.
     pub static_user: Option<Uuid>,
@@ -524,6 +560,24 @@ impl Config {
         for (i, key) in self.encryption.keys.iter().enumerate() {
             decode_key(key).map_err(|m| ConfigError::new(format!("encryption.keys[{i}]"), m))?;
         }
+        if let Some(coder) = &self.coder {
+            if let Some(u) = &coder.access_url {
+                check_http_url(u).map_err(|m| ConfigError::new("coder.access_url", m))?;
+            }
+            if coder.encryption_keys.is_some() {
+                if !self.encryption.keys.is_empty() {
+                    return Err(ConfigError::new(
+                        "coder.encryption_keys",
+                        "set either coder.encryption_keys or encryption.keys, not both",
+                    ));
+                }
+                for (i, key) in coder.key_list().iter().enumerate() {
+                    decode_key(key).map_err(|m| {
+                        ConfigError::new("coder.encryption_keys", format!("key {}: {m}", i + 1))
+                    })?;
+                }
+            }
+        }
         let mut ids = HashSet::new();
         let mut prefixes = HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
@@ -585,11 +639,32 @@ impl Config {
 
     /// The decoded 32-byte encryption keys, first (encrypting) key first.
     pub fn encryption_keys(&self) -> Vec<secrecy::SecretBox<[u8; 32]>> {
+        if let Some(coder) = self.coder.as_ref().filter(|c| c.encryption_keys.is_some()) {
+            return coder
+                .key_list()
+                .iter()
+                .map(|k| secrecy::SecretBox::new(Box::new(decode_key(k).expect("validated"))))
+                .collect();
+        }
         self.encryption
             .keys
             .iter()
             .map(|k| secrecy::SecretBox::new(Box::new(decode_key(k).expect("validated"))))
             .collect()
+    }
+
+    /// The format new values are written in: Coder's dbcrypt whenever
+    /// `coder.encryption_keys` supplies the keys.
+    pub fn encryption_format(&self) -> EncryptionFormat {
+        if self
+            .coder
+            .as_ref()
+            .is_some_and(|c| c.encryption_keys.is_some())
+        {
+            EncryptionFormat::Coder
+        } else {
+            self.encryption.format
+        }
     }
 
     /// The provider with this id.

@@ -46,6 +46,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A caller acting for `user_id` with every provider allowed.
+    pub(super) fn for_user(user_id: Uuid) -> Self {
+        Self {
+            user_id,
+            token_id: None,
+            providers: ALL_PROVIDERS.clone(),
+        }
+    }
+
     /// Whether this caller may use `provider`.
     pub fn may_use(&self, provider: &str) -> bool {
         self.providers.is_empty() || self.providers.iter().any(|p| p == provider)
@@ -84,6 +93,8 @@ pub fn extract_proxy_token(headers: &HeaderMap) -> Option<SecretString> {
 pub fn remove_caller_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
+    // A Coder agent token is a caller credential too (coder_agent mode).
+    headers.remove(super::caller_coder::CODER_SESSION_TOKEN);
     let ours = headers
         .get_all(PRIVATE_TOKEN)
         .iter()
@@ -205,6 +216,8 @@ pub struct CallerIdentity {
     /// Failed store lookups so far: lets callers that waited on a lookup of the
     /// same token share its failure instead of retrying one after another.
     store_failures: AtomicU64,
+    /// Coder agent tokens (`callers.mode = "coder_agent"`).
+    agents: super::caller_coder::AgentCallers,
 }
 
 impl CallerIdentity {
@@ -214,7 +227,7 @@ impl CallerIdentity {
         Self {
             mode: config.mode,
             static_user: config.static_user,
-            store,
+            store: store.clone(),
             verified: crate::tokens::bounded_cache(CACHE_CAPACITY),
             ttl: config.cache_ttl,
             touch_every_ms: i64::try_from(touch_every.as_millis()).unwrap_or(i64::MAX),
@@ -223,12 +236,16 @@ impl CallerIdentity {
                 .time_to_live(config.cache_ttl)
                 .build(),
             store_failures: AtomicU64::new(0),
+            agents: super::caller_coder::AgentCallers::new(config, store.clone()),
         }
     }
 
     /// Who is calling. Expiry and revocation are checked on every request against
     /// the cached record, which is at most `cache_ttl` old.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        if self.mode == CallerMode::CoderAgent {
+            return self.agents.identify(headers, false).await;
+        }
         self.identify_token(|| extract_proxy_token(headers)).await
     }
 
@@ -236,6 +253,9 @@ impl CallerIdentity {
     /// (`Authorization` belongs to the client's conversation with the origin), and
     /// a missing or bad credential is a 407.
     pub async fn identify_proxy(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        if self.mode == CallerMode::CoderAgent {
+            return self.agents.identify(headers, true).await;
+        }
         let found = || {
             headers
                 .get_all(header::PROXY_AUTHORIZATION)

@@ -32,6 +32,7 @@ use crate::tokens::{AccessToken, TokenError, TokenSource};
 
 pub mod ca;
 pub mod caller;
+pub mod caller_coder;
 pub mod connect;
 pub mod error;
 pub mod forward;
@@ -281,6 +282,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store_dyn: Arc<dyn LinkStore> = crate::store::open_config(&config)?;
     if config.database.migrate_on_start {
         store_dyn.migrate().await.context("applying migrations")?;
+    }
+    if config.coder.is_some() {
+        store_dyn
+            .check_coder_database()
+            .await
+            .context("refusing the Coder database")?;
     }
     let metrics = Metrics::new();
     let tokens = TokenSource::new(

@@ -19,6 +19,7 @@ use crate::config::{Config, DatabaseConfig};
 use crate::crypto::{CryptoError, Keyring};
 
 mod codec;
+pub mod coder;
 mod lease;
 pub mod postgres;
 mod rotation;
@@ -339,6 +340,25 @@ pub trait LinkStore: Send + Sync + 'static {
     /// Records that a proxy token was used now.
     async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError>;
 
+    /// With `[coder]`: refuses a Coder database tokenproxy cannot share safely
+    /// (no refresh lease; a primary key missing from or revoked in
+    /// `dbcrypt_keys`; rows encrypted with a key we lack). See [`coder`].
+    async fn check_coder_database(&self) -> Result<(), StoreError> {
+        Err(StoreError::Other(
+            "[coder] needs database.url to name Coder's Postgres database".into(),
+        ))
+    }
+
+    /// The owner of the Coder workspace whose agent holds `auth_token`, resolved
+    /// as coderd does (see [`coder::agent_owner`]); `None` when coderd would refuse
+    /// it. Only a Postgres store over a Coder database can answer.
+    async fn find_coder_agent_owner(&self, auth_token: Uuid) -> Result<Option<Uuid>, StoreError> {
+        let _ = auth_token;
+        Err(StoreError::Other(
+            "callers.mode = \"coder_agent\" needs a Postgres Coder database".into(),
+        ))
+    }
+
     /// Re-encrypts every link with the first key by compare-and-swap, keeping
     /// failure reasons; announces each change.
     async fn rotate_keys(&self) -> Result<RotateReport, StoreError>;
@@ -424,6 +444,6 @@ fn check_migrations(
 
 /// [`open`] with the keyring `[encryption]` describes.
 pub fn open_config(cfg: &Config) -> Result<Arc<dyn LinkStore>, StoreError> {
-    let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);
+    let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption_format());
     open(&cfg.database, keyring)
 }

@@ -120,7 +120,7 @@ impl PgStore {
 
     /// [`connect`](Self::connect) with the keyring `[encryption]` describes.
     pub fn from_config(cfg: &Config) -> Result<Self, StoreError> {
-        let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption.format);
+        let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption_format());
         Self::connect(&cfg.database, keyring)
     }
 
@@ -331,6 +331,15 @@ impl LinkStore for PgStore {
 
     async fn revoke_proxy_token(&self, id: Uuid) -> Result<bool, StoreError> {
         tokens::revoke(&self.pool, id).await
+    }
+
+    async fn check_coder_database(&self) -> Result<(), StoreError> {
+        super::coder::check_lease_support(&self.pool).await?;
+        super::coder::check_keys(&self.pool, &self.keyring).await
+    }
+
+    async fn find_coder_agent_owner(&self, auth_token: Uuid) -> Result<Option<Uuid>, StoreError> {
+        super::coder::agent_owner(&self.pool, auth_token).await
     }
 
     async fn touch_proxy_token(&self, id: Uuid) -> Result<(), StoreError> {
