@@ -161,8 +161,9 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                     now,
                 );
                 insert_if_current(inner, key, entry, epoch);
-                tokio::spawn(keep_persisting(
+                inner.tasks.spawn(keep_persisting(
                     inner.store.clone(),
+                    inner.draining.clone(),
                     provider_id.to_string(),
                     key.1,
                     row.refresh_token_stored.clone(),
@@ -177,13 +178,18 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
     }
 }
 
+/// Retry period of a re-save once shutdown began (the drain's deadline bounds it).
+const DRAIN_RETRY: Duration = Duration::from_millis(200);
+
 /// How long a refreshed token set that could not be stored is retried.
 const PERSIST_RETRY_FOR: Duration = Duration::from_secs(3600);
 
 /// Retries storing a refreshed token set (with backoff) until it is stored, the
-/// row turns out to hold something else, or [`PERSIST_RETRY_FOR`] passes.
+/// row turns out to hold something else, or [`PERSIST_RETRY_FOR`] passes. When
+/// shutdown begins it stops backing off (the drain bounds how long it may still try).
 async fn keep_persisting(
     store: Arc<dyn crate::store::LinkStore>,
+    draining: tokio_util::sync::CancellationToken,
     provider_id: String,
     user: uuid::Uuid,
     old: crate::store::StoredSecret,
@@ -192,7 +198,13 @@ async fn keep_persisting(
     let give_up = tokio::time::Instant::now() + PERSIST_RETRY_FOR;
     let mut wait = Duration::from_millis(200);
     while tokio::time::Instant::now() < give_up {
-        tokio::time::sleep(wait).await;
+        if draining.is_cancelled() {
+            wait = wait.min(DRAIN_RETRY);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = draining.cancelled(), if wait > DRAIN_RETRY => {}
+        }
         match store.write_refreshed(&provider_id, user, &old, &new).await {
             Ok(true) => {
                 tracing::info!(provider = %provider_id, %user, "stored the refreshed token after the database came back");

@@ -65,7 +65,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, key: Key, want: Want) -> FlightResul
         } else {
             let id = inner.flight_seq.fetch_add(1, Ordering::Relaxed);
             let task_inner = inner.clone();
-            let handle = tokio::spawn(async move {
+            let handle = inner.tasks.spawn(async move {
                 let out = fly(task_inner.clone(), key, want).await;
                 // The result is cached (when cacheable) before the flight leaves the
                 // map, so a newcomer finds one or the other.
@@ -157,6 +157,12 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
                     want = Want::Usable { stale: true };
                 }
             }
+        }
+        if inner.draining.is_cancelled() {
+            // Shutting down: an exchange started now might not be stored before
+            // the process exits, which would lose a rotated refresh token.
+            tracing::info!(provider = provider_id, %user, "shutting down; not starting a refresh");
+            return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
         }
         if tokio::time::Instant::now() >= give_up {
             tracing::warn!(provider = provider_id, %user, "gave up waiting for the refresh lease");
@@ -256,7 +262,7 @@ async fn claim_and_refresh(
             let store = inner.store.clone();
             // Best effort: a failed release only delays others until it expires, and
             // must never turn our result into an error.
-            tokio::spawn(async move {
+            inner.tasks.spawn(async move {
                 if let Err(e) = store.release_refresh_lease(&lease).await {
                     tracing::debug!(error = %e, "releasing refresh lease failed");
                 }

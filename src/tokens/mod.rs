@@ -46,6 +46,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::{ConfigError, ProviderConfig, TokensConfig};
@@ -193,6 +194,12 @@ pub(crate) struct Inner {
     hit: prometheus_client::metrics::counter::Counter,
     miss: prometheus_client::metrics::counter::Counter,
     sync_refreshes: AtomicU64,
+    /// Every task that may hold a lease or a rotated token not yet stored
+    /// (flights, background re-saves, lease releases), so shutdown can wait for
+    /// them instead of dropping them half-way (see [`TokenSource::drain`]).
+    tasks: TaskTracker,
+    /// Cancelled when shutdown begins: no new exchange starts after it.
+    draining: CancellationToken,
 }
 
 impl Inner {
@@ -327,6 +334,8 @@ impl TokenSource {
                 hit,
                 miss,
                 sync_refreshes: AtomicU64::new(0),
+                tasks: TaskTracker::new(),
+                draining: CancellationToken::new(),
             }),
         }))
     }
@@ -413,6 +422,36 @@ impl TokenSource {
     /// this near zero for links in steady use.
     pub fn sync_refresh_count(&self) -> u64 {
         self.inner.sync_refreshes.load(Ordering::Relaxed)
+    }
+
+    /// Shutdown: stops new exchanges from starting (a lookup that would need one
+    /// gets the still-valid token or `idp_unavailable`), then waits up to
+    /// `timeout` for running exchanges, their writes and background re-saves.
+    /// Returns whether all of them finished. The runtime must outlive this wait:
+    /// a task dropped between the provider's answer and its write loses the
+    /// rotated refresh token.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let inner = &self.inner;
+        inner.draining.cancel();
+        inner.tasks.close();
+        let left = inner.tasks.len();
+        if left > 0 {
+            tracing::info!(
+                tasks = left,
+                ?timeout,
+                "waiting for token exchanges and writes to finish"
+            );
+        }
+        let done = tokio::time::timeout(timeout, inner.tasks.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(
+                tasks = inner.tasks.len(),
+                "token exchanges still running at the end of the drain; stopping anyway"
+            );
+        }
+        done
     }
 
     /// Drops every cached token (the next lookups re-read the store).
