@@ -34,8 +34,15 @@ pub(super) async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<
     }
 }
 
-/// Exchanges the row's refresh token while we hold the lease, and settles the outcome.
-pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease) -> Step {
+/// Exchanges the row's refresh token while we hold the lease (claimed at
+/// `claimed`), and settles the outcome.
+pub(super) async fn exchange(
+    inner: &Arc<Inner>,
+    key: Key,
+    row: &Link,
+    lease: &Lease,
+    claimed: tokio::time::Instant,
+) -> Step {
     let provider = &inner.providers[key.0 as usize];
     let paused = provider
         .client_rejected_until
@@ -46,11 +53,27 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         // would only hammer the provider (and may get the app rate-limited).
         return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
     }
+    let budget = inner.exchange_budget(claimed);
+    if budget < provider.client.timeout() {
+        // A slow claim or re-read ate the lease: an attempt started now might be
+        // answered after another replica could claim the row and present the same
+        // refresh token. Leave it unspent.
+        tracing::warn!(
+            provider = %provider.id,
+            user = %key.1,
+            ?budget,
+            "not enough of the refresh lease left for an exchange; the database is slow"
+        );
+        inner
+            .metrics
+            .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
+        return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
+    }
     let started = tokio::time::Instant::now();
-    let result = provider
-        .client
-        .refresh(&row.refresh_token, inner.exchange_budget())
-        .await;
+    // The new token's lifetime counts from when the request was sent, not from
+    // when the answer arrived or was stored: a slow answer must not stretch it.
+    let sent = inner.clock.now();
+    let result = provider.client.refresh(&row.refresh_token, budget).await;
     inner
         .metrics
         .refresh_duration
@@ -59,7 +82,7 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         })
         .observe(started.elapsed().as_secs_f64());
     match result {
-        Ok(r) => persist(inner, key, row, r).await,
+        Ok(r) => persist(inner, key, row, r, sent).await,
         Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,
         Err(e) => {
             // Transient (or a client misconfiguration): nothing about the link changes.
@@ -84,10 +107,16 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
 /// How long no refresh is attempted at a provider after it rejected our client.
 const CLIENT_REJECTED_PAUSE: Duration = Duration::from_secs(10);
 
-/// Writes a successful refresh with a compare-and-swap on the refresh token read.
-async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step {
+/// Writes a successful refresh (requested at `sent`) with a compare-and-swap on the
+/// refresh token read.
+async fn persist(
+    inner: &Arc<Inner>,
+    key: Key,
+    row: &Link,
+    r: Refreshed,
+    sent: chrono::DateTime<chrono::Utc>,
+) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
-    let now = inner.clock.now();
     let lifetime = r.expires_in.map(cache::to_chrono);
     if r.expires_in.is_some_and(|l| l <= inner.skew()) {
         // Such a token is "expired" the moment it arrives: every request refreshes.
@@ -102,7 +131,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
         // No new refresh token in the response: the old one stays valid.
         refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
         // Checked: a lifetime past the calendar's end means "does not expire".
-        expiry: lifetime.and_then(|l| now.checked_add_signed(l)),
+        expiry: lifetime.and_then(|l| sent.checked_add_signed(l)),
         extra: r.extra.or_else(|| row.extra.clone()),
     };
     let token = AccessToken::new(new.access_token.clone(), new.expiry);
@@ -124,7 +153,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                     lifetime,
                     inner.cfg.refresh_ahead_remaining,
                     inner.skew(),
-                    now,
+                    inner.clock.now(),
                 );
                 insert_if_current(inner, key, entry, epoch);
                 return Step::Done(Ok(Served {
@@ -158,7 +187,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                     lifetime,
                     inner.cfg.refresh_ahead_remaining,
                     inner.skew(),
-                    now,
+                    inner.clock.now(),
                 );
                 insert_if_current(inner, key, entry, epoch);
                 inner.tasks.spawn(keep_persisting(

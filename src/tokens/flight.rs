@@ -225,6 +225,9 @@ async fn claim_and_refresh(
     changes: &mut broadcast::Receiver<Option<Key>>,
 ) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
+    // The lease runs on the database from about now: everything the holder does
+    // (re-read, provider call, write) must fit inside it, so its clock starts here.
+    let claimed = tokio::time::Instant::now();
     let claim = inner
         .store
         .claim_refresh_lease(
@@ -257,7 +260,7 @@ async fn claim_and_refresh(
             // dead token is presented only once.
             let step = match exchange::recheck(inner, key, row).await {
                 Some(step) => step,
-                None => exchange::exchange(inner, key, row, &lease).await,
+                None => exchange::exchange(inner, key, row, &lease, claimed).await,
             };
             let store = inner.store.clone();
             // Best effort: a failed release only delays others until it expires, and

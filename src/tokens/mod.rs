@@ -248,11 +248,17 @@ impl Inner {
         self.cfg.refresh_skew
     }
 
-    /// The provider's deadline budget: the lease minus time reserved to persist a
-    /// rotated token before the lease could pass to another replica.
-    fn exchange_budget(&self) -> Duration {
-        let reserve = (self.cfg.lease_timeout / 4).min(Duration::from_secs(5));
-        self.cfg.lease_timeout.saturating_sub(reserve)
+    /// The provider's deadline budget for a lease claimed at `claimed`: what is
+    /// left of the lease, measured from just before the claim was sent, minus the
+    /// time reserved to persist a rotated token before the lease could pass to
+    /// another replica.
+    fn exchange_budget(&self, claimed: tokio::time::Instant) -> Duration {
+        let deadline = claimed
+            + self
+                .cfg
+                .lease_timeout
+                .saturating_sub(self.cfg.write_reserve());
+        deadline.saturating_duration_since(tokio::time::Instant::now())
     }
 }
 
@@ -283,10 +289,13 @@ impl TokenSource {
         let mut list = Vec::with_capacity(providers.len());
         let mut index = HashMap::new();
         for (i, p) in providers.iter().enumerate() {
-            if p.timeout.is_zero() || p.timeout >= cfg.lease_timeout {
+            // One attempt must fit in the lease before its write reserve, or no
+            // exchange could ever start (see `Inner::exchange_budget`).
+            if p.timeout.is_zero() || p.timeout > cfg.lease_timeout - cfg.write_reserve() {
                 return Err(ConfigError::new(
                     format!("providers[{i}].timeout"),
-                    "must be above zero and shorter than tokens.lease_timeout",
+                    "must be above zero and fit in tokens.lease_timeout minus its write reserve \
+                     (a quarter of it, at most 5s); lower it or raise tokens.lease_timeout",
                 ));
             }
             let client = ProviderClient::new(p)
