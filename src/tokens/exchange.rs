@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cache::{self, Entry, Key};
-use super::flight::{insert_if_current, serve_row, still_valid, Served, Step};
+use super::settle::{insert_if_current, serve_row, still_valid, Served, Step};
 use super::{AccessToken, Inner, TokenError};
 use crate::oauth::{RefreshError, Refreshed};
 use crate::store::{Lease, Link, TokenSet};
@@ -117,23 +117,7 @@ async fn persist(
     sent: chrono::DateTime<chrono::Utc>,
 ) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
-    let lifetime = r.expires_in.map(cache::to_chrono);
-    if r.expires_in.is_some_and(|l| l <= inner.skew()) {
-        // Such a token is "expired" the moment it arrives: every request refreshes.
-        tracing::warn!(
-            provider = provider_id,
-            expires_in = ?r.expires_in,
-            "the provider's tokens live no longer than tokens.refresh_skew; lower refresh_skew"
-        );
-    }
-    let new = TokenSet {
-        access_token: r.access_token,
-        // No new refresh token in the response: the old one stays valid.
-        refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
-        // Checked: a lifetime past the calendar's end means "does not expire".
-        expiry: lifetime.and_then(|l| sent.checked_add_signed(l)),
-        extra: r.extra.or_else(|| row.extra.clone()),
-    };
+    let (new, lifetime) = refreshed_set(inner, provider_id, row, r, sent);
     let token = AccessToken::new(new.access_token.clone(), new.expiry);
     let mut attempt = 0;
     loop {
@@ -148,18 +132,7 @@ async fn persist(
                     .metrics
                     .refresh_outcome(provider_id, RefreshOutcome::Success);
                 tracing::info!(provider = provider_id, user = %key.1, "refreshed access token");
-                let entry = Entry::new(
-                    token.clone(),
-                    lifetime,
-                    inner.cfg.refresh_ahead_remaining,
-                    inner.skew(),
-                    inner.clock.now(),
-                );
-                insert_if_current(inner, key, entry, epoch);
-                return Step::Done(Ok(Served {
-                    token,
-                    exchanged: true,
-                }));
+                return serve_refreshed(inner, key, token, lifetime, epoch);
             }
             Ok(false) => {
                 // Someone else's token is in the row: theirs wins, ours is dropped.
@@ -182,14 +155,6 @@ async fn persist(
                 // write stays a compare-and-swap on the token we exchanged, so it
                 // can only heal the row, never overwrite a newer one.
                 tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token; retrying in the background");
-                let entry = Entry::new(
-                    token.clone(),
-                    lifetime,
-                    inner.cfg.refresh_ahead_remaining,
-                    inner.skew(),
-                    inner.clock.now(),
-                );
-                insert_if_current(inner, key, entry, epoch);
                 inner.tasks.spawn(keep_persisting(
                     inner.store.clone(),
                     inner.draining.clone(),
@@ -198,13 +163,62 @@ async fn persist(
                     row.refresh_token_stored.clone(),
                     new,
                 ));
-                return Step::Done(Ok(Served {
-                    token,
-                    exchanged: true,
-                }));
+                return serve_refreshed(inner, key, token, lifetime, epoch);
             }
         }
     }
+}
+
+/// The token set to store after a refresh requested at `sent`, and the lifetime
+/// the provider granted.
+fn refreshed_set(
+    inner: &Inner,
+    provider_id: &str,
+    row: &Link,
+    r: Refreshed,
+    sent: chrono::DateTime<chrono::Utc>,
+) -> (TokenSet, Option<chrono::Duration>) {
+    let lifetime = r.expires_in.map(cache::to_chrono);
+    if r.expires_in.is_some_and(|l| l <= inner.skew()) {
+        // Such a token is "expired" the moment it arrives: every request refreshes.
+        tracing::warn!(
+            provider = provider_id,
+            expires_in = ?r.expires_in,
+            "the provider's tokens live no longer than tokens.refresh_skew; lower refresh_skew"
+        );
+    }
+    let new = TokenSet {
+        access_token: r.access_token,
+        // No new refresh token in the response: the old one stays valid.
+        refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
+        // Checked: a lifetime past the calendar's end means "does not expire".
+        expiry: lifetime.and_then(|l| sent.checked_add_signed(l)),
+        extra: r.extra.or_else(|| row.extra.clone()),
+    };
+    (new, lifetime)
+}
+
+/// Serves a token we just obtained, caching it unless a change was announced
+/// since `epoch`.
+fn serve_refreshed(
+    inner: &Arc<Inner>,
+    key: Key,
+    token: AccessToken,
+    lifetime: Option<chrono::Duration>,
+    epoch: u64,
+) -> Step {
+    let entry = Entry::new(
+        token.clone(),
+        lifetime,
+        inner.cfg.refresh_ahead_remaining,
+        inner.skew(),
+        inner.clock.now(),
+    );
+    insert_if_current(inner, key, entry, epoch);
+    Step::Done(Ok(Served {
+        token,
+        exchanged: true,
+    }))
 }
 
 /// Retry period of a re-save once shutdown began (the drain's deadline bounds it).

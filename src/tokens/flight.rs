@@ -20,20 +20,12 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use secrecy::ExposeSecret;
 use tokio::sync::broadcast;
 
-use super::cache::{self, Entry, Key};
+use super::cache::{self, Key};
 use super::exchange;
+use super::settle::{serve_row, still_valid, FlightResult, Served, Step};
 use super::{AccessToken, Inner, TokenError};
 use crate::store::{LeaseClaim, Link};
 use crate::telemetry::RefreshOutcome;
-
-/// What a flight produced: the token, and whether getting it took a provider exchange.
-#[derive(Clone)]
-pub(crate) struct Served {
-    pub token: AccessToken,
-    pub exchanged: bool,
-}
-
-pub(super) type FlightResult = Result<Served, TokenError>;
 
 /// A running flight, shared by everyone waiting for its key.
 pub(crate) struct Flight {
@@ -94,14 +86,6 @@ pub(crate) async fn run(inner: &Arc<Inner>, key: Key, want: Want) -> FlightResul
         }
     };
     fut.await
-}
-
-/// Control flow of one step of the flight loop.
-pub(super) enum Step {
-    /// Finished with this result.
-    Done(FlightResult),
-    /// The row changed under us (or a holder finished): read it again.
-    Reread,
 }
 
 /// The flight, boxed with an owned handle: keeps rustc's `Send` inference for the
@@ -275,49 +259,9 @@ async fn claim_and_refresh(
     }
 }
 
-/// Serves a row's token, caching it unless a change notification for its key
-/// arrived since the row was read (then the row may already be stale).
-pub(super) async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Served {
-    let token = AccessToken::new(row.access_token.clone(), row.expiry);
-    // The lifetime the provider granted is not stored; the time since the last write
-    // approximates it (a refresh writes the row as it stores the token).
-    let lifetime = row.expiry.map(|e| e - row.updated_at);
-    let entry = Entry::new(
-        token.clone(),
-        lifetime,
-        inner.cfg.refresh_ahead_remaining,
-        inner.skew(),
-        inner.clock.now(),
-    );
-    insert_if_current(inner, key, entry, epoch);
-    Served {
-        token,
-        exchanged: false,
-    }
-}
-
-pub(super) fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
-    if inner.epoch(&key) != epoch {
-        return;
-    }
-    // A resync bumps every epoch, so an unchanged epoch means the current
-    // generation is the one the row was read in.
-    entry.generation = inner.generation();
-    let entry = Arc::new(entry);
-    inner.cache.insert(key, entry.clone());
-    // The listener bumps the epoch *then* drops the key; we insert *then* look
-    // again. Whichever order they interleave in, a change announced after our read
-    // never leaves our entry behind.
-    if inner.epoch(&key) != epoch {
-        inner
-            .cache
-            .remove_if(&key, |current| Arc::ptr_eq(current, &entry));
-    }
-}
-
 /// Remembers that a link is missing or dead (see `Inner::negative`), unless a change
 /// was announced since the row was read — with the same insert-then-recheck as
-/// [`insert_if_current`].
+/// [`insert_if_current`](super::settle::insert_if_current).
 async fn remember_broken(inner: &Arc<Inner>, key: Key, err: TokenError, epoch: u64) {
     if inner.epoch(&key) != epoch {
         return;
@@ -326,15 +270,6 @@ async fn remember_broken(inner: &Arc<Inner>, key: Key, err: TokenError, epoch: u
     if inner.epoch(&key) != epoch {
         inner.forget_broken(key).await;
     }
-}
-
-/// The row's token if it still works at the provider (skew ignored): better than an
-/// error while the provider is down.
-pub(super) fn still_valid(inner: &Inner, row: &Link) -> Option<Served> {
-    cache::unexpired(row.expiry, inner.clock.now()).then(|| Served {
-        token: AccessToken::new(row.access_token.clone(), row.expiry),
-        exchanged: false,
-    })
 }
 
 /// The cached token if it still works (skew ignored), else `err`.

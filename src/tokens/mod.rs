@@ -37,6 +37,7 @@ mod background;
 mod cache;
 mod exchange;
 mod flight;
+mod settle;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
