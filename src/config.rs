@@ -268,6 +268,14 @@ impl Default for TokensConfig {
     }
 }
 
+impl TokensConfig {
+    /// The end of a refresh lease kept for storing a rotated token: no provider
+    /// call may still be running inside it.
+    pub fn write_reserve(&self) -> Duration {
+        (self.lease_timeout / 4).min(Duration::from_secs(5))
+    }
+}
+
 /// How callers are identified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -604,6 +612,23 @@ impl Config {
                 return Err(ConfigError::new(
                     at("timeout"),
                     "must be above zero and shorter than tokens.lease_timeout",
+                ));
+            }
+            // The lease must cover the claim's answer and the re-read (each may
+            // wait for a pooled connection) plus one provider attempt, and still
+            // keep its write reserve; else no exchange could ever start.
+            let room = self
+                .tokens
+                .lease_timeout
+                .saturating_sub(self.tokens.write_reserve());
+            if p.timeout + self.database.acquire_timeout * 2 > room {
+                return Err(ConfigError::new(
+                    at("timeout"),
+                    format!(
+                        "plus twice database.acquire_timeout must fit in tokens.lease_timeout \
+                         minus its write reserve ({room:?}); lower this or \
+                         database.acquire_timeout, or raise tokens.lease_timeout"
+                    ),
                 ));
             }
             for (j, r) in p.routes.iter().enumerate() {

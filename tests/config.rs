@@ -442,3 +442,15 @@ fn config_flag_wins_over_environment() {
     assert!(o.status.success(), "stderr: {err}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n");
 }
+
+#[test]
+fn provider_timeout_and_pool_wait_must_fit_in_the_lease() {
+    // 10 s provider + 2 × 5 s pool wait = 20 s; a 24 s lease keeps 5 s for the
+    // write, leaving 19 s: no exchange could ever start.
+    let text = BASE.replace("token_url =", "timeout = \"10s\"\ntoken_url =");
+    let tight = format!("[tokens]\nlease_timeout = \"24s\"\n{text}");
+    let err = rejects(&tight, &[], "providers[0].timeout");
+    assert!(err.contains("database.acquire_timeout") && err.contains("tokens.lease_timeout"));
+    // The defaults (30 s lease) fit.
+    load(&text).expect("10 s provider, 5 s pool wait, 30 s lease fit");
+}

@@ -309,23 +309,37 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })?;
     let background_stop = tokio_util::sync::CancellationToken::new();
     let background = tokens.spawn_background(background_stop.clone());
+    let lease_timeout = config.tokens.lease_timeout;
     let deps = Deps {
         config: Arc::new(config),
         store: store_dyn,
-        tokens,
+        tokens: tokens.clone(),
         metrics,
     };
     let signals = Signals::install();
     let (first, second) = signals.split();
+    tokio::pin!(second);
     let result = tokio::select! {
         r = run_on(ProxyListener::Workers(listeners), admin, deps, first) => r,
         // An operator who signals again does not want to wait out the drain.
-        () = second => Err(anyhow::anyhow!(
+        () = &mut second => Err(anyhow::anyhow!(
             "second shutdown signal: stopped without waiting for in-flight requests"
         )),
     };
     background_stop.cancel();
     let _ = background.await;
+    if result.is_ok() {
+        // Requests are drained; token exchanges they (or refresh-ahead) started may
+        // still be between the provider's answer and the write. Wait for them —
+        // at most a lease, after which another replica may take over anyway —
+        // before any runtime is dropped.
+        tokio::select! {
+            _ = tokens.drain(lease_timeout) => {}
+            () = &mut second => {
+                tracing::warn!("second shutdown signal: not waiting for token exchanges");
+            }
+        }
+    }
     if let Ok(Some(workers)) = result {
         workers.release().await;
         return Ok(());

@@ -171,9 +171,12 @@ pub(super) async fn refresh_ahead_pass(inner: &Arc<Inner>) -> usize {
         tracing::debug!(provider = %provider, user = %key.1, "refreshing ahead of expiry");
         let inner = inner.clone();
         let token = entry.token.clone();
-        tasks.push(tokio::spawn(async move {
-            flight::run(&inner, key, Want::Replace(token)).await
-        }));
+        // Tracked, so a shutdown waits for it rather than dropping it between
+        // the provider's answer and the write.
+        let tracker = inner.tasks.clone();
+        tasks.push(
+            tracker.spawn(async move { flight::run(&inner, key, Want::Replace(token)).await }),
+        );
     }
     let n = tasks.len();
     for t in tasks {

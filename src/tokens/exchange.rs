@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cache::{self, Entry, Key};
-use super::flight::{insert_if_current, serve_row, still_valid, Served, Step};
+use super::settle::{insert_if_current, serve_row, still_valid, Served, Step};
 use super::{AccessToken, Inner, TokenError};
 use crate::oauth::{RefreshError, Refreshed};
 use crate::store::{Lease, Link, TokenSet};
@@ -34,8 +34,15 @@ pub(super) async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<
     }
 }
 
-/// Exchanges the row's refresh token while we hold the lease, and settles the outcome.
-pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease) -> Step {
+/// Exchanges the row's refresh token while we hold the lease (claimed at
+/// `claimed`), and settles the outcome.
+pub(super) async fn exchange(
+    inner: &Arc<Inner>,
+    key: Key,
+    row: &Link,
+    lease: &Lease,
+    claimed: tokio::time::Instant,
+) -> Step {
     let provider = &inner.providers[key.0 as usize];
     let paused = provider
         .client_rejected_until
@@ -46,11 +53,27 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         // would only hammer the provider (and may get the app rate-limited).
         return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
     }
+    let budget = inner.exchange_budget(claimed);
+    if budget < provider.client.timeout() {
+        // A slow claim or re-read ate the lease: an attempt started now might be
+        // answered after another replica could claim the row and present the same
+        // refresh token. Leave it unspent.
+        tracing::warn!(
+            provider = %provider.id,
+            user = %key.1,
+            ?budget,
+            "not enough of the refresh lease left for an exchange; the database is slow"
+        );
+        inner
+            .metrics
+            .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
+        return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
+    }
     let started = tokio::time::Instant::now();
-    let result = provider
-        .client
-        .refresh(&row.refresh_token, inner.exchange_budget())
-        .await;
+    // The new token's lifetime counts from when the request was sent, not from
+    // when the answer arrived or was stored: a slow answer must not stretch it.
+    let sent = inner.clock.now();
+    let result = provider.client.refresh(&row.refresh_token, budget).await;
     inner
         .metrics
         .refresh_duration
@@ -59,7 +82,7 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         })
         .observe(started.elapsed().as_secs_f64());
     match result {
-        Ok(r) => persist(inner, key, row, r).await,
+        Ok(r) => persist(inner, key, row, r, sent).await,
         Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,
         Err(e) => {
             // Transient (or a client misconfiguration): nothing about the link changes.
@@ -84,27 +107,17 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
 /// How long no refresh is attempted at a provider after it rejected our client.
 const CLIENT_REJECTED_PAUSE: Duration = Duration::from_secs(10);
 
-/// Writes a successful refresh with a compare-and-swap on the refresh token read.
-async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step {
+/// Writes a successful refresh (requested at `sent`) with a compare-and-swap on the
+/// refresh token read.
+async fn persist(
+    inner: &Arc<Inner>,
+    key: Key,
+    row: &Link,
+    r: Refreshed,
+    sent: chrono::DateTime<chrono::Utc>,
+) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
-    let now = inner.clock.now();
-    let lifetime = r.expires_in.map(cache::to_chrono);
-    if r.expires_in.is_some_and(|l| l <= inner.skew()) {
-        // Such a token is "expired" the moment it arrives: every request refreshes.
-        tracing::warn!(
-            provider = provider_id,
-            expires_in = ?r.expires_in,
-            "the provider's tokens live no longer than tokens.refresh_skew; lower refresh_skew"
-        );
-    }
-    let new = TokenSet {
-        access_token: r.access_token,
-        // No new refresh token in the response: the old one stays valid.
-        refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
-        // Checked: a lifetime past the calendar's end means "does not expire".
-        expiry: lifetime.and_then(|l| now.checked_add_signed(l)),
-        extra: r.extra.or_else(|| row.extra.clone()),
-    };
+    let (new, lifetime) = refreshed_set(inner, provider_id, row, r, sent);
     let token = AccessToken::new(new.access_token.clone(), new.expiry);
     let mut attempt = 0;
     loop {
@@ -119,18 +132,7 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                     .metrics
                     .refresh_outcome(provider_id, RefreshOutcome::Success);
                 tracing::info!(provider = provider_id, user = %key.1, "refreshed access token");
-                let entry = Entry::new(
-                    token.clone(),
-                    lifetime,
-                    inner.cfg.refresh_ahead_remaining,
-                    inner.skew(),
-                    now,
-                );
-                insert_if_current(inner, key, entry, epoch);
-                return Step::Done(Ok(Served {
-                    token,
-                    exchanged: true,
-                }));
+                return serve_refreshed(inner, key, token, lifetime, epoch);
             }
             Ok(false) => {
                 // Someone else's token is in the row: theirs wins, ours is dropped.
@@ -153,37 +155,84 @@ async fn persist(inner: &Arc<Inner>, key: Key, row: &Link, r: Refreshed) -> Step
                 // write stays a compare-and-swap on the token we exchanged, so it
                 // can only heal the row, never overwrite a newer one.
                 tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token; retrying in the background");
-                let entry = Entry::new(
-                    token.clone(),
-                    lifetime,
-                    inner.cfg.refresh_ahead_remaining,
-                    inner.skew(),
-                    now,
-                );
-                insert_if_current(inner, key, entry, epoch);
-                tokio::spawn(keep_persisting(
+                inner.tasks.spawn(keep_persisting(
                     inner.store.clone(),
+                    inner.draining.clone(),
                     provider_id.to_string(),
                     key.1,
                     row.fence(),
                     new,
                 ));
-                return Step::Done(Ok(Served {
-                    token,
-                    exchanged: true,
-                }));
+                return serve_refreshed(inner, key, token, lifetime, epoch);
             }
         }
     }
 }
 
+/// The token set to store after a refresh requested at `sent`, and the lifetime
+/// the provider granted.
+fn refreshed_set(
+    inner: &Inner,
+    provider_id: &str,
+    row: &Link,
+    r: Refreshed,
+    sent: chrono::DateTime<chrono::Utc>,
+) -> (TokenSet, Option<chrono::Duration>) {
+    let lifetime = r.expires_in.map(cache::to_chrono);
+    if r.expires_in.is_some_and(|l| l <= inner.skew()) {
+        // Such a token is "expired" the moment it arrives: every request refreshes.
+        tracing::warn!(
+            provider = provider_id,
+            expires_in = ?r.expires_in,
+            "the provider's tokens live no longer than tokens.refresh_skew; lower refresh_skew"
+        );
+    }
+    let new = TokenSet {
+        access_token: r.access_token,
+        // No new refresh token in the response: the old one stays valid.
+        refresh_token: r.refresh_token.unwrap_or_else(|| row.refresh_token.clone()),
+        // Checked: a lifetime past the calendar's end means "does not expire".
+        expiry: lifetime.and_then(|l| sent.checked_add_signed(l)),
+        extra: r.extra.or_else(|| row.extra.clone()),
+    };
+    (new, lifetime)
+}
+
+/// Serves a token we just obtained, caching it unless a change was announced
+/// since `epoch`.
+fn serve_refreshed(
+    inner: &Arc<Inner>,
+    key: Key,
+    token: AccessToken,
+    lifetime: Option<chrono::Duration>,
+    epoch: u64,
+) -> Step {
+    let entry = Entry::new(
+        token.clone(),
+        lifetime,
+        inner.cfg.refresh_ahead_remaining,
+        inner.skew(),
+        inner.clock.now(),
+    );
+    insert_if_current(inner, key, entry, epoch);
+    Step::Done(Ok(Served {
+        token,
+        exchanged: true,
+    }))
+}
+
+/// Retry period of a re-save once shutdown began (the drain's deadline bounds it).
+const DRAIN_RETRY: Duration = Duration::from_millis(200);
+
 /// How long a refreshed token set that could not be stored is retried.
 const PERSIST_RETRY_FOR: Duration = Duration::from_secs(3600);
 
 /// Retries storing a refreshed token set (with backoff) until it is stored, the
-/// row turns out to hold something else, or [`PERSIST_RETRY_FOR`] passes.
+/// row turns out to hold something else, or [`PERSIST_RETRY_FOR`] passes. When
+/// shutdown begins it stops backing off (the drain bounds how long it may still try).
 async fn keep_persisting(
     store: Arc<dyn crate::store::LinkStore>,
+    draining: tokio_util::sync::CancellationToken,
     provider_id: String,
     user: uuid::Uuid,
     old: crate::store::Fence,
@@ -192,7 +241,13 @@ async fn keep_persisting(
     let give_up = tokio::time::Instant::now() + PERSIST_RETRY_FOR;
     let mut wait = Duration::from_millis(200);
     while tokio::time::Instant::now() < give_up {
-        tokio::time::sleep(wait).await;
+        if draining.is_cancelled() {
+            wait = wait.min(DRAIN_RETRY);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = draining.cancelled(), if wait > DRAIN_RETRY => {}
+        }
         match store.write_refreshed(&provider_id, user, &old, &new).await {
             Ok(true) => {
                 tracing::info!(provider = %provider_id, %user, "stored the refreshed token after the database came back");

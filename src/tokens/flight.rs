@@ -20,20 +20,12 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use secrecy::ExposeSecret;
 use tokio::sync::broadcast;
 
-use super::cache::{self, Entry, Key};
+use super::cache::{self, Key};
 use super::exchange;
+use super::settle::{serve_row, still_valid, FlightResult, Served, Step};
 use super::{AccessToken, Inner, TokenError};
 use crate::store::{LeaseClaim, Link};
 use crate::telemetry::RefreshOutcome;
-
-/// What a flight produced: the token, and whether getting it took a provider exchange.
-#[derive(Clone)]
-pub(crate) struct Served {
-    pub token: AccessToken,
-    pub exchanged: bool,
-}
-
-pub(super) type FlightResult = Result<Served, TokenError>;
 
 /// A running flight, shared by everyone waiting for its key.
 pub(crate) struct Flight {
@@ -65,7 +57,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, key: Key, want: Want) -> FlightResul
         } else {
             let id = inner.flight_seq.fetch_add(1, Ordering::Relaxed);
             let task_inner = inner.clone();
-            let handle = tokio::spawn(async move {
+            let handle = inner.tasks.spawn(async move {
                 let out = fly(task_inner.clone(), key, want).await;
                 // The result is cached (when cacheable) before the flight leaves the
                 // map, so a newcomer finds one or the other.
@@ -94,14 +86,6 @@ pub(crate) async fn run(inner: &Arc<Inner>, key: Key, want: Want) -> FlightResul
         }
     };
     fut.await
-}
-
-/// Control flow of one step of the flight loop.
-pub(super) enum Step {
-    /// Finished with this result.
-    Done(FlightResult),
-    /// The row changed under us (or a holder finished): read it again.
-    Reread,
 }
 
 /// The flight, boxed with an owned handle: keeps rustc's `Send` inference for the
@@ -157,6 +141,12 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
                     want = Want::Usable { stale: true };
                 }
             }
+        }
+        if inner.draining.is_cancelled() {
+            // Shutting down: an exchange started now might not be stored before
+            // the process exits, which would lose a rotated refresh token.
+            tracing::info!(provider = provider_id, %user, "shutting down; not starting a refresh");
+            return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
         }
         if tokio::time::Instant::now() >= give_up {
             tracing::warn!(provider = provider_id, %user, "gave up waiting for the refresh lease");
@@ -219,6 +209,9 @@ async fn claim_and_refresh(
     changes: &mut broadcast::Receiver<Option<Key>>,
 ) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
+    // The lease runs on the database from about now: everything the holder does
+    // (re-read, provider call, write) must fit inside it, so its clock starts here.
+    let claimed = tokio::time::Instant::now();
     let claim = inner
         .store
         .claim_refresh_lease(
@@ -251,12 +244,12 @@ async fn claim_and_refresh(
             // dead token is presented only once.
             let step = match exchange::recheck(inner, key, row).await {
                 Some(step) => step,
-                None => exchange::exchange(inner, key, row, &lease).await,
+                None => exchange::exchange(inner, key, row, &lease, claimed).await,
             };
             let store = inner.store.clone();
             // Best effort: a failed release only delays others until it expires, and
             // must never turn our result into an error.
-            tokio::spawn(async move {
+            inner.tasks.spawn(async move {
                 if let Err(e) = store.release_refresh_lease(&lease).await {
                     tracing::debug!(error = %e, "releasing refresh lease failed");
                 }
@@ -266,49 +259,9 @@ async fn claim_and_refresh(
     }
 }
 
-/// Serves a row's token, caching it unless a change notification for its key
-/// arrived since the row was read (then the row may already be stale).
-pub(super) async fn serve_row(inner: &Arc<Inner>, key: Key, row: &Link, epoch: u64) -> Served {
-    let token = AccessToken::new(row.access_token.clone(), row.expiry);
-    // The lifetime the provider granted is not stored; the time since the last write
-    // approximates it (a refresh writes the row as it stores the token).
-    let lifetime = row.expiry.map(|e| e - row.updated_at);
-    let entry = Entry::new(
-        token.clone(),
-        lifetime,
-        inner.cfg.refresh_ahead_remaining,
-        inner.skew(),
-        inner.clock.now(),
-    );
-    insert_if_current(inner, key, entry, epoch);
-    Served {
-        token,
-        exchanged: false,
-    }
-}
-
-pub(super) fn insert_if_current(inner: &Arc<Inner>, key: Key, mut entry: Entry, epoch: u64) {
-    if inner.epoch(&key) != epoch {
-        return;
-    }
-    // A resync bumps every epoch, so an unchanged epoch means the current
-    // generation is the one the row was read in.
-    entry.generation = inner.generation();
-    let entry = Arc::new(entry);
-    inner.cache.insert(key, entry.clone());
-    // The listener bumps the epoch *then* drops the key; we insert *then* look
-    // again. Whichever order they interleave in, a change announced after our read
-    // never leaves our entry behind.
-    if inner.epoch(&key) != epoch {
-        inner
-            .cache
-            .remove_if(&key, |current| Arc::ptr_eq(current, &entry));
-    }
-}
-
 /// Remembers that a link is missing or dead (see `Inner::negative`), unless a change
 /// was announced since the row was read — with the same insert-then-recheck as
-/// [`insert_if_current`].
+/// [`insert_if_current`](super::settle::insert_if_current).
 async fn remember_broken(inner: &Arc<Inner>, key: Key, err: TokenError, epoch: u64) {
     if inner.epoch(&key) != epoch {
         return;
@@ -317,15 +270,6 @@ async fn remember_broken(inner: &Arc<Inner>, key: Key, err: TokenError, epoch: u
     if inner.epoch(&key) != epoch {
         inner.forget_broken(key).await;
     }
-}
-
-/// The row's token if it still works at the provider (skew ignored): better than an
-/// error while the provider is down.
-pub(super) fn still_valid(inner: &Inner, row: &Link) -> Option<Served> {
-    cache::unexpired(row.expiry, inner.clock.now()).then(|| Served {
-        token: AccessToken::new(row.access_token.clone(), row.expiry),
-        exchanged: false,
-    })
 }
 
 /// The cached token if it still works (skew ignored), else `err`.

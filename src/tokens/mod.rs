@@ -37,6 +37,7 @@ mod background;
 mod cache;
 mod exchange;
 mod flight;
+mod settle;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +47,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::{ConfigError, ProviderConfig, TokensConfig};
@@ -193,6 +195,12 @@ pub(crate) struct Inner {
     hit: prometheus_client::metrics::counter::Counter,
     miss: prometheus_client::metrics::counter::Counter,
     sync_refreshes: AtomicU64,
+    /// Every task that may hold a lease or a rotated token not yet stored
+    /// (flights, background re-saves, lease releases), so shutdown can wait for
+    /// them instead of dropping them half-way (see [`TokenSource::drain`]).
+    tasks: TaskTracker,
+    /// Cancelled when shutdown begins: no new exchange starts after it.
+    draining: CancellationToken,
 }
 
 impl Inner {
@@ -247,11 +255,17 @@ impl Inner {
         self.cfg.refresh_skew
     }
 
-    /// The provider's deadline budget: the lease minus time reserved to persist a
-    /// rotated token before the lease could pass to another replica.
-    fn exchange_budget(&self) -> Duration {
-        let reserve = (self.cfg.lease_timeout / 4).min(Duration::from_secs(5));
-        self.cfg.lease_timeout.saturating_sub(reserve)
+    /// The provider's deadline budget for a lease claimed at `claimed`: what is
+    /// left of the lease, measured from just before the claim was sent, minus the
+    /// time reserved to persist a rotated token before the lease could pass to
+    /// another replica.
+    fn exchange_budget(&self, claimed: tokio::time::Instant) -> Duration {
+        let deadline = claimed
+            + self
+                .cfg
+                .lease_timeout
+                .saturating_sub(self.cfg.write_reserve());
+        deadline.saturating_duration_since(tokio::time::Instant::now())
     }
 }
 
@@ -282,10 +296,13 @@ impl TokenSource {
         let mut list = Vec::with_capacity(providers.len());
         let mut index = HashMap::new();
         for (i, p) in providers.iter().enumerate() {
-            if p.timeout.is_zero() || p.timeout >= cfg.lease_timeout {
+            // One attempt must fit in the lease before its write reserve, or no
+            // exchange could ever start (see `Inner::exchange_budget`).
+            if p.timeout.is_zero() || p.timeout > cfg.lease_timeout - cfg.write_reserve() {
                 return Err(ConfigError::new(
                     format!("providers[{i}].timeout"),
-                    "must be above zero and shorter than tokens.lease_timeout",
+                    "must be above zero and fit in tokens.lease_timeout minus its write reserve \
+                     (a quarter of it, at most 5s); lower it or raise tokens.lease_timeout",
                 ));
             }
             let client = ProviderClient::new(p)
@@ -333,6 +350,8 @@ impl TokenSource {
                 hit,
                 miss,
                 sync_refreshes: AtomicU64::new(0),
+                tasks: TaskTracker::new(),
+                draining: CancellationToken::new(),
             }),
         }))
     }
@@ -426,6 +445,36 @@ impl TokenSource {
     /// the feed connects): lets tests wait for it instead of sleeping.
     pub fn resyncs(&self) -> u64 {
         self.inner.generation()
+    }
+
+    /// Shutdown: stops new exchanges from starting (a lookup that would need one
+    /// gets the still-valid token or `idp_unavailable`), then waits up to
+    /// `timeout` for running exchanges, their writes and background re-saves.
+    /// Returns whether all of them finished. The runtime must outlive this wait:
+    /// a task dropped between the provider's answer and its write loses the
+    /// rotated refresh token.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let inner = &self.inner;
+        inner.draining.cancel();
+        inner.tasks.close();
+        let left = inner.tasks.len();
+        if left > 0 {
+            tracing::info!(
+                tasks = left,
+                ?timeout,
+                "waiting for token exchanges and writes to finish"
+            );
+        }
+        let done = tokio::time::timeout(timeout, inner.tasks.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(
+                tasks = inner.tasks.len(),
+                "token exchanges still running at the end of the drain; stopping anyway"
+            );
+        }
+        done
     }
 
     /// Drops every cached token (the next lookups re-read the store).

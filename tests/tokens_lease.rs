@@ -1,0 +1,113 @@
+//! The refresh lease covers the whole exchange, and a refreshed token's lifetime
+//! counts from when its request was sent (issue 11, must-haves 1 and 8).
+
+#[path = "tokens_harness/mod.rs"]
+mod harness;
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::*;
+use sqlx::PgPool;
+use support::idp::{Idp, IdpOptions, ManualClock};
+use support::store_wrapper::{HookedStore, Hooks};
+use tokenproxy::config::TokensConfig;
+use tokenproxy::store::{LeaseClaim, LinkStore, StoreError, StoredSecret};
+use tokenproxy::tokens::{Clock, TokenError};
+use uuid::Uuid;
+
+/// The IdP's clock: the shared manual clock, moved forward once (when armed) as the
+/// IdP handles a request — a provider that takes ten minutes to answer.
+struct SlowAnswer {
+    clock: Arc<ManualClock>,
+    armed: AtomicBool,
+}
+
+impl Clock for SlowAnswer {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            self.clock.advance(Duration::from_secs(600));
+        }
+        self.clock.now()
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn expiry_counts_from_when_the_request_was_sent(pool: PgPool) {
+    let clock = ManualClock::new();
+    let idp_clock = Arc::new(SlowAnswer {
+        clock: clock.clone(),
+        armed: AtomicBool::new(false),
+    });
+    let idp = Idp::start(IdpOptions {
+        clock: idp_clock.clone(),
+        ..IdpOptions::default()
+    })
+    .await;
+    let (store, user) = (harness::store(&pool), Uuid::new_v4());
+    seed_expired(&idp, &store, &*clock, user).await;
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    let sent = clock.now();
+    idp_clock.armed.store(true, Ordering::Release);
+    r.source.get(P, user).await.expect("refreshed");
+    assert!(
+        clock.now() >= sent + chrono::Duration::seconds(600),
+        "the answer took ten minutes"
+    );
+    let row = store.get_link(P, user).await.unwrap().unwrap();
+    let expiry = row.expiry.expect("the IdP's tokens expire");
+    // The IdP grants an hour, counted from the request.
+    let latest = sent + chrono::Duration::seconds(3600);
+    assert!(
+        expiry <= latest + chrono::Duration::seconds(1),
+        "expiry {expiry} is later than send time + expires_in ({latest})"
+    );
+    assert_eq!(idp.refreshes(), 1);
+}
+
+/// A database that takes `0` (real time) to answer a lease claim.
+struct SlowClaim(Duration);
+
+#[async_trait::async_trait]
+impl Hooks for SlowClaim {
+    async fn claim_refresh_lease(
+        &self,
+        inner: &dyn LinkStore,
+        p: &str,
+        u: Uuid,
+        old: &StoredSecret,
+        lease: Duration,
+    ) -> Result<LeaseClaim, StoreError> {
+        let claim = inner.claim_refresh_lease(p, u, old, lease).await;
+        // The claim applied on the database; its answer is slow to come back.
+        tokio::time::sleep(self.0).await;
+        claim
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn no_exchange_starts_when_the_lease_cannot_cover_it(pool: PgPool) {
+    let (clock, idp, store, user) = setup(&pool).await;
+    seed_expired(&idp, &store, &*clock, user).await;
+    // A 4 s lease keeps 1 s for the write: 3 s for the provider, whose per-attempt
+    // timeout is 2 s (the test IdP's provider config). A claim answered after
+    // 1.5 s leaves 1.5 s — not enough for one attempt.
+    let cfg = TokensConfig {
+        lease_timeout: Duration::from_secs(4),
+        ..tokens_cfg()
+    };
+    let slow = HookedStore::new(store.clone(), SlowClaim(Duration::from_millis(1500)));
+    let r = replica_with(Arc::new(slow), &[idp.provider(P)], &cfg, clock.clone()).await;
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(
+        idp.attempts(),
+        0,
+        "no refresh token presented on a lease too short for the exchange"
+    );
+    assert_link_intact(&idp, &store, user).await;
+}
