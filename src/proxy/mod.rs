@@ -33,6 +33,7 @@ use crate::tokens::{AccessToken, TokenError, TokenSource};
 pub mod ca;
 pub mod caller;
 pub mod connect;
+pub mod endpoints;
 pub mod error;
 pub mod forward;
 pub mod headers;
@@ -114,6 +115,10 @@ impl Pipeline {
         Ok(Self {
             router,
             callers: caller::CallerIdentity::new(&config.callers, deps.store.clone()),
+            endpoints: endpoints::Endpoints::new(
+                deps.store.clone(),
+                config.providers.iter().map(|p| p.id.clone()).collect(),
+            ),
             tokens: deps.tokens.clone(),
             upstreams,
             metrics: deps.metrics.clone(),
@@ -138,6 +143,10 @@ impl server::Handler for Pipeline {
         let conn = pipeline::ConnInfo { remote, tls };
         if req.method() == http::Method::CONNECT && self.forward.is_some() {
             return connect::handle(self, req, conn).await;
+        }
+        // tokenproxy's own endpoints: one branch, off the pipeline's phases.
+        if endpoints::is_reserved(req.uri().path()) {
+            return self.endpoints.handle(&req, &self.callers).await;
         }
         self.handle(req, conn).await
     }
