@@ -35,6 +35,10 @@ pub const DEFAULT_CONFIG_FILE: &str = "tokenproxy.toml";
 /// Prefix of environment overrides: `TOKENPROXY_SERVER__LISTEN=...`.
 pub const ENV_OVERRIDE_PREFIX: &str = "TOKENPROXY_";
 
+/// Path prefix of everything tokenproxy serves itself on the proxy listener; no
+/// route may use it.
+pub const RESERVED_PREFIX: &str = "/_tokenproxy/";
+
 /// A configuration error: one line that names the offending key.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
@@ -382,6 +386,32 @@ pub struct ProviderConfig {
     /// Where requests for this provider go.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// A preset (`github`, `github-app`, `gitlab`, `bitbucket`, `gitea`, `microsoft`,
+    /// `oidc`) that fills every key above not written explicitly.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Base of a self-hosted forge (GitHub Enterprise Server, GitLab, Gitea) for its preset.
+    #[serde(default)]
+    pub base_url: Option<Url>,
+    /// `preset = "oidc"`: the issuer whose discovery document names the endpoints.
+    #[serde(default)]
+    pub issuer: Option<Url>,
+    /// Scopes requested when a user links an account.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Authorization endpoint (browser sign-in).
+    #[serde(default)]
+    pub authorize_url: Option<Url>,
+    /// RFC 8628 device-authorization endpoint.
+    #[serde(default)]
+    pub device_authorization_url: Option<Url>,
+    /// RFC 7009 revocation endpoint.
+    #[serde(default)]
+    pub revocation_url: Option<Url>,
+    /// Set while an `oidc` provider's endpoints are still to be discovered
+    /// (`oauth::presets::discover`); its `token_url` is a placeholder until then.
+    #[serde(skip)]
+    pub needs_discovery: bool,
 }
 
 fn default_provider_timeout() -> Duration {
@@ -494,7 +524,8 @@ impl Config {
             ConfigError::new("config", format!("invalid TOML{at}: {msg}"))
         })?;
         let origins = override_table(&mut value, env)?;
-        let cfg: Config = SECRET_ENV
+        let pending = crate::oauth::presets::expand(&mut value)?;
+        let mut cfg: Config = SECRET_ENV
             .with(|cell| {
                 *cell.borrow_mut() = Some(env.to_vec());
                 let out = serde_path_to_error::deserialize(toml::Value::Table(value));
@@ -511,6 +542,9 @@ impl Config {
                 let message = e.into_inner().message().trim().replace('\n', " ");
                 blame_override(ConfigError::new(key, message), &origins)
             })?;
+        for i in pending {
+            cfg.providers[i].needs_discovery = true;
+        }
         cfg.validate().map_err(|e| blame_override(e, &origins))?;
         Ok(cfg)
     }
@@ -638,6 +672,16 @@ impl Config {
                         return Err(ConfigError::new(
                             at("prefix"),
                             "must start with '/' and contain no '..' or '%'",
+                        ));
+                    }
+                    if prefix.trim_end_matches('/') == RESERVED_PREFIX.trim_end_matches('/')
+                        || prefix.starts_with(RESERVED_PREFIX)
+                    {
+                        return Err(ConfigError::new(
+                            at("prefix"),
+                            format!(
+                                "`{RESERVED_PREFIX}` is reserved for tokenproxy's own endpoints"
+                            ),
                         ));
                     }
                     let norm = prefix.trim_end_matches('/').to_string();

@@ -65,6 +65,8 @@ pub enum Command {
     /// Manage the CA that forward mode mints leaf certificates with.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Print the provider presets and what each sets.
+    Providers,
 }
 
 /// A failure with a chosen exit status; its message is the one line printed.
@@ -134,6 +136,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => check_config::run(&path),
         Command::Healthcheck(args) => healthcheck::run(&path, args).await,
         Command::Ca(c) => ca::run(c),
+        Command::Providers => {
+            print!("{}", crate::oauth::presets::describe());
+            Ok(())
+        }
         command => {
             let cfg = Config::load(&path)?;
             match command {
@@ -142,7 +148,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 Command::Link(c) => link::run(&cfg, c).await,
                 Command::Token(c) => token::run(&cfg, c).await,
                 Command::Keys(c) => keys::run(&cfg, c).await,
-                Command::CheckConfig | Command::Healthcheck(_) | Command::Ca(_) => {
+                Command::CheckConfig
+                | Command::Healthcheck(_)
+                | Command::Ca(_)
+                | Command::Providers => {
                     unreachable!("handled above")
                 }
             }

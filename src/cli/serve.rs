@@ -6,8 +6,10 @@ use crate::config::Config;
 use crate::telemetry;
 
 /// Runs the server until a shutdown signal.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     telemetry::init_tracing(cfg.logging.format);
+    // OIDC endpoints come from the issuer; refuse to start without them.
+    crate::oauth::presets::discover(&mut cfg).await?;
     if cfg.providers.iter().all(|p| p.routes.is_empty()) {
         tracing::warn!(
             "no [[providers]] with routes configured: every request will answer no_route"

@@ -10,6 +10,7 @@
 //! `invalid_client` must never mark every user's link as broken.
 
 pub mod http;
+pub mod presets;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -133,6 +134,7 @@ pub struct ProviderClient {
     timeout: Duration,
     extra_params: Vec<(String, SecretString)>,
     extra_fields: Vec<String>,
+    quirks: presets::Quirks,
     http: HttpClient,
 }
 
@@ -147,6 +149,13 @@ fn backoff(attempt: u32) -> Duration {
 impl ProviderClient {
     /// Builds the client for one configured provider.
     pub fn new(cfg: &ProviderConfig) -> Result<Self, String> {
+        if cfg.needs_discovery {
+            // The token URL is a placeholder until the issuer's document is read.
+            return Err(format!(
+                "provider {}: OIDC discovery has not run for its issuer",
+                cfg.id
+            ));
+        }
         let http = HttpClient::new(cfg.token_ca.as_deref())
             .map_err(|e| format!("provider {}: {e}", cfg.id))?;
         Ok(Self {
@@ -162,6 +171,7 @@ impl ProviderClient {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             extra_fields: cfg.extra_fields.clone(),
+            quirks: presets::Quirks::of(cfg.preset.as_deref()),
             http,
         })
     }
@@ -240,7 +250,7 @@ impl ProviderClient {
         }
         match req.request_async(&self.http).await {
             Ok(resp) => Ok(self.accept(resp)),
-            Err(e) => Err(classify(e)),
+            Err(e) => Err(classify(e, self.quirks)),
         }
     }
 
@@ -254,6 +264,19 @@ impl ProviderClient {
             .filter(|k| !matches!(k.as_str(), "access_token" | "refresh_token"))
             .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
             .collect();
+        let mut extra = extra;
+        // Relative to this answer, so useless once stored: keep the instant too.
+        if let Some(secs) = extra
+            .get("refresh_token_expires_in")
+            .and_then(serde_json::Value::as_u64)
+            .filter(|s| *s < MAX_EXPIRES_IN.as_secs())
+        {
+            let at = chrono::Utc::now() + chrono::Duration::seconds(secs as i64);
+            extra.insert(
+                "refresh_token_expires_at".into(),
+                serde_json::Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            );
+        }
         Refreshed {
             access_token: SecretString::from(resp.access_token().secret().to_string()),
             refresh_token: resp
@@ -292,9 +315,18 @@ enum Attempt {
     Retry(String, Option<Duration>),
 }
 
-fn classify(e: RequestTokenError<HttpError, BasicErrorResponse>) -> Attempt {
+fn classify(
+    e: RequestTokenError<HttpError, BasicErrorResponse>,
+    quirks: presets::Quirks,
+) -> Attempt {
     match e {
         RequestTokenError::ServerResponse(r) => {
+            let raw = r.error().to_string();
+            if quirks.is_dead_grant(&raw, r.error_description().map(String::as_str)) {
+                return Attempt::Done(RefreshError::Rejected(format!(
+                    "{raw}: refresh token already used"
+                )));
+            }
             let code = match r.error() {
                 BasicErrorResponseType::InvalidGrant => "invalid_grant".to_string(),
                 BasicErrorResponseType::InvalidClient => "invalid_client".to_string(),

@@ -34,6 +34,7 @@ pub mod ca;
 pub mod caller;
 pub mod caller_coder;
 pub mod connect;
+pub mod endpoints;
 pub mod error;
 pub mod forward;
 pub mod headers;
@@ -115,6 +116,10 @@ impl Pipeline {
         Ok(Self {
             router,
             callers: caller::CallerIdentity::new(&config.callers, deps.store.clone()),
+            endpoints: endpoints::Endpoints::new(
+                deps.store.clone(),
+                config.providers.iter().map(|p| p.id.clone()).collect(),
+            ),
             tokens: deps.tokens.clone(),
             upstreams,
             metrics: deps.metrics.clone(),
@@ -139,6 +144,10 @@ impl server::Handler for Pipeline {
         let conn = pipeline::ConnInfo { remote, tls };
         if req.method() == http::Method::CONNECT && self.forward.is_some() {
             return connect::handle(self, req, conn).await;
+        }
+        // tokenproxy's own endpoints: one branch, off the pipeline's phases.
+        if endpoints::is_reserved(req.uri().path()) {
+            return self.endpoints.handle(&req, &self.callers).await;
         }
         self.handle(req, conn).await
     }

@@ -83,6 +83,8 @@ pub struct Pipeline {
     pub body_timeout: std::time::Duration,
     /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
     pub forward: Option<super::connect::ForwardMode>,
+    /// tokenproxy's own endpoints under `/_tokenproxy/`.
+    pub endpoints: super::endpoints::Endpoints,
 }
 
 /// What the log line and metrics record about a request as it moves along.

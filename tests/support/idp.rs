@@ -100,6 +100,13 @@ pub struct IdpOptions {
     pub rotate: bool,
     /// GitHub's dialect: rejected refresh tokens get HTTP 200 `bad_refresh_token`.
     pub github_style: bool,
+    /// Gitea/Forgejo's dialect: a reused refresh token gets 400
+    /// `unauthorized_client` "token was already used".
+    pub gitea_style: bool,
+    /// Add `refresh_token_expires_in` (GitHub Apps) to every token response.
+    pub refresh_token_expires_in: Option<u64>,
+    /// The `issuer` its discovery document names; `None` = its own base URL.
+    pub discovery_issuer: Option<String>,
     /// Time source for expiry.
     pub clock: Arc<dyn Clock>,
     /// Serve HTTPS with this acceptor (e.g. `TestCa::new().acceptor()`), else HTTP.
@@ -114,6 +121,9 @@ impl Default for IdpOptions {
             expires_in: Some(Duration::from_secs(3600)),
             rotate: true,
             github_style: false,
+            gitea_style: false,
+            refresh_token_expires_in: None,
+            discovery_issuer: None,
             clock: Arc::new(SystemClock),
             tls: None,
         }
@@ -218,6 +228,13 @@ impl Idp {
             }
         });
         Self { addr, shared, task }
+    }
+
+    /// The IdP's base URL (its OIDC issuer).
+    pub fn base_url(&self) -> String {
+        self.token_url()
+            .trim_end_matches("/oauth/token")
+            .to_string()
     }
 
     /// The token endpoint URL.
@@ -450,6 +467,31 @@ async fn answer(
     req: Request<hyper::body::Incoming>,
     drop_connection: &mut bool,
 ) -> Response<Full<Bytes>> {
+    // Discovery is not a token request: not counted, no faults.
+    if req.method() == hyper::Method::GET && req.uri().path() == "/.well-known/openid-configuration"
+    {
+        let host = req
+            .headers()
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let scheme = if s.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let base = format!("{scheme}://{host}");
+        let issuer = s.opts.discovery_issuer.clone().unwrap_or(base.clone());
+        return json(
+            StatusCode::OK,
+            serde_json::json!({
+                "issuer": issuer,
+                "authorization_endpoint": format!("{base}/oauth/authorize"),
+                "token_endpoint": format!("{base}/oauth/token"),
+                "device_authorization_endpoint": format!("{base}/oauth/device"),
+            }),
+        );
+    }
     s.attempts.fetch_add(1, Ordering::SeqCst);
     let (fault, latency) = {
         let mut st = s.state.lock();
@@ -545,7 +587,14 @@ async fn answer(
                 s.reused.fetch_add(1, Ordering::SeqCst);
             }
             s.rejected.fetch_add(1, Ordering::SeqCst);
-            return if s.opts.github_style {
+            let reused = matches!(other, Some((_, RefreshState::Used)));
+            return if s.opts.gitea_style && reused {
+                json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "unauthorized_client",
+                        "error_description": "token was already used"}),
+                )
+            } else if s.opts.github_style {
                 json(
                     StatusCode::OK,
                     serde_json::json!({"error": "bad_refresh_token",
@@ -577,6 +626,9 @@ async fn answer(
     }
     if let Some(d) = s.opts.expires_in {
         body["expires_in"] = d.as_secs().into();
+    }
+    if let Some(r) = s.opts.refresh_token_expires_in {
+        body["refresh_token_expires_in"] = r.into();
     }
     s.refreshes.fetch_add(1, Ordering::SeqCst);
     json(StatusCode::OK, body)

@@ -1,0 +1,134 @@
+//! What tokenproxy serves itself on the proxy listener, under the reserved prefix
+//! `/_tokenproxy/` (no route may use it; config validation refuses one that does).
+//!
+//! The listener's handler sends every path under the prefix here in one early
+//! branch, so none of this sits on the request pipeline's hot path. Today it serves
+//! `GET /_tokenproxy/links`: the caller's own links, identified by its proxy
+//! token, without any token value. Browser sign-in and the device flow are to
+//! live here too (issue 13).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use super::caller::CallerIdentity;
+use super::error::ProxyError;
+use super::ProxyBody;
+use crate::config::RESERVED_PREFIX;
+use crate::store::LinkStore;
+
+/// The endpoints under `/_tokenproxy/` and what they need.
+pub struct Endpoints {
+    store: Arc<dyn LinkStore>,
+    /// Configured provider ids, in config order.
+    providers: Vec<String>,
+}
+
+/// Whether `path` belongs to tokenproxy's own endpoints rather than a route.
+pub fn is_reserved(path: &str) -> bool {
+    path.starts_with(RESERVED_PREFIX) || path == RESERVED_PREFIX.trim_end_matches('/')
+}
+
+impl Endpoints {
+    /// Endpoints over `store` for the configured `providers`.
+    pub fn new(store: Arc<dyn LinkStore>, providers: Vec<String>) -> Self {
+        Self { store, providers }
+    }
+
+    /// Answers one request under the reserved prefix.
+    pub async fn handle<B>(
+        &self,
+        req: &Request<B>,
+        callers: &CallerIdentity,
+    ) -> Response<ProxyBody> {
+        match self.answer(req, callers).await {
+            Ok(resp) => resp,
+            Err(e) => e.to_response(None),
+        }
+    }
+
+    async fn answer<B>(
+        &self,
+        req: &Request<B>,
+        callers: &CallerIdentity,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let rest = req
+            .uri()
+            .path()
+            .strip_prefix(RESERVED_PREFIX)
+            .unwrap_or_default();
+        match rest {
+            "links" => {
+                if req.method() != Method::GET && req.method() != Method::HEAD {
+                    return Err(ProxyError::BadRequest("only GET is served here"));
+                }
+                let caller = callers.identify(req.headers()).await?;
+                let links = self
+                    .store
+                    .list_links(Some(caller.user_id))
+                    .await
+                    .map_err(|_| ProxyError::StoreUnavailable)?;
+                let entries: Vec<serde_json::Value> = self
+                    .providers
+                    .iter()
+                    .filter(|p| caller.may_use(p))
+                    .map(|p| match links.iter().find(|l| &l.provider_id == p) {
+                        Some(l) => serde_json::json!({
+                            "provider": p,
+                            "linked": true,
+                            "linked_at": l.created_at,
+                            "updated_at": l.updated_at,
+                            "access_expiry": l.expiry,
+                            "has_refresh_token": l.has_refresh_token,
+                            "failure_reason": (!l.refresh_failure_reason.is_empty())
+                                .then_some(&l.refresh_failure_reason),
+                            "relink_needed": !l.refresh_failure_reason.is_empty(),
+                        }),
+                        None => serde_json::json!({
+                            "provider": p,
+                            "linked": false,
+                            "relink_needed": true,
+                        }),
+                    })
+                    .collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"user": caller.user_id, "links": entries}),
+                ))
+            }
+            _ => Err(ProxyError::NoRoute),
+        }
+    }
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_paths() {
+        assert!(is_reserved("/_tokenproxy/links"));
+        assert!(is_reserved("/_tokenproxy"));
+        assert!(!is_reserved("/_tokenproxyx/links"));
+        assert!(!is_reserved("/github/api/_tokenproxy/links"));
+    }
+}
