@@ -370,3 +370,167 @@ async fn a_real_prometheus_scrape_counts_the_requests_sent(pool: PgPool) {
     }
     panic!("Prometheus never scraped tokenproxy; last answer: {last}");
 }
+
+/// The manifests under `deploy/kubernetes/`.
+const MANIFESTS: [&str; 2] = ["shared.yaml", "sidecar.yaml"];
+
+fn manifest(name: &str) -> String {
+    std::fs::read_to_string(repo().join("deploy/kubernetes").join(name)).unwrap()
+}
+
+/// The `tokenproxy.toml: |` block of the ConfigMap in `yaml` (its lines, with the
+/// block's indentation removed).
+fn embedded_config(yaml: &str) -> String {
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "tokenproxy.toml: |");
+    let key = lines.next().expect("a ConfigMap with tokenproxy.toml");
+    let key_indent = key.len() - key.trim_start().len();
+    let mut out = String::new();
+    let mut indent = None;
+    for line in lines {
+        let this = line.len() - line.trim_start().len();
+        if !line.trim().is_empty() && this <= key_indent {
+            break;
+        }
+        let indent = *indent.get_or_insert(this);
+        out.push_str(line.get(indent..).unwrap_or(""));
+        out.push('\n');
+    }
+    out
+}
+
+/// The first `key: N` in `yaml` as seconds.
+fn yaml_number(yaml: &str, key: &str) -> u64 {
+    yaml.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{key} in the manifest"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn kubernetes_manifests_pass_the_api_schemas_offline() {
+    // scripts/test installs kubernetes-validate into target/kv-venv.
+    let venv = repo().join("target/kv-venv/bin/kubernetes-validate");
+    let bin = if venv.exists() {
+        venv.to_string_lossy().to_string()
+    } else {
+        "kubernetes-validate".to_string()
+    };
+    let found = Command::new(&bin).arg("--version").output().is_ok();
+    assert!(
+        found,
+        "kubernetes-validate is not installed: scripts/test installs it into target/kv-venv"
+    );
+    let dir = repo().join("deploy/kubernetes");
+    // 1.30: the oldest release with native sidecars on by default that the
+    // sidecar example needs; --strict rejects misspelt fields.
+    let out = Command::new(&bin)
+        .args(["--strict", "-k", "1.30.0"])
+        .args(MANIFESTS.iter().map(|m| dir.join(m)))
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "invalid manifests:\n{report}");
+    assert!(!report.contains("ERROR"), "{report}");
+    for kind in [
+        "deployment/",
+        "service/",
+        "poddisruptionbudget/",
+        "job/",
+        "pod/",
+    ] {
+        assert!(report.contains(kind), "{kind} validated: {report}");
+    }
+}
+
+#[test]
+fn the_configs_in_the_configmaps_pass_check_config() {
+    let ca = tempfile::tempdir().unwrap();
+    let init = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["ca", "init", "--out"])
+        .arg(ca.path().join("ca"))
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    for name in MANIFESTS {
+        let config = embedded_config(&manifest(name))
+            .replace(
+                "/var/run/tokenproxy-ca/tls.crt",
+                &ca.path().join("ca/ca.pem").to_string_lossy(),
+            )
+            .replace(
+                "/var/run/tokenproxy-ca/tls.key",
+                &ca.path().join("ca/ca-key.pem").to_string_lossy(),
+            );
+        assert!(config.contains("[[providers]]"), "{name}: {config}");
+        let file = ca.path().join(format!("{name}.toml"));
+        std::fs::write(&file, &config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+            .env_clear()
+            .env(
+                "TOKENPROXY_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            )
+            .env("GITHUB_CLIENT_SECRET", "x")
+            .arg("--config")
+            .arg(&file)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stdout == b"ok\n",
+            "{name}: check-config failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn termination_grace_outlasts_the_drain_and_a_held_lease() {
+    for name in MANIFESTS {
+        let yaml = manifest(name);
+        let config = harness::config(
+            &embedded_config(&yaml)
+                .replace("env:TOKENPROXY_KEY", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+                .replace("env:GITHUB_CLIENT_SECRET", "x")
+                .replace(
+                    "[forward]\nca_cert = \"/var/run/tokenproxy-ca/tls.crt\"\nca_key = \"/var/run/tokenproxy-ca/tls.key\"\nunrouted = \"deny\"\n",
+                    "",
+                ),
+        );
+        let needed = config.server.shutdown_grace + config.tokens.lease_timeout;
+        let grace = yaml_number(&yaml, "terminationGracePeriodSeconds");
+        assert!(
+            Duration::from_secs(grace) > needed,
+            "{name}: terminationGracePeriodSeconds {grace} must exceed shutdown_grace + lease_timeout = {needed:?}"
+        );
+    }
+    let shared = manifest("shared.yaml");
+    assert_eq!(yaml_number(&shared, "replicas"), 3);
+    for must in [
+        "path: /readyz, port: admin",
+        "path: /healthz, port: admin",
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "kind: PodDisruptionBudget",
+        "command: [\"tokenproxy\", \"migrate\"]",
+    ] {
+        assert!(shared.contains(must), "shared.yaml has {must}");
+    }
+    let sidecar = manifest("sidecar.yaml");
+    for must in [
+        "restartPolicy: Always",
+        "mode = \"static\"",
+        "HTTPS_PROXY",
+        "GIT_SSL_CAINFO",
+    ] {
+        assert!(sidecar.contains(must), "sidecar.yaml has {must}");
+    }
+}
