@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::config::LogFormat;
+use crate::config::{AuditDestination, LogFormat, LoggingConfig};
 
 /// Labels of `tokenproxy_requests_total`. Shared strings (the route's own), so
 /// counting a request allocates nothing.
@@ -226,8 +226,14 @@ impl Metrics {
         })
     }
 
-    /// Counts one refresh outcome.
+    /// Counts one refresh outcome and records it in the audit trail.
     pub fn refresh_outcome(&self, provider: &str, outcome: RefreshOutcome) {
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "refresh",
+            provider,
+            outcome = outcome.as_str()
+        );
         self.refresh
             .get_or_create(&RefreshLabels {
                 provider: provider.to_string(),
@@ -283,22 +289,83 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
     out
 }
 
+/// Target of the audit trail's events (README, "Audit trail"): one JSON line per
+/// event, to the `[logging] audit` destination, never to the ordinary log.
+pub const AUDIT_TARGET: &str = "tokenproxy::audit";
+
 /// Installs the global tracing subscriber: filter from `RUST_LOG` (default `info`),
-/// text or JSON lines on stderr. Safe to call twice (the second call does nothing).
+/// text or JSON lines on stderr, no audit trail. Safe to call twice (the second
+/// call does nothing).
 pub fn init_tracing(format: LogFormat) {
+    let _ = init_logging(
+        &LoggingConfig {
+            format,
+            audit: AuditDestination::Off,
+        },
+        true,
+    );
+}
+
+/// Installs the global subscriber for `cfg`: the ordinary log on stderr (when
+/// `with_log`; the short CLI commands keep their stderr for their own messages)
+/// and the audit trail at its destination, at `info` whatever `RUST_LOG` says.
+/// Fails only when the audit file cannot be opened. A second call does nothing.
+pub fn init_logging(cfg: &LoggingConfig, with_log: bool) -> anyhow::Result<()> {
     use std::io::IsTerminal;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour codes only for a person at a terminal: a log file, a pipe or
-    // `kubectl logs` would otherwise get raw escape sequences.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+
+    let log = with_log.then(|| {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        // Colour codes only for a person at a terminal: a log file, a pipe or
+        // `kubectl logs` would otherwise get raw escape sequences.
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
+        let layer = match cfg.format {
+            LogFormat::Json => layer.json().flatten_event(true).boxed(),
+            LogFormat::Text => layer.boxed(),
+        };
+        layer
+            .with_filter(filter_fn(|m| m.target() != AUDIT_TARGET))
+            .with_filter(filter)
+    });
+    let writer = match &cfg.audit {
+        AuditDestination::Off => None,
+        AuditDestination::Stderr => Some(BoxMakeWriter::new(std::io::stderr)),
+        AuditDestination::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "logging.audit: cannot open {}: {}",
+                        path.display(),
+                        e.kind()
+                    )
+                })?;
+            Some(BoxMakeWriter::new(Arc::new(file)))
+        }
     };
+    let audit = writer.map(|w| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(w)
+            .with_filter(filter_fn(|m| {
+                m.target() == AUDIT_TARGET && *m.level() <= tracing::Level::INFO
+            }))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(log)
+        .with(audit)
+        .try_init();
+    Ok(())
 }
 
 /// A short, non-reversible fingerprint of a secret for logs (first 8 hex chars of

@@ -534,3 +534,137 @@ fn termination_grace_outlasts_the_drain_and_a_held_lease() {
         assert!(sidecar.contains(must), "sidecar.yaml has {must}");
     }
 }
+
+/// Runs the `tokenproxy` binary with `config`, `args` and `stdin`; its stdout.
+fn cli(config: &std::path::Path, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .env_clear()
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "tokenproxy {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn the_audit_trail_records_a_scenario_and_never_a_token(pool: PgPool) {
+    use secrecy::ExposeSecret;
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let check = {
+        let idp = idp.clone();
+        Arc::new(move |t: &str| idp.is_valid_access_token(t))
+    };
+    let api = TestUpstream::start(CredentialForm::Bearer, check).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let rest = format!(
+        "[logging]\naudit = \"{}\"\n\n[[providers]]\nid = \"github\"\nclient_id = \"test-client\"\nclient_secret = \"test-secret\"\ntoken_url = \"{}\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
+        audit.display(),
+        idp.token_url(),
+        api.url()
+    );
+    let config = dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!("[database]\nurl = \"{}\"\n\n{rest}", harness::db_url(&pool)),
+    )
+    .unwrap();
+
+    // Link (twice: created, then replaced) with an already expired access token,
+    // so the first request refreshes; a proxy token for the user.
+    let user = Uuid::new_v4();
+    let seed = idp.seed_with_expiry(user, Some(chrono::Utc::now() - chrono::Duration::hours(1)));
+    let response = serde_json::json!({
+        "access_token": seed.access_token.expose_secret(),
+        "refresh_token": seed.refresh_token.expose_secret(),
+        "expires_at": (chrono::Utc::now() - chrono::Duration::hours(1)).timestamp(),
+    })
+    .to_string();
+    let user_arg = user.to_string();
+    let put = ["link", "put", "--provider", "github", "--user", &user_arg];
+    cli(&config, &put, &response);
+    cli(&config, &put, &response);
+    let created = cli(&config, &["token", "create", "--user", &user_arg], "");
+    let proxy_token = created.lines().last().unwrap().to_string();
+    let token_id = created
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .to_string();
+
+    let proxy = Spawned::start(&harness::db_url(&pool), &rest).await;
+    let a = get(
+        &proxy.url("/gh/api/user"),
+        &[("authorization", &format!("Bearer {proxy_token}"))],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(idp.refreshes(), 1);
+    drop(proxy);
+    cli(&config, &["token", "revoke", &token_id], "");
+
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("a JSON line: {l}")))
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "link_created",
+            "link_replaced",
+            "proxy_token_created",
+            "refresh",
+            "proxy_token_revoked"
+        ],
+        "{text}"
+    );
+    for e in &events {
+        assert_eq!(e["target"], "tokenproxy::audit");
+        assert!(e["timestamp"].is_string());
+    }
+    assert_eq!(events[0]["source"], "cli");
+    assert_eq!(events[0]["user"], user_arg);
+    assert_eq!(events[3]["outcome"], "success");
+    assert_eq!(events[3]["provider"], "github");
+    assert_eq!(events[4]["token_id"], token_id);
+
+    // Every token value issued in the scenario, and the client secret.
+    let mut secrets = vec![
+        seed.access_token.expose_secret().to_string(),
+        seed.refresh_token.expose_secret().to_string(),
+        proxy_token.clone(),
+        idp.current_refresh_token(user).unwrap(),
+        "test-secret".to_string(),
+    ];
+    secrets.extend(api.requests().into_iter().filter_map(|r| r.token));
+    assert!(secrets.len() >= 6, "the upstream saw the refreshed token");
+    for s in &secrets {
+        assert!(!s.is_empty());
+        assert!(
+            !text.contains(s.as_str()),
+            "a secret in the audit trail: {text}"
+        );
+    }
+}

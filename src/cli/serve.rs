@@ -7,7 +7,7 @@ use crate::telemetry;
 
 /// Runs the server until a shutdown signal.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    telemetry::init_tracing(cfg.logging.format);
+    telemetry::init_logging(&cfg.logging, true)?;
     if cfg.providers.iter().all(|p| p.routes.is_empty()) {
         tracing::warn!(
             "no [[providers]] with routes configured: every request will answer no_route"
