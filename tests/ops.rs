@@ -668,3 +668,27 @@ async fn the_audit_trail_records_a_scenario_and_never_a_token(pool: PgPool) {
         );
     }
 }
+
+#[test]
+fn logging_audit_takes_stderr_off_or_a_path_and_refuses_empty() {
+    use tokenproxy::config::{AuditDestination, Config};
+    let parse = |v: &str| Config::from_toml_with_env(&format!("[logging]\naudit = \"{v}\"\n"), &[]);
+    assert_eq!(parse("off").unwrap().logging.audit, AuditDestination::Off);
+    assert_eq!(
+        parse("stderr").unwrap().logging.audit,
+        AuditDestination::Stderr
+    );
+    assert_eq!(
+        parse("/var/log/tokenproxy/audit.log")
+            .unwrap()
+            .logging
+            .audit,
+        AuditDestination::File("/var/log/tokenproxy/audit.log".into())
+    );
+    let err = parse("").unwrap_err().to_string();
+    assert!(err.contains("logging.audit"), "{err}");
+    assert_eq!(
+        Config::from_toml_with_env("", &[]).unwrap().logging.audit,
+        AuditDestination::Off
+    );
+}
