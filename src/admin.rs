@@ -19,6 +19,13 @@ use crate::telemetry::Metrics;
 /// Content type of the metrics text (`prometheus-client` writes OpenMetrics).
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Content type of the classic Prometheus text format, for clients that do not
+/// ask for OpenMetrics.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Longest wait for the store probe made on each `/metrics` scrape.
+const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the admin endpoints report on.
 #[derive(Clone)]
 pub struct AdminState {
@@ -51,11 +58,34 @@ pub async fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<By
             }
         },
         "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.encode())));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(METRICS_CONTENT_TYPE),
-            );
+            // One cheap probe per scrape gives alerting a `store_up` series without
+            // touching the request path; bounded, so a hung database cannot make
+            // the scrape itself time out.
+            let up = tokio::time::timeout(STORE_PROBE_TIMEOUT, state.store.ready()).await;
+            state
+                .metrics
+                .store_up
+                .set(i64::from(matches!(up, Ok(Ok(())))));
+            // Prometheus asks for OpenMetrics; anything else (curl, promtool) gets
+            // the classic text format, whose counter metadata it understands.
+            let openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            let encoded = state.metrics.encode();
+            let (body, content_type) = if openmetrics {
+                (encoded, METRICS_CONTENT_TYPE)
+            } else {
+                (
+                    crate::telemetry::openmetrics_to_text(&encoded),
+                    TEXT_CONTENT_TYPE,
+                )
+            };
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             resp
         }
         _ => error(

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::config::LogFormat;
+use crate::config::{AuditDestination, LogFormat, LoggingConfig};
 
 /// Labels of `tokenproxy_requests_total`. Shared strings (the route's own), so
 /// counting a request allocates nothing.
@@ -133,6 +133,9 @@ pub struct Metrics {
     /// `tokenproxy_forward_leaves_minted_total`: leaf certificates minted for
     /// intercepted hosts (cached ones are not counted again).
     pub leaves_minted: Counter,
+    /// `tokenproxy_store_up`: 1 when the link store answered the last probe (made
+    /// once per `/metrics` scrape, off the request path), else 0.
+    pub store_up: Gauge,
 }
 
 impl Metrics {
@@ -201,6 +204,12 @@ impl Metrics {
             "Leaf certificates minted by the forward-mode CA",
             leaves_minted.clone(),
         );
+        let store_up = Gauge::default();
+        registry.register(
+            "store_up",
+            "Whether the link store answered the readiness probe made at the last scrape",
+            store_up.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -213,11 +222,18 @@ impl Metrics {
             cache_invalidations,
             open_connections,
             leaves_minted,
+            store_up,
         })
     }
 
-    /// Counts one refresh outcome.
+    /// Counts one refresh outcome and records it in the audit trail.
     pub fn refresh_outcome(&self, provider: &str, outcome: RefreshOutcome) {
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "refresh",
+            provider,
+            outcome = outcome.as_str()
+        );
         self.refresh
             .get_or_create(&RefreshLabels {
                 provider: provider.to_string(),
@@ -235,18 +251,121 @@ impl Metrics {
     }
 }
 
+/// Rewrites OpenMetrics text (what `prometheus-client` writes) as the Prometheus
+/// text format 0.0.4, for clients that did not ask for OpenMetrics (`curl`,
+/// `promtool check metrics`). The differences that matter: a counter's HELP and
+/// TYPE lines name the sample (`x_total`, where OpenMetrics names the family `x`),
+/// and there are no `# UNIT` or `# EOF` lines.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(kind);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Target of the audit trail's events (README, "Audit trail"): one JSON line per
+/// event, to the `[logging] audit` destination, never to the ordinary log.
+pub const AUDIT_TARGET: &str = "tokenproxy::audit";
+
 /// Installs the global tracing subscriber: filter from `RUST_LOG` (default `info`),
-/// text or JSON lines on stderr. Safe to call twice (the second call does nothing).
+/// text or JSON lines on stderr, no audit trail. Safe to call twice (the second
+/// call does nothing).
 pub fn init_tracing(format: LogFormat) {
+    let _ = init_logging(
+        &LoggingConfig {
+            format,
+            audit: AuditDestination::Off,
+        },
+        true,
+    );
+}
+
+/// Installs the global subscriber for `cfg`: the ordinary log on stderr (when
+/// `with_log`; the short CLI commands keep their stderr for their own messages)
+/// and the audit trail at its destination, at `info` whatever `RUST_LOG` says.
+/// Fails only when the audit file cannot be opened. A second call does nothing.
+pub fn init_logging(cfg: &LoggingConfig, with_log: bool) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+
+    let log = with_log.then(|| {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        // Colour codes only for a person at a terminal: a log file, a pipe or
+        // `kubectl logs` would otherwise get raw escape sequences.
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
+        let layer = match cfg.format {
+            LogFormat::Json => layer.json().flatten_event(true).boxed(),
+            LogFormat::Text => layer.boxed(),
+        };
+        layer
+            .with_filter(filter_fn(|m| m.target() != AUDIT_TARGET))
+            .with_filter(filter)
+    });
+    let writer = match &cfg.audit {
+        AuditDestination::Off => None,
+        AuditDestination::Stderr => Some(BoxMakeWriter::new(std::io::stderr)),
+        AuditDestination::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "logging.audit: cannot open {}: {}",
+                        path.display(),
+                        e.kind()
+                    )
+                })?;
+            Some(BoxMakeWriter::new(Arc::new(file)))
+        }
     };
+    let audit = writer.map(|w| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(w)
+            .with_filter(filter_fn(|m| {
+                m.target() == AUDIT_TARGET && *m.level() <= tracing::Level::INFO
+            }))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(log)
+        .with(audit)
+        .try_init();
+    Ok(())
 }
 
 /// A short, non-reversible fingerprint of a secret for logs (first 8 hex chars of
@@ -255,4 +374,27 @@ pub fn fingerprint(secret: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(secret.as_bytes());
     hex::encode(&digest[..4])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counters_by_their_samples_and_drops_openmetrics_lines() {
+        let om = "# HELP tp_requests Requests.\n# TYPE tp_requests counter\ntp_requests_total{a=\"b\"} 1\n# HELP tp_up Up.\n# TYPE tp_up gauge\n# UNIT tp_up x\ntp_up 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP tp_requests_total Requests.\n# TYPE tp_requests_total counter\ntp_requests_total{a=\"b\"} 1\n# HELP tp_up Up.\n# TYPE tp_up gauge\ntp_up 1\n"
+        );
+    }
+
+    #[test]
+    fn the_real_registry_converts_without_openmetrics_lines() {
+        let m = Metrics::new();
+        m.refresh_outcome("github", RefreshOutcome::Success);
+        let text = openmetrics_to_text(&m.encode());
+        assert!(text.contains("# TYPE tokenproxy_refresh_total counter\n"));
+        assert!(!text.contains("# EOF"));
+    }
 }

@@ -510,7 +510,11 @@ async fn admin_endpoints(pool: PgPool) {
             .status,
         200
     );
-    let m = get(&admin("/metrics"), &[]).await;
+    let m = get(
+        &admin("/metrics"),
+        &[("accept", "application/openmetrics-text; version=1.0.0")],
+    )
+    .await;
     assert_eq!(m.status, 200);
     assert!(m.headers["content-type"]
         .to_str()

@@ -65,10 +65,23 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
             let tokens = parse_token_response(&input, provider_cfg, Utc::now())
                 .map_err(|m| super::data(format!("token response on stdin: {m}")))?;
             let store = super::open_store(cfg)?;
+            let replaced = store
+                .list_links(Some(user))
+                .await
+                .context("reading the user's links")?
+                .iter()
+                .any(|l| l.provider_id == provider);
             store
                 .put_link(&provider, user, &tokens)
                 .await
                 .context("storing the link")?;
+            tracing::info!(
+                target: crate::telemetry::AUDIT_TARGET,
+                event = if replaced { "link_replaced" } else { "link_created" },
+                source = "cli",
+                provider = %provider,
+                user = %user
+            );
             println!(
                 "stored link {provider}/{user} (expires {})",
                 super::show_time(tokens.expiry, "never")
@@ -92,6 +105,13 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
                 .await
                 .context("deleting the link")?
             {
+                tracing::info!(
+                    target: crate::telemetry::AUDIT_TARGET,
+                    event = "link_deleted",
+                    source = "cli",
+                    provider = %provider,
+                    user = %user
+                );
                 println!("deleted link {provider}/{user}");
                 Ok(())
             } else {

@@ -142,6 +142,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         command => {
             let cfg = Config::load(&path)?;
+            if matches!(command, Command::Link(_) | Command::Token(_)) {
+                // Their changes belong in the audit trail; their stderr stays theirs.
+                crate::telemetry::init_logging(&cfg.logging, false)?;
+            }
             match command {
                 Command::Serve => serve::run(cfg).await,
                 Command::Migrate => migrate::run(&cfg).await,

@@ -7,7 +7,7 @@ use crate::telemetry;
 
 /// Runs the server until a shutdown signal.
 pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
-    telemetry::init_tracing(cfg.logging.format);
+    telemetry::init_logging(&cfg.logging, true)?;
     // OIDC endpoints come from the issuer; refuse to start without them.
     crate::oauth::presets::discover(&mut cfg).await?;
     if cfg.providers.iter().all(|p| p.routes.is_empty()) {

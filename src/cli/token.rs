@@ -107,6 +107,13 @@ pub async fn run(cfg: &Config, command: TokenCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .context("storing the token")?;
+            tracing::info!(
+                target: crate::telemetry::AUDIT_TARGET,
+                event = "proxy_token_created",
+                source = "cli",
+                token_id = %info.id,
+                user = %info.user_id
+            );
             println!("id: {}", info.id);
             println!("user: {}", info.user_id);
             println!("providers: {}", providers_label(&info.providers));
@@ -134,6 +141,12 @@ pub async fn run(cfg: &Config, command: TokenCommand) -> anyhow::Result<()> {
                 .await
                 .context("revoking the token")?
             {
+                tracing::info!(
+                    target: crate::telemetry::AUDIT_TARGET,
+                    event = "proxy_token_revoked",
+                    source = "cli",
+                    token_id = %id
+                );
                 println!("revoked {id}");
                 Ok(())
             } else {
