@@ -364,6 +364,10 @@ pub struct RouteConfig {
     /// Extra CA (PEM) trusted for this upstream.
     #[serde(default)]
     pub upstream_ca: Option<PathBuf>,
+    /// Reverse mode: pass the caller's `Cookie` header on. Off by default: a
+    /// browser's cookies for tokenproxy's origin are not meant for the upstream.
+    #[serde(default)]
+    pub cookies: bool,
 }
 
 /// How a credential is attached to the upstream request.

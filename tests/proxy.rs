@@ -74,6 +74,11 @@ token_url = "http://127.0.0.1:9/token"
 }
 
 async fn world(pool: PgPool) -> World {
+    world_with(pool, |toml| toml).await
+}
+
+/// [`world`] with its config text edited first.
+async fn world_with(pool: PgPool, edit: impl FnOnce(String) -> String) -> World {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let git = TestUpstream::start(
         CredentialForm::Basic("x-access-token".into()),
@@ -91,7 +96,12 @@ async fn world(pool: PgPool) -> World {
     let fake = FakeTokens::new();
     fake.set("github", user, GH_TOKEN);
     fake.set("gitlab", user, GL_TOKEN);
-    let config = harness::config(&routes_toml(&api.url(), &git.url(), &gitlab.url(), "5s"));
+    let config = harness::config(&edit(routes_toml(
+        &api.url(),
+        &git.url(),
+        &gitlab.url(),
+        "5s",
+    )));
     let proxy = Harness::start(config, store.clone(), fake.clone()).await;
     World {
         api,
@@ -535,4 +545,150 @@ async fn admin_endpoints(pool: PgPool) {
     get(&w.proxy.url("/metrics"), &[("authorization", &auth)])
         .await
         .assert_error(404, "no_route");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn encoded_slashes_pass_and_encoded_traversal_is_refused(pool: PgPool) {
+    let w = world(pool).await;
+    let auth = format!("Bearer {}", w.token);
+    let h = [("authorization", auth.as_str())];
+    // GitLab's API puts `%2F` inside segments: forwarded byte for byte.
+    let target = "/projects/group%2Fproject/repository/files/app%2Fmodels%2Fkey.rb/raw?ref=main";
+    let a = get(&w.proxy.url(&format!("/gl{target}")), &h).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(w.gitlab.requests()[0].target, target);
+    for bad in [
+        "/gh/api/%252e%252e/%252e%252e/outside",
+        "/gh/api/%252E%252E/x",
+        "/gh/api/%c0%ae%c0%ae/x",
+        "/gh/api/..;/x",
+        "/gh/api/%5c..%5cx",
+        "/gh/api/x%2500y",
+        "/gh/api%2fx",
+    ] {
+        get(&w.proxy.url(bad), &h)
+            .await
+            .assert_error(400, "bad_request");
+    }
+    assert_eq!(w.api.count(), 0, "a refused path reached the upstream");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn trace_and_unforwardable_framing_are_refused(pool: PgPool) {
+    let w = world(pool).await;
+    let auth = format!("Bearer {}", w.token);
+    let h = [("authorization", auth.as_str())];
+    send(Method::TRACE, &w.proxy.url("/gh/api/user"), &h, "")
+        .await
+        .assert_error(405, "bad_request");
+    let track = Method::from_bytes(b"TRACK").unwrap();
+    send(track, &w.proxy.url("/gh/api/user"), &h, "")
+        .await
+        .assert_error(405, "bad_request");
+    // A coding hyper would strip (the upstream would see plain chunked).
+    let resp = raw(
+        w.proxy.addr,
+        &format!(
+            "POST /gh/api/user HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 400, "{resp}");
+    assert_eq!(w.api.count(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn two_different_caller_tokens_are_refused(pool: PgPool) {
+    let w = world(pool).await;
+    let (_, other) = create_token(&*w.store, Uuid::new_v4(), &[]).await;
+    let a = format!("Bearer {}", w.token);
+    let b = format!("Bearer {other}");
+    get(
+        &w.proxy.url("/gh/api/user"),
+        &[("authorization", &a), ("proxy-authorization", &b)],
+    )
+    .await
+    .assert_error(400, "bad_request");
+    // The same token in both headers is one caller.
+    let same = get(
+        &w.proxy.url("/gh/api/user"),
+        &[("authorization", &a), ("proxy-authorization", &a)],
+    )
+    .await;
+    assert_eq!(same.status, 200);
+    assert_eq!(w.api.count(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn client_forwarding_claims_are_stripped_when_forwarded_headers_is_off(pool: PgPool) {
+    let w = world_with(pool, |t| {
+        t.replace("forwarded_headers = true", "forwarded_headers = false")
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token);
+    let a = get(
+        &w.proxy.url("/gh/api/user"),
+        &[
+            ("authorization", &auth),
+            ("x-forwarded-for", "10.9.9.9"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=10.9.9.9"),
+            ("x-real-ip", "10.9.9.9"),
+            ("via", "1.1 evil"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let seen = &w.api.requests()[0].headers;
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "forwarded",
+        "x-real-ip",
+        "via",
+    ] {
+        assert!(seen.get(name).is_none(), "{name} reached the upstream");
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn cookies_go_only_where_a_route_opts_in_joined_into_one_field(pool: PgPool) {
+    let w = world_with(pool, |t| {
+        t.replace(
+            "inject = { header = \"PRIVATE-TOKEN\" }",
+            "inject = { header = \"PRIVATE-TOKEN\" }\n  cookies = true",
+        )
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token);
+    // HTTP/2 lets a client split its cookies over several fields.
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for path in ["/gh/api/user", "/gl/user"] {
+        let req = http::Request::builder()
+            .uri(w.proxy.url(path))
+            .header("authorization", &auth)
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    assert!(
+        w.api.requests()[0].headers.get("cookie").is_none(),
+        "the caller's cookie reached a route that did not opt in"
+    );
+    let gl: Vec<_> = w.gitlab.requests()[0]
+        .headers
+        .get_all("cookie")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(gl, ["a=1; b=2"]);
 }

@@ -136,7 +136,12 @@ impl server::Handler for Pipeline {
         tls: bool,
     ) -> Response<ProxyBody> {
         let conn = pipeline::ConnInfo { remote, tls };
-        if req.method() == http::Method::CONNECT && self.forward.is_some() {
+        // CONNECT over HTTP/2 (RFC 8441) is not supported: the pipeline refuses it
+        // with 400 rather than opening a tunnel inside a stream.
+        if req.method() == http::Method::CONNECT
+            && self.forward.is_some()
+            && req.version() != http::Version::HTTP_2
+        {
             return connect::handle(self, req, conn).await;
         }
         self.handle(req, conn).await

@@ -23,7 +23,7 @@ use super::error::ProxyError;
 use super::forward::Upstreams;
 use super::headers::{self, Forwarded, ERROR_HEADER};
 use super::inject::inject_credential;
-use super::route::{check_path, Route, Router};
+use super::route::{Route, Router};
 use super::{ProxyBody, TokenLookup};
 use crate::telemetry::{Metrics, RequestLabels};
 use crate::tokens::{AccessToken, TokenError};
@@ -162,6 +162,7 @@ impl Pipeline {
         entry: &Entry,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        check_request_framing(&req)?;
         let (caller, route, uri) = self.enter(&req, entry, outcome).await?;
         outcome.route = Some(route.clone());
         authorize(&caller, &route)?;
@@ -176,7 +177,10 @@ impl Pipeline {
                 .ok_or(ProxyError::BadRequest("invalid request target"))?,
         };
         let (parts, body) = req.into_parts();
-        let prepared = self.upstream_request(parts, host, uri, conn);
+        // Reverse mode: the caller's cookies belong to tokenproxy's origin, not
+        // the upstream's, unless the route says otherwise.
+        let cookies = !matches!(entry, Entry::Reverse) || route.cookies;
+        let prepared = self.upstream_request(parts, host, uri, conn, cookies);
         let body = read_body(body, self.body_timeout).await?;
         // Reverse mode: the caller only knows our prefix, so redirects to the
         // upstream must come back through it.
@@ -229,10 +233,7 @@ impl Pipeline {
                 "CONNECT is not supported on this listener",
             ));
         }
-        let path = req.uri().path();
-        check_path(path)?;
-        let route = self.router.find(path).ok_or(ProxyError::NoRoute)?;
-        let uri = route.upstream_uri(path, req.uri().query())?;
+        let (route, uri) = self.router.resolve(req.uri().path(), req.uri().query())?;
         Ok((route.clone(), uri))
     }
 
@@ -294,8 +295,14 @@ impl Pipeline {
         host: HeaderValue,
         uri: Uri,
         conn: ConnInfo,
+        cookies: bool,
     ) -> Prepared {
         let mut headers = parts.headers;
+        if cookies {
+            headers::join_cookies(&mut headers);
+        } else {
+            headers.remove(header::COOKIE);
+        }
         let caller_host = headers.remove(header::HOST).or_else(|| {
             // HTTP/2 callers send the authority in the URI, not in Host.
             parts
@@ -315,6 +322,10 @@ impl Pipeline {
                     version: parts.version,
                 },
             );
+        } else {
+            // Off means the upstream sees no forwarding claims at all: ones the
+            // client wrote would be believed as if tokenproxy had written them.
+            headers::remove_forwarding(&mut headers);
         }
         headers.insert(header::HOST, host);
         Prepared {
@@ -498,6 +509,28 @@ fn forward_uri(scheme: &str, authority: Authority, target: &Uri) -> Result<Uri, 
         .path_and_query(pq)
         .build()
         .map_err(|_| ProxyError::BadRequest("invalid request target"))
+}
+
+/// Refuses requests whose method or framing cannot be forwarded faithfully:
+/// `TRACE`/`TRACK` (an upstream that reflects the request would hand the
+/// injected credential to the caller), and a `Transfer-Encoding` other than
+/// plain `chunked` (hyper removes the codings; `gzip` would silently be lost).
+fn check_request_framing(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    if req.method() == Method::TRACE || req.method().as_str().eq_ignore_ascii_case("TRACK") {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let other_coding = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    if other_coding {
+        return Err(ProxyError::BadRequest(
+            "only the chunked transfer coding is supported",
+        ));
+    }
+    Ok(())
 }
 
 /// Phase: may this caller use the route's provider?
