@@ -113,6 +113,9 @@ pub struct ServerConfig {
     pub forwarded_headers: bool,
     /// Optional TLS on the proxy listener.
     pub tls: Option<TlsConfig>,
+    /// Longest a request or response body may deliver nothing before it is cut.
+    #[serde(with = "duration_str")]
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -128,6 +131,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             forwarded_headers: false,
             tls: None,
+            body_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -490,6 +494,7 @@ impl Config {
             ),
             ("server.upstream_timeout", self.server.upstream_timeout),
             ("server.connect_timeout", self.server.connect_timeout),
+            ("server.body_idle_timeout", self.server.body_idle_timeout),
             ("database.acquire_timeout", self.database.acquire_timeout),
         ] {
             if d.is_zero() {

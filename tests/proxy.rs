@@ -692,3 +692,88 @@ async fn cookies_go_only_where_a_route_opts_in_joined_into_one_field(pool: PgPoo
         .collect();
     assert_eq!(gl, ["a=1; b=2"]);
 }
+
+/// A request body of `chunks` chunks of 1 KiB, `every` apart, that then stalls
+/// forever when `stall` is set.
+fn paced_body(
+    chunks: u8,
+    every: std::time::Duration,
+    stall: bool,
+) -> http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let paced = futures_util::stream::unfold(0u8, move |n| async move {
+        (n < chunks).then_some(())?;
+        tokio::time::sleep(every).await;
+        let chunk = bytes::Bytes::from(vec![b'x'; 1024]);
+        Some((Ok(hyper::body::Frame::data(chunk)), n + 1))
+    });
+    let tail = futures_util::stream::pending().take(usize::from(stall));
+    BodyExt::boxed_unsync(http_body_util::StreamBody::new(paced.chain(tail).boxed()))
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn uploads_may_outlast_upstream_timeout_but_stalls_may_not(pool: PgPool) {
+    use std::time::Duration;
+    let w = world_with(pool, |t| {
+        t.replace("upstream_timeout = \"5s\"", "upstream_timeout = \"1s\"")
+            .replace("[server]\n", "[server]\nbody_idle_timeout = \"1500ms\"\n")
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token);
+    let client: hyper_util::client::legacy::Client<_, _> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let post = |path: &str, body| {
+        let req = http::Request::post(w.proxy.url(path))
+            .header("authorization", &auth)
+            .body(body)
+            .unwrap();
+        client.request(req)
+    };
+
+    // 3 s of upload (chunked, so streamed) through a 1 s upstream_timeout.
+    let started = tokio::time::Instant::now();
+    let resp = post(
+        "/gh/api/upload",
+        paced_body(6, Duration::from_millis(500), false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(
+        w.api.requests()[0].body_len,
+        6 * 1024,
+        "the whole upload arrived"
+    );
+
+    // A body that stops moving is the client's fault, cut after body_idle_timeout.
+    let resp = post("/gh/api/upload", paced_body(1, Duration::ZERO, true))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["tokenproxy-error"], "bad_request");
+
+    // The upstream still has 1 s from the end of the body to answer.
+    let resp = post(
+        "/gh/api/slow",
+        paced_body(2, Duration::from_millis(300), false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["tokenproxy-error"], "upstream_timeout");
+    w.api.release_slow();
+
+    // A malformed chunked body is the client's fault too.
+    let resp = raw(
+        w.proxy.addr,
+        &format!(
+            "POST /gh/api/upload HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 400, "{resp}");
+}

@@ -30,6 +30,7 @@ use crate::store::LinkStore;
 use crate::telemetry::Metrics;
 use crate::tokens::{AccessToken, TokenError, TokenSource};
 
+pub mod body;
 pub mod ca;
 pub mod caller;
 pub mod connect;
@@ -119,6 +120,7 @@ impl Pipeline {
             metrics: deps.metrics.clone(),
             forwarded_headers: config.server.forwarded_headers,
             body_timeout: config.server.header_read_timeout,
+            body_idle_timeout: config.server.body_idle_timeout,
             forward: config
                 .forward
                 .as_ref()

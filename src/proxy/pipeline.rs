@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::body::{BodyEnd, IdleBody};
 use super::caller::{Caller, CallerIdentity};
 use super::error::ProxyError;
 use super::forward::Upstreams;
@@ -81,6 +82,8 @@ pub struct Pipeline {
     /// Time a client has to send a small (buffered) request body: without it a
     /// client that declares a body and never sends it holds its slot forever.
     pub body_timeout: std::time::Duration,
+    /// Longest a streamed body (either direction) may deliver nothing.
+    pub body_idle_timeout: std::time::Duration,
     /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
     pub forward: Option<super::connect::ForwardMode>,
 }
@@ -187,7 +190,7 @@ impl Pipeline {
         let redirects = matches!(entry, Entry::Reverse).then_some(&*route);
         self.forward(&route, &caller, prepared, body, token, outcome)
             .await
-            .map(|resp| respond(resp, redirects))
+            .map(|resp| respond(resp, redirects, self.body_idle_timeout))
     }
 
     /// Phases by entry: who is calling, which route, and the upstream URI.
@@ -351,8 +354,9 @@ impl Pipeline {
             OutBody::Replayable(bytes) => Some(bytes.clone()),
             OutBody::Stream(_) => None,
         };
+        let (body, body_end) = to_proxy_body(body, self.body_idle_timeout);
         let first = self
-            .send(route, &prepared, to_proxy_body(body), &token, outcome)
+            .send(route, &prepared, body, body_end, &token, outcome)
             .await?;
         if first.status() != StatusCode::UNAUTHORIZED {
             return Ok(first);
@@ -381,8 +385,8 @@ impl Pipeline {
         };
         drop(first);
         outcome.token = "refreshed_after_401";
-        let body = OutBody::Replayable(replay);
-        self.send(route, &prepared, to_proxy_body(body), &fresh, outcome)
+        let (body, _) = to_proxy_body(OutBody::Replayable(replay), self.body_idle_timeout);
+        self.send(route, &prepared, body, None, &fresh, outcome)
             .await
     }
 
@@ -392,6 +396,7 @@ impl Pipeline {
         route: &Route,
         prepared: &Prepared,
         body: ProxyBody,
+        body_end: Option<tokio::sync::oneshot::Receiver<BodyEnd>>,
         token: &AccessToken,
         outcome: &mut Outcome,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -405,7 +410,7 @@ impl Pipeline {
         *req.headers_mut() = headers;
         let started = Instant::now();
         outcome.attempts += 1;
-        let result = self.upstreams.send(route.client_key(), req).await;
+        let result = self.upstreams.send(route.client_key(), req, body_end).await;
         let took = started.elapsed();
         outcome.upstream = Some(outcome.upstream.unwrap_or_default() + took);
         self.metrics.upstream_duration.observe(took.as_secs_f64());
@@ -544,7 +549,7 @@ pub(super) fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError
 
 /// Buffers the request body when it is empty or declared small enough to
 /// replay (within `timeout`), otherwise leaves it streaming (a stalled stream is
-/// bounded by the upstream's response timeout instead).
+/// bounded by `server.body_idle_timeout` instead).
 async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<OutBody, ProxyError> {
     if body.is_end_stream() {
         return Ok(OutBody::Replayable(Bytes::new()));
@@ -562,15 +567,27 @@ async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<OutBo
     }
 }
 
-fn to_proxy_body(body: OutBody) -> ProxyBody {
+/// The body to send, and for a streamed one, how it will end (its upstream
+/// deadline starts then). A buffered body is complete already.
+fn to_proxy_body(
+    body: OutBody,
+    idle: std::time::Duration,
+) -> (ProxyBody, Option<tokio::sync::oneshot::Receiver<BodyEnd>>) {
     match body {
-        OutBody::Replayable(bytes) if bytes.is_empty() => {
-            Empty::new().map_err(|never| match never {}).boxed_unsync()
+        OutBody::Replayable(bytes) if bytes.is_empty() => (
+            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+            None,
+        ),
+        OutBody::Replayable(bytes) => (
+            Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            None,
+        ),
+        OutBody::Stream(incoming) => {
+            let (body, end) = IdleBody::with_end(incoming, idle);
+            (body.boxed_unsync(), Some(end))
         }
-        OutBody::Replayable(bytes) => Full::new(bytes)
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-        OutBody::Stream(incoming) => incoming.map_err(Into::into).boxed_unsync(),
     }
 }
 
@@ -578,7 +595,11 @@ fn to_proxy_body(body: OutBody) -> ProxyBody {
 /// does any `tokenproxy-error` the upstream tried to set: that header means
 /// tokenproxy itself answered. With `redirects` (reverse mode), a `Location` on
 /// the upstream is rewritten to the route's prefix.
-fn respond(resp: Response<Incoming>, redirects: Option<&Route>) -> Response<ProxyBody> {
+fn respond(
+    resp: Response<Incoming>,
+    redirects: Option<&Route>,
+    idle: std::time::Duration,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&ERROR_HEADER);
@@ -593,5 +614,6 @@ fn respond(resp: Response<Incoming>, redirects: Option<&Route>) -> Response<Prox
             parts.headers.insert(header::LOCATION, location);
         }
     }
-    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+    // A response body that stops moving is cut after `idle`, like a request's.
+    Response::from_parts(parts, IdleBody::new(body, idle).boxed_unsync())
 }
