@@ -777,3 +777,47 @@ async fn uploads_may_outlast_upstream_timeout_but_stalls_may_not(pool: PgPool) {
     .await;
     assert_eq!(raw_status(&resp), 400, "{resp}");
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn h2_preface_only_connections_are_closed_within_the_header_deadline(pool: PgPool) {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = world_with(pool, |t| {
+        t.replace(
+            "[server]\n",
+            "[server]\nmax_connections = 100\nheader_read_timeout = \"1s\"\n",
+        )
+    })
+    .await;
+    // Every slot taken by a connection that sends the h2 preface, or one byte
+    // of it, and nothing else.
+    let mut idle = Vec::new();
+    for i in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
+        let preface: &[u8] = if i % 2 == 0 {
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        } else {
+            b"P"
+        };
+        s.write_all(preface).await.unwrap();
+        idle.push(s);
+    }
+    let started = tokio::time::Instant::now();
+    let auth = format!("Bearer {}", w.token);
+    let normal = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(&w.proxy.url("/gh/api/user"), &[("authorization", &auth)]),
+    )
+    .await
+    .expect("a normal request is served once idle connections are closed");
+    assert_eq!(normal.status, 200);
+    for mut s in idle {
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink))
+            .await
+            .expect("the idle connection was closed")
+            .ok();
+    }
+    // Closed by the 1 s deadline (plus scheduling), not by anything later.
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
