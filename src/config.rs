@@ -149,6 +149,9 @@ pub struct ServerConfig {
     pub forwarded_headers: bool,
     /// Optional TLS on the proxy listener.
     pub tls: Option<TlsConfig>,
+    /// Longest a request or response body may deliver nothing before it is cut.
+    #[serde(with = "duration_str")]
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -164,6 +167,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             forwarded_headers: false,
             tls: None,
+            body_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -476,6 +480,10 @@ pub struct RouteConfig {
     /// Extra CA (PEM) trusted for this upstream.
     #[serde(default)]
     pub upstream_ca: Option<PathBuf>,
+    /// Reverse mode: pass the caller's `Cookie` header on. Off by default: a
+    /// browser's cookies for tokenproxy's origin are not meant for the upstream.
+    #[serde(default)]
+    pub cookies: bool,
 }
 
 /// How a credential is attached to the upstream request.
@@ -602,6 +610,7 @@ impl Config {
             ),
             ("server.upstream_timeout", self.server.upstream_timeout),
             ("server.connect_timeout", self.server.connect_timeout),
+            ("server.body_idle_timeout", self.server.body_idle_timeout),
             ("database.acquire_timeout", self.database.acquire_timeout),
             (
                 "database.listen_check_interval",

@@ -650,3 +650,25 @@ async fn odd_connect_targets_get_tokenproxys_own_answers(pool: PgPool) {
     }
     assert_eq!(w.api.count(), 0);
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn connect_over_h2c_is_refused_not_tunnelled(pool: PgPool) {
+    let w = world(pool, "", "").await;
+    let tcp = TcpStream::connect(w.proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("{API_HOST}:443"))
+        .header("proxy-authorization", basic("x", &w.token))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["tokenproxy-error"], "bad_request");
+}

@@ -76,6 +76,11 @@ token_url = "http://127.0.0.1:9/token"
 }
 
 async fn world(pool: PgPool) -> World {
+    world_with(pool, |toml| toml).await
+}
+
+/// [`world`] with its config text edited first.
+async fn world_with(pool: PgPool, edit: impl FnOnce(String) -> String) -> World {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let git = TestUpstream::start(
         CredentialForm::Basic("x-access-token".into()),
@@ -93,7 +98,12 @@ async fn world(pool: PgPool) -> World {
     let fake = FakeTokens::new();
     fake.set("github", user, GH_TOKEN);
     fake.set("gitlab", user, GL_TOKEN);
-    let config = harness::config(&routes_toml(&api.url(), &git.url(), &gitlab.url(), "5s"));
+    let config = harness::config(&edit(routes_toml(
+        &api.url(),
+        &git.url(),
+        &gitlab.url(),
+        "5s",
+    )));
     let proxy = Harness::start(config, store.clone(), fake.clone()).await;
     World {
         api,
@@ -533,4 +543,279 @@ async fn admin_endpoints(pool: PgPool) {
     get(&w.proxy.url("/metrics"), &[("authorization", &auth)])
         .await
         .assert_error(404, "no_route");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn encoded_slashes_pass_and_encoded_traversal_is_refused(pool: PgPool) {
+    let w = world(pool).await;
+    let auth = format!("Bearer {}", w.token);
+    let h = [("authorization", auth.as_str())];
+    // GitLab's API puts `%2F` inside segments: forwarded byte for byte.
+    let target = "/projects/group%2Fproject/repository/files/app%2Fmodels%2Fkey.rb/raw?ref=main";
+    let a = get(&w.proxy.url(&format!("/gl{target}")), &h).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(w.gitlab.requests()[0].target, target);
+    for bad in [
+        "/gh/api/%252e%252e/%252e%252e/outside",
+        "/gh/api/%252E%252E/x",
+        "/gh/api/%c0%ae%c0%ae/x",
+        "/gh/api/..;/x",
+        "/gh/api/%5c..%5cx",
+        "/gh/api/x%2500y",
+        "/gh/api%2fx",
+    ] {
+        get(&w.proxy.url(bad), &h)
+            .await
+            .assert_error(400, "bad_request");
+    }
+    assert_eq!(w.api.count(), 0, "a refused path reached the upstream");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn trace_and_unforwardable_framing_are_refused(pool: PgPool) {
+    let w = world(pool).await;
+    let auth = format!("Bearer {}", w.token);
+    let h = [("authorization", auth.as_str())];
+    send(Method::TRACE, &w.proxy.url("/gh/api/user"), &h, "")
+        .await
+        .assert_error(405, "bad_request");
+    let track = Method::from_bytes(b"TRACK").unwrap();
+    send(track, &w.proxy.url("/gh/api/user"), &h, "")
+        .await
+        .assert_error(405, "bad_request");
+    // A coding hyper would strip (the upstream would see plain chunked).
+    let resp = raw(
+        w.proxy.addr,
+        &format!(
+            "POST /gh/api/user HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 400, "{resp}");
+    assert_eq!(w.api.count(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn two_different_caller_tokens_are_refused(pool: PgPool) {
+    let w = world(pool).await;
+    let (_, other) = create_token(&*w.store, Uuid::new_v4(), &[]).await;
+    let a = format!("Bearer {}", w.token);
+    let b = format!("Bearer {other}");
+    get(
+        &w.proxy.url("/gh/api/user"),
+        &[("authorization", &a), ("proxy-authorization", &b)],
+    )
+    .await
+    .assert_error(400, "bad_request");
+    // The same token in both headers is one caller.
+    let same = get(
+        &w.proxy.url("/gh/api/user"),
+        &[("authorization", &a), ("proxy-authorization", &a)],
+    )
+    .await;
+    assert_eq!(same.status, 200);
+    assert_eq!(w.api.count(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn client_forwarding_claims_are_stripped_when_forwarded_headers_is_off(pool: PgPool) {
+    let w = world_with(pool, |t| {
+        t.replace("forwarded_headers = true", "forwarded_headers = false")
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token);
+    let a = get(
+        &w.proxy.url("/gh/api/user"),
+        &[
+            ("authorization", &auth),
+            ("x-forwarded-for", "10.9.9.9"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=10.9.9.9"),
+            ("x-real-ip", "10.9.9.9"),
+            ("via", "1.1 evil"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let seen = &w.api.requests()[0].headers;
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "forwarded",
+        "x-real-ip",
+        "via",
+    ] {
+        assert!(seen.get(name).is_none(), "{name} reached the upstream");
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn cookies_go_only_where_a_route_opts_in_joined_into_one_field(pool: PgPool) {
+    let w = world_with(pool, |t| {
+        t.replace(
+            "inject = { header = \"PRIVATE-TOKEN\" }",
+            "inject = { header = \"PRIVATE-TOKEN\" }\n  cookies = true",
+        )
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token);
+    // HTTP/2 lets a client split its cookies over several fields.
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for path in ["/gh/api/user", "/gl/user"] {
+        let req = http::Request::builder()
+            .uri(w.proxy.url(path))
+            .header("authorization", &auth)
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    assert!(
+        w.api.requests()[0].headers.get("cookie").is_none(),
+        "the caller's cookie reached a route that did not opt in"
+    );
+    let gl: Vec<_> = w.gitlab.requests()[0]
+        .headers
+        .get_all("cookie")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(gl, ["a=1; b=2"]);
+}
+
+/// A request body of `chunks` chunks of 1 KiB, `every` apart, that then stalls
+/// forever when `stall` is set.
+fn paced_body(
+    chunks: u8,
+    every: std::time::Duration,
+    stall: bool,
+) -> http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let paced = futures_util::stream::unfold(0u8, move |n| async move {
+        (n < chunks).then_some(())?;
+        tokio::time::sleep(every).await;
+        let chunk = bytes::Bytes::from(vec![b'x'; 1024]);
+        Some((Ok(hyper::body::Frame::data(chunk)), n + 1))
+    });
+    let tail = futures_util::stream::pending().take(usize::from(stall));
+    BodyExt::boxed_unsync(http_body_util::StreamBody::new(paced.chain(tail).boxed()))
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn uploads_may_outlast_upstream_timeout_but_stalls_may_not(pool: PgPool) {
+    use std::time::Duration;
+    let w = world_with(pool, |t| {
+        t.replace("upstream_timeout = \"5s\"", "upstream_timeout = \"1s\"")
+            .replace("[server]\n", "[server]\nbody_idle_timeout = \"1500ms\"\n")
+    })
+    .await;
+    let auth = format!("Bearer {}", w.token);
+    let client: hyper_util::client::legacy::Client<_, _> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let post = |path: &str, body| {
+        let req = http::Request::post(w.proxy.url(path))
+            .header("authorization", &auth)
+            .body(body)
+            .unwrap();
+        client.request(req)
+    };
+
+    // 3 s of upload (chunked, so streamed) through a 1 s upstream_timeout.
+    let started = tokio::time::Instant::now();
+    let resp = post(
+        "/gh/api/upload",
+        paced_body(6, Duration::from_millis(500), false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(
+        w.api.requests()[0].body_len,
+        6 * 1024,
+        "the whole upload arrived"
+    );
+
+    // A body that stops moving is the client's fault, cut after body_idle_timeout.
+    let resp = post("/gh/api/upload", paced_body(1, Duration::ZERO, true))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["tokenproxy-error"], "bad_request");
+
+    // The upstream still has 1 s from the end of the body to answer.
+    let resp = post(
+        "/gh/api/slow",
+        paced_body(2, Duration::from_millis(300), false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["tokenproxy-error"], "upstream_timeout");
+    w.api.release_slow();
+
+    // A malformed chunked body is the client's fault too.
+    let resp = raw(
+        w.proxy.addr,
+        &format!(
+            "POST /gh/api/upload HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 400, "{resp}");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn h2_preface_only_connections_are_closed_within_the_header_deadline(pool: PgPool) {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = world_with(pool, |t| {
+        t.replace(
+            "[server]\n",
+            "[server]\nmax_connections = 100\nheader_read_timeout = \"1s\"\n",
+        )
+    })
+    .await;
+    // Every slot taken by a connection that sends the h2 preface, or one byte
+    // of it, and nothing else.
+    let mut idle = Vec::new();
+    for i in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(w.proxy.addr).await.unwrap();
+        let preface: &[u8] = if i % 2 == 0 {
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        } else {
+            b"P"
+        };
+        s.write_all(preface).await.unwrap();
+        idle.push(s);
+    }
+    let started = tokio::time::Instant::now();
+    let auth = format!("Bearer {}", w.token);
+    let normal = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(&w.proxy.url("/gh/api/user"), &[("authorization", &auth)]),
+    )
+    .await
+    .expect("a normal request is served once idle connections are closed");
+    assert_eq!(normal.status, 200);
+    for mut s in idle {
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink))
+            .await
+            .expect("the idle connection was closed")
+            .ok();
+    }
+    // Closed by the 1 s deadline (plus scheduling), not by anything later.
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -104,6 +104,35 @@ pub fn remove_caller_credentials(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the request carries more than one distinct proxy token (say user A's
+/// in `Authorization` and user B's in `Proxy-Authorization`): which one is meant
+/// is ambiguous, so neither is used.
+pub fn has_two_proxy_tokens(headers: &HeaderMap) -> bool {
+    let in_credentials = [header::PROXY_AUTHORIZATION, header::AUTHORIZATION]
+        .iter()
+        .flat_map(|name| headers.get_all(name))
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(parse_credential);
+    let in_private = headers
+        .get_all(PRIVATE_TOKEN)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| is_proxy_token(v))
+        .map(|v| SecretString::from(v.to_string()));
+    let mut found = in_credentials.chain(in_private);
+    let Some(first) = found.next() else {
+        return false;
+    };
+    found.any(|t| {
+        !bool::from(
+            t.expose_secret()
+                .as_bytes()
+                .ct_eq(first.expose_secret().as_bytes()),
+        )
+    })
+}
+
 /// Parses one credential header value for a proxy token.
 fn parse_credential(value: &str) -> Option<SecretString> {
     let (scheme, rest) = value.trim().split_once(' ')?;
@@ -245,6 +274,11 @@ impl CallerIdentity {
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         if self.mode == CallerMode::CoderAgent {
             return self.agents.identify(headers, false).await;
+        }
+        if self.mode == CallerMode::Token && has_two_proxy_tokens(headers) {
+            return Err(ProxyError::BadRequest(
+                "two different proxy tokens in one request",
+            ));
         }
         self.identify_token(|| extract_proxy_token(headers)).await
     }
@@ -411,6 +445,30 @@ mod tests {
 
     fn found(h: &HeaderMap) -> Option<String> {
         extract_proxy_token(h).map(|s| s.expose_secret().to_string())
+    }
+
+    #[test]
+    fn two_different_tokens_are_ambiguous() {
+        let (a, b) = ("tpx_user_a", "tpx_user_b");
+        let two = |pairs: &[(&str, &str)]| has_two_proxy_tokens(&headers(pairs));
+        assert!(two(&[
+            ("authorization", &format!("Bearer {a}")),
+            ("proxy-authorization", &format!("Bearer {b}")),
+        ]));
+        assert!(two(&[
+            ("authorization", &basic("x", a)),
+            ("private-token", b),
+        ]));
+        // The same token twice, or one token beside a non-proxy credential, is fine.
+        assert!(!two(&[
+            ("authorization", &format!("Bearer {a}")),
+            ("proxy-authorization", &basic("x", a)),
+        ]));
+        assert!(!two(&[
+            ("authorization", "Bearer ghp_not_ours"),
+            ("proxy-authorization", &format!("Bearer {a}")),
+        ]));
+        assert!(!two(&[]));
     }
 
     #[test]

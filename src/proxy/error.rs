@@ -48,6 +48,10 @@ pub enum ProxyError {
     /// The request is malformed or unsafe (the reason is static text, never input).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// A method tokenproxy never forwards (`TRACE` reflects the injected
+    /// credential back to the caller): 405, code `bad_request`.
+    #[error("this method is not allowed through tokenproxy")]
+    MethodNotAllowed,
     /// No token could be served for the user.
     #[error(transparent)]
     Token(#[from] TokenError),
@@ -70,7 +74,7 @@ impl ProxyError {
             Self::Forbidden => "forbidden",
             Self::NoRoute => "no_route",
             Self::HostNotAllowed => "host_not_allowed",
-            Self::BadRequest(_) => "bad_request",
+            Self::BadRequest(_) | Self::MethodNotAllowed => "bad_request",
             Self::Token(TokenError::LinkMissing) => "link_missing",
             Self::Token(TokenError::ReauthRequired) => "reauth_required",
             Self::Token(TokenError::IdpUnavailable) => "idp_unavailable",
@@ -94,6 +98,7 @@ impl ProxyError {
             }
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Token(TokenError::IdpUnavailable) | Self::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
             }
@@ -113,6 +118,7 @@ impl ProxyError {
             | Self::NoRoute
             | Self::HostNotAllowed
             | Self::BadRequest(_)
+            | Self::MethodNotAllowed
             | Self::Token(TokenError::LinkMissing) => ErrorSource::Caller,
             Self::Token(TokenError::ReauthRequired | TokenError::IdpUnavailable) => {
                 ErrorSource::Provider

@@ -28,6 +28,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use tokio::sync::oneshot;
+
+use super::body::BodyEnd;
 use super::error::ProxyError;
 use super::prewarm::Prewarm;
 use super::route::ClientKey;
@@ -139,23 +142,63 @@ impl Upstreams {
     }
 
     /// Sends `req` with the client for `key` and waits for the response head.
+    ///
+    /// With `body_end` (a streamed request body), `upstream_timeout` starts when
+    /// the body is complete: an upload may take as long as it keeps moving (its
+    /// idle limit is the body's own). An upstream answering before the body ends
+    /// is fine. A request that failed because the client's body did is the
+    /// client's fault (400), not the upstream's.
     pub async fn send(
         &self,
         key: &ClientKey,
         req: Request<ProxyBody>,
+        body_end: Option<oneshot::Receiver<BodyEnd>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (client, _) = self
             .clients()
             .get(key)
             .ok_or(ProxyError::UpstreamUnavailable)?;
-        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
-            Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                // hyper's errors describe the connection, never header values.
-                tracing::debug!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
-                Err(ProxyError::UpstreamUnavailable)
+        let mut request = std::pin::pin!(client.request(req));
+        let mut failed = None;
+        if let Some(mut end) = body_end {
+            let early = tokio::select! {
+                ended = &mut end => {
+                    failed = ended.ok().filter(|e| *e != BodyEnd::Complete);
+                    None
+                }
+                answered = &mut request => Some(answered),
+            };
+            if let Some(answered) = early {
+                // The body is polled on the connection's task: its fate may have
+                // been reported while the request was failing.
+                failed = end.try_recv().ok().filter(|e| *e != BodyEnd::Complete);
+                return answer(answered, failed);
             }
+        }
+        match tokio::time::timeout(self.response_timeout, request).await {
+            Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
+            Ok(answered) => answer(answered, failed),
+        }
+    }
+}
+
+/// The upstream's answer, or the error for the side that failed.
+fn answer(
+    answered: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    body_failed: Option<BodyEnd>,
+) -> Result<Response<Incoming>, ProxyError> {
+    match (answered, body_failed) {
+        (Ok(resp), _) => Ok(resp),
+        (Err(_), Some(BodyEnd::Idle)) => Err(ProxyError::BadRequest(
+            "the request body stopped arriving (server.body_idle_timeout)",
+        )),
+        (Err(_), Some(_)) => Err(ProxyError::BadRequest(
+            "the request body is malformed or was cut off",
+        )),
+        (Err(e), None) => {
+            // hyper's errors describe the connection, never header values.
+            tracing::debug!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
+            Err(ProxyError::UpstreamUnavailable)
         }
     }
 }

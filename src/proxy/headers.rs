@@ -86,6 +86,40 @@ pub fn add_forwarded(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
     headers.append(header::VIA, HeaderValue::from_static(via));
 }
 
+/// Removes every forwarding claim a client may have written: `Forwarded`,
+/// `X-Forwarded-*`, `X-Real-IP` and `Via`. Used when tokenproxy adds none.
+pub fn remove_forwarding(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.starts_with("x-forwarded-") || matches!(k, "forwarded" | "x-real-ip" | "via")
+        })
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// Joins several `Cookie` fields into one with `"; "` (RFC 9113 §8.2.3): an
+/// HTTP/2 client may split its cookies, an HTTP/1.1 upstream expects one line.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Every part was a valid header value and "; " is too.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +133,35 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn forwarding_claims_are_removed() {
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("X-Forwarded-Host", "evil"),
+            ("x-forwarded-prefix", "/admin"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
+            ("via", "1.1 evil"),
+            ("accept", "*/*"),
+            ("x-forwardedx", "kept"),
+        ]);
+        remove_forwarding(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-forwardedx"]);
+    }
+
+    #[test]
+    fn several_cookie_fields_become_one() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2; c=3"), ("cookie", "d=4")]);
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all("cookie").iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3; d=4"]);
+        let mut h = map(&[("cookie", "a=1")]);
+        join_cookies(&mut h);
+        assert_eq!(h["cookie"], "a=1");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::store::LinkStore;
 use crate::telemetry::Metrics;
 use crate::tokens::{AccessToken, TokenError, TokenSource};
 
+pub mod body;
 pub mod ca;
 pub mod caller;
 pub mod caller_coder;
@@ -125,6 +126,7 @@ impl Pipeline {
             metrics: deps.metrics.clone(),
             forwarded_headers: config.server.forwarded_headers,
             body_timeout: config.server.header_read_timeout,
+            body_idle_timeout: config.server.body_idle_timeout,
             forward: config
                 .forward
                 .as_ref()
@@ -142,7 +144,12 @@ impl server::Handler for Pipeline {
         tls: bool,
     ) -> Response<ProxyBody> {
         let conn = pipeline::ConnInfo { remote, tls };
-        if req.method() == http::Method::CONNECT && self.forward.is_some() {
+        // CONNECT over HTTP/2 (RFC 8441) is not supported: the pipeline refuses it
+        // with 400 rather than opening a tunnel inside a stream.
+        if req.method() == http::Method::CONNECT
+            && self.forward.is_some()
+            && req.version() != http::Version::HTTP_2
+        {
             return connect::handle(self, req, conn).await;
         }
         // tokenproxy's own endpoints: one branch, off the pipeline's phases.

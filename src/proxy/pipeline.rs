@@ -18,12 +18,13 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::body::{BodyEnd, IdleBody};
 use super::caller::{Caller, CallerIdentity};
 use super::error::ProxyError;
 use super::forward::Upstreams;
 use super::headers::{self, Forwarded, ERROR_HEADER};
 use super::inject::inject_credential;
-use super::route::{check_path, Route, Router};
+use super::route::{Route, Router};
 use super::{ProxyBody, TokenLookup};
 use crate::telemetry::{Metrics, RequestLabels};
 use crate::tokens::{AccessToken, TokenError};
@@ -81,6 +82,8 @@ pub struct Pipeline {
     /// Time a client has to send a small (buffered) request body: without it a
     /// client that declares a body and never sends it holds its slot forever.
     pub body_timeout: std::time::Duration,
+    /// Longest a streamed body (either direction) may deliver nothing.
+    pub body_idle_timeout: std::time::Duration,
     /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
     pub forward: Option<super::connect::ForwardMode>,
     /// tokenproxy's own endpoints under `/_tokenproxy/`.
@@ -164,6 +167,7 @@ impl Pipeline {
         entry: &Entry,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        check_request_framing(&req)?;
         let (caller, route, uri) = self.enter(&req, entry, outcome).await?;
         outcome.route = Some(route.clone());
         authorize(&caller, &route)?;
@@ -178,14 +182,17 @@ impl Pipeline {
                 .ok_or(ProxyError::BadRequest("invalid request target"))?,
         };
         let (parts, body) = req.into_parts();
-        let prepared = self.upstream_request(parts, host, uri, conn);
+        // Reverse mode: the caller's cookies belong to tokenproxy's origin, not
+        // the upstream's, unless the route says otherwise.
+        let cookies = !matches!(entry, Entry::Reverse) || route.cookies;
+        let prepared = self.upstream_request(parts, host, uri, conn, cookies);
         let body = read_body(body, self.body_timeout).await?;
         // Reverse mode: the caller only knows our prefix, so redirects to the
         // upstream must come back through it.
         let redirects = matches!(entry, Entry::Reverse).then_some(&*route);
         self.forward(&route, &caller, prepared, body, token, outcome)
             .await
-            .map(|resp| respond(resp, redirects))
+            .map(|resp| respond(resp, redirects, self.body_idle_timeout))
     }
 
     /// Phases by entry: who is calling, which route, and the upstream URI.
@@ -231,10 +238,7 @@ impl Pipeline {
                 "CONNECT is not supported on this listener",
             ));
         }
-        let path = req.uri().path();
-        check_path(path)?;
-        let route = self.router.find(path).ok_or(ProxyError::NoRoute)?;
-        let uri = route.upstream_uri(path, req.uri().query())?;
+        let (route, uri) = self.router.resolve(req.uri().path(), req.uri().query())?;
         Ok((route.clone(), uri))
     }
 
@@ -296,8 +300,14 @@ impl Pipeline {
         host: HeaderValue,
         uri: Uri,
         conn: ConnInfo,
+        cookies: bool,
     ) -> Prepared {
         let mut headers = parts.headers;
+        if cookies {
+            headers::join_cookies(&mut headers);
+        } else {
+            headers.remove(header::COOKIE);
+        }
         let caller_host = headers.remove(header::HOST).or_else(|| {
             // HTTP/2 callers send the authority in the URI, not in Host.
             parts
@@ -317,6 +327,10 @@ impl Pipeline {
                     version: parts.version,
                 },
             );
+        } else {
+            // Off means the upstream sees no forwarding claims at all: ones the
+            // client wrote would be believed as if tokenproxy had written them.
+            headers::remove_forwarding(&mut headers);
         }
         headers.insert(header::HOST, host);
         Prepared {
@@ -342,8 +356,9 @@ impl Pipeline {
             OutBody::Replayable(bytes) => Some(bytes.clone()),
             OutBody::Stream(_) => None,
         };
+        let (body, body_end) = to_proxy_body(body, self.body_idle_timeout);
         let first = self
-            .send(route, &prepared, to_proxy_body(body), &token, outcome)
+            .send(route, &prepared, body, body_end, &token, outcome)
             .await?;
         if first.status() != StatusCode::UNAUTHORIZED {
             return Ok(first);
@@ -372,8 +387,8 @@ impl Pipeline {
         };
         drop(first);
         outcome.token = "refreshed_after_401";
-        let body = OutBody::Replayable(replay);
-        self.send(route, &prepared, to_proxy_body(body), &fresh, outcome)
+        let (body, _) = to_proxy_body(OutBody::Replayable(replay), self.body_idle_timeout);
+        self.send(route, &prepared, body, None, &fresh, outcome)
             .await
     }
 
@@ -383,6 +398,7 @@ impl Pipeline {
         route: &Route,
         prepared: &Prepared,
         body: ProxyBody,
+        body_end: Option<tokio::sync::oneshot::Receiver<BodyEnd>>,
         token: &AccessToken,
         outcome: &mut Outcome,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -396,7 +412,7 @@ impl Pipeline {
         *req.headers_mut() = headers;
         let started = Instant::now();
         outcome.attempts += 1;
-        let result = self.upstreams.send(route.client_key(), req).await;
+        let result = self.upstreams.send(route.client_key(), req, body_end).await;
         let took = started.elapsed();
         outcome.upstream = Some(outcome.upstream.unwrap_or_default() + took);
         self.metrics.upstream_duration.observe(took.as_secs_f64());
@@ -502,6 +518,28 @@ fn forward_uri(scheme: &str, authority: Authority, target: &Uri) -> Result<Uri, 
         .map_err(|_| ProxyError::BadRequest("invalid request target"))
 }
 
+/// Refuses requests whose method or framing cannot be forwarded faithfully:
+/// `TRACE`/`TRACK` (an upstream that reflects the request would hand the
+/// injected credential to the caller), and a `Transfer-Encoding` other than
+/// plain `chunked` (hyper removes the codings; `gzip` would silently be lost).
+fn check_request_framing(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    if req.method() == Method::TRACE || req.method().as_str().eq_ignore_ascii_case("TRACK") {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let other_coding = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    if other_coding {
+        return Err(ProxyError::BadRequest(
+            "only the chunked transfer coding is supported",
+        ));
+    }
+    Ok(())
+}
+
 /// Phase: may this caller use the route's provider?
 pub(super) fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError> {
     if caller.may_use(&route.provider) {
@@ -513,7 +551,7 @@ pub(super) fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError
 
 /// Buffers the request body when it is empty or declared small enough to
 /// replay (within `timeout`), otherwise leaves it streaming (a stalled stream is
-/// bounded by the upstream's response timeout instead).
+/// bounded by `server.body_idle_timeout` instead).
 async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<OutBody, ProxyError> {
     if body.is_end_stream() {
         return Ok(OutBody::Replayable(Bytes::new()));
@@ -531,15 +569,27 @@ async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<OutBo
     }
 }
 
-fn to_proxy_body(body: OutBody) -> ProxyBody {
+/// The body to send, and for a streamed one, how it will end (its upstream
+/// deadline starts then). A buffered body is complete already.
+fn to_proxy_body(
+    body: OutBody,
+    idle: std::time::Duration,
+) -> (ProxyBody, Option<tokio::sync::oneshot::Receiver<BodyEnd>>) {
     match body {
-        OutBody::Replayable(bytes) if bytes.is_empty() => {
-            Empty::new().map_err(|never| match never {}).boxed_unsync()
+        OutBody::Replayable(bytes) if bytes.is_empty() => (
+            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+            None,
+        ),
+        OutBody::Replayable(bytes) => (
+            Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            None,
+        ),
+        OutBody::Stream(incoming) => {
+            let (body, end) = IdleBody::with_end(incoming, idle);
+            (body.boxed_unsync(), Some(end))
         }
-        OutBody::Replayable(bytes) => Full::new(bytes)
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-        OutBody::Stream(incoming) => incoming.map_err(Into::into).boxed_unsync(),
     }
 }
 
@@ -547,7 +597,11 @@ fn to_proxy_body(body: OutBody) -> ProxyBody {
 /// does any `tokenproxy-error` the upstream tried to set: that header means
 /// tokenproxy itself answered. With `redirects` (reverse mode), a `Location` on
 /// the upstream is rewritten to the route's prefix.
-fn respond(resp: Response<Incoming>, redirects: Option<&Route>) -> Response<ProxyBody> {
+fn respond(
+    resp: Response<Incoming>,
+    redirects: Option<&Route>,
+    idle: std::time::Duration,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&ERROR_HEADER);
@@ -562,5 +616,6 @@ fn respond(resp: Response<Incoming>, redirects: Option<&Route>) -> Response<Prox
             parts.headers.insert(header::LOCATION, location);
         }
     }
-    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+    // A response body that stops moving is cut after `idle`, like a request's.
+    Response::from_parts(parts, IdleBody::new(body, idle).boxed_unsync())
 }

@@ -53,6 +53,8 @@ pub struct Route {
     pub allow_plain_http: bool,
     /// The pooled client for this route (computed once, used per request).
     client: ClientKey,
+    /// Reverse mode: the caller's `Cookie` header is passed on.
+    pub cookies: bool,
 }
 
 /// Which pooled client a route's requests use: its extra CA and `connect_to`.
@@ -96,6 +98,7 @@ impl Route {
             hosts: Vec::new(),
             connect_to: None,
             allow_plain_http: false,
+            cookies: false,
         })
     }
 
@@ -131,12 +134,14 @@ impl Route {
                     connect_to: None,
                     allow_plain_http: false,
                     client: (None, None),
+                    cookies: false,
                 }
             }
         };
         route.hosts = r.hosts.clone();
         route.connect_to = r.connect_to.as_deref().map(Arc::from);
         route.allow_plain_http = r.allow_plain_http;
+        route.cookies = r.cookies;
         route.client = (route.upstream_ca.clone(), route.connect_to.clone());
         Ok(route)
     }
@@ -161,7 +166,7 @@ impl Route {
             .max()
     }
 
-    /// The upstream URI for a request path (already checked by [`check_path`]) and
+    /// The upstream URI for a request path (already checked by [`Router::resolve`]) and
     /// its raw query, which is passed on unchanged.
     pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
         let rest = self.strip(path).ok_or(ProxyError::NoRoute)?;
@@ -268,44 +273,145 @@ impl Router {
     }
 }
 
-/// Refuses paths that could mean something else after normalisation: `.` and
-/// `..` segments, percent-encoded `.`, `/` or `\` (any case), and backslashes.
-/// The raw (still encoded) path is checked, so nothing is decoded twice.
-pub fn check_path(path: &str) -> Result<(), ProxyError> {
-    if !path.starts_with('/') {
-        return Err(ProxyError::BadRequest("the path must start with '/'"));
+/// How many rounds of percent-decoding [`Router::resolve`] follows a path
+/// through. A path still changing after that many is refused: no client needs
+/// it, and the bound is what lets the checks speak for every later decoding.
+pub const MAX_DECODE_ROUNDS: usize = 8;
+
+impl Router {
+    /// Reverse mode, the one place a request path becomes a route and an upstream
+    /// URI (a pure function of the routes, the path and the query).
+    ///
+    /// The path is decoded again and again (up to [`MAX_DECODE_ROUNDS`], until it
+    /// stops changing), because an upstream or a second proxy may decode it any
+    /// number of times. At every level it must not hold a `.`/`..` segment (also
+    /// with `;params`, which servlet containers strip), a backslash, a NUL or
+    /// overlong UTF-8 (`%c0%ae`, read as `.` by lenient decoders), and it must
+    /// still pick the same route, so an encoded `/` never moves the prefix
+    /// boundary. What passes is forwarded byte for byte: `%2F` inside a segment
+    /// (GitLab's project and file paths) and the query are not touched.
+    pub fn resolve(
+        &self,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<(&Arc<Route>, Uri), ProxyError> {
+        if !path.starts_with('/') {
+            return Err(ProxyError::BadRequest("the path must start with '/'"));
+        }
+        let mut level = path.as_bytes().to_vec();
+        // The raw path's route (or none); every decoded level must agree with it.
+        let mut first: Option<Option<&Arc<Route>>> = None;
+        for _ in 0..=MAX_DECODE_ROUNDS {
+            check_level(&level)?;
+            // Decoded bytes that are not UTF-8 cannot match a (textual) prefix
+            // differently, so a lossy view is enough here.
+            let found = self.find(&String::from_utf8_lossy(&level));
+            let raw = *first.get_or_insert(found);
+            let same = match (raw, found) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            if !same {
+                return Err(ProxyError::BadRequest(
+                    "an encoded '/' changes which route the path belongs to",
+                ));
+            }
+            let next = percent_decode_once(&level);
+            if next == level {
+                let route = raw.ok_or(ProxyError::NoRoute)?;
+                return Ok((route, route.upstream_uri(path, query)?));
+            }
+            level = next;
+        }
+        Err(ProxyError::BadRequest(
+            "the path is percent-encoded too many times",
+        ))
     }
-    if path.contains('\\') {
+}
+
+/// The rules one decoding level of a path must keep (see [`Router::resolve`]).
+fn check_level(path: &[u8]) -> Result<(), ProxyError> {
+    if path.contains(&b'\\') {
         return Err(ProxyError::BadRequest(
             "backslashes are not allowed in paths",
         ));
     }
-    let bytes = path.as_bytes();
-    for i in 0..bytes.len().saturating_sub(2) {
-        if bytes[i] == b'%' {
-            let pair = [
-                bytes[i + 1].to_ascii_lowercase(),
-                bytes[i + 2].to_ascii_lowercase(),
-            ];
-            if matches!(&pair, b"2e" | b"2f" | b"5c") {
-                return Err(ProxyError::BadRequest(
-                    "encoded '.', '/' or '\\' are not allowed in paths",
-                ));
-            }
-        }
+    if path.contains(&0) {
+        return Err(ProxyError::BadRequest("NUL is not allowed in paths"));
+    }
+    if has_overlong_utf8(path) {
+        return Err(ProxyError::BadRequest(
+            "overlong UTF-8 is not allowed in paths",
+        ));
     }
     // A `;params` suffix does not make a dot segment safe: servlet containers
     // (Bitbucket Server, Jira) strip it and then resolve `..;` as `..`.
-    let dot_segment = |seg: &str| {
-        let name = seg.split(';').next().unwrap_or_default();
-        name == "." || name == ".."
+    let dot_segment = |seg: &[u8]| {
+        let name = seg.split(|b| *b == b';').next().unwrap_or_default();
+        name == b"." || name == b".."
     };
-    if path.split('/').any(dot_segment) {
+    if path.split(|b| *b == b'/').any(dot_segment) {
         return Err(ProxyError::BadRequest(
-            "'.' and '..' segments are not allowed",
+            "'.' and '..' segments are not allowed, encoded or not",
         ));
     }
     Ok(())
+}
+
+/// Whether `bytes` hold the start of an overlong UTF-8 sequence (RFC 3629 §3
+/// forbids them): `C0`/`C1`, `E0 80..9F`, `F0 80..8F`. Lenient decoders turn
+/// `C0 AE` into `.` and `C0 AF` into `/`.
+fn has_overlong_utf8(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().any(|(i, b)| {
+        let next = bytes.get(i + 1).copied().unwrap_or(0);
+        matches!(b, 0xC0 | 0xC1)
+            || (*b == 0xE0 && (0x80..=0x9F).contains(&next))
+            || (*b == 0xF0 && (0x80..=0x8F).contains(&next))
+    })
+}
+
+/// One round of percent-decoding, as lenient as the decoders we guard against:
+/// `%HH` in either case, and IIS's `%uHHHH` when it names an ASCII byte. A `%`
+/// not followed by hex digits stays as it is.
+pub fn percent_decode_once(input: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                input.get(i + 1).copied().and_then(hex),
+                input.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+            if matches!(input.get(i + 1), Some(b'u' | b'U')) {
+                let digits = input.get(i + 2..i + 6).unwrap_or_default();
+                let value = digits
+                    .iter()
+                    .try_fold(0u32, |acc, b| Some(acc * 16 + u32::from(hex(*b)?)));
+                if let (4, Some(v)) = (digits.len(), value) {
+                    if let Ok(byte) = u8::try_from(v) {
+                        if byte.is_ascii() {
+                            out.push(byte);
+                            i += 6;
+                            continue;
+                        }
+                    }
+                }
+            }
+        }
+        out.push(input[i]);
+        i += 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -428,6 +534,7 @@ mod tests {
             allow_plain_http: false,
             inject: Inject::Bearer,
             upstream_ca: None,
+            cookies: false,
         };
         Route::from_config("p", &cfg).unwrap()
     }
@@ -455,44 +562,219 @@ mod tests {
         assert_eq!(&*r.find("/github/x").unwrap().label, "/github");
     }
 
+    /// Routes for the path tables: a catch-all beside nested prefixes, so an
+    /// encoded `/` that moves the prefix boundary changes the route.
+    fn path_router() -> Router {
+        Router::new(vec![
+            route("/", "http://catch.all"),
+            route("/github", "https://github.com"),
+            route("/github/api", "https://api.github.com/v3"),
+            route("/gitlab", "https://gitlab.example/api/v4"),
+        ])
+    }
+
     #[test]
     fn unsafe_paths_are_refused() {
+        let r = path_router();
         for bad in [
+            // RFC 3986 §5.2.4's dot segments, plain.
             "/github/api/../admin",
             "/github/api/..",
             "/github/./api",
+            "/github/api/./x",
+            "/github/api/x/.",
+            "/..",
+            "/.",
+            // Percent-encoded, any case, partly encoded.
             "/github/api/%2e%2e/x",
             "/github/api/%2E%2E/x",
+            "/github/api/%2e%2E/x",
             "/github/api/.%2e/x",
-            "/github/api%2fx",
-            "/github/api%2F..",
-            "/github/api/%5cx",
-            "/github/api/%5Cx",
-            "/github/api\\..\\x",
+            "/github/api/%2e./x",
+            "/github/api/%2e/x",
+            "/github/api/..%2fx",
+            "/github/api/..%2Fx",
+            "/github/api/x%2f..%2fy",
+            // Double (and deeper) encoding.
+            "/github/api/%252e%252e/%252e%252e/outside",
+            "/github/api/%252E%252E/x",
+            "/github/api/%25252e%25252e/x",
+            "/github/api/x%252f..%252fy",
+            "/github/api/%%32%65%%32%65/x",
+            "/github/api/%u002e%u002e/x",
+            "/github/api/%U002E%U002E/x",
+            // Overlong UTF-8 for '.' and '/', once or twice encoded.
+            "/github/api/%c0%ae%c0%ae/x",
+            "/github/api/%C0%AE%C0%AE/x",
+            "/github/api/x%c0%afy",
+            "/github/api/%25c0%25ae%25c0%25ae/x",
+            "/github/api/%e0%80%ae",
+            "/github/api/%f0%80%80%ae",
+            // Matrix parameters that servlet containers strip.
             "/github/api/..;/admin",
             "/github/api/..;jsessionid=1/x",
             "/github/api/.;/x",
+            "/github/api/%2e%2e;/x",
+            "/github/api/..%3b/x",
+            // Backslashes and NUL, raw or encoded.
+            "/github/api\\..\\x",
+            "/github/api/x\\y",
+            "/github/api/%5cx",
+            "/github/api/%5Cx",
+            "/github/api/%255cx",
+            "/github/api/x%00y",
+            "/github/api/x%2500y",
+            // An encoded '/' before the prefix ends moves the request to another
+            // route once decoded.
+            "/github%2fapi/user",
+            "/github%2Fapi/user",
+            "/github/api%2Fx",
+            "/github%252fapi/user",
+            "/gitlab%2f",
+            // Not origin-form.
             "github/api",
             "",
+            "*",
         ] {
-            let err = check_path(bad).unwrap_err();
+            let err = r.resolve(bad, None).unwrap_err();
             assert_eq!(err.code(), "bad_request", "{bad}");
         }
     }
 
     #[test]
-    fn ordinary_paths_pass() {
-        for ok in [
-            "/",
-            "/github/api/user",
-            "/github/git/org/repo.git/info/refs",
-            "/a/..b/c..d/.e/f.",
-            "/a//b",
-            "/a/%20b/%41",
-            "/a/%2",
-            "/a/b;c/d..;e",
+    fn too_many_encoding_rounds_are_refused() {
+        let encoded =
+            |times: usize| (0..times).fold("/github/%41".to_string(), |p, _| p.replace('%', "%25"));
+        let r = path_router();
+        assert!(r.resolve(&encoded(MAX_DECODE_ROUNDS - 1), None).is_ok());
+        let err = r.resolve(&encoded(MAX_DECODE_ROUNDS), None).unwrap_err();
+        assert_eq!(err.code(), "bad_request");
+    }
+
+    #[test]
+    fn ordinary_paths_are_forwarded_byte_for_byte() {
+        let r = path_router();
+        for (path, query, upstream) in [
+            ("/", None, "http://catch.all/"),
+            ("/github/api/user", None, "https://api.github.com/v3/user"),
+            (
+                "/github/git/org/repo.git/info/refs",
+                Some("service=git-upload-pack"),
+                "https://github.com/git/org/repo.git/info/refs?service=git-upload-pack",
+            ),
+            (
+                "/gitlab/projects/group%2Fproject/repository/files/app%2Fmodels%2Fkey.rb/raw",
+                Some("ref=main"),
+                "https://gitlab.example/api/v4/projects/group%2Fproject/repository/files/app%2Fmodels%2Fkey.rb/raw?ref=main",
+            ),
+            (
+                "/gitlab/projects/group%2fsub%2Fproject",
+                Some("a=%2e%2e%2F&b=..%5c"),
+                "https://gitlab.example/api/v4/projects/group%2fsub%2Fproject?a=%2e%2e%2F&b=..%5c",
+            ),
+            ("/github/a/..b/c..d/.e/f.", None, "https://github.com/a/..b/c..d/.e/f."),
+            ("/github/a//b", None, "https://github.com/a//b"),
+            ("/github/%20b/%41", None, "https://github.com/%20b/%41"),
+            ("/github/%2", None, "https://github.com/%2"),
+            ("/github/%zz/%", None, "https://github.com/%zz/%"),
+            ("/github/b;c/d..;e", None, "https://github.com/b;c/d..;e"),
+            ("/github/%e2%82%ac", None, "https://github.com/%e2%82%ac"),
+            ("/github/%2e%2e%2e", None, "https://github.com/%2e%2e%2e"),
+            // The catch-all keeps an encoded '/' in a first segment no other
+            // route claims.
+            ("/other%2Fthing", None, "http://catch.all/other%2Fthing"),
         ] {
-            check_path(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            let (_, uri) = r
+                .resolve(path, query)
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(uri.to_string(), upstream, "{path}");
+        }
+    }
+
+    #[test]
+    fn unknown_prefix_is_no_route() {
+        let r = Router::new(vec![route("/github", "https://github.com")]);
+        assert_eq!(r.resolve("/gitlab/x", None).unwrap_err().code(), "no_route");
+        assert_eq!(
+            r.resolve("/gitlab/%2e", None).unwrap_err().code(),
+            "bad_request"
+        );
+        // No route for the raw path, but one once decoded: the encoded '/' is the
+        // prefix boundary, refused rather than "not found".
+        let r = Router::new(vec![route("/github/api", "https://api.github.com")]);
+        for path in ["/github%2fapi/x", "/github%252Fapi"] {
+            assert_eq!(r.resolve(path, None).unwrap_err().code(), "bad_request");
+        }
+    }
+
+    /// What the most lenient server behind us could make of a path after
+    /// `rounds` decodings: `\\` as `/`, overlong `C0 AE`/`C0 AF` as `.`/`/`,
+    /// `;params` stripped, then RFC 3986 §5.2.4's remove_dot_segments.
+    fn lenient_normalise(path: &str, rounds: usize) -> String {
+        let mut bytes = path.as_bytes().to_vec();
+        for _ in 0..rounds {
+            bytes = percent_decode_once(&bytes);
+        }
+        let mut lenient = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match (bytes[i], bytes.get(i + 1)) {
+                (0xC0, Some(0xAE)) => lenient.push(b'.'),
+                (0xC0, Some(0xAF)) => lenient.push(b'/'),
+                (b, _) => {
+                    lenient.push(b);
+                    i += 1;
+                    continue;
+                }
+            }
+            i += 2;
+        }
+        let bytes = lenient;
+        let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+        let mut out: Vec<&str> = Vec::new();
+        for seg in text.split('/').skip(1) {
+            match seg.split(';').next().unwrap_or_default() {
+                "." => {}
+                ".." => {
+                    out.pop();
+                }
+                _ => out.push(seg),
+            }
+        }
+        format!("/{}", out.join("/"))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(
+            std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+        ))]
+
+        /// For any path the router accepts, every decoding of the forwarded path,
+        /// normalised the most lenient way, stays under the route's upstream path.
+        #[test]
+        fn accepted_paths_stay_under_their_route(
+            start in proptest::sample::select(vec!["", "/github", "/github/api", "/gitlab", "/gitlab/x"]),
+            pieces in proptest::collection::vec(proptest::sample::select(vec![
+                "/", ".", "..", "%2e", "%2E", "%25", "%2f", "%2F", "%5c", "%00", ";",
+                "%3b", "%c0", "%ae", "%af", "%u002e", "2e", "2f", "%", "a", "github",
+                "api", "gitlab", "\\", "%252e", "%252f",
+            ]), 0..14)
+        ) {
+            let path = format!("{start}/{}", pieces.concat());
+            let r = path_router();
+            if let Ok((route, uri)) = r.resolve(&path, Some("q=%2e%2e")) {
+                proptest::prop_assert_eq!(uri.query(), Some("q=%2e%2e"));
+                let forwarded = uri.path();
+                for rounds in 0..=MAX_DECODE_ROUNDS + 2 {
+                    let seen = lenient_normalise(forwarded, rounds);
+                    let base = &route.base_path;
+                    let rest = seen.strip_prefix(base.as_str());
+                    proptest::prop_assert!(
+                        rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+                        "{path} -> {forwarded} -> {seen} (after {rounds} decodings) is outside {base}"
+                    );
+                }
+            }
         }
     }
 }

@@ -315,7 +315,10 @@ impl<H: Handler> Connection<H> {
     {
         let handler = self.handler;
         let context = self.context;
+        let got_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = got_request.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            seen.store(true, std::sync::atomic::Ordering::Relaxed);
             let handler = handler.clone();
             if req.method() == http::Method::CONNECT {
                 req.extensions_mut().insert(context.clone());
@@ -326,8 +329,26 @@ impl<H: Handler> Connection<H> {
             .builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        if let Err(e) = self.watcher.watch(conn).await {
-            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        // hyper's header_read_timeout covers HTTP/1 heads only: a client that
+        // sends one byte of the h2 preface, or the preface and nothing else, would
+        // hold its slot forever without authenticating. The first request must
+        // start within the header timeout, whatever the protocol.
+        let header_timeout = self.header_timeout;
+        let first_request = async {
+            tokio::time::sleep(header_timeout).await;
+            if got_request.load(std::sync::atomic::Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            ended = self.watcher.watch(conn) => {
+                if let Err(e) = ended {
+                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+                }
+            }
+            () = first_request => {
+                tracing::debug!(%remote, "no request within header_read_timeout; closing");
+            }
         }
     }
 }
