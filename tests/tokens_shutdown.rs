@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use support::store_wrapper::{HookedStore, Hooks};
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
-use tokenproxy::store::{LinkStore, StoreError, StoredSecret, TokenSet};
+use tokenproxy::store::{LinkStore, StoreError, Fence, TokenSet};
 use tokenproxy::tokens::TokenError;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -38,7 +38,7 @@ impl Hooks for SlowWrite {
         inner: &dyn LinkStore,
         p: &str,
         u: Uuid,
-        old: &StoredSecret,
+        old: &Fence,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
         self.began.notify_one();
