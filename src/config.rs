@@ -211,6 +211,10 @@ pub struct TokensConfig {
     /// How long one replica may hold the cross-replica refresh lease.
     #[serde(with = "duration_str")]
     pub lease_timeout: Duration,
+    /// After an upstream 401 forced a refresh of a link, further 401s for that link
+    /// pass through untouched for this long (whatever token version they carried).
+    #[serde(with = "duration_str")]
+    pub reject_cooldown: Duration,
 }
 
 impl Default for TokensConfig {
@@ -222,6 +226,7 @@ impl Default for TokensConfig {
             refresh_ahead_used_within: Duration::from_secs(600),
             refresh_ahead_remaining: 0.2,
             lease_timeout: Duration::from_secs(30),
+            reject_cooldown: Duration::from_secs(30),
         }
     }
 }

@@ -133,6 +133,9 @@ pub struct Metrics {
     /// `tokenproxy_forward_leaves_minted_total`: leaf certificates minted for
     /// intercepted hosts (cached ones are not counted again).
     pub leaves_minted: Counter,
+    /// `tokenproxy_upstream_rejections_total{provider}`: upstream 401s to a token
+    /// we injected (whether or not they forced a refresh).
+    pub upstream_rejections: Family<ProviderLabels, Counter>,
 }
 
 impl Metrics {
@@ -201,6 +204,12 @@ impl Metrics {
             "Leaf certificates minted by the forward-mode CA",
             leaves_minted.clone(),
         );
+        let upstream_rejections = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "upstream_rejections",
+            "Upstream 401 answers to an injected access token",
+            upstream_rejections.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -213,6 +222,7 @@ impl Metrics {
             cache_invalidations,
             open_connections,
             leaves_minted,
+            upstream_rejections,
         })
     }
 

@@ -39,6 +39,7 @@ pub mod headers;
 pub mod inject;
 pub mod pipeline;
 pub mod prewarm;
+pub mod rejection;
 pub mod route;
 pub mod server;
 pub mod workers;

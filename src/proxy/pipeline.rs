@@ -25,7 +25,7 @@ use super::headers::{self, Forwarded, ERROR_HEADER};
 use super::inject::inject_credential;
 use super::route::{check_path, Route, Router};
 use super::{ProxyBody, TokenLookup};
-use crate::telemetry::{Metrics, RequestLabels};
+use crate::telemetry::{Metrics, ProviderLabels, RequestLabels};
 use crate::tokens::{AccessToken, TokenError};
 
 /// Request bodies up to this size are buffered so a request rejected with 401
@@ -91,7 +91,8 @@ pub(super) struct Outcome {
     pub(super) route: Option<Arc<Route>>,
     pub(super) user: Option<uuid::Uuid>,
     /// `none` (never got that far), `served`, `refreshed_after_401` (retried),
-    /// `refreshed_no_retry` (body streamed), `refresh_failed`, or the error code
+    /// `refreshed_no_retry` (body streamed), `refresh_failed`, `rejected_not_token`
+    /// (a 401 a refresh cannot fix, passed through), or the error code
     /// the token source answered.
     pub(super) token: &'static str,
     upstream: Option<std::time::Duration>,
@@ -324,9 +325,10 @@ impl Pipeline {
         }
     }
 
-    /// Phase: send upstream. On a 401 to a token we served, have the token source
-    /// replace it (once per token version) so later requests get a good one, and
-    /// retry once when the body could be replayed; otherwise the 401 stands.
+    /// Phase: send upstream. On a 401 that may be the token's fault, have the token
+    /// source replace it (at most once per link per `tokens.reject_cooldown`) so
+    /// later requests get a good one, and retry once when the body could be
+    /// replayed; otherwise the 401 stands.
     async fn forward(
         &self,
         route: &Route,
@@ -344,6 +346,17 @@ impl Pipeline {
             .send(route, &prepared, to_proxy_body(body), &token, outcome)
             .await?;
         if first.status() != StatusCode::UNAUTHORIZED {
+            return Ok(first);
+        }
+        self.metrics
+            .upstream_rejections
+            .get_or_create(&ProviderLabels {
+                provider: route.provider.to_string(),
+            })
+            .inc();
+        if !super::rejection::blames_token(first.headers()) {
+            // A new token would get the same answer (2FA wanted, scope missing).
+            outcome.token = "rejected_not_token";
             return Ok(first);
         }
         let fresh = match self

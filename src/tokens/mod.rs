@@ -35,6 +35,7 @@
 
 mod background;
 mod cache;
+mod cooldown;
 mod exchange;
 mod flight;
 
@@ -193,6 +194,8 @@ pub(crate) struct Inner {
     hit: prometheus_client::metrics::counter::Counter,
     miss: prometheus_client::metrics::counter::Counter,
     sync_refreshes: AtomicU64,
+    /// Bounds refreshes forced by upstream 401s (`tokens.reject_cooldown`).
+    reject_cooldown: cooldown::RejectCooldown,
 }
 
 impl Inner {
@@ -327,6 +330,10 @@ impl TokenSource {
                 hit,
                 miss,
                 sync_refreshes: AtomicU64::new(0),
+                reject_cooldown: cooldown::RejectCooldown::new(
+                    cfg.cache_capacity,
+                    cfg.reject_cooldown,
+                ),
             }),
         }))
     }
@@ -366,10 +373,11 @@ impl TokenSource {
         self.wait(key, flight::Want::Usable { stale }).await
     }
 
-    /// After an upstream answered 401 to `rejected`: drop it and refresh once through
-    /// the same flight — at most once per token version, so a misbehaving upstream
-    /// cannot cause a refresh storm. Returns the same token when it was already
-    /// replaced or when a refresh for that version already happened.
+    /// After an upstream answered 401 to `rejected`: replace it through the same
+    /// flight — at most once per link per `tokens.reject_cooldown`, across all
+    /// requests and token versions, so an upstream that always answers 401 cannot
+    /// cause a refresh storm. Returns the same token when no refresh is allowed
+    /// (the caller then passes the 401 through).
     pub async fn refresh_rejected(
         &self,
         provider: &str,
@@ -383,19 +391,19 @@ impl TokenSource {
         let key = (pidx, user);
         let now = inner.clock.now();
         if let Some(e) = inner.cached(key) {
-            if !e.token.same_version(rejected) {
-                if inner.servable(&e, now) {
-                    return Ok(e.token.clone());
-                }
-            } else if e.rejected_once.swap(true, Ordering::AcqRel) {
-                // This version was already refreshed once: join that flight if it is
-                // still running, else hand back what we have.
-                let running = inner.flights.lock().get(&key).map(|f| f.fut.clone());
-                return match running {
-                    Some(f) => f.await.map(|s| s.token),
-                    None => Ok(e.token.clone()),
-                };
+            // Already replaced (by another request's refresh): costs no grant.
+            if !e.token.same_version(rejected) && inner.servable(&e, now) {
+                return Ok(e.token.clone());
             }
+        }
+        if !inner.reject_cooldown.try_claim(key, now) {
+            // Within the cooldown: join a running flight if there is one (it may be
+            // the forced refresh itself), else the upstream's 401 stands.
+            let running = inner.flights.lock().get(&key).map(|f| f.fut.clone());
+            return match running {
+                Some(f) => f.await.map(|s| s.token),
+                None => Ok(rejected.clone()),
+            };
         }
         self.wait(key, flight::Want::Replace(rejected.clone()))
             .await
