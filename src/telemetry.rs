@@ -136,6 +136,9 @@ pub struct Metrics {
     /// `tokenproxy_upstream_rejections_total{provider}`: upstream 401s to a token
     /// we injected (whether or not they forced a refresh).
     pub upstream_rejections: Family<ProviderLabels, Counter>,
+    /// `tokenproxy_idp_breaker_open{provider}`: 1 while the provider's circuit
+    /// breaker keeps its token endpoint from being called, else 0.
+    pub idp_breaker_open: Family<ProviderLabels, Gauge>,
 }
 
 impl Metrics {
@@ -210,6 +213,12 @@ impl Metrics {
             "Upstream 401 answers to an injected access token",
             upstream_rejections.clone(),
         );
+        let idp_breaker_open = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "idp_breaker_open",
+            "1 while a provider's token endpoint is not called after repeated transient failures",
+            idp_breaker_open.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -223,6 +232,7 @@ impl Metrics {
             open_connections,
             leaves_minted,
             upstream_rejections,
+            idp_breaker_open,
         })
     }
 

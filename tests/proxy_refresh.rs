@@ -328,6 +328,8 @@ async fn token_source_failures_become_error_codes(pool: PgPool) {
     let a = get(&url, &[("authorization", &format!("Bearer {t}"))]).await;
     a.assert_error(502, "idp_unavailable");
     assert_eq!(a.json()["error"]["provider"], "github");
+    // The provider is backing off (1 s after a first failure): say when to retry.
+    assert_eq!(a.headers.get("retry-after").unwrap(), "1");
 
     // reauth_required: the provider revoked the grant.
     let revoked = Uuid::new_v4();

@@ -66,6 +66,10 @@ pub trait TokenLookup: Send + Sync + 'static {
         user: Uuid,
         rejected: &AccessToken,
     ) -> Result<AccessToken, TokenError>;
+    /// How long a caller answered `idp_unavailable` should wait (`Retry-After`).
+    fn retry_after(&self, _provider: &str, _user: Uuid) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -80,6 +84,9 @@ impl TokenLookup for TokenSource {
         rejected: &AccessToken,
     ) -> Result<AccessToken, TokenError> {
         TokenSource::refresh_rejected(self, provider, user, rejected).await
+    }
+    fn retry_after(&self, provider: &str, user: Uuid) -> Option<std::time::Duration> {
+        TokenSource::retry_after(self, provider, user)
     }
 }
 

@@ -149,11 +149,28 @@ impl Pipeline {
                 if outcome.token == "none" && matches!(e, ProxyError::Token(_)) {
                     outcome.token = e.code();
                 }
-                e.to_response(outcome.route.as_ref().map(|r| &*r.provider))
+                let mut resp = e.to_response(outcome.route.as_ref().map(|r| &*r.provider));
+                if e == ProxyError::Token(TokenError::IdpUnavailable) {
+                    self.add_retry_after(&mut resp, &outcome);
+                }
+                resp
             }
         };
         self.log_and_count(&method, &resp, &outcome, start.elapsed());
         resp
+    }
+
+    /// `Retry-After` on an `idp_unavailable` answer while the provider is backing off.
+    fn add_retry_after(&self, resp: &mut Response<ProxyBody>, outcome: &Outcome) {
+        let (Some(route), Some(user)) = (&outcome.route, outcome.user) else {
+            return;
+        };
+        if let Some(wait) = self.tokens.retry_after(&route.provider, user) {
+            // Whole seconds (RFC 9110 §10.2.3), rounded up so a retry is not early.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
     }
 
     async fn run_phases(

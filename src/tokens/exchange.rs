@@ -46,6 +46,13 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
         // would only hammer the provider (and may get the app rate-limited).
         return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
     }
+    if !inner
+        .backoff
+        .admit(key, &row.refresh_token_stored, inner.clock.now())
+    {
+        // Backing off this link or the whole provider (see `backoff`).
+        return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
+    }
     let started = tokio::time::Instant::now();
     let result = provider
         .client
@@ -58,6 +65,17 @@ pub(super) async fn exchange(inner: &Arc<Inner>, key: Key, row: &Link, lease: &L
             provider: provider.id.clone(),
         })
         .observe(started.elapsed().as_secs_f64());
+    match &result {
+        // The endpoint answered: whatever it said, it is up.
+        Ok(_) | Err(RefreshError::Rejected(_)) => inner.backoff.succeeded(key),
+        Err(RefreshError::Transient(_)) => inner.backoff.failed(
+            key,
+            inner.clock.now(),
+            &row.refresh_token_stored,
+            AccessToken::new(row.access_token.clone(), row.expiry),
+        ),
+        Err(RefreshError::Misconfigured(_)) => {}
+    }
     match result {
         Ok(r) => persist(inner, key, row, r).await,
         Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,

@@ -162,6 +162,15 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
             tracing::warn!(provider = provider_id, %user, "gave up waiting for the refresh lease");
             return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
         }
+        let now = inner.clock.now();
+        if inner
+            .backoff
+            .link_blocked(key, &row.refresh_token_stored, now)
+            || inner.backoff.provider_open(key, now)
+        {
+            // Backing off (see `backoff`): not even the lease is claimed.
+            return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
+        }
         match claim_and_refresh(inner, key, &row, &mut changes).await {
             Step::Done(r) => return r,
             Step::Reread => waited = true,

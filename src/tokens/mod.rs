@@ -34,6 +34,7 @@
 //! ```
 
 mod background;
+mod backoff;
 mod cache;
 mod cooldown;
 mod exchange;
@@ -196,6 +197,8 @@ pub(crate) struct Inner {
     sync_refreshes: AtomicU64,
     /// Bounds refreshes forced by upstream 401s (`tokens.reject_cooldown`).
     reject_cooldown: cooldown::RejectCooldown,
+    /// Remembered transient failures: per-link backoff, per-provider breakers.
+    backoff: backoff::Backoff,
 }
 
 impl Inner {
@@ -312,6 +315,19 @@ impl TokenSource {
             })
             .clone();
         let (changes, _) = tokio::sync::broadcast::channel(1024);
+        let breaker_gauges = list
+            .iter()
+            .map(|p| {
+                let g = metrics
+                    .idp_breaker_open
+                    .get_or_create(&crate::telemetry::ProviderLabels {
+                        provider: p.id.clone(),
+                    })
+                    .clone();
+                g.set(0);
+                g
+            })
+            .collect();
         Ok(Arc::new(Self {
             inner: Arc::new(Inner {
                 store,
@@ -333,6 +349,11 @@ impl TokenSource {
                 reject_cooldown: cooldown::RejectCooldown::new(
                     cfg.cache_capacity,
                     cfg.reject_cooldown,
+                ),
+                backoff: backoff::Backoff::new(
+                    cfg.cache_capacity,
+                    breaker_gauges,
+                    cfg.lease_timeout,
                 ),
             }),
         }))
@@ -369,6 +390,17 @@ impl TokenSource {
                 false
             }
         };
+        if let Some(token) = inner.backoff.blocked(key, now) {
+            // The provider failed transiently for this link: no flight until the
+            // backoff passes — the token while it still works, else
+            // `idp_unavailable` (with Retry-After). Answered from memory.
+            inner.hit.inc();
+            return if cache::unexpired(token.expiry(), now) {
+                Ok(token)
+            } else {
+                Err(TokenError::IdpUnavailable)
+            };
+        }
         inner.miss.inc();
         self.wait(key, flight::Want::Usable { stale }).await
     }
@@ -407,6 +439,15 @@ impl TokenSource {
         }
         self.wait(key, flight::Want::Replace(rejected.clone()))
             .await
+    }
+
+    /// How long a caller answered `idp_unavailable` for `user` at `provider` should
+    /// wait before trying again (for `Retry-After`); `None` when unknown.
+    pub fn retry_after(&self, provider: &str, user: Uuid) -> Option<Duration> {
+        let &pidx = self.inner.index.get(provider)?;
+        self.inner
+            .backoff
+            .wait_for((pidx, user), self.inner.clock.now())
     }
 
     /// Runs one refresh-ahead pass now and waits for the refreshes it started;
