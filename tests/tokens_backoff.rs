@@ -160,3 +160,42 @@ async fn the_breaker_stops_calling_a_provider_that_fails_for_every_link(pool: Pg
         .contains(r#"tokenproxy_idp_breaker_open{provider="idp"} 0"#));
     r.source.get(P, users[6]).await.expect("closed again");
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_dead_link_without_refresh_token_costs_one_store_read(pool: PgPool) {
+    let (clock, idp, st, user) = setup(&pool).await;
+    let mut set = idp.seed_with_expiry(user, Some(clock.now() - chrono::Duration::seconds(10)));
+    set.refresh_token = secrecy::SecretString::from(String::new());
+    st.put_link(P, user, &set).await.unwrap();
+    let reads = CountReads::default();
+    let hooked: Arc<dyn LinkStore> = Arc::new(HookedStore::new(st.clone(), reads.clone()));
+    let r = replica_with(hooked, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    for _ in 0..20 {
+        assert_eq!(
+            r.source.get(P, user).await.unwrap_err(),
+            TokenError::ReauthRequired
+        );
+    }
+    // The first read may race the change feed's opening resync (which forbids
+    // remembering what was read before it); after that it is remembered.
+    let warm = reads.0.load(Ordering::SeqCst);
+    assert!(warm <= 2, "{warm} store reads for 20 requests");
+    for _ in 0..100 {
+        assert_eq!(
+            r.source.get(P, user).await.unwrap_err(),
+            TokenError::ReauthRequired
+        );
+    }
+    assert_eq!(
+        reads.0.load(Ordering::SeqCst),
+        warm,
+        "no store read once remembered"
+    );
+    assert_eq!(idp.attempts(), 0);
+    // A new login (announced) is seen at once.
+    st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    eventually("the new link is served", || async {
+        r.source.get(P, user).await.is_ok()
+    })
+    .await;
+}

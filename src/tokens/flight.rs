@@ -148,7 +148,13 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
             }
             // Nothing to refresh with: serve what still works, else the user must log in.
             Verdict::Unrefreshable => {
-                return still_valid(inner, &row).ok_or(TokenError::ReauthRequired)
+                let served = still_valid(inner, &row);
+                if served.is_none() {
+                    // Dead until the user links again: remembered, so it costs no
+                    // store read per request (a change notification forgets it).
+                    remember_broken(inner, key, TokenError::ReauthRequired, epoch).await;
+                }
+                return served.ok_or(TokenError::ReauthRequired);
             }
             Verdict::Refresh { retarget } => {
                 if retarget {

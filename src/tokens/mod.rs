@@ -429,13 +429,11 @@ impl TokenSource {
             }
         }
         if !inner.reject_cooldown.try_claim(key, now) {
-            // Within the cooldown: join a running flight if there is one (it may be
-            // the forced refresh itself), else the upstream's 401 stands.
-            let running = inner.flights.lock().get(&key).map(|f| f.fut.clone());
-            return match running {
-                Some(f) => f.await.map(|s| s.token),
-                None => Ok(rejected.clone()),
-            };
+            // Within the cooldown: whatever is current (joining a running flight,
+            // which may be the forced refresh itself, or re-reading an entry our own
+            // write's notification dropped) — never a forced refresh. When that is
+            // the rejected token, the upstream's 401 stands.
+            return self.get(provider, user).await;
         }
         self.wait(key, flight::Want::Replace(rejected.clone()))
             .await
