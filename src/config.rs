@@ -260,6 +260,10 @@ pub struct TokensConfig {
     /// whose notification was lost still reaches the cache.
     #[serde(with = "duration_str")]
     pub cache_max_age: Duration,
+    /// After an upstream 401 forced a refresh of a link, further 401s for that link
+    /// pass through untouched for this long (whatever token version they carried).
+    #[serde(with = "duration_str")]
+    pub reject_cooldown: Duration,
 }
 
 impl Default for TokensConfig {
@@ -272,6 +276,7 @@ impl Default for TokensConfig {
             refresh_ahead_remaining: 0.2,
             lease_timeout: Duration::from_secs(30),
             cache_max_age: Duration::from_secs(300),
+            reject_cooldown: Duration::from_secs(30),
         }
     }
 }

@@ -136,6 +136,12 @@ pub struct Metrics {
     /// `tokenproxy_store_up`: 1 when the link store answered the last probe (made
     /// once per `/metrics` scrape, off the request path), else 0.
     pub store_up: Gauge,
+    /// `tokenproxy_upstream_rejections_total{provider}`: upstream 401s to a token
+    /// we injected (whether or not they forced a refresh).
+    pub upstream_rejections: Family<ProviderLabels, Counter>,
+    /// `tokenproxy_idp_breaker_open{provider}`: 1 while the provider's circuit
+    /// breaker keeps its token endpoint from being called, else 0.
+    pub idp_breaker_open: Family<ProviderLabels, Gauge>,
 }
 
 impl Metrics {
@@ -210,6 +216,18 @@ impl Metrics {
             "Whether the link store answered the readiness probe made at the last scrape",
             store_up.clone(),
         );
+        let upstream_rejections = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "upstream_rejections",
+            "Upstream 401 answers to an injected access token",
+            upstream_rejections.clone(),
+        );
+        let idp_breaker_open = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "idp_breaker_open",
+            "1 while a provider's token endpoint is not called after repeated transient failures",
+            idp_breaker_open.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -223,6 +241,8 @@ impl Metrics {
             open_connections,
             leaves_minted,
             store_up,
+            upstream_rejections,
+            idp_breaker_open,
         })
     }
 

@@ -118,7 +118,7 @@ async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
     assert_eq!(w.api.requests().pop().unwrap().token, seen[2]);
 
     // A streamed body (over 64 KiB) cannot be replayed: the 401 passes through
-    // after one attempt, and the rejected token is still replaced once.
+    // after one attempt, and within the cooldown nothing is refreshed again.
     let before = w.api.count();
     let a = harness::send(
         http::Method::POST,
@@ -129,7 +129,158 @@ async fn upstream_401_means_one_refresh_one_retry_and_no_loop(pool: PgPool) {
     .await;
     assert_eq!(a.status, 401);
     assert_eq!(w.api.count(), before + 1);
-    w.idp.assert_grants(2, 2, 0);
+    w.idp.assert_grants(1, 1, 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn twenty_401s_cost_at_most_one_grant(pool: PgPool) {
+    let w = world(pool).await;
+    let h = [("authorization", w.auth.as_str())];
+    let url = w.proxy.url("/gh/api/always401");
+    // Concurrent first: the cooldown is claimed once however the requests race.
+    let answers = futures_util::future::join_all((0..10).map(|_| get(&url, &h))).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.status == 401 && a.error_code().is_none()));
+    // Requests that joined the forced refresh retry with its token (no grant).
+    let after_burst = w.api.count();
+    assert!((11..=20).contains(&after_burst), "{after_burst}");
+    for _ in 0..10 {
+        assert_eq!(get(&url, &h).await.status, 401);
+    }
+    assert_eq!(w.idp.refreshes(), 1, "one forced refresh per cooldown");
+    assert_eq!(w.idp.attempts(), 1);
+    // Later 401s pass through untouched: one attempt each, no retry.
+    assert_eq!(w.api.count(), after_burst + 10);
+    let metrics = w.proxy.metrics.encode();
+    assert!(
+        metrics.contains(r#"tokenproxy_upstream_rejections_total{provider="github"} 20"#),
+        "{metrics}"
+    );
+    // The link still works for paths that accept it.
+    assert_eq!(get(&w.proxy.url("/gh/api/user"), &h).await.status, 200);
+    assert_eq!(w.idp.refreshes(), 1);
+}
+
+/// An upstream answering every request 401 with `headers`.
+async fn rejecting_upstream(
+    headers: &'static [(&'static str, &'static str)],
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    let stop = support::upstream::serve(listener, move |_req| {
+        let count = count.clone();
+        async move {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut b = http::Response::builder().status(401);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            use http_body_util::BodyExt;
+            b.body(
+                http_body_util::Full::new(bytes::Bytes::from_static(b"{}"))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap()
+        }
+    });
+    std::mem::forget(stop);
+    (url, seen)
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_401_that_does_not_blame_the_token_refreshes_nothing(pool: PgPool) {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    store
+        .put_link("github", user, &idp.seed(user))
+        .await
+        .unwrap();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let auth = format!("Bearer {token}");
+    let h = [("authorization", auth.as_str())];
+    let cases: [&'static [(&'static str, &'static str)]; 2] = [
+        &[("x-github-otp", "required; app")],
+        &[(
+            "www-authenticate",
+            r#"Bearer realm="api", error="insufficient_scope", scope="repo""#,
+        )],
+    ];
+    for headers in cases {
+        let (upstream, seen) = rejecting_upstream(headers).await;
+        let config = idp_config(&idp, &upstream);
+        let tokens = token_source(&config, store.clone());
+        let proxy = Harness::start(config, store.clone(), tokens).await;
+        let a = get(&proxy.url("/gh/api/user"), &h).await;
+        assert_eq!(a.status, 401, "{headers:?}");
+        assert!(
+            a.error_code().is_none(),
+            "the upstream's 401 passes through"
+        );
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "no retry: {headers:?}"
+        );
+        assert_eq!(idp.attempts(), 0, "no refresh: {headers:?}");
+    }
+    // The same upstream saying the token is bad does get one refresh and a retry.
+    let (upstream, seen) = rejecting_upstream(&[(
+        "www-authenticate",
+        r#"Bearer error="invalid_token", error_description="expired""#,
+    )])
+    .await;
+    let config = idp_config(&idp, &upstream);
+    let tokens = token_source(&config, store.clone());
+    let proxy = Harness::start(config, store.clone(), tokens).await;
+    assert_eq!(get(&proxy.url("/gh/api/user"), &h).await.status, 401);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(idp.refreshes(), 1);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn the_reject_cooldown_spans_token_versions_and_then_expires(pool: PgPool) {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    store
+        .put_link("github", user, &idp.seed(user))
+        .await
+        .unwrap();
+    let config = idp_config(&idp, "http://127.0.0.1:9");
+    let clock = support::idp::ManualClock::new();
+    let tokens = TokenSource::new(
+        store.clone(),
+        &config.providers,
+        &config.tokens,
+        Metrics::new(),
+        clock.clone(),
+    )
+    .unwrap();
+    let t1 = tokens.get("github", user).await.unwrap();
+    let t2 = tokens.refresh_rejected("github", user, &t1).await.unwrap();
+    assert!(!t2.same_version(&t1));
+    assert_eq!(idp.refreshes(), 1);
+    // A new version rejected within the cooldown: handed back, no grant.
+    let again = tokens.refresh_rejected("github", user, &t2).await.unwrap();
+    assert!(again.same_version(&t2));
+    assert_eq!(idp.refreshes(), 1);
+    // The old version rejected late still gets the current token, for free.
+    let late = tokens.refresh_rejected("github", user, &t1).await.unwrap();
+    assert!(late.same_version(&t2));
+    clock.advance(std::time::Duration::from_secs(29));
+    let t = tokens.refresh_rejected("github", user, &t2).await.unwrap();
+    assert!(t.same_version(&t2));
+    assert_eq!(idp.refreshes(), 1);
+    // Past the default 30 s cooldown: one more forced refresh.
+    clock.advance(std::time::Duration::from_secs(2));
+    let t3 = tokens.refresh_rejected("github", user, &t2).await.unwrap();
+    assert!(!t3.same_version(&t2));
+    assert_eq!(idp.refreshes(), 2);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
@@ -177,6 +328,8 @@ async fn token_source_failures_become_error_codes(pool: PgPool) {
     let a = get(&url, &[("authorization", &format!("Bearer {t}"))]).await;
     a.assert_error(502, "idp_unavailable");
     assert_eq!(a.json()["error"]["provider"], "github");
+    // The provider is backing off (1 s after a first failure): say when to retry.
+    assert_eq!(a.headers.get("retry-after").unwrap(), "1");
 
     // reauth_required: the provider revoked the grant.
     let revoked = Uuid::new_v4();

@@ -198,6 +198,13 @@ async fn transient_failures_record_nothing_and_recover(pool: PgPool) {
     assert_eq!(idp.attempts(), 4, "bounded retries");
     assert_eq!(idp.refreshes(), 0);
     assert_link_intact(&idp, &st, user).await;
+    // Within the 1 s backoff the provider is not asked again.
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempts(), 4, "backing off");
+    clock.advance(Duration::from_secs(1));
 
     // A hang past the provider deadline → idp_unavailable, not retried (the provider
     // may have processed it), nothing recorded.
@@ -210,7 +217,9 @@ async fn transient_failures_record_nothing_and_recover(pool: PgPool) {
     assert_eq!(r.outcome(RefreshOutcome::TransientError), 2);
     assert_eq!(r.outcome(RefreshOutcome::InvalidGrant), 0);
 
-    // 429 with Retry-After: honoured and retried inside the budget.
+    // 429 with Retry-After: honoured and retried inside the budget (after the
+    // second backoff step, 2 s).
+    clock.advance(Duration::from_secs(2));
     idp.push_fault(Fault::TooManyRequests {
         retry_after_secs: 0,
     });
@@ -240,7 +249,8 @@ async fn transient_failure_serves_still_valid_token(pool: PgPool) {
     assert_eq!(token.expose_secret(), set.access_token.expose_secret());
     assert!(idp.is_valid_access_token(token.expose_secret()));
     assert_link_intact(&idp, &st, user).await;
-    // Recovery: the next call refreshes.
+    // Recovery: the next call after the 1 s backoff refreshes.
+    clock.advance(Duration::from_secs(1));
     let fresh = r.source.get(P, user).await.unwrap();
     assert_ne!(fresh.expose_secret(), set.access_token.expose_secret());
     idp.assert_grants(5, 1, 0);

@@ -42,6 +42,7 @@ pub mod headers;
 pub mod inject;
 pub mod pipeline;
 pub mod prewarm;
+pub mod rejection;
 pub mod route;
 pub mod server;
 pub mod workers;
@@ -68,6 +69,10 @@ pub trait TokenLookup: Send + Sync + 'static {
         user: Uuid,
         rejected: &AccessToken,
     ) -> Result<AccessToken, TokenError>;
+    /// How long a caller answered `idp_unavailable` should wait (`Retry-After`).
+    fn retry_after(&self, _provider: &str, _user: Uuid) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -82,6 +87,9 @@ impl TokenLookup for TokenSource {
         rejected: &AccessToken,
     ) -> Result<AccessToken, TokenError> {
         TokenSource::refresh_rejected(self, provider, user, rejected).await
+    }
+    fn retry_after(&self, provider: &str, user: Uuid) -> Option<std::time::Duration> {
+        TokenSource::retry_after(self, provider, user)
     }
 }
 

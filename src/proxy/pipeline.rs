@@ -26,7 +26,7 @@ use super::headers::{self, Forwarded, ERROR_HEADER};
 use super::inject::inject_credential;
 use super::route::{Route, Router};
 use super::{ProxyBody, TokenLookup};
-use crate::telemetry::{Metrics, RequestLabels};
+use crate::telemetry::{Metrics, ProviderLabels, RequestLabels};
 use crate::tokens::{AccessToken, TokenError};
 
 /// Request bodies up to this size are buffered so a request rejected with 401
@@ -96,7 +96,8 @@ pub(super) struct Outcome {
     pub(super) route: Option<Arc<Route>>,
     pub(super) user: Option<uuid::Uuid>,
     /// `none` (never got that far), `served`, `refreshed_after_401` (retried),
-    /// `refreshed_no_retry` (body streamed), `refresh_failed`, or the error code
+    /// `refreshed_no_retry` (body streamed), `refresh_failed`, `rejected_not_token`
+    /// (a 401 a refresh cannot fix, passed through), or the error code
     /// the token source answered.
     pub(super) token: &'static str,
     upstream: Option<std::time::Duration>,
@@ -153,11 +154,28 @@ impl Pipeline {
                 if outcome.token == "none" && matches!(e, ProxyError::Token(_)) {
                     outcome.token = e.code();
                 }
-                e.to_response(outcome.route.as_ref().map(|r| &*r.provider))
+                let mut resp = e.to_response(outcome.route.as_ref().map(|r| &*r.provider));
+                if e == ProxyError::Token(TokenError::IdpUnavailable) {
+                    self.add_retry_after(&mut resp, &outcome);
+                }
+                resp
             }
         };
         self.log_and_count(&method, &resp, &outcome, start.elapsed());
         resp
+    }
+
+    /// `Retry-After` on an `idp_unavailable` answer while the provider is backing off.
+    fn add_retry_after(&self, resp: &mut Response<ProxyBody>, outcome: &Outcome) {
+        let (Some(route), Some(user)) = (&outcome.route, outcome.user) else {
+            return;
+        };
+        if let Some(wait) = self.tokens.retry_after(&route.provider, user) {
+            // Whole seconds (RFC 9110 §10.2.3), rounded up so a retry is not early.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
     }
 
     async fn run_phases(
@@ -340,9 +358,10 @@ impl Pipeline {
         }
     }
 
-    /// Phase: send upstream. On a 401 to a token we served, have the token source
-    /// replace it (once per token version) so later requests get a good one, and
-    /// retry once when the body could be replayed; otherwise the 401 stands.
+    /// Phase: send upstream. On a 401 that may be the token's fault, have the token
+    /// source replace it (at most once per link per `tokens.reject_cooldown`) so
+    /// later requests get a good one, and retry once when the body could be
+    /// replayed; otherwise the 401 stands.
     async fn forward(
         &self,
         route: &Route,
@@ -361,6 +380,17 @@ impl Pipeline {
             .send(route, &prepared, body, body_end, &token, outcome)
             .await?;
         if first.status() != StatusCode::UNAUTHORIZED {
+            return Ok(first);
+        }
+        self.metrics
+            .upstream_rejections
+            .get_or_create(&ProviderLabels {
+                provider: route.provider.to_string(),
+            })
+            .inc();
+        if !super::rejection::blames_token(first.headers()) {
+            // A new token would get the same answer (2FA wanted, scope missing).
+            outcome.token = "rejected_not_token";
             return Ok(first);
         }
         let fresh = match self

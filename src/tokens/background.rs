@@ -93,6 +93,7 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
             let key = (pidx, user_id);
             inner.epoch_slot(&key).fetch_add(1, Ordering::AcqRel);
             inner.forget_broken(key).await;
+            inner.backoff.notified(key);
             if inner.uncache(key).is_some() {
                 inner.metrics.cache_invalidations.inc();
             }

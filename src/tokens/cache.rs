@@ -47,8 +47,6 @@ pub(crate) struct Entry {
     last_used_ms: AtomicI64,
     /// A refresh-ahead was already started for this version.
     pub ahead_started: AtomicBool,
-    /// `refresh_rejected` already refreshed this version once.
-    pub rejected_once: AtomicBool,
     /// The change feed's resync generation when cached. Entries from before the
     /// last resync are not served on the hit path (they may have missed a change),
     /// but remain a last resort while the store is unreachable.
@@ -80,7 +78,6 @@ impl Entry {
             ahead_at,
             last_used_ms: AtomicI64::new(now.timestamp_millis()),
             ahead_started: AtomicBool::new(false),
-            rejected_once: AtomicBool::new(false),
             generation: 0,
             cached_at: now,
         }

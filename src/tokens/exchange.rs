@@ -69,6 +69,13 @@ pub(super) async fn exchange(
             .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
         return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
     }
+    if !inner
+        .backoff
+        .admit(key, &row.refresh_token_stored, inner.clock.now())
+    {
+        // Backing off this link or the whole provider (see `backoff`).
+        return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
+    }
     let started = tokio::time::Instant::now();
     // The new token's lifetime counts from when the request was sent, not from
     // when the answer arrived or was stored: a slow answer must not stretch it.
@@ -81,6 +88,17 @@ pub(super) async fn exchange(
             provider: provider.id.clone(),
         })
         .observe(started.elapsed().as_secs_f64());
+    match &result {
+        // The endpoint answered: whatever it said, it is up.
+        Ok(_) | Err(RefreshError::Rejected(_)) => inner.backoff.succeeded(key),
+        Err(RefreshError::Transient(_)) => inner.backoff.failed(
+            key,
+            inner.clock.now(),
+            &row.refresh_token_stored,
+            AccessToken::new(row.access_token.clone(), row.expiry),
+        ),
+        Err(RefreshError::Misconfigured(_)) => {}
+    }
     match result {
         Ok(r) => persist(inner, key, row, r, sent).await,
         Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,

@@ -132,7 +132,13 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
             }
             // Nothing to refresh with: serve what still works, else the user must log in.
             Verdict::Unrefreshable => {
-                return still_valid(inner, &row).ok_or(TokenError::ReauthRequired)
+                let served = still_valid(inner, &row);
+                if served.is_none() {
+                    // Dead until the user links again: remembered, so it costs no
+                    // store read per request (a change notification forgets it).
+                    remember_broken(inner, key, TokenError::ReauthRequired, epoch).await;
+                }
+                return served.ok_or(TokenError::ReauthRequired);
             }
             Verdict::Refresh { retarget } => {
                 if retarget {
@@ -150,6 +156,15 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
         }
         if tokio::time::Instant::now() >= give_up {
             tracing::warn!(provider = provider_id, %user, "gave up waiting for the refresh lease");
+            return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
+        }
+        let now = inner.clock.now();
+        if inner
+            .backoff
+            .link_blocked(key, &row.refresh_token_stored, now)
+            || inner.backoff.provider_open(key, now)
+        {
+            // Backing off (see `backoff`): not even the lease is claimed.
             return still_valid(inner, &row).ok_or(TokenError::IdpUnavailable);
         }
         match claim_and_refresh(inner, key, &row, &mut changes).await {

@@ -34,7 +34,9 @@
 //! ```
 
 mod background;
+mod backoff;
 mod cache;
+mod cooldown;
 mod exchange;
 mod flight;
 mod settle;
@@ -201,6 +203,10 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     /// Cancelled when shutdown begins: no new exchange starts after it.
     draining: CancellationToken,
+    /// Bounds refreshes forced by upstream 401s (`tokens.reject_cooldown`).
+    reject_cooldown: cooldown::RejectCooldown,
+    /// Remembered transient failures: per-link backoff, per-provider breakers.
+    backoff: backoff::Backoff,
 }
 
 impl Inner {
@@ -332,6 +338,19 @@ impl TokenSource {
             })
             .clone();
         let (changes, _) = tokio::sync::broadcast::channel(1024);
+        let breaker_gauges = list
+            .iter()
+            .map(|p| {
+                let g = metrics
+                    .idp_breaker_open
+                    .get_or_create(&crate::telemetry::ProviderLabels {
+                        provider: p.id.clone(),
+                    })
+                    .clone();
+                g.set(0);
+                g
+            })
+            .collect();
         Ok(Arc::new(Self {
             inner: Arc::new(Inner {
                 store,
@@ -352,6 +371,15 @@ impl TokenSource {
                 sync_refreshes: AtomicU64::new(0),
                 tasks: TaskTracker::new(),
                 draining: CancellationToken::new(),
+                reject_cooldown: cooldown::RejectCooldown::new(
+                    cfg.cache_capacity,
+                    cfg.reject_cooldown,
+                ),
+                backoff: backoff::Backoff::new(
+                    cfg.cache_capacity,
+                    breaker_gauges,
+                    cfg.lease_timeout,
+                ),
             }),
         }))
     }
@@ -388,14 +416,26 @@ impl TokenSource {
                 false
             }
         };
+        if let Some(token) = inner.backoff.blocked(key, now) {
+            // The provider failed transiently for this link: no flight until the
+            // backoff passes — the token while it still works, else
+            // `idp_unavailable` (with Retry-After). Answered from memory.
+            inner.hit.inc();
+            return if cache::unexpired(token.expiry(), now) {
+                Ok(token)
+            } else {
+                Err(TokenError::IdpUnavailable)
+            };
+        }
         inner.miss.inc();
         self.wait(key, flight::Want::Usable { stale }).await
     }
 
-    /// After an upstream answered 401 to `rejected`: drop it and refresh once through
-    /// the same flight — at most once per token version, so a misbehaving upstream
-    /// cannot cause a refresh storm. Returns the same token when it was already
-    /// replaced or when a refresh for that version already happened.
+    /// After an upstream answered 401 to `rejected`: replace it through the same
+    /// flight — at most once per link per `tokens.reject_cooldown`, across all
+    /// requests and token versions, so an upstream that always answers 401 cannot
+    /// cause a refresh storm. Returns the same token when no refresh is allowed
+    /// (the caller then passes the 401 through).
     pub async fn refresh_rejected(
         &self,
         provider: &str,
@@ -409,22 +449,29 @@ impl TokenSource {
         let key = (pidx, user);
         let now = inner.clock.now();
         if let Some(e) = inner.cached(key) {
-            if !e.token.same_version(rejected) {
-                if inner.servable(&e, now) {
-                    return Ok(e.token.clone());
-                }
-            } else if e.rejected_once.swap(true, Ordering::AcqRel) {
-                // This version was already refreshed once: join that flight if it is
-                // still running, else hand back what we have.
-                let running = inner.flights.lock().get(&key).map(|f| f.fut.clone());
-                return match running {
-                    Some(f) => f.await.map(|s| s.token),
-                    None => Ok(e.token.clone()),
-                };
+            // Already replaced (by another request's refresh): costs no grant.
+            if !e.token.same_version(rejected) && inner.servable(&e, now) {
+                return Ok(e.token.clone());
             }
+        }
+        if !inner.reject_cooldown.try_claim(key, now) {
+            // Within the cooldown: whatever is current (joining a running flight,
+            // which may be the forced refresh itself, or re-reading an entry our own
+            // write's notification dropped) — never a forced refresh. When that is
+            // the rejected token, the upstream's 401 stands.
+            return self.get(provider, user).await;
         }
         self.wait(key, flight::Want::Replace(rejected.clone()))
             .await
+    }
+
+    /// How long a caller answered `idp_unavailable` for `user` at `provider` should
+    /// wait before trying again (for `Retry-After`); `None` when unknown.
+    pub fn retry_after(&self, provider: &str, user: Uuid) -> Option<Duration> {
+        let &pidx = self.inner.index.get(provider)?;
+        self.inner
+            .backoff
+            .wait_for((pidx, user), self.inner.clock.now())
     }
 
     /// Runs one refresh-ahead pass now and waits for the refreshes it started;

@@ -316,6 +316,11 @@ impl Idp {
         self.shared.state.lock().faults.push_back(f);
     }
 
+    /// Drops every queued fault (the provider heals).
+    pub fn clear_faults(&self) {
+        self.shared.state.lock().faults.clear();
+    }
+
     /// Delay added before every answer.
     pub fn set_latency(&self, d: Duration) {
         self.shared.state.lock().latency = d;
