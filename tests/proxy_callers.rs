@@ -21,6 +21,9 @@ use tokenproxy::store::{LinkStore, ProxyTokenInfo, StoreError};
 use uuid::Uuid;
 
 const GH_TOKEN: &str = "gho_callers";
+/// A well-formed token of the first format (32 bytes in base64url) that the
+/// store does not know: deleted, or never created.
+const DELETED: &str = "tpx_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
 /// Counts the proxy-token calls.
 struct Counting {
@@ -132,7 +135,7 @@ async fn a_client_retrying_an_unknown_token_costs_one_lookup(pool: PgPool) {
     for _ in 0..20 {
         let a = get(
             &proxy.url("/gh/api/user"),
-            &[("authorization", "Bearer tpx_mistyped_or_deleted")],
+            &[("authorization", &format!("Bearer {DELETED}"))],
         )
         .await;
         a.assert_error(401, "unauthenticated");
@@ -149,6 +152,76 @@ async fn a_client_retrying_an_unknown_token_costs_one_lookup(pool: PgPool) {
     assert_ne!(a.status, 401);
     assert_eq!(store.hooks.finds.load(Ordering::SeqCst), 2);
     assert_eq!(api.count(), 0, "link_missing: nothing reached the upstream");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn forged_tokens_cost_no_lookup_and_old_tokens_still_work(pool: PgPool) {
+    use secrecy::ExposeSecret;
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        Counting::new(),
+    ));
+    let user = Uuid::new_v4();
+    let (_, real) = create_token(&*store, user, &[]).await;
+    // A token issued before checksums existed (`tpx_` + 32 bytes base64url).
+    let old = "tpx_q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80";
+    store
+        .create_proxy_token(&tokenproxy::store::NewProxyToken {
+            user_id: user,
+            name: "old".into(),
+            hash: tokenproxy::proxy::caller::hash_token(&old.to_string().into()),
+            providers: vec![],
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&config_toml(&api.url(), "cache_ttl = \"1h\""));
+    let proxy = Harness::start(config, store.clone(), fake).await;
+    let call = |token: String| {
+        let url = proxy.url("/gh/api/user");
+        async move { get(&url, &[("authorization", &format!("Bearer {token}"))]).await }
+    };
+    // Forged: the real token with one character of its random part changed, so
+    // the checksum no longer matches; then random and malformed `tpx_` strings.
+    let mut forged = real.clone().into_bytes();
+    forged[10] = if forged[10] == b'x' { b'y' } else { b'x' };
+    let mut bad = vec![String::from_utf8(forged).unwrap()];
+    for _ in 0..50 {
+        let (t, _) = tokenproxy::proxy::caller::generate_token();
+        let mut t = t.expose_secret().to_string();
+        // Random part and checksum from two different tokens.
+        t.replace_range(..10, &real[..10]);
+        bad.push(t);
+    }
+    bad.extend(
+        [
+            "tpx_x",
+            "tpx_short_one",
+            &format!("{real}0"),
+            &real[..real.len() - 1],
+        ]
+        .map(String::from),
+    );
+    // Same length as a first-format token, but not canonical base64url.
+    bad.push(format!("{}_", &old[..old.len() - 1]));
+    for t in bad {
+        call(t).await.assert_error(401, "unauthenticated");
+    }
+    assert_eq!(
+        store.hooks.finds.load(Ordering::SeqCst),
+        0,
+        "malformed or forged tokens never reach the store"
+    );
+    assert_eq!(call(real).await.status, 200);
+    assert_eq!(
+        call(old.to_string()).await.status,
+        200,
+        "first-format token"
+    );
+    assert_eq!(store.hooks.finds.load(Ordering::SeqCst), 2);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

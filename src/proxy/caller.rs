@@ -162,18 +162,73 @@ fn is_proxy_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// A new random proxy token (`tpx_` + 256 random bits, base64url) and the hash
-/// to store. The token is shown to its owner once and never stored.
+/// Base62 alphabet of new proxy tokens (digits, upper, lower case).
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Random base62 characters in a new token: 43 × log2(62) ≈ 256 bits.
+const RANDOM_LEN: usize = 43;
+/// Base62 characters of the CRC-32 (62^6 > 2^32), zero-padded.
+const CHECKSUM_LEN: usize = 6;
+/// Length of a new (checksummed) token: `tpx_` + 43 random + 6 checksum.
+pub const CHECKSUMMED_LEN: usize = TOKEN_PREFIX.len() + RANDOM_LEN + CHECKSUM_LEN;
+/// Length of a token of the first format: `tpx_` + 32 bytes in base64url.
+const LEGACY_LEN: usize = TOKEN_PREFIX.len() + 43;
+
+/// CRC-32 (ISO-HDLC, the zlib/GitHub one) of the random part, in fixed-width base62.
+fn checksum(random: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(random);
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for c in out.iter_mut().rev() {
+        *c = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// Whether `token` can be a proxy token we issued, decided offline so a forged
+/// or mistyped token costs no database query: a checksummed token whose CRC
+/// matches, or a token of the first format (32 bytes in canonical base64url).
+pub fn is_well_formed(token: &str) -> bool {
+    let Some(body) = token.strip_prefix(TOKEN_PREFIX) else {
+        return false;
+    };
+    match token.len() {
+        CHECKSUMMED_LEN => {
+            let (random, sum) = body.as_bytes().split_at(RANDOM_LEN);
+            random.iter().all(u8::is_ascii_alphanumeric) && bool::from(sum.ct_eq(&checksum(random)))
+        }
+        // Tokens issued before the checksum existed keep working. The decoder
+        // refuses non-canonical trailing bits, so only 2^256 strings pass.
+        LEGACY_LEN => base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .is_ok_and(|raw| raw.len() == 32),
+        _ => false,
+    }
+}
+
+/// A new random proxy token (`tpx_` + 43 random base62 characters + their
+/// CRC-32 in 6 base62 characters) and the hash to store. The token is shown to
+/// its owner once and never stored.
 pub fn generate_token() -> (SecretString, [u8; 32]) {
     use ring::rand::SecureRandom;
-    let mut raw = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut raw)
-        .expect("the OS random source works");
-    let token = SecretString::from(format!(
-        "{TOKEN_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    ));
+    let rng = ring::rand::SystemRandom::new();
+    let mut token = String::with_capacity(CHECKSUMMED_LEN);
+    token.push_str(TOKEN_PREFIX);
+    let mut random = Vec::with_capacity(RANDOM_LEN);
+    while random.len() < RANDOM_LEN {
+        let mut bytes = [0u8; 64];
+        rng.fill(&mut bytes).expect("the OS random source works");
+        // Rejection sampling: 248 = 4 × 62, so every character is equally likely.
+        random.extend(
+            bytes
+                .iter()
+                .filter(|b| **b < 248)
+                .map(|b| BASE62[usize::from(*b % 62)])
+                .take(RANDOM_LEN - random.len()),
+        );
+    }
+    let sum = checksum(&random);
+    token.extend(random.iter().chain(sum.iter()).map(|b| char::from(*b)));
+    let token = SecretString::from(token);
     let hash = hash_token(&token);
     (token, hash)
 }
@@ -316,6 +371,11 @@ impl CallerIdentity {
             });
         }
         let token = extract().ok_or(ProxyError::Unauthenticated)?;
+        // A forged, truncated or mistyped token is refused here, before any
+        // cache or database lookup (issue 12: floods of random tokens).
+        if !is_well_formed(token.expose_secret()) {
+            return Err(ProxyError::Unauthenticated);
+        }
         let hash = hash_token(&token);
         drop(token);
         let verified = match self.verified.get(&hash) {
@@ -557,6 +617,51 @@ mod tests {
         assert_eq!(found(&h).as_deref(), Some(a.expose_secret()));
         let h = headers(&[("authorization", &basic("x", b.expose_secret()))]);
         assert_eq!(found(&h).as_deref(), Some(b.expose_secret()));
+    }
+
+    #[test]
+    fn checksummed_tokens_are_checked_offline() {
+        let (t, _) = generate_token();
+        let t = t.expose_secret();
+        assert_eq!(t.len(), CHECKSUMMED_LEN);
+        assert!(t[TOKEN_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric()));
+        assert!(is_well_formed(t));
+        // One changed character in the random part or the checksum is caught.
+        for i in [TOKEN_PREFIX.len(), CHECKSUMMED_LEN - 1] {
+            let mut forged = t.as_bytes().to_vec();
+            forged[i] = if forged[i] == b'a' { b'b' } else { b'a' };
+            assert!(!is_well_formed(std::str::from_utf8(&forged).unwrap()));
+        }
+        // The checksum is the CRC-32 of the random part in fixed-width base62.
+        assert_eq!(&checksum(b"0"), b"4U0xWL"); // crc32("0") = 0xf4dbdf21
+        assert_eq!(&checksum(b""), b"000000");
+        for bad in [
+            "tpx_",
+            "tpx_abc123",
+            &t[..t.len() - 1],
+            &format!("{t}0"),
+            &format!("tpx_{}", "-".repeat(RANDOM_LEN + CHECKSUM_LEN)),
+            &format!("TPX_{}", &t[4..]),
+        ] {
+            assert!(!is_well_formed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_format_tokens_stay_valid() {
+        let old = format!(
+            "tpx_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xfbu8; 32])
+        );
+        assert_eq!(old.len(), LEGACY_LEN);
+        assert!(is_well_formed(&old));
+        // Same length but not canonical base64url of 32 bytes.
+        let mut noncanonical = old.clone();
+        noncanonical.pop();
+        noncanonical.push('_');
+        assert!(!is_well_formed(&noncanonical));
     }
 
     #[test]
