@@ -7,7 +7,7 @@
 mod harness;
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -222,6 +222,130 @@ async fn forged_tokens_cost_no_lookup_and_old_tokens_still_work(pool: PgPool) {
         "first-format token"
     );
     assert_eq!(store.hooks.finds.load(Ordering::SeqCst), 2);
+}
+
+/// A store whose proxy-token lookups fail while `down` is set (the database
+/// unreachable), and that counts them.
+struct Outage {
+    down: AtomicBool,
+    finds: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Hooks for Outage {
+    async fn find_proxy_token(
+        &self,
+        inner: &dyn LinkStore,
+        h: &[u8; 32],
+    ) -> Result<Option<ProxyTokenInfo>, StoreError> {
+        self.finds.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        inner.find_proxy_token(h).await
+    }
+    async fn touch_proxy_token(&self, _: &dyn LinkStore, _: Uuid) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn verified_callers_ride_out_a_store_outage(pool: PgPool) {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        Outage {
+            down: AtomicBool::new(false),
+            finds: AtomicUsize::new(0),
+        },
+    ));
+    let user = Uuid::new_v4();
+    let (_, kept) = create_token(&*store, user, &[]).await;
+    let (revoked_id, revoked) = create_token(&*store, user, &[]).await;
+    let (_, never_seen) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let ttl = Duration::from_millis(300);
+    let config = harness::config(&config_toml(
+        &api.url(),
+        "cache_ttl = \"300ms\"\noutage_grace = \"1h\"",
+    ));
+    let proxy = Harness::start(config, store.clone(), fake).await;
+    let call = |token: &str| {
+        let url = proxy.url("/gh/api/user");
+        let auth = format!("Bearer {token}");
+        async move { get(&url, &[("authorization", &auth)]).await }
+    };
+    assert_eq!(call(&kept).await.status, 200);
+    assert_eq!(call(&revoked).await.status, 200);
+
+    // The store goes away for several cache lifetimes.
+    store.hooks.down.store(true, Ordering::SeqCst);
+    store.inner.revoke_proxy_token(revoked_id).await.unwrap();
+    let outage = tokio::time::Instant::now();
+    while outage.elapsed() < ttl * 4 {
+        assert_eq!(call(&kept).await.status, 200, "verified caller served");
+        // A token never verified cannot be served; its failure does not touch
+        // the verified callers.
+        call(&never_seen)
+            .await
+            .assert_error(503, "store_unavailable");
+        tokio::time::sleep(ttl / 3).await;
+    }
+    let during = store.hooks.finds.load(Ordering::SeqCst);
+    assert!(during > 2, "the store was asked again during the outage");
+
+    // The store answers again: the revocation applies within cache_ttl.
+    store.hooks.down.store(false, Ordering::SeqCst);
+    let back = tokio::time::Instant::now();
+    loop {
+        let a = call(&revoked).await;
+        if a.status == 401 {
+            break;
+        }
+        assert_eq!(a.status, 200);
+        assert!(
+            back.elapsed() < ttl + Duration::from_millis(200),
+            "still served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(call(&kept).await.status, 200);
+    assert_eq!(call(&never_seen).await.status, 200);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn outage_grace_bounds_how_long_a_stale_caller_is_served(pool: PgPool) {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        Outage {
+            down: AtomicBool::new(false),
+            finds: AtomicUsize::new(0),
+        },
+    ));
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&config_toml(
+        &api.url(),
+        "cache_ttl = \"200ms\"\noutage_grace = \"300ms\"",
+    ));
+    let proxy = Harness::start(config, store.clone(), fake).await;
+    let call = || {
+        let url = proxy.url("/gh/api/user");
+        let auth = format!("Bearer {token}");
+        async move { get(&url, &[("authorization", &auth)]).await }
+    };
+    assert_eq!(call().await.status, 200);
+    let verified = tokio::time::Instant::now();
+    store.hooks.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(call().await.status, 200, "within cache_ttl + outage_grace");
+    // Past cache_ttl + outage_grace (500 ms after the verification): refused.
+    tokio::time::sleep_until(verified + Duration::from_millis(600)).await;
+    call().await.assert_error(503, "store_unavailable");
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

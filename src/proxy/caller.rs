@@ -7,7 +7,7 @@
 //! time-to-live bounds how long a revoked token keeps working. In `static` mode
 //! (a sidecar on loopback) every request is one configured user.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,9 @@ const CACHE_CAPACITY: u64 = 100_000;
 /// Most unknown tokens remembered (a client retrying with a deleted or mistyped
 /// token costs one lookup per cache lifetime, not one per request).
 const UNKNOWN_CAPACITY: u64 = 10_000;
+
+/// How long a failed lookup is remembered for callers that waited on it.
+const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
 /// The identified caller.
 #[derive(Debug, Clone)]
@@ -250,15 +253,18 @@ struct Verified {
     providers: Arc<[String]>,
     expires_at: Option<DateTime<Utc>>,
     revoked: bool,
-    /// When the record was read; it is trusted for `callers.cache_ttl` after that.
+    /// When the record was read from the store.
     loaded: Instant,
+    /// Served from the cache without asking the store until then: `loaded` +
+    /// `callers.cache_ttl`, or, while the store is unreachable, the next retry.
+    fresh_until: Instant,
     /// The last-use throttle: unix milliseconds of the last `last_used_at` write
     /// (this process's, or the store's value when the record was read).
     touched_ms: AtomicI64,
 }
 
 impl Verified {
-    fn new(hash: [u8; 32], info: ProxyTokenInfo) -> Self {
+    fn new(hash: [u8; 32], info: ProxyTokenInfo, ttl: Duration) -> Self {
         let providers: Arc<[String]> = if info.providers.is_empty() {
             ALL_PROVIDERS.clone()
         } else {
@@ -272,9 +278,28 @@ impl Verified {
             expires_at: info.expires_at,
             revoked: info.revoked_at.is_some(),
             loaded: Instant::now(),
+            fresh_until: Instant::now() + ttl,
             touched_ms: AtomicI64::new(
                 info.last_used_at.map_or(i64::MIN, |t| t.timestamp_millis()),
             ),
+        }
+    }
+}
+
+impl Verified {
+    /// The same record, kept through a store outage and asked for again at
+    /// `until` (its `loaded` time stays: the outage grace counts from it).
+    fn kept_until(&self, until: Instant) -> Self {
+        Self {
+            hash: self.hash,
+            token_id: self.token_id,
+            user_id: self.user_id,
+            providers: self.providers.clone(),
+            expires_at: self.expires_at,
+            revoked: self.revoked,
+            loaded: self.loaded,
+            fresh_until: until,
+            touched_ms: AtomicI64::new(self.touched_ms.load(Ordering::Relaxed)),
         }
     }
 }
@@ -297,9 +322,17 @@ pub struct CallerIdentity {
     /// only presented after it was created, so "unknown" does not turn into
     /// "known" for the same value.
     unknown: moka::sync::Cache<[u8; 32], ()>,
-    /// Failed store lookups so far: lets callers that waited on a lookup of the
-    /// same token share its failure instead of retrying one after another.
-    store_failures: AtomicU64,
+    /// When a lookup of a token last failed, by hash: callers that waited on a
+    /// lookup of the same token share its failure instead of retrying one after
+    /// another. Per token, so one token's failure never fails another's lookup.
+    failed: moka::sync::Cache<[u8; 32], Instant>,
+    /// How long past `ttl` a verified record is served while the store fails.
+    outage_grace: Duration,
+    /// Slots for store lookups of tokens not verified yet: a flood of unknown
+    /// tokens cannot take every database connection.
+    lookup_slots: tokio::sync::Semaphore,
+    /// How long a lookup waits for a slot before answering 503.
+    lookup_wait: Duration,
     /// Coder agent tokens (`callers.mode = "coder_agent"`).
     agents: super::caller_coder::AgentCallers,
 }
@@ -319,7 +352,13 @@ impl CallerIdentity {
                 .max_capacity(UNKNOWN_CAPACITY)
                 .time_to_live(config.cache_ttl)
                 .build(),
-            store_failures: AtomicU64::new(0),
+            failed: moka::sync::Cache::builder()
+                .max_capacity(UNKNOWN_CAPACITY)
+                .time_to_live(FAILURE_MEMORY)
+                .build(),
+            outage_grace: config.outage_grace,
+            lookup_slots: tokio::sync::Semaphore::new(config.max_concurrent_lookups),
+            lookup_wait: config.lookup_wait,
             agents: super::caller_coder::AgentCallers::new(config, store.clone()),
         }
     }
@@ -379,7 +418,7 @@ impl CallerIdentity {
         let hash = hash_token(&token);
         drop(token);
         let verified = match self.verified.get(&hash) {
-            Some(v) if v.loaded.elapsed() < self.ttl => v,
+            Some(v) if Instant::now() < v.fresh_until => v,
             _ => self.lookup(hash).await?,
         };
         // The map lookup compared hashes already; compare again in constant time
@@ -404,13 +443,16 @@ impl CallerIdentity {
 
     /// Reads the token's record from the store, once for all concurrent callers
     /// presenting the same token (the others wait for the first one's answer).
+    /// If the store fails and the token was verified at most `cache_ttl` +
+    /// `outage_grace` ago, the record last read keeps serving, and the store is
+    /// asked again one `cache_ttl` later (so a revocation applies within
+    /// `cache_ttl` of the store answering again).
     async fn lookup(&self, hash: [u8; 32]) -> Result<Arc<Verified>, ProxyError> {
-        let failures = self.store_failures.load(Ordering::Acquire);
-        let ttl = self.ttl;
-        let guard = match self
+        let started = Instant::now();
+        let (guard, stale) = match self
             .verified
             .entry_async(&hash, |_, v| {
-                if v.loaded.elapsed() < ttl {
+                if Instant::now() < v.fresh_until {
                     EntryAction::Retain(v.clone())
                 } else {
                     EntryAction::ReplaceWithGuard
@@ -419,7 +461,8 @@ impl CallerIdentity {
             .await
         {
             EntryResult::Retained(v) => return Ok(v),
-            EntryResult::Vacant(g) | EntryResult::Replaced(g, _) => g,
+            EntryResult::Vacant(g) => (g, None),
+            EntryResult::Replaced(g, old) => (g, Some(old)),
             // Neither happens: the callback never removes, and the async form has
             // no timeout.
             EntryResult::Removed(..) | EntryResult::Timeout => {
@@ -431,12 +474,26 @@ impl CallerIdentity {
         if self.unknown.contains_key(&hash) {
             return Err(ProxyError::Unauthenticated);
         }
-        if self.store_failures.load(Ordering::Acquire) != failures {
+        if self.failed.get(&hash).is_some_and(|t| t >= started) {
             return Err(ProxyError::StoreUnavailable);
         }
+        // Re-reading a known token is not limited: there are only as many as
+        // real callers, and a flood of unknown ones must not lock them out.
+        let _slot = match stale {
+            Some(_) => None,
+            None => match tokio::time::timeout(self.lookup_wait, self.lookup_slots.acquire()).await
+            {
+                Ok(Ok(slot)) => Some(slot),
+                _ => {
+                    tracing::debug!("proxy token lookups at their limit");
+                    self.failed.insert(hash, Instant::now());
+                    return Err(ProxyError::StoreUnavailable);
+                }
+            },
+        };
         match self.store.find_proxy_token(&hash).await {
             Ok(Some(info)) => {
-                let v = Arc::new(Verified::new(hash, info));
+                let v = Arc::new(Verified::new(hash, info, self.ttl));
                 let _ = guard.insert(v.clone());
                 Ok(v)
             }
@@ -446,7 +503,18 @@ impl CallerIdentity {
             }
             Err(e) => {
                 log_store_error(&e);
-                self.store_failures.fetch_add(1, Ordering::AcqRel);
+                let now = Instant::now();
+                let grace_ends = stale
+                    .as_ref()
+                    .map(|old| old.loaded + self.ttl + self.outage_grace);
+                if let (Some(old), Some(ends)) = (stale, grace_ends) {
+                    if now < ends {
+                        let v = Arc::new(old.kept_until((now + self.ttl).min(ends)));
+                        let _ = guard.insert(v.clone());
+                        return Ok(v);
+                    }
+                }
+                self.failed.insert(hash, now);
                 Err(ProxyError::StoreUnavailable)
             }
         }
