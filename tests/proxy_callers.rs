@@ -348,6 +348,91 @@ async fn outage_grace_bounds_how_long_a_stale_caller_is_served(pool: PgPool) {
     call().await.assert_error(503, "store_unavailable");
 }
 
+/// A store where the lookup of one token hangs until released; counts lookups
+/// in flight at once.
+struct Gate {
+    slow: std::sync::OnceLock<[u8; 32]>,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Hooks for Gate {
+    async fn find_proxy_token(
+        &self,
+        inner: &dyn LinkStore,
+        h: &[u8; 32],
+    ) -> Result<Option<ProxyTokenInfo>, StoreError> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        if self.slow.get() == Some(h) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        let found = inner.find_proxy_token(h).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        found
+    }
+    async fn touch_proxy_token(&self, _: &dyn LinkStore, _: Uuid) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn unknown_token_lookups_are_bounded_and_known_callers_are_not(pool: PgPool) {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        Gate {
+            slow: std::sync::OnceLock::new(),
+            entered: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+        },
+    ));
+    let user = Uuid::new_v4();
+    let (_, slow) = create_token(&*store, user, &[]).await;
+    let (_, other) = create_token(&*store, user, &[]).await;
+    let (_, known) = create_token(&*store, user, &[]).await;
+    let slow_hash = tokenproxy::proxy::caller::hash_token(&slow.clone().into());
+    store.hooks.slow.set(slow_hash).unwrap();
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&config_toml(
+        &api.url(),
+        "cache_ttl = \"200ms\"\nmax_concurrent_lookups = 1\nlookup_wait = \"100ms\"",
+    ));
+    let proxy = Harness::start(config, store.clone(), fake).await;
+    let call = |token: String| {
+        let url = proxy.url("/gh/api/user");
+        async move { get(&url, &[("authorization", &format!("Bearer {token}"))]).await }
+    };
+    assert_eq!(call(known.clone()).await.status, 200);
+    let verified = tokio::time::Instant::now();
+    // The one lookup slot is taken by a lookup that hangs.
+    let hanging = tokio::spawn(call(slow));
+    store.hooks.entered.notified().await;
+    // Another unknown token waits lookup_wait for the slot, then gets 503.
+    call(other.clone())
+        .await
+        .assert_error(503, "store_unavailable");
+    // A caller verified before is re-read without a slot once its cache_ttl ran out.
+    tokio::time::sleep_until(verified + Duration::from_millis(250)).await;
+    assert_eq!(call(known).await.status, 200, "known caller not locked out");
+    store.hooks.release.notify_one();
+    assert_eq!(hanging.await.unwrap().status, 200);
+    assert_eq!(
+        call(other).await.status,
+        200,
+        "a new lookup after the slot frees"
+    );
+    // The hanging lookup and the known caller's re-read, never two unknown ones.
+    assert_eq!(store.hooks.most_in_flight.load(Ordering::SeqCst), 2);
+}
+
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn static_mode_serves_its_user_without_a_credential(pool: PgPool) {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
