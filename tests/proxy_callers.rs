@@ -433,6 +433,77 @@ async fn unknown_token_lookups_are_bounded_and_known_callers_are_not(pool: PgPoo
     assert_eq!(store.hooks.most_in_flight.load(Ordering::SeqCst), 2);
 }
 
+/// p99 of `samples`.
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() * 99 / 100]
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_flood_of_random_tokens_costs_no_query(pool: PgPool) {
+    use secrecy::ExposeSecret;
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let store = Arc::new(HookedStore::new(
+        PgStore::from_pool(pool, Keyring::plaintext()),
+        Counting::new(),
+    ));
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&config_toml(&api.url(), "cache_ttl = \"1h\""));
+    let proxy = Harness::start(config, store.clone(), fake).await;
+    let legit = |n: usize| {
+        let url = proxy.url("/gh/api/user");
+        let auth = format!("Bearer {token}");
+        async move {
+            let mut took = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = tokio::time::Instant::now();
+                assert_eq!(get(&url, &[("authorization", &auth)]).await.status, 200);
+                took.push(t.elapsed());
+            }
+            took
+        }
+    };
+    let quiet = p99(legit(200).await);
+    // 10,000 random tokens of the new length, 50 at a time, beside the caller.
+    let flood = {
+        let url = proxy.url("/gh/api/user");
+        async move {
+            for _ in 0..200 {
+                let batch = (0..50).map(|_| {
+                    let (t, _) = tokenproxy::proxy::caller::generate_token();
+                    // A random body with another token's checksum: forged.
+                    let mut t = t.expose_secret().to_string();
+                    t.replace_range(t.len() - 6.., "000000");
+                    let url = url.clone();
+                    async move {
+                        get(&url, &[("authorization", &format!("Bearer {t}"))])
+                            .await
+                            .status
+                    }
+                });
+                for status in futures_util::future::join_all(batch).await {
+                    assert_eq!(status, 401);
+                }
+            }
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let ((), loaded) = tokio::join!(flood, legit(200));
+    let flood_took = started.elapsed();
+    let loaded = p99(loaded);
+    eprintln!(
+        "10,000 forged tokens in {flood_took:?}; legit p99 quiet {quiet:?}, under flood {loaded:?}"
+    );
+    assert_eq!(
+        store.hooks.finds.load(Ordering::SeqCst),
+        1,
+        "only the real token was ever looked up"
+    );
+}
+
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn static_mode_serves_its_user_without_a_credential(pool: PgPool) {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
