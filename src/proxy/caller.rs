@@ -4,7 +4,10 @@
 //! the password of Basic credentials, in `Proxy-Authorization` or `Authorization`.
 //! The store holds only SHA-256 hashes of those tokens. Verified tokens are kept
 //! in a short-lived cache so a busy caller costs no database query; the cache's
-//! time-to-live bounds how long a revoked token keeps working. In `static` mode
+//! time-to-live bounds how long a revoked token keeps working. Tokens carry a
+//! CRC-32 so forged ones are refused before any lookup; while the store is
+//! unreachable a verified token keeps serving for `callers.outage_grace`, and
+//! lookups of unverified tokens are capped. In `static` mode
 //! (a sidecar on loopback) every request is one configured user.
 
 use std::sync::atomic::{AtomicI64, Ordering};
