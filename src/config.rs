@@ -319,6 +319,15 @@ pub struct CallersConfig {
     /// A proxy token's `last_used_at` is written at most once per this interval.
     #[serde(with = "duration_str")]
     pub touch_interval: Duration,
+    /// While the store is unreachable, a verified token keeps being served for
+    /// at most this long after its `cache_ttl` ran out (0 = not at all).
+    #[serde(with = "duration_str")]
+    pub outage_grace: Duration,
+    /// Most store lookups of not-yet-verified tokens at once (> 0).
+    pub max_concurrent_lookups: usize,
+    /// How long a lookup waits for one of those slots before answering 503.
+    #[serde(with = "duration_str")]
+    pub lookup_wait: Duration,
 }
 
 impl Default for CallersConfig {
@@ -328,6 +337,9 @@ impl Default for CallersConfig {
             static_user: None,
             cache_ttl: Duration::from_secs(10),
             touch_interval: Duration::from_secs(60),
+            outage_grace: Duration::from_secs(3600),
+            max_concurrent_lookups: 8,
+            lookup_wait: Duration::from_secs(1),
         }
     }
 }
@@ -626,6 +638,12 @@ impl Config {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be above zero"));
             }
+        }
+        if self.callers.max_concurrent_lookups == 0 {
+            return Err(ConfigError::new(
+                "callers.max_concurrent_lookups",
+                "must be above zero",
+            ));
         }
         check_database_url(&self.database.url)?;
         let t = &self.tokens;

@@ -208,6 +208,21 @@ fn static_mode_without_user_is_named() {
 }
 
 #[test]
+fn caller_outage_keys_default_and_zero_lookups_is_refused() {
+    let cfg = load(BASE).unwrap();
+    assert_eq!(
+        cfg.callers.outage_grace,
+        std::time::Duration::from_secs(3600)
+    );
+    assert_eq!(cfg.callers.max_concurrent_lookups, 8);
+    rejects(
+        &format!("[callers]\nmax_concurrent_lookups = 0\n{BASE}"),
+        &[],
+        "callers.max_concurrent_lookups",
+    );
+}
+
+#[test]
 fn unset_env_secret_names_the_key_and_the_variable() {
     let text = BASE.replace("\"s3cr3t-literal\"", "\"env:TP_TEST_UNSET_SECRET\"");
     let err = rejects(&text, &[], "providers[0].client_secret");

@@ -1,24 +1,19 @@
 //! `tokenproxy token create|list|revoke`: proxy tokens, the credentials callers
 //! present in `token` mode.
 //!
-//! A token is `tpx_` followed by 32 random bytes in unpadded base64url. Only its
-//! SHA-256 is stored; `create` prints the token once, on its own last line, so
+//! A token is `tpx_`, 43 random base62 characters and their CRC-32 in 6 base62
+//! characters (see `proxy::caller::generate_token`; tokens of the first format,
+//! 32 random bytes in unpadded base64url, stay valid). Only its SHA-256 is stored; `create` prints the token once, on its own last line, so
 //! scripts can take it with `tail -n 1`. Nothing else ever prints it.
 
 use anyhow::Context;
-use base64::Engine;
 use chrono::Utc;
 use clap::Subcommand;
-use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::store::{NewProxyToken, ProxyTokenInfo};
-
-/// Prefix of every proxy token.
-pub const TOKEN_PREFIX: &str = "tpx_";
 
 /// `token` subcommands.
 #[derive(Debug, Subcommand)]
@@ -62,16 +57,10 @@ fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-/// Generates a new proxy token and the SHA-256 that is stored for it.
+/// Generates a new proxy token and the SHA-256 that is stored for it. The one
+/// generator lives with the parser that checks its checksum.
 pub fn generate() -> (SecretString, [u8; 32]) {
-    let mut raw = [0u8; 32];
-    rand::rng().fill_bytes(&mut raw);
-    let token = format!(
-        "{TOKEN_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    );
-    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    (SecretString::from(token), hash)
+    crate::proxy::caller::generate_token()
 }
 
 /// Runs a `token` subcommand.
@@ -205,6 +194,8 @@ fn table(tokens: &[ProxyTokenInfo]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::caller::TOKEN_PREFIX;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn tokens_are_prefixed_unique_and_hashed() {
@@ -212,10 +203,8 @@ mod tests {
         let (b, hb) = generate();
         let a = a.expose_secret();
         assert!(a.starts_with(TOKEN_PREFIX));
-        assert_eq!(a.len(), TOKEN_PREFIX.len() + 43);
-        assert!(a[4..]
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert_eq!(a.len(), crate::proxy::caller::CHECKSUMMED_LEN);
+        assert!(crate::proxy::caller::is_well_formed(a));
         assert_ne!(a, b.expose_secret());
         assert_ne!(ha, hb);
         let want: [u8; 32] = Sha256::digest(a.as_bytes()).into();

@@ -4,10 +4,13 @@
 //! the password of Basic credentials, in `Proxy-Authorization` or `Authorization`.
 //! The store holds only SHA-256 hashes of those tokens. Verified tokens are kept
 //! in a short-lived cache so a busy caller costs no database query; the cache's
-//! time-to-live bounds how long a revoked token keeps working. In `static` mode
+//! time-to-live bounds how long a revoked token keeps working. Tokens carry a
+//! CRC-32 so forged ones are refused before any lookup; while the store is
+//! unreachable a verified token keeps serving for `callers.outage_grace`, and
+//! lookups of unverified tokens are capped. In `static` mode
 //! (a sidecar on loopback) every request is one configured user.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,9 @@ const CACHE_CAPACITY: u64 = 100_000;
 /// Most unknown tokens remembered (a client retrying with a deleted or mistyped
 /// token costs one lookup per cache lifetime, not one per request).
 const UNKNOWN_CAPACITY: u64 = 10_000;
+
+/// How long a failed lookup is remembered for callers that waited on it.
+const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
 /// The identified caller.
 #[derive(Debug, Clone)]
@@ -162,18 +168,73 @@ fn is_proxy_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// A new random proxy token (`tpx_` + 256 random bits, base64url) and the hash
-/// to store. The token is shown to its owner once and never stored.
+/// Base62 alphabet of new proxy tokens (digits, upper, lower case).
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Random base62 characters in a new token: 43 × log2(62) ≈ 256 bits.
+const RANDOM_LEN: usize = 43;
+/// Base62 characters of the CRC-32 (62^6 > 2^32), zero-padded.
+const CHECKSUM_LEN: usize = 6;
+/// Length of a new (checksummed) token: `tpx_` + 43 random + 6 checksum.
+pub const CHECKSUMMED_LEN: usize = TOKEN_PREFIX.len() + RANDOM_LEN + CHECKSUM_LEN;
+/// Length of a token of the first format: `tpx_` + 32 bytes in base64url.
+const LEGACY_LEN: usize = TOKEN_PREFIX.len() + 43;
+
+/// CRC-32 (ISO-HDLC, the zlib/GitHub one) of the random part, in fixed-width base62.
+fn checksum(random: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(random);
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for c in out.iter_mut().rev() {
+        *c = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// Whether `token` can be a proxy token we issued, decided offline so a forged
+/// or mistyped token costs no database query: a checksummed token whose CRC
+/// matches, or a token of the first format (32 bytes in canonical base64url).
+pub fn is_well_formed(token: &str) -> bool {
+    let Some(body) = token.strip_prefix(TOKEN_PREFIX) else {
+        return false;
+    };
+    match token.len() {
+        CHECKSUMMED_LEN => {
+            let (random, sum) = body.as_bytes().split_at(RANDOM_LEN);
+            random.iter().all(u8::is_ascii_alphanumeric) && bool::from(sum.ct_eq(&checksum(random)))
+        }
+        // Tokens issued before the checksum existed keep working. The decoder
+        // refuses non-canonical trailing bits, so only 2^256 strings pass.
+        LEGACY_LEN => base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .is_ok_and(|raw| raw.len() == 32),
+        _ => false,
+    }
+}
+
+/// A new random proxy token (`tpx_` + 43 random base62 characters + their
+/// CRC-32 in 6 base62 characters) and the hash to store. The token is shown to
+/// its owner once and never stored.
 pub fn generate_token() -> (SecretString, [u8; 32]) {
     use ring::rand::SecureRandom;
-    let mut raw = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut raw)
-        .expect("the OS random source works");
-    let token = SecretString::from(format!(
-        "{TOKEN_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    ));
+    let rng = ring::rand::SystemRandom::new();
+    let mut token = String::with_capacity(CHECKSUMMED_LEN);
+    token.push_str(TOKEN_PREFIX);
+    let mut random = Vec::with_capacity(RANDOM_LEN);
+    while random.len() < RANDOM_LEN {
+        let mut bytes = [0u8; 64];
+        rng.fill(&mut bytes).expect("the OS random source works");
+        // Rejection sampling: 248 = 4 × 62, so every character is equally likely.
+        random.extend(
+            bytes
+                .iter()
+                .filter(|b| **b < 248)
+                .map(|b| BASE62[usize::from(*b % 62)])
+                .take(RANDOM_LEN - random.len()),
+        );
+    }
+    let sum = checksum(&random);
+    token.extend(random.iter().chain(sum.iter()).map(|b| char::from(*b)));
+    let token = SecretString::from(token);
     let hash = hash_token(&token);
     (token, hash)
 }
@@ -195,15 +256,18 @@ struct Verified {
     providers: Arc<[String]>,
     expires_at: Option<DateTime<Utc>>,
     revoked: bool,
-    /// When the record was read; it is trusted for `callers.cache_ttl` after that.
+    /// When the record was read from the store.
     loaded: Instant,
+    /// Served from the cache without asking the store until then: `loaded` +
+    /// `callers.cache_ttl`, or, while the store is unreachable, the next retry.
+    fresh_until: Instant,
     /// The last-use throttle: unix milliseconds of the last `last_used_at` write
     /// (this process's, or the store's value when the record was read).
     touched_ms: AtomicI64,
 }
 
 impl Verified {
-    fn new(hash: [u8; 32], info: ProxyTokenInfo) -> Self {
+    fn new(hash: [u8; 32], info: ProxyTokenInfo, ttl: Duration) -> Self {
         let providers: Arc<[String]> = if info.providers.is_empty() {
             ALL_PROVIDERS.clone()
         } else {
@@ -217,9 +281,28 @@ impl Verified {
             expires_at: info.expires_at,
             revoked: info.revoked_at.is_some(),
             loaded: Instant::now(),
+            fresh_until: Instant::now() + ttl,
             touched_ms: AtomicI64::new(
                 info.last_used_at.map_or(i64::MIN, |t| t.timestamp_millis()),
             ),
+        }
+    }
+}
+
+impl Verified {
+    /// The same record, kept through a store outage and asked for again at
+    /// `until` (its `loaded` time stays: the outage grace counts from it).
+    fn kept_until(&self, until: Instant) -> Self {
+        Self {
+            hash: self.hash,
+            token_id: self.token_id,
+            user_id: self.user_id,
+            providers: self.providers.clone(),
+            expires_at: self.expires_at,
+            revoked: self.revoked,
+            loaded: self.loaded,
+            fresh_until: until,
+            touched_ms: AtomicI64::new(self.touched_ms.load(Ordering::Relaxed)),
         }
     }
 }
@@ -242,9 +325,17 @@ pub struct CallerIdentity {
     /// only presented after it was created, so "unknown" does not turn into
     /// "known" for the same value.
     unknown: moka::sync::Cache<[u8; 32], ()>,
-    /// Failed store lookups so far: lets callers that waited on a lookup of the
-    /// same token share its failure instead of retrying one after another.
-    store_failures: AtomicU64,
+    /// When a lookup of a token last failed, by hash: callers that waited on a
+    /// lookup of the same token share its failure instead of retrying one after
+    /// another. Per token, so one token's failure never fails another's lookup.
+    failed: moka::sync::Cache<[u8; 32], Instant>,
+    /// How long past `ttl` a verified record is served while the store fails.
+    outage_grace: Duration,
+    /// Slots for store lookups of tokens not verified yet: a flood of unknown
+    /// tokens cannot take every database connection.
+    lookup_slots: tokio::sync::Semaphore,
+    /// How long a lookup waits for a slot before answering 503.
+    lookup_wait: Duration,
     /// Coder agent tokens (`callers.mode = "coder_agent"`).
     agents: super::caller_coder::AgentCallers,
 }
@@ -264,7 +355,13 @@ impl CallerIdentity {
                 .max_capacity(UNKNOWN_CAPACITY)
                 .time_to_live(config.cache_ttl)
                 .build(),
-            store_failures: AtomicU64::new(0),
+            failed: moka::sync::Cache::builder()
+                .max_capacity(UNKNOWN_CAPACITY)
+                .time_to_live(FAILURE_MEMORY)
+                .build(),
+            outage_grace: config.outage_grace,
+            lookup_slots: tokio::sync::Semaphore::new(config.max_concurrent_lookups),
+            lookup_wait: config.lookup_wait,
             agents: super::caller_coder::AgentCallers::new(config, store.clone()),
         }
     }
@@ -316,10 +413,15 @@ impl CallerIdentity {
             });
         }
         let token = extract().ok_or(ProxyError::Unauthenticated)?;
+        // A forged, truncated or mistyped token is refused here, before any
+        // cache or database lookup (issue 12: floods of random tokens).
+        if !is_well_formed(token.expose_secret()) {
+            return Err(ProxyError::Unauthenticated);
+        }
         let hash = hash_token(&token);
         drop(token);
         let verified = match self.verified.get(&hash) {
-            Some(v) if v.loaded.elapsed() < self.ttl => v,
+            Some(v) if Instant::now() < v.fresh_until => v,
             _ => self.lookup(hash).await?,
         };
         // The map lookup compared hashes already; compare again in constant time
@@ -344,13 +446,16 @@ impl CallerIdentity {
 
     /// Reads the token's record from the store, once for all concurrent callers
     /// presenting the same token (the others wait for the first one's answer).
+    /// If the store fails and the token was verified at most `cache_ttl` +
+    /// `outage_grace` ago, the record last read keeps serving, and the store is
+    /// asked again one `cache_ttl` later (so a revocation applies within
+    /// `cache_ttl` of the store answering again).
     async fn lookup(&self, hash: [u8; 32]) -> Result<Arc<Verified>, ProxyError> {
-        let failures = self.store_failures.load(Ordering::Acquire);
-        let ttl = self.ttl;
-        let guard = match self
+        let started = Instant::now();
+        let (guard, stale) = match self
             .verified
             .entry_async(&hash, |_, v| {
-                if v.loaded.elapsed() < ttl {
+                if Instant::now() < v.fresh_until {
                     EntryAction::Retain(v.clone())
                 } else {
                     EntryAction::ReplaceWithGuard
@@ -359,7 +464,8 @@ impl CallerIdentity {
             .await
         {
             EntryResult::Retained(v) => return Ok(v),
-            EntryResult::Vacant(g) | EntryResult::Replaced(g, _) => g,
+            EntryResult::Vacant(g) => (g, None),
+            EntryResult::Replaced(g, old) => (g, Some(old)),
             // Neither happens: the callback never removes, and the async form has
             // no timeout.
             EntryResult::Removed(..) | EntryResult::Timeout => {
@@ -371,12 +477,26 @@ impl CallerIdentity {
         if self.unknown.contains_key(&hash) {
             return Err(ProxyError::Unauthenticated);
         }
-        if self.store_failures.load(Ordering::Acquire) != failures {
+        if self.failed.get(&hash).is_some_and(|t| t >= started) {
             return Err(ProxyError::StoreUnavailable);
         }
+        // Re-reading a known token is not limited: there are only as many as
+        // real callers, and a flood of unknown ones must not lock them out.
+        let _slot = match stale {
+            Some(_) => None,
+            None => match tokio::time::timeout(self.lookup_wait, self.lookup_slots.acquire()).await
+            {
+                Ok(Ok(slot)) => Some(slot),
+                _ => {
+                    tracing::debug!("proxy token lookups at their limit");
+                    self.failed.insert(hash, Instant::now());
+                    return Err(ProxyError::StoreUnavailable);
+                }
+            },
+        };
         match self.store.find_proxy_token(&hash).await {
             Ok(Some(info)) => {
-                let v = Arc::new(Verified::new(hash, info));
+                let v = Arc::new(Verified::new(hash, info, self.ttl));
                 let _ = guard.insert(v.clone());
                 Ok(v)
             }
@@ -386,7 +506,18 @@ impl CallerIdentity {
             }
             Err(e) => {
                 log_store_error(&e);
-                self.store_failures.fetch_add(1, Ordering::AcqRel);
+                let now = Instant::now();
+                let grace_ends = stale
+                    .as_ref()
+                    .map(|old| old.loaded + self.ttl + self.outage_grace);
+                if let (Some(old), Some(ends)) = (stale, grace_ends) {
+                    if now < ends {
+                        let v = Arc::new(old.kept_until((now + self.ttl).min(ends)));
+                        let _ = guard.insert(v.clone());
+                        return Ok(v);
+                    }
+                }
+                self.failed.insert(hash, now);
                 Err(ProxyError::StoreUnavailable)
             }
         }
@@ -557,6 +688,51 @@ mod tests {
         assert_eq!(found(&h).as_deref(), Some(a.expose_secret()));
         let h = headers(&[("authorization", &basic("x", b.expose_secret()))]);
         assert_eq!(found(&h).as_deref(), Some(b.expose_secret()));
+    }
+
+    #[test]
+    fn checksummed_tokens_are_checked_offline() {
+        let (t, _) = generate_token();
+        let t = t.expose_secret();
+        assert_eq!(t.len(), CHECKSUMMED_LEN);
+        assert!(t[TOKEN_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric()));
+        assert!(is_well_formed(t));
+        // One changed character in the random part or the checksum is caught.
+        for i in [TOKEN_PREFIX.len(), CHECKSUMMED_LEN - 1] {
+            let mut forged = t.as_bytes().to_vec();
+            forged[i] = if forged[i] == b'a' { b'b' } else { b'a' };
+            assert!(!is_well_formed(std::str::from_utf8(&forged).unwrap()));
+        }
+        // The checksum is the CRC-32 of the random part in fixed-width base62.
+        assert_eq!(&checksum(b"0"), b"4U0xWL"); // crc32("0") = 0xf4dbdf21
+        assert_eq!(&checksum(b""), b"000000");
+        for bad in [
+            "tpx_",
+            "tpx_abc123",
+            &t[..t.len() - 1],
+            &format!("{t}0"),
+            &format!("tpx_{}", "-".repeat(RANDOM_LEN + CHECKSUM_LEN)),
+            &format!("TPX_{}", &t[4..]),
+        ] {
+            assert!(!is_well_formed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_format_tokens_stay_valid() {
+        let old = format!(
+            "tpx_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xfbu8; 32])
+        );
+        assert_eq!(old.len(), LEGACY_LEN);
+        assert!(is_well_formed(&old));
+        // Same length but not canonical base64url of 32 bytes.
+        let mut noncanonical = old.clone();
+        noncanonical.pop();
+        noncanonical.push('_');
+        assert!(!is_well_formed(&noncanonical));
     }
 
     #[test]
