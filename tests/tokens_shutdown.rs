@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use support::store_wrapper::{HookedStore, Hooks};
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
-use tokenproxy::store::{LinkStore, StoreError, Fence, TokenSet};
+use tokenproxy::store::{Fence, LinkStore, StoreError, TokenSet};
 use tokenproxy::tokens::TokenError;
 use tokio::sync::Notify;
 use uuid::Uuid;
