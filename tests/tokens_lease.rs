@@ -226,3 +226,22 @@ async fn the_holder_extends_its_lease_while_a_slow_write_runs(pool: PgPool) {
     );
     assert_link_intact(&idp, &store, user).await;
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_slow_answer_within_the_budget_is_waited_for(pool: PgPool) {
+    let (clock, idp, store, user) = setup(&pool).await;
+    seed_expired(&idp, &store, &*clock, user).await;
+    // The provider's per-attempt timeout is 2 s; the default lease leaves the
+    // exchange 25 s. An answer after 3 s carries the rotated refresh token: giving
+    // up on it would lose that token and leave the spent one in the row.
+    idp.set_latency(Duration::from_secs(3));
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    let token = r
+        .source
+        .get(P, user)
+        .await
+        .expect("the slow answer is used");
+    assert!(idp.is_valid_access_token(token.expose_secret()));
+    idp.assert_grants(1, 1, 0);
+    assert_link_intact(&idp, &store, user).await;
+}
