@@ -245,3 +245,73 @@ async fn a_slow_answer_within_the_budget_is_waited_for(pool: PgPool) {
     idp.assert_grants(1, 1, 0);
     assert_link_intact(&idp, &store, user).await;
 }
+
+/// Replica A's database refuses the first writes after its exchange (so the
+/// token is handed to a background re-save); the re-save's first attempt lets
+/// replica B try the link before failing too.
+struct RefusedWrites {
+    calls: std::sync::atomic::AtomicU32,
+    b_may_go: Arc<Notify>,
+    b_claimed: Arc<Notify>,
+}
+
+#[async_trait::async_trait]
+impl Hooks for RefusedWrites {
+    async fn write_refreshed(
+        &self,
+        inner: &dyn LinkStore,
+        p: &str,
+        u: Uuid,
+        old: &Fence,
+        new: &TokenSet,
+    ) -> Result<bool, StoreError> {
+        let call = self.calls.fetch_add(1, Ordering::AcqRel) + 1;
+        // Three attempts in the flight, then the background re-save's first.
+        if call == 4 {
+            self.b_may_go.notify_one();
+            self.b_claimed.notified().await;
+        }
+        if call <= 4 {
+            return Err(StoreError::Unavailable("refused by the test".into()));
+        }
+        inner.write_refreshed(p, u, old, new).await
+    }
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_background_resave_keeps_the_lease(pool: PgPool) {
+    let (clock, idp, store, user) = setup(&pool).await;
+    seed_expired(&idp, &store, &*clock, user).await;
+    let (b_may_go, b_claimed) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let a_store = HookedStore::new(
+        PgStore::from_pool(own_pool(&pool).await, Keyring::plaintext()),
+        RefusedWrites {
+            calls: Default::default(),
+            b_may_go: b_may_go.clone(),
+            b_claimed: b_claimed.clone(),
+        },
+    );
+    let b_store = HookedStore::new(
+        PgStore::from_pool(own_pool(&pool).await, Keyring::plaintext()),
+        RecordClaims {
+            claimed: b_claimed,
+            answers: answers.clone(),
+        },
+    );
+    let cfg = tokens_cfg();
+    let a = replica_with(Arc::new(a_store), &[idp.provider(P)], &cfg, clock.clone()).await;
+    let b = replica_with(Arc::new(b_store), &[idp.provider(P)], &cfg, clock.clone()).await;
+    let a_token = a.source.get(P, user).await.expect("A serves its new token");
+    b_may_go.notified().await;
+    let b_result = b.source.get(P, user).await;
+    idp.assert_grants(1, 1, 0);
+    assert_eq!(
+        answers.lock().first().copied(),
+        Some("held"),
+        "the re-save still holds the lease"
+    );
+    let b_token = b_result.expect("B serves a token");
+    assert_eq!(a_token.expose_secret(), b_token.expose_secret());
+    assert_link_intact(&idp, &store, user).await;
+}
