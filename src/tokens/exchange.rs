@@ -8,6 +8,8 @@
 //! writing, so a loser can never overwrite or break a winner's fresh token.
 
 use std::sync::Arc;
+
+use secrecy::ExposeSecret;
 use std::time::Duration;
 
 use super::cache::{self, Entry, Key};
@@ -85,12 +87,21 @@ pub(super) async fn exchange(
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(r) => {
-            // From here on the row's refresh token may be spent at the provider:
-            // keep the lease ours until the new one is stored, however long the
-            // write takes, or another replica would claim the row and present the
-            // spent token.
-            let (step, unsaved) =
-                keeping_lease(inner, lease, claimed, persist(inner, key, row, r, sent)).await;
+            // A rotated refresh token means the row's one may be spent at the
+            // provider: keep the lease ours until the new one is stored, however
+            // long the write takes, or another replica would claim the row and
+            // present the spent token. A provider that did not rotate left the
+            // row's token valid, so another replica may refresh meanwhile.
+            let rotated = r
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| t.expose_secret() != row.refresh_token.expose_secret());
+            let persisting = persist(inner, key, row, r, sent);
+            let (step, unsaved) = if rotated {
+                keeping_lease(inner, lease, claimed, persisting).await
+            } else {
+                persisting.await
+            };
             if let Some(new) = unsaved {
                 inner.tasks.spawn(keep_persisting(
                     inner.store.clone(),
@@ -99,7 +110,7 @@ pub(super) async fn exchange(
                     key.1,
                     row.fence(),
                     new,
-                    lease.take(),
+                    if rotated { lease.take() } else { None },
                     inner.cfg.lease_timeout,
                 ));
             }
