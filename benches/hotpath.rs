@@ -78,6 +78,14 @@ impl LinkStore for Counting {
         self.count("release_refresh_lease");
         self.inner.release_refresh_lease(lease).await
     }
+    async fn extend_refresh_lease(
+        &self,
+        lease: &Lease,
+        by: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.count("extend_refresh_lease");
+        self.inner.extend_refresh_lease(lease, by).await
+    }
     async fn write_refreshed(
         &self,
         p: &str,

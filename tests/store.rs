@@ -60,6 +60,7 @@ conformance_suite!(
     proxy_tokens_create_find_list_revoke_touch,
     change_feed_announces_every_applied_change,
     non_rotating_stale_writer_is_fenced,
+    lease_extension_is_fenced_by_the_holder,
 );
 
 // Migrations start from an empty database, so they are instantiated by hand.

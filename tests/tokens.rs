@@ -185,7 +185,12 @@ async fn transient_failures_record_nothing_and_recover(pool: PgPool) {
     seed_expired(&idp, &st, &*clock, user).await;
     let mut provider = idp.provider(P);
     provider.timeout = Duration::from_millis(300);
-    let r = replica(&pool, &[provider], &tokens_cfg(), clock.clone()).await;
+    // A 2 s lease leaves the exchange a 1.5 s budget (the rest is the write reserve).
+    let cfg = TokensConfig {
+        lease_timeout: Duration::from_secs(2),
+        ..tokens_cfg()
+    };
+    let r = replica(&pool, &[provider], &cfg, clock.clone()).await;
 
     // 500s on every retry inside the budget → idp_unavailable, nothing recorded.
     for _ in 0..4 {
@@ -206,7 +211,7 @@ async fn transient_failures_record_nothing_and_recover(pool: PgPool) {
     assert_eq!(idp.attempts(), 4, "backing off");
     clock.advance(Duration::from_secs(1));
 
-    // A hang past the provider deadline → idp_unavailable, not retried (the provider
+    // A hang past the exchange's budget → idp_unavailable, not retried (the provider
     // may have processed it), nothing recorded.
     idp.push_fault(Fault::Hang(Duration::from_secs(2)));
     assert_eq!(

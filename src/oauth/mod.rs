@@ -181,17 +181,22 @@ impl ProviderClient {
         &self.id
     }
 
-    /// The deadline of one exchange.
+    /// The time one attempt is guaranteed (`providers[].timeout`): an exchange
+    /// starts an attempt only while at least this much of its budget is left.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
     /// Refreshes, retrying transient failures with backoff while `budget` lasts.
     ///
-    /// Only answers that prove the grant was not processed are retried (connection
-    /// refused, 5xx, 429). A timed-out or interrupted attempt is not: the provider
-    /// may have processed it and rotated the refresh token, and replaying the old
-    /// one would then be answered `invalid_grant` — which would wrongly look permanent.
+    /// The budget is the one deadline of the whole exchange. Only answers that
+    /// prove the grant was not processed are retried (connection refused, 5xx,
+    /// 429), and a retry starts only when a full `providers[].timeout` of the
+    /// budget is left for it. An attempt in flight is never abandoned before the
+    /// budget ends, and never followed by another after a timeout: the provider
+    /// may have processed it and rotated the refresh token, so giving up early
+    /// loses the new one, and replaying the old one would be answered
+    /// `invalid_grant` — which would wrongly look permanent.
     pub async fn refresh(
         &self,
         refresh_token: &SecretString,
@@ -201,16 +206,17 @@ impl ProviderClient {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
+            if deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .is_zero()
+            {
                 return Err(RefreshError::Transient("refresh budget exhausted".into()));
             }
-            let per_try = self.timeout.min(left);
             let (err, hint) =
-                match tokio::time::timeout(per_try, self.exchange_once(refresh_token)).await {
+                match tokio::time::timeout_at(deadline, self.exchange_once(refresh_token)).await {
                     Err(_) => {
                         return Err(RefreshError::Transient(format!(
-                            "no answer within {per_try:?}"
+                            "no answer within the refresh budget ({budget:?})"
                         )))
                     }
                     Ok(Ok(r)) => return Ok(r),
@@ -219,7 +225,7 @@ impl ProviderClient {
                 };
             let wait = hint.unwrap_or_else(|| backoff(attempt));
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if attempt >= 4 || wait >= left {
+            if attempt >= 4 || wait + self.timeout > left {
                 return Err(RefreshError::Transient(err));
             }
             tracing::debug!(provider = %self.id, attempt, ?wait, error = %err, "retrying refresh");

@@ -287,6 +287,19 @@ pub trait LinkStore: Send + Sync + 'static {
     /// waiters re-read. Best effort for callers.
     async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError>;
 
+    /// Extends a lease we still hold — the row's lease is exactly
+    /// `lease.expires_at`, expired or not — to `by` from now (database clock).
+    /// Returns the extended lease (its new value is the new fencing token), or
+    /// `None` when another holder claimed the row or the lease was cleared.
+    ///
+    /// A holder whose provider already answered calls it while its write
+    /// retries: the row's refresh token may be spent, so no one else may claim it.
+    async fn extend_refresh_lease(
+        &self,
+        lease: &Lease,
+        by: Duration,
+    ) -> Result<Option<Lease>, StoreError>;
+
     /// Compare-and-swap after a successful refresh: writes `new` (encrypting it)
     /// only if the row still holds what was read (`read`); clears the failure
     /// reason and the lease; announces. `Ok(false)` = lost the race.

@@ -352,6 +352,14 @@ impl LinkStore for SqliteStore {
         lease::release(&self.pool, lease).await
     }
 
+    async fn extend_refresh_lease(
+        &self,
+        lease: &Lease,
+        by: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        lease::extend(&self.pool, lease, by).await
+    }
+
     async fn write_refreshed(
         &self,
         provider_id: &str,

@@ -8,6 +8,8 @@
 //! writing, so a loser can never overwrite or break a winner's fresh token.
 
 use std::sync::Arc;
+
+use secrecy::ExposeSecret;
 use std::time::Duration;
 
 use super::cache::{self, Entry, Key};
@@ -35,12 +37,14 @@ pub(super) async fn recheck(inner: &Arc<Inner>, key: Key, row: &Link) -> Option<
 }
 
 /// Exchanges the row's refresh token while we hold the lease (claimed at
-/// `claimed`), and settles the outcome.
+/// `claimed`), and settles the outcome. `lease` ends as the lease the caller
+/// should release: extended while the write ran, or `None` when it is no longer
+/// ours or a background re-save took it over.
 pub(super) async fn exchange(
     inner: &Arc<Inner>,
     key: Key,
     row: &Link,
-    lease: &Lease,
+    lease: &mut Option<Lease>,
     claimed: tokio::time::Instant,
 ) -> Step {
     let provider = &inner.providers[key.0 as usize];
@@ -100,8 +104,39 @@ pub(super) async fn exchange(
         Err(RefreshError::Misconfigured(_)) => {}
     }
     match result {
-        Ok(r) => persist(inner, key, row, r, sent).await,
-        Err(RefreshError::Rejected(reason)) => rejected(inner, key, row, lease, &reason).await,
+        Ok(r) => {
+            // A rotated refresh token means the row's one may be spent at the
+            // provider: keep the lease ours until the new one is stored, however
+            // long the write takes, or another replica would claim the row and
+            // present the spent token. A provider that did not rotate left the
+            // row's token valid, so another replica may refresh meanwhile.
+            let rotated = r
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| t.expose_secret() != row.refresh_token.expose_secret());
+            let persisting = persist(inner, key, row, r, sent);
+            let (step, unsaved) = if rotated {
+                keeping_lease(inner, lease, claimed, persisting).await
+            } else {
+                persisting.await
+            };
+            if let Some(new) = unsaved {
+                inner.tasks.spawn(keep_persisting(
+                    inner.store.clone(),
+                    inner.draining.clone(),
+                    provider_id_of(inner, key).to_string(),
+                    key.1,
+                    row.fence(),
+                    new,
+                    if rotated { lease.take() } else { None },
+                    inner.cfg.lease_timeout,
+                ));
+            }
+            step
+        }
+        Err(RefreshError::Rejected(reason)) => {
+            rejected(inner, key, row, lease.as_ref(), &reason).await
+        }
         Err(e) => {
             // Transient (or a client misconfiguration): nothing about the link changes.
             tracing::warn!(provider = %provider.id, user = %key.1, error = %e, "refresh failed");
@@ -122,18 +157,76 @@ pub(super) async fn exchange(
     }
 }
 
+fn provider_id_of(inner: &Inner, key: Key) -> &str {
+    inner.providers[key.0 as usize].id.as_str()
+}
+
+/// How often a held lease is extended while a write after an answered exchange
+/// is still running, as a fraction of `tokens.lease_timeout`.
+const EXTEND_EVERY: u32 = 3;
+
+/// Runs `work` while keeping `lease` (claimed at `claimed`) ours: the first
+/// extension comes halfway through what is left of the claimed lease, then one
+/// every third of `tokens.lease_timeout`, each fenced by the lease value we hold.
+/// A fast write costs no extension. If the lease turns out to be someone else's,
+/// `lease` becomes `None` (the write's compare-and-swap still protects the row).
+async fn keeping_lease<T>(
+    inner: &Inner,
+    lease: &mut Option<Lease>,
+    claimed: tokio::time::Instant,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let lease_timeout = inner.cfg.lease_timeout;
+    let period = lease_timeout / EXTEND_EVERY;
+    let keeper = async {
+        let now = tokio::time::Instant::now();
+        let mut next = now + (claimed + lease_timeout).saturating_duration_since(now) / 2;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let Some(held) = lease.as_ref() else {
+                return std::future::pending::<()>().await;
+            };
+            match inner.store.extend_refresh_lease(held, lease_timeout).await {
+                Ok(Some(extended)) => {
+                    *lease = Some(extended);
+                    next = tokio::time::Instant::now() + period;
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        provider = %held.provider_id,
+                        user = %held.user_id,
+                        "the refresh lease ran out while the refreshed token was being stored; the database is slow"
+                    );
+                    *lease = None;
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %held.provider_id, user = %held.user_id, error = %e, "cannot extend the refresh lease; retrying");
+                    // Sooner than the period: the lease may be about to run out.
+                    next =
+                        tokio::time::Instant::now() + (period / 4).max(Duration::from_millis(10));
+                }
+            }
+        }
+    };
+    tokio::select! {
+        out = work => out,
+        () = keeper => unreachable!("the lease keeper never finishes"),
+    }
+}
+
 /// How long no refresh is attempted at a provider after it rejected our client.
 const CLIENT_REJECTED_PAUSE: Duration = Duration::from_secs(10);
 
 /// Writes a successful refresh (requested at `sent`) with a compare-and-swap on the
-/// refresh token read.
+/// refresh token read. Also returns the token set when it could not be stored, for
+/// the caller to hand to a background re-save.
 async fn persist(
     inner: &Arc<Inner>,
     key: Key,
     row: &Link,
     r: Refreshed,
     sent: chrono::DateTime<chrono::Utc>,
-) -> Step {
+) -> (Step, Option<TokenSet>) {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
     let (new, lifetime) = refreshed_set(inner, provider_id, row, r, sent);
     let token = AccessToken::new(new.access_token.clone(), new.expiry);
@@ -150,7 +243,7 @@ async fn persist(
                     .metrics
                     .refresh_outcome(provider_id, RefreshOutcome::Success);
                 tracing::info!(provider = provider_id, user = %key.1, "refreshed access token");
-                return serve_refreshed(inner, key, token, lifetime, epoch);
+                return (serve_refreshed(inner, key, token, lifetime, epoch), None);
             }
             Ok(false) => {
                 // Someone else's token is in the row: theirs wins, ours is dropped.
@@ -158,7 +251,7 @@ async fn persist(
                     .metrics
                     .refresh_outcome(provider_id, RefreshOutcome::LostRace);
                 tracing::info!(provider = provider_id, user = %key.1, "lost refresh race; serving the winner's token");
-                return lost_race(inner, key, token).await;
+                return (lost_race(inner, key, token).await, None);
             }
             Err(e) if attempt < 2 => {
                 attempt += 1;
@@ -173,15 +266,10 @@ async fn persist(
                 // write stays a compare-and-swap on the token we exchanged, so it
                 // can only heal the row, never overwrite a newer one.
                 tracing::error!(provider = provider_id, user = %key.1, error = %e, "could not store refreshed token; retrying in the background");
-                inner.tasks.spawn(keep_persisting(
-                    inner.store.clone(),
-                    inner.draining.clone(),
-                    provider_id.to_string(),
-                    key.1,
-                    row.fence(),
-                    new,
-                ));
-                return serve_refreshed(inner, key, token, lifetime, epoch);
+                return (
+                    serve_refreshed(inner, key, token, lifetime, epoch),
+                    Some(new),
+                );
             }
         }
     }
@@ -248,6 +336,11 @@ const PERSIST_RETRY_FOR: Duration = Duration::from_secs(3600);
 /// Retries storing a refreshed token set (with backoff) until it is stored, the
 /// row turns out to hold something else, or [`PERSIST_RETRY_FOR`] passes. When
 /// shutdown begins it stops backing off (the drain bounds how long it may still try).
+///
+/// Before each attempt it extends `lease` (when still ours) over that attempt and
+/// the wait after it: the row still holds the spent refresh token, so no other
+/// replica may claim it meanwhile.
+#[allow(clippy::too_many_arguments)]
 async fn keep_persisting(
     store: Arc<dyn crate::store::LinkStore>,
     draining: tokio_util::sync::CancellationToken,
@@ -255,6 +348,8 @@ async fn keep_persisting(
     user: uuid::Uuid,
     old: crate::store::Fence,
     new: TokenSet,
+    mut lease: Option<Lease>,
+    lease_timeout: Duration,
 ) {
     let give_up = tokio::time::Instant::now() + PERSIST_RETRY_FOR;
     let mut wait = Duration::from_millis(200);
@@ -265,6 +360,17 @@ async fn keep_persisting(
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = draining.cancelled(), if wait > DRAIN_RETRY => {}
+        }
+        if let Some(held) = &lease {
+            // Over this attempt and the (doubled) wait before the next one.
+            // An error means the database is still down: the write below fails
+            // as well, and the next round tries again.
+            if let Ok(extended) = store
+                .extend_refresh_lease(held, lease_timeout + wait * 2)
+                .await
+            {
+                lease = extended;
+            }
         }
         match store.write_refreshed(&provider_id, user, &old, &new).await {
             Ok(true) => {
@@ -282,6 +388,9 @@ async fn keep_persisting(
         }
     }
     tracing::error!(provider = %provider_id, %user, "gave up storing the refreshed token; the user may need to log in again");
+    if let Some(held) = lease {
+        let _ = store.release_refresh_lease(&held).await;
+    }
 }
 
 async fn lost_race(inner: &Arc<Inner>, key: Key, ours: AccessToken) -> Step {
@@ -305,7 +414,13 @@ async fn lost_race(inner: &Arc<Inner>, key: Key, ours: AccessToken) -> Step {
 
 /// The provider rejected the refresh token. Before calling it permanent, look again:
 /// if the row now holds another refresh token, a winner refreshed it and we use theirs.
-async fn rejected(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease, reason: &str) -> Step {
+async fn rejected(
+    inner: &Arc<Inner>,
+    key: Key,
+    row: &Link,
+    lease: Option<&Lease>,
+    reason: &str,
+) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
     match inner.store.get_link(provider_id, key.1).await {
         Ok(Some(now_row)) if now_row.refresh_token_stored != row.refresh_token_stored => {
@@ -315,7 +430,7 @@ async fn rejected(inner: &Arc<Inner>, key: Key, row: &Link, lease: &Lease, reaso
         Ok(Some(_)) => {
             match inner
                 .store
-                .record_refresh_failure(provider_id, key.1, &row.fence(), Some(lease), reason)
+                .record_refresh_failure(provider_id, key.1, &row.fence(), lease, reason)
                 .await
             {
                 Ok(true) => {

@@ -257,18 +257,23 @@ async fn claim_and_refresh(
             // that just recorded a rejection and let its lease go leaves the same
             // refresh token behind. Look once more before calling the provider, so a
             // dead token is presented only once.
+            let mut held = Some(lease);
             let step = match exchange::recheck(inner, key, row).await {
                 Some(step) => step,
-                None => exchange::exchange(inner, key, row, &lease, claimed).await,
+                None => exchange::exchange(inner, key, row, &mut held, claimed).await,
             };
-            let store = inner.store.clone();
-            // Best effort: a failed release only delays others until it expires, and
-            // must never turn our result into an error.
-            inner.tasks.spawn(async move {
-                if let Err(e) = store.release_refresh_lease(&lease).await {
-                    tracing::debug!(error = %e, "releasing refresh lease failed");
-                }
-            });
+            // The exchange may have extended the lease, lost it, or handed it to a
+            // background re-save; release only what is still ours here.
+            if let Some(lease) = held {
+                let store = inner.store.clone();
+                // Best effort: a failed release only delays others until it expires,
+                // and must never turn our result into an error.
+                inner.tasks.spawn(async move {
+                    if let Err(e) = store.release_refresh_lease(&lease).await {
+                        tracing::debug!(error = %e, "releasing refresh lease failed");
+                    }
+                });
+            }
             step
         }
     }

@@ -669,3 +669,60 @@ pub async fn non_rotating_stale_writer_is_fenced(b: &dyn Backend) {
         }
     }
 }
+
+/// Lease extension: moves only the holder's own lease (fenced by its exact
+/// value), keeps other claimants out, and does nothing once the lease was taken
+/// over or cleared by the write.
+pub async fn lease_extension_is_fenced_by_the_holder(b: &dyn Backend) {
+    let store = b.store(keyring(EncryptionFormat::Native, &[KEY_A])).await;
+    let store = store.as_ref();
+    let user = Uuid::new_v4();
+    let old = put_and_read(store, user).await;
+    let old_stored = &old.refresh_token_stored;
+
+    let LeaseClaim::Acquired(first) = claim(store, user, old_stored).await else {
+        panic!("first claim must acquire")
+    };
+    let extended = store
+        .extend_refresh_lease(&first, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("the holder extends its own lease");
+    assert!(extended.expires_at > first.expires_at, "moved later");
+    let row = store.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(row.lease_expires_at, Some(extended.expires_at));
+    match claim(store, user, old_stored).await {
+        LeaseClaim::Held { until } => assert_eq!(until, extended.expires_at),
+        other => panic!("expected Held, got {other:?}"),
+    }
+    // The value it replaced no longer identifies the holder.
+    assert!(store
+        .extend_refresh_lease(&first, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_none());
+
+    // Taken over after expiry: the old holder cannot extend the new one's lease.
+    b.expire_lease("github", user).await;
+    let LeaseClaim::Acquired(second) = claim(store, user, old_stored).await else {
+        panic!("an expired lease can be claimed")
+    };
+    assert!(store
+        .extend_refresh_lease(&extended, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_none());
+    let row = store.get_link("github", user).await.unwrap().unwrap();
+    assert_eq!(row.lease_expires_at, Some(second.expires_at));
+
+    // A successful write clears the lease: nothing left to extend.
+    assert!(store
+        .write_refreshed("github", user, &old.fence(), &tokens("a1", "r1"))
+        .await
+        .unwrap());
+    assert!(store
+        .extend_refresh_lease(&second, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_none());
+}

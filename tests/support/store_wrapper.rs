@@ -99,6 +99,13 @@ impl<H: Hooks> LinkStore for HookedStore<H> {
     async fn release_refresh_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         self.inner.release_refresh_lease(lease).await
     }
+    async fn extend_refresh_lease(
+        &self,
+        lease: &Lease,
+        by: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.inner.extend_refresh_lease(lease, by).await
+    }
     async fn write_refreshed(
         &self,
         p: &str,

@@ -68,3 +68,29 @@ pub(super) async fn release(pool: &PgPool, lease: &Lease) -> Result<(), StoreErr
         .map_err(map_err)?;
     Ok(())
 }
+
+/// Moves `lease` to `by` from now if the row still holds exactly its value.
+pub(super) async fn extend(
+    pool: &PgPool,
+    lease: &Lease,
+    by: Duration,
+) -> Result<Option<Lease>, StoreError> {
+    // Not announced: like a claim, an extension changes nothing a reader serves.
+    let until: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "UPDATE external_auth_links \
+         SET refresh_lease_expires_at = now() + make_interval(secs => $4) \
+         WHERE provider_id = $1 AND user_id = $2 AND refresh_lease_expires_at = $3 \
+         RETURNING refresh_lease_expires_at",
+    )
+    .bind(&lease.provider_id)
+    .bind(lease.user_id)
+    .bind(lease.expires_at)
+    .bind(by.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    Ok(until.map(|expires_at| Lease {
+        expires_at,
+        ..lease.clone()
+    }))
+}

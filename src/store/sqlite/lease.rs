@@ -73,6 +73,36 @@ pub(super) async fn release(pool: &SqlitePool, lease: &Lease) -> Result<(), Stor
     Ok(())
 }
 
+/// Moves `lease` to `by` from now if the row still holds exactly its value.
+pub(super) async fn extend(
+    pool: &SqlitePool,
+    lease: &Lease,
+    by: Duration,
+) -> Result<Option<Lease>, StoreError> {
+    let plus = format!("+{:.3} seconds", by.as_secs_f64().max(0.001));
+    let until: Option<String> = sqlx::query_scalar(
+        "UPDATE external_auth_links \
+         SET refresh_lease_expires_at = strftime('%Y-%m-%dT%H:%M:%f000Z', 'now', ?4) \
+         WHERE provider_id = ?1 AND user_id = ?2 AND refresh_lease_expires_at = ?3 \
+         RETURNING refresh_lease_expires_at",
+    )
+    .bind(&lease.provider_id)
+    .bind(lease.user_id.to_string())
+    .bind(ts_to_db(lease.expires_at))
+    .bind(plus)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    until
+        .map(|t| {
+            Ok(Lease {
+                expires_at: parse(&t)?,
+                ..lease.clone()
+            })
+        })
+        .transpose()
+}
+
 fn parse(s: &str) -> Result<DateTime<Utc>, StoreError> {
     ts_from_db(s).ok_or_else(|| StoreError::Other("malformed lease timestamp".into()))
 }
