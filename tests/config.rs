@@ -343,6 +343,19 @@ fn section_overrides_apply_with_types() {
 }
 
 #[test]
+fn coder_section_can_be_set_from_the_environment() {
+    let cfg = load_env(
+        BASE,
+        &[("TOKENPROXY_CODER__ACCESS_URL", "https://coder.example.com")],
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.coder.unwrap().access_url.unwrap().as_str(),
+        "https://coder.example.com/"
+    );
+}
+
+#[test]
 fn unknown_override_section_is_named() {
     rejects(
         BASE,

@@ -28,6 +28,7 @@ const OVERRIDE_SECTIONS: &[&str] = &[
     "callers",
     "logging",
     "forward",
+    "coder",
 ];
 
 /// Applies the overrides and returns, for each, the dotted key it set and the variable
