@@ -3,7 +3,12 @@
 //! intercepts chosen calls.
 #![allow(dead_code)]
 
+pub mod child;
+pub mod db;
+pub mod gate;
 pub mod idp;
+pub mod net;
+pub mod runtime;
 pub mod store_wrapper;
 pub mod upstream;
 pub mod util;

@@ -23,11 +23,12 @@ use tokenproxy::config::Config;
 use tokenproxy::proxy::{self, Deps, TokenLookup};
 use tokenproxy::store::{LinkStore, NewProxyToken};
 use tokenproxy::telemetry::Metrics;
-use tokenproxy::tokens::{AccessToken, TokenError};
+use tokenproxy::tokens::{AccessToken, TokenError, TokenSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Parses a test config (no environment overrides).
@@ -45,6 +46,16 @@ pub struct Harness {
     pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The token source's background work, when started by [`Harness::start_source`].
+    background: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some((stop, _)) = &self.background {
+            stop.cancel();
+        }
+    }
 }
 
 impl Harness {
@@ -60,6 +71,22 @@ impl Harness {
             tokio::spawn(proxy::run(listener, admin, deps, stop))
         })
         .await
+    }
+
+    /// [`Harness::start`] over the real token source, with its background work
+    /// (the change feed keeping the cache coherent, and refresh-ahead when
+    /// `tokens.refresh_ahead` is on) running as `tokenproxy serve` runs it: started
+    /// before the listener, stopped after the drain.
+    pub async fn start_source(
+        config: Config,
+        store: Arc<dyn LinkStore>,
+        source: Arc<TokenSource>,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let background = source.spawn_background(stop.clone());
+        let mut h = Self::start(config, store, source).await;
+        h.background = Some((stop, background));
+        h
     }
 
     /// [`Harness::start`] with the proxy on `workers` worker threads, as
@@ -113,6 +140,7 @@ impl Harness {
             metrics,
             stop: Some(tx),
             task: Some(task),
+            background: None,
         }
     }
 
@@ -130,6 +158,10 @@ impl Harness {
     /// Shuts down and waits for the drain to finish.
     pub async fn shutdown(mut self) {
         self.begin_shutdown().await.unwrap().unwrap();
+        if let Some((stop, background)) = self.background.take() {
+            stop.cancel();
+            background.await.unwrap();
+        }
     }
 }
 
@@ -342,26 +374,14 @@ impl TokenLookup for FakeTokens {
     }
 }
 
-/// The URL of the database `pool` belongs to, on the server in `DATABASE_URL`.
-pub fn db_url(pool: &sqlx::PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(
-        pool.connect_options()
-            .get_database()
-            .expect("sqlx::test names its database"),
-    );
-    url.to_string()
-}
+/// The URL of the database `pool` belongs to (one copy, in `support::db`).
+#[allow(unused_imports)]
+pub use crate::support::db::db_url;
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A free loopback port, bound then released (one copy, in `support::net`; only
+/// for children that cannot bind port 0 and say where they listen).
+#[allow(unused_imports)]
+pub use crate::support::net::free_port;
 
 /// The real `tokenproxy serve` binary, running as a child process.
 pub struct Spawned {
@@ -376,50 +396,48 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// Writes `[server]` listeners plus `[database] url` for `db` in front of
-    /// `rest` and runs `tokenproxy serve`, returning once the proxy accepts.
+    /// Writes `[server]` listeners on port 0 plus `[database] url` for `db` in
+    /// front of `rest` and runs `tokenproxy serve`, returning once its
+    /// `listening` log line names the bound addresses (see `support::child`).
     pub async fn start(db: &str, rest: &str) -> Self {
+        use crate::support::child;
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("tokenproxy.toml");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"30s\"\n\n[database]\nurl = \"{db}\"\n\n{rest}"
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"30s\"\n\n[database]\nurl = \"{db}\"\n\n{rest}"
             ),
         )
         .unwrap();
+        let base = std::env::var("SPAWNED_LOG").unwrap_or_else(|_| "warn".into());
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
             .env_clear()
-            .env(
-                "RUST_LOG",
-                std::env::var("SPAWNED_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", child::log_filter(&base))
             .arg("--config")
             .arg(&config)
             .arg("serve")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Readiness polling (bounded), not a timing assertion.
-        for _ in 0..400 {
-            if TcpStream::connect(addr).await.is_ok() {
-                return Self {
-                    child,
-                    addr,
-                    admin,
-                    _dir: dir,
-                };
+        let listening = child::watch_stderr(child.stderr.take().unwrap());
+        match child::wait_listening(listening).await {
+            Ok((addr, admin)) => Self {
+                child,
+                addr,
+                admin,
+                _dir: dir,
+            },
+            Err(why) => {
+                let _ = child.kill();
+                panic!(
+                    "tokenproxy serve did not start: {why}; exit: {:?}",
+                    child.wait()
+                );
             }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("tokenproxy serve exited early: {status}");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        panic!("tokenproxy serve never listened on {addr}");
     }
 
     /// `http://ADDR{path}`.

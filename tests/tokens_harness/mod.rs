@@ -206,37 +206,9 @@ pub fn all_same(results: &[Result<AccessToken, TokenError>]) -> AccessToken {
     first
 }
 
-/// Runs `f` on a fresh multi-thread runtime (4 workers) with its own pool to the
-/// test's database: `#[sqlx::test]` runs on a current-thread runtime, which would
-/// hide races between truly parallel callers.
-pub async fn on_multi_thread<F, Fut>(pool: &PgPool, f: F)
-where
-    F: FnOnce(PgPool) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let opts = pool.connect_options().as_ref().clone();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let pool = PgPoolOptions::new()
-                .max_connections(8)
-                .connect_with(opts)
-                .await
-                .unwrap();
-            f(pool).await
-        });
-    });
-    let joined = tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .unwrap();
-    if let Err(panic) = joined {
-        std::panic::resume_unwind(panic);
-    }
-}
+/// Runs `f` on a multi-thread runtime (one copy, in `support::runtime`).
+#[allow(unused_imports)]
+pub use crate::support::runtime::on_multi_thread;
 
 impl Replica {
     /// Cache hits so far.
