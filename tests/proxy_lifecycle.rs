@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use harness::{create_token, get, raw, raw_status, FakeTokens, Harness};
 use sqlx::PgPool;
+use support::gate::Gate;
 use support::upstream::{tokens, CredentialForm, TestUpstream};
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
@@ -232,12 +233,6 @@ fn assert_cut_after(elapsed: std::time::Duration, configured: std::time::Duratio
     );
 }
 
-/// A GET of `path` through `w`'s proxy with its caller token, in the background.
-fn spawn_get(w: &World, path: &str) -> JoinHandle<harness::Answer> {
-    let (url, auth) = (w.proxy.url(path), format!("Bearer {}", w.token));
-    tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
-}
-
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn sigterm_to_the_binary_drains_the_in_flight_request(pool: PgPool) {
     let (api, mut proxy, in_flight) = binary_with_request_in_flight(pool).await;
@@ -339,40 +334,118 @@ async fn slow_or_silent_clients_are_cut_off(pool: PgPool) {
     assert_eq!(w.api.count(), 0);
 }
 
+/// A proxy (`workers` worker threads, 0: the test's runtime) with one route to a
+/// [`Gate`], and a caller token for it.
+async fn gated(pool: PgPool, server_toml: &str, workers: usize) -> (Gate, Harness, String) {
+    let gate = Gate::start().await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = harness::config(&format!(
+        "[server]\n{server_toml}\n\n[[providers]]\nid = \"github\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\n  [[providers.routes]]\n  prefix = \"/gh/api\"\n  upstream = \"{}\"\n",
+        gate.url()
+    ));
+    let proxy = match workers {
+        0 => Harness::start(config, store, fake).await,
+        n => Harness::start_workers(config, store, fake, n).await,
+    };
+    (gate, proxy, token)
+}
+
+/// Sends `n` requests at once through `proxy` to the gate and lets them through
+/// one at a time, each release only after the next waiting request has reached
+/// the gate; returns the gate's high-water mark once all were answered 200.
+/// A connection left waiting while a slot is free (stranded) fails the test
+/// when its request never arrives ([`support::gate::ARRIVAL_TIMEOUT`]).
+async fn through_the_gate(
+    gate: &Gate,
+    proxy: &Harness,
+    token: &str,
+    n: usize,
+    limit: usize,
+) -> usize {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, auth) = (proxy.url("/gh/api/held"), format!("Bearer {token}"));
+            tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+        })
+        .collect();
+    for released in 0..n {
+        // The slots fill (as far as requests remain); no more than the limit
+        // are ever held at the upstream.
+        gate.arrived((released + limit).min(n)).await;
+        assert!(
+            gate.held() <= limit,
+            "{} held with {limit} slots",
+            gate.held()
+        );
+        gate.release(1);
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().status, 200);
+    }
+    gate.high_water()
+}
+
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn connections_beyond_the_limit_wait_for_a_free_slot(pool: PgPool) {
-    let w = world(pool, "max_connections = 1").await;
-    let slow = spawn_get(&w, "/gh/api/slow");
-    w.api.slow_arrived(1).await;
-    let second = spawn_get(&w, "/gh/api/user");
-    // While the only slot is taken, the second connection is not served.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(!second.is_finished());
-    assert_eq!(w.api.count(), 1);
-    w.api.release_slow();
-    assert_eq!(slow.await.unwrap().status, 200);
-    assert_eq!(second.await.unwrap().status, 200);
-    assert_eq!(w.api.count(), 2);
+    let (gate, proxy, token) = gated(pool, "max_connections = 2", 0).await;
+    let high = through_the_gate(&gate, &proxy, &token, 6, 2).await;
+    assert_eq!(
+        high, 2,
+        "exactly max_connections requests were served at once"
+    );
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn worker_threads_share_the_connection_limit_without_stranding_connections(pool: PgPool) {
     // Two workers, one slot: a freed slot must go to a worker holding a waiting
     // connection, never to one idling in accept while the other's queue waits.
-    let w = world_on(pool, "max_connections = 1", 2).await;
-    let slow = spawn_get(&w, "/gh/api/slow");
+    // The kernel spreads the 40 connections over the two workers' sockets by a
+    // hash; whenever that split is uneven, a slot handed to a worker with an
+    // empty backlog strands the other's connections, which then never arrive.
+    let (gate, proxy, token) = gated(pool, "max_connections = 1", 2).await;
+    let high = through_the_gate(&gate, &proxy, &token, 40, 1).await;
+    assert_eq!(high, 1, "the two workers share one slot");
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn shutdown_grace_expiry_cuts_off_what_is_still_running(pool: PgPool) {
+    let grace = std::time::Duration::from_millis(500);
+    let mut w = world(pool, r#"shutdown_grace = "500ms""#).await;
+    let (url, auth) = (w.proxy.url("/gh/api/slow"), format!("Bearer {}", w.token));
+    let in_flight = tokio::spawn(async move {
+        harness::try_send(http::Method::GET, &url, &[("authorization", &auth)], "").await
+    });
     w.api.slow_arrived(1).await;
-    let waiting: Vec<_> = (0..6).map(|_| spawn_get(&w, "/gh/api/user")).collect();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(w.api.count(), 1);
+    let began = tokio::time::Instant::now();
+    let server = w.proxy.begin_shutdown();
+    // The request is never released: only the grace period can end the drain.
+    tokio::time::timeout(std::time::Duration::from_secs(20), server)
+        .await
+        .expect("the drain ends when shutdown_grace runs out")
+        .unwrap()
+        .unwrap();
+    assert_cut_after(began.elapsed(), grace);
+    let cut = in_flight.await.expect("the client task ran to its end");
+    assert!(cut.is_err(), "the held request was cut off, got {cut:?}");
     w.api.release_slow();
-    assert_eq!(slow.await.unwrap().status, 200);
-    for request in waiting {
-        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), request)
-            .await
-            .expect("a waiting connection was stranded")
-            .unwrap();
-        assert_eq!(answer.status, 200);
-    }
-    assert_eq!(w.api.count(), 7);
+}
+
+#[test]
+fn listening_lines_of_both_log_formats_name_the_addresses() {
+    let text = "2026-01-01T00:00:00Z  INFO tokenproxy::proxy: listening addr=127.0.0.1:41000 admin=127.0.0.1:41001 tls=false workers=2";
+    let json = r#"{"timestamp":"x","level":"INFO","addr":"127.0.0.1:41000","admin":"127.0.0.1:41001","tls":false,"workers":2,"message":"listening","target":"tokenproxy::proxy"}"#;
+    let want = (
+        "127.0.0.1:41000".parse().unwrap(),
+        "127.0.0.1:41001".parse().unwrap(),
+    );
+    assert_eq!(support::child::listening_addrs(text), Some(want));
+    assert_eq!(support::child::listening_addrs(json), Some(want));
+    assert_eq!(
+        support::child::listening_addrs("INFO stopped accepting; draining"),
+        None
+    );
 }
