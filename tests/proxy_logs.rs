@@ -109,7 +109,7 @@ timeout = "2s"
         Arc::new(SystemClock),
     )
     .unwrap();
-    let proxy = Harness::start(config, store.clone(), tokens).await;
+    let proxy = Harness::start_source(config, store.clone(), tokens).await;
 
     let bearer = format!("Bearer {token}");
     assert_eq!(

@@ -317,6 +317,11 @@ async fn store_outage_serves_cached_unexpired_token_then_store_unavailable(pool:
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn upstream_rejections_refresh_once_per_token_version(pool: PgPool) {
+    // 50 rejections at once from 4 threads: the claim is about parallel callers.
+    on_multi_thread(&pool, rejections_of_one_version).await;
+}
+
+async fn rejections_of_one_version(pool: PgPool) {
     let (clock, idp, st, user) = setup(&pool).await;
     st.put_link(P, user, &idp.seed(user)).await.unwrap();
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
@@ -357,6 +362,10 @@ async fn interrupted_exchange_is_not_replayed(pool: PgPool) {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn callers_going_away_do_not_abandon_the_refresh(pool: PgPool) {
+    on_multi_thread(&pool, callers_going_away).await;
+}
+
+async fn callers_going_away(pool: PgPool) {
     let (clock, idp, st, user) = setup(&pool).await;
     idp.set_latency(Duration::from_millis(200));
     seed_expired(&idp, &st, &*clock, user).await;
