@@ -15,6 +15,7 @@ use harness::{create_token, get, FakeTokens, Harness};
 use sqlx::PgPool;
 use support::store_wrapper::{HookedStore, Hooks};
 use support::upstream::{tokens, CredentialForm, TestUpstream};
+use support::util::eventually;
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
 use tokenproxy::store::{LinkStore, ProxyTokenInfo, StoreError};
@@ -29,6 +30,8 @@ const DELETED: &str = "tpx_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 struct Counting {
     finds: AtomicUsize,
     touches: AtomicUsize,
+    /// The proxy tokens touched, in call order.
+    touched: parking_lot::Mutex<Vec<Uuid>>,
 }
 
 impl Counting {
@@ -36,6 +39,7 @@ impl Counting {
         Counting {
             finds: AtomicUsize::new(0),
             touches: AtomicUsize::new(0),
+            touched: parking_lot::Mutex::new(Vec::new()),
         }
     }
 }
@@ -52,6 +56,7 @@ impl Hooks for Counting {
     }
     async fn touch_proxy_token(&self, inner: &dyn LinkStore, id: Uuid) -> Result<(), StoreError> {
         self.touches.fetch_add(1, Ordering::SeqCst);
+        self.touched.lock().push(id);
         inner.touch_proxy_token(id).await
     }
 }
@@ -76,6 +81,12 @@ token_url = "http://127.0.0.1:9/token"
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn a_busy_caller_costs_one_lookup_and_one_touch(pool: PgPool) {
+    // 50 requests at once on 4 threads: the single lookup and the single touch
+    // must hold between threads, not only between tasks of one thread.
+    support::runtime::on_multi_thread(&pool, a_busy_caller).await;
+}
+
+async fn a_busy_caller(pool: PgPool) {
     let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let store = Arc::new(HookedStore::new(
         PgStore::from_pool(pool, Keyring::plaintext()),
@@ -91,35 +102,92 @@ async fn a_busy_caller_costs_one_lookup_and_one_touch(pool: PgPool) {
     ));
     let proxy = Harness::start(config, store.clone(), fake).await;
     let auth = format!("Bearer {token}");
-    let calls = (0..50).map(|_| {
-        let url = proxy.url("/gh/api/user");
-        let auth = auth.clone();
-        async move { get(&url, &[("authorization", &auth)]).await.status }
-    });
-    for status in futures_util::future::join_all(calls).await {
-        assert_eq!(status, 200);
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let url = proxy.url("/gh/api/user");
+            let auth = auth.clone();
+            tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await.status })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
     }
     assert_eq!(
         store.hooks.finds.load(Ordering::SeqCst),
         1,
         "one lookup for 50 requests"
     );
-    // The last-use write is spawned off the request path: wait for it (bounded).
-    let mut used = None;
-    for _ in 0..200 {
-        used = store.inner.list_proxy_tokens(Some(user)).await.unwrap()[0].last_used_at;
-        if used.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(used.is_some(), "last_used_at recorded");
+    // The last-use write is spawned off the request path: wait for it.
+    eventually("last_used_at recorded", || async {
+        store.inner.list_proxy_tokens(Some(user)).await.unwrap()[0]
+            .last_used_at
+            .is_some()
+    })
+    .await;
     assert_eq!(
         store.hooks.touches.load(Ordering::SeqCst),
         1,
         "touched once"
     );
     assert_eq!(api.count(), 50);
+}
+
+/// `touch_interval` is measured from the recorded last use, so a second replica
+/// reading a freshly used token does not write `last_used_at` again.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn touch_interval_spans_replicas(pool: PgPool) {
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let replica = || {
+        Arc::new(HookedStore::new(
+            PgStore::from_pool(pool.clone(), Keyring::plaintext()),
+            Counting::new(),
+        ))
+    };
+    let (a_store, b_store) = (replica(), replica());
+    let user = Uuid::new_v4();
+    let (used, used_token) = create_token(&*a_store.inner, user, &[]).await;
+    let (fresh, fresh_token) = create_token(&*a_store.inner, user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", user, GH_TOKEN);
+    let config = || {
+        harness::config(&config_toml(
+            &api.url(),
+            "cache_ttl = \"1h\"\ntouch_interval = \"1h\"",
+        ))
+    };
+    let a = Harness::start(config(), a_store.clone(), fake.clone()).await;
+    let b = Harness::start(config(), b_store.clone(), fake).await;
+    let call = |proxy: &Harness, token: &str| {
+        let url = proxy.url("/gh/api/user");
+        let auth = format!("Bearer {token}");
+        async move { get(&url, &[("authorization", &auth)]).await.status }
+    };
+    assert_eq!(call(&a, &used_token).await, 200);
+    eventually("replica A records the last use", || async {
+        a_store
+            .inner
+            .list_proxy_tokens(Some(user))
+            .await
+            .unwrap()
+            .iter()
+            .any(|t| t.id == used && t.last_used_at.is_some())
+    })
+    .await;
+    // Replica B reads the recorded use with the token: no second write for it.
+    // The never-used token is written, and its write (spawned after the first
+    // request's) is the event that shows B has made both decisions.
+    assert_eq!(call(&b, &used_token).await, 200);
+    assert_eq!(call(&b, &fresh_token).await, 200);
+    eventually("replica B records the never-used token", || async {
+        b_store.hooks.touched.lock().contains(&fresh)
+    })
+    .await;
+    assert_eq!(
+        *b_store.hooks.touched.lock(),
+        vec![fresh],
+        "B did not write {used} again"
+    );
+    assert_eq!(*a_store.hooks.touched.lock(), vec![used]);
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

@@ -257,6 +257,47 @@ async fn refresh_ahead_keeps_requests_off_the_provider(pool: PgPool) {
     assert_eq!(idp.refreshes(), before);
 }
 
+/// The refresh-ahead timer loop itself, not a stepped pass: a link in use past its
+/// refresh point is refreshed in the background with no request and no call to
+/// `refresh_ahead_now`, within a few ticks (one tick is 1 s, jittered ±25 %).
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn refresh_ahead_timer_refreshes_a_link_in_use_by_itself(pool: PgPool) {
+    let (clock, idp) = idp_with(IdpOptions {
+        expires_in: Some(Duration::from_secs(1000)),
+        ..Default::default()
+    })
+    .await;
+    let st = store(&pool);
+    let user = Uuid::new_v4();
+    st.put_link(P, user, &idp.seed(user)).await.unwrap();
+    let cfg = TokensConfig {
+        refresh_ahead: true,
+        // The refresh point is at about half the lifetime (jittered), well
+        // before the 850 s below and far from the expiry skew.
+        refresh_ahead_remaining: 0.5,
+        refresh_ahead_used_within: Duration::from_secs(600),
+        ..TokensConfig::default()
+    };
+    let r = replica(&pool, &[idp.provider(P)], &cfg, clock.clone()).await;
+    let first = r.source.get(P, user).await.unwrap();
+    clock.advance(Duration::from_secs(850));
+    // Still valid, served from the cache, and now recently used.
+    let again = r.source.get(P, user).await.unwrap();
+    assert!(again.same_version(&first));
+    eventually("the refresh-ahead timer refreshes the link", || async {
+        idp.refreshes() == 1
+    })
+    .await;
+    idp.assert_grants(1, 1, 0);
+    assert_eq!(r.source.sync_refresh_count(), 0, "no get() waited for it");
+    eventually("the refreshed token is served", || async {
+        !r.source.get(P, user).await.unwrap().same_version(&first)
+    })
+    .await;
+    assert_link_intact(&idp, &st, user).await;
+    idp.assert_grants(1, 1, 0);
+}
+
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn client_secret_post_extra_params_and_kept_refresh_token(pool: PgPool) {
     let (clock, idp) = idp_with(IdpOptions {
