@@ -11,8 +11,9 @@
 //!   user's grant invalidates all of theirs.
 //! - Client authentication is checked (HTTP Basic or form fields); a wrong client
 //!   answers 401 `invalid_client`.
-//! - Faults can be queued ([`Fault`]): 500, 429 with `Retry-After`, a hang. Latency
-//!   can be added to every answer.
+//! - Faults can be queued ([`Fault`]): 500, 429 with `Retry-After`, a hang. A
+//!   standing fault ([`Idp::set_standing_fault`]) applies to every request until
+//!   cleared (an outage). Latency can be added to every answer.
 //! - [`Idp::seed`] issues a user's initial tokens (as a login would), ready for
 //!   `LinkStore::put_link`; like a real provider, a new login retires the user's
 //!   previous refresh token. [`Idp::is_valid_access_token`] lets test upstreams
@@ -146,6 +147,14 @@ struct State {
     current: HashMap<Uuid, String>,
     per_token: HashMap<String, u64>,
     faults: VecDeque<Fault>,
+    /// Applied to every request no queued fault claims, until cleared.
+    standing: Option<Fault>,
+    /// When each refresh token was issued (to tell which exchange a crash cut).
+    issued_at: HashMap<String, tokio::time::Instant>,
+    /// The query string of the grant that issued each refresh token (a caller tag).
+    issued_by: HashMap<String, String>,
+    /// Every presentation of an already used refresh token.
+    reuses: Vec<Reuse>,
     attempt_times: Vec<tokio::time::Instant>,
     latency: Duration,
     auth_methods: Vec<&'static str>,
@@ -321,6 +330,38 @@ impl Idp {
         self.shared.state.lock().faults.clear();
     }
 
+    /// Applies `fault` to every token request that no queued fault claims, until
+    /// called with `None` (an outage rather than one bad answer).
+    pub fn set_standing_fault(&self, fault: Option<Fault>) {
+        self.shared.state.lock().standing = fault;
+    }
+
+    /// The query string of the token URL whose grant issued this refresh token
+    /// (`None` for a seeded one): a tag telling which client exchanged it.
+    pub fn issued_by(&self, refresh_token: &str) -> Option<String> {
+        self.shared
+            .state
+            .lock()
+            .issued_by
+            .get(refresh_token)
+            .cloned()
+    }
+
+    /// Every presentation of an already used refresh token, in order.
+    pub fn reuses(&self) -> Vec<Reuse> {
+        self.shared.state.lock().reuses.clone()
+    }
+
+    /// When this refresh token was issued (by a grant or [`Idp::seed`]).
+    pub fn issued_at(&self, refresh_token: &str) -> Option<tokio::time::Instant> {
+        self.shared
+            .state
+            .lock()
+            .issued_at
+            .get(refresh_token)
+            .copied()
+    }
+
     /// Delay added before every answer.
     pub fn set_latency(&self, d: Duration) {
         self.shared.state.lock().latency = d;
@@ -423,6 +464,17 @@ impl Idp {
     }
 }
 
+/// One presentation of an already used refresh token (a double spend).
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    /// Whose token it was.
+    pub user: Uuid,
+    /// The refresh token presented again.
+    pub refresh_token: String,
+    /// The query string of the token URL it was presented to (the caller's tag).
+    pub by: String,
+}
+
 /// What the IdP saw, as compared by [`Idp::assert_grants`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grants {
@@ -448,6 +500,8 @@ fn issue(
     st.access.insert(access.clone(), (user, expiry, false));
     st.refresh
         .insert(refresh.clone(), (user, RefreshState::Current));
+    st.issued_at
+        .insert(refresh.clone(), tokio::time::Instant::now());
     st.current.insert(user, refresh.clone());
     (access, refresh)
 }
@@ -501,7 +555,8 @@ async fn answer(
     let (fault, latency) = {
         let mut st = s.state.lock();
         st.attempt_times.push(tokio::time::Instant::now());
-        (st.faults.pop_front(), st.latency)
+        let fault = st.faults.pop_front().or_else(|| st.standing.clone());
+        (fault, st.latency)
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -536,6 +591,7 @@ async fn answer(
             serde_json::json!({"error": "not_found"}),
         );
     }
+    let tag = req.uri().query().unwrap_or_default().to_string();
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     // Client authentication: Basic (each part form-urlencoded, RFC 6749 §2.3.1) or body.
@@ -585,11 +641,17 @@ async fn answer(
     let now = s.opts.clock.now();
     let mut st = s.state.lock();
     *st.per_token.entry(presented.clone()).or_default() += 1;
-    let user = match st.refresh.get(&presented) {
-        Some((user, RefreshState::Current)) => *user,
+    let user = match st.refresh.get(&presented).copied() {
+        Some((user, RefreshState::Current)) => user,
         other => {
-            if matches!(other, Some((_, RefreshState::Used))) {
+            if let Some((user, RefreshState::Used)) = other {
                 s.reused.fetch_add(1, Ordering::SeqCst);
+                let reuse = Reuse {
+                    user,
+                    refresh_token: presented.clone(),
+                    by: tag.clone(),
+                };
+                st.reuses.push(reuse);
             }
             s.rejected.fetch_add(1, Ordering::SeqCst);
             let reused = matches!(other, Some((_, RefreshState::Used)));
@@ -621,6 +683,7 @@ async fn answer(
     if s.opts.rotate {
         st.refresh.get_mut(&presented).unwrap().1 = RefreshState::Used;
         let (access, refresh) = issue(s, &mut st, user, expiry);
+        st.issued_by.insert(refresh.clone(), tag);
         body["access_token"] = access.into();
         body["refresh_token"] = refresh.into();
     } else {
