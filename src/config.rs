@@ -152,6 +152,9 @@ pub struct ServerConfig {
     /// Longest a request or response body may deliver nothing before it is cut.
     #[serde(with = "duration_str")]
     pub body_idle_timeout: Duration,
+    /// The URL browsers reach this proxy listener at: the base of the OAuth
+    /// redirect URI and of login URLs (browser sign-in needs it).
+    pub public_url: Option<Url>,
 }
 
 impl Default for ServerConfig {
@@ -168,6 +171,7 @@ impl Default for ServerConfig {
             forwarded_headers: false,
             tls: None,
             body_idle_timeout: Duration::from_secs(60),
+            public_url: None,
         }
     }
 }
@@ -457,6 +461,9 @@ pub struct ProviderConfig {
     /// RFC 7009 revocation endpoint.
     #[serde(default)]
     pub revocation_url: Option<Url>,
+    /// JWKS of an OIDC provider, for `id_token` signatures (discovered for `oidc`).
+    #[serde(default)]
+    pub jwks_uri: Option<Url>,
     /// Set while an `oidc` provider's endpoints are still to be discovered
     /// (`oauth::presets::discover`); its `token_url` is a placeholder until then.
     #[serde(skip)]
@@ -646,6 +653,9 @@ impl Config {
             ));
         }
         check_database_url(&self.database.url)?;
+        if let Some(u) = &self.server.public_url {
+            check_public_url(u).map_err(|m| ConfigError::new("server.public_url", m))?;
+        }
         let t = &self.tokens;
         if !(t.refresh_ahead_remaining > 0.0 && t.refresh_ahead_remaining < 1.0) {
             return Err(ConfigError::new(
@@ -834,6 +844,16 @@ fn check_http_url(u: &Url) -> Result<(), String> {
     }
     if !u.username().is_empty() || u.password().is_some() {
         return Err("must not embed credentials".into());
+    }
+    Ok(())
+}
+
+/// `server.public_url`: an http(s) origin, optionally with a path prefix (a
+/// reverse proxy in front), without credentials, query or fragment.
+fn check_public_url(u: &Url) -> Result<(), String> {
+    check_http_url(u)?;
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
     }
     Ok(())
 }

@@ -41,6 +41,19 @@ pub enum LinkCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print a signed, single-use URL on `server.public_url` that starts a
+    /// browser sign-in linking the user's account at the provider.
+    LoginUrl {
+        /// Provider id.
+        #[arg(long)]
+        provider: String,
+        /// User id (UUID).
+        #[arg(long)]
+        user: Uuid,
+        /// How long the URL works (at most 24h).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
     /// Delete a link.
     Delete {
         /// Provider id.
@@ -98,6 +111,14 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        LinkCommand::LoginUrl {
+            provider,
+            user,
+            ttl,
+        } => {
+            println!("{}", login_url(cfg, &provider, user, ttl)?);
+            Ok(())
+        }
         LinkCommand::Delete { provider, user } => {
             let store = super::open_store(cfg)?;
             if store
@@ -119,6 +140,40 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// `link login-url`: a ticket signed with the key derived from the encryption
+/// keyring (see [`crate::oauth::ticket`]); nothing is written until it is used.
+fn login_url(
+    cfg: &Config,
+    provider: &str,
+    user: Uuid,
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
+    let p = super::known_provider(cfg, provider)?;
+    let public = cfg.server.public_url.as_ref().ok_or_else(|| {
+        super::usage("server.public_url: required for browser sign-in (login URLs are on it)")
+    })?;
+    if p.authorize_url.is_none() && !p.needs_discovery {
+        return Err(super::usage(format!(
+            "providers[{provider}].authorize_url: this provider has no browser sign-in"
+        )));
+    }
+    if ttl.is_zero() || ttl > crate::oauth::ticket::MAX_TTL {
+        return Err(super::usage("--ttl: must be above zero and at most 24h"));
+    }
+    let keys =
+        crate::oauth::ticket::TicketKeys::derive(&cfg.encryption_keys()).ok_or_else(|| {
+            super::usage(
+                "encryption.keys: required to sign login URLs (the key is derived from it)",
+            )
+        })?;
+    let expires = Utc::now() + Duration::from_std(ttl).expect("at most 24h");
+    Ok(format!(
+        "{}?ticket={}",
+        crate::oauth::authorize::login_path_url(public, provider),
+        keys.issue(provider, user, expires)
+    ))
 }
 
 /// Parses a token response into what `put_link` stores.

@@ -9,8 +9,11 @@
 //! between "this user's grant is dead" and "this proxy is misconfigured" — an
 //! `invalid_client` must never mark every user's link as broken.
 
+pub mod authorize;
 pub mod http;
+mod id_token;
 pub mod presets;
+pub mod ticket;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -49,7 +52,7 @@ impl std::fmt::Debug for OtherFields {
 }
 impl oauth2::ExtraTokenFields for OtherFields {}
 
-type TokenResp = StandardTokenResponse<OtherFields, BasicTokenType>;
+pub(crate) type TokenResp = StandardTokenResponse<OtherFields, BasicTokenType>;
 
 /// A successful refresh. Secrets stay wrapped.
 pub struct Refreshed {
@@ -261,50 +264,55 @@ impl ProviderClient {
     }
 
     fn accept(&self, resp: TokenResp) -> Refreshed {
-        // Look the configured fields up in the whole response (standard fields such
-        // as `scope` included), never copying a token value into `oauth_extra`.
-        let all = serde_json::to_value(&resp).unwrap_or_default();
-        let extra: serde_json::Map<String, serde_json::Value> = self
-            .extra_fields
-            .iter()
-            .filter(|k| !matches!(k.as_str(), "access_token" | "refresh_token"))
-            .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
-            .collect();
-        let mut extra = extra;
-        // Relative to this answer, so useless once stored: keep the instant too.
-        if let Some(secs) = extra
-            .get("refresh_token_expires_in")
-            .and_then(serde_json::Value::as_u64)
-            .filter(|s| *s < MAX_EXPIRES_IN.as_secs())
-        {
-            let at = chrono::Utc::now() + chrono::Duration::seconds(secs as i64);
-            extra.insert(
-                "refresh_token_expires_at".into(),
-                serde_json::Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-            );
-        }
-        Refreshed {
-            access_token: SecretString::from(resp.access_token().secret().to_string()),
-            refresh_token: resp
-                .refresh_token()
-                .map(|r| r.secret())
-                .filter(|r| !r.is_empty())
-                .map(|r| SecretString::from(r.to_string())),
-            // Capped so `now + expires_in` can never overflow a timestamp (which
-            // would panic after the provider has already rotated the token).
-            expires_in: resp
-                .expires_in()
-                .filter(|d| !d.is_zero())
-                .map(|d| d.min(MAX_EXPIRES_IN)),
-            extra: (!extra.is_empty()).then_some(serde_json::Value::Object(extra)),
-        }
+        accept(&self.extra_fields, resp)
+    }
+}
+
+/// The token values of a successful answer, with the configured `extra_fields`
+/// kept for `oauth_extra`.
+pub(crate) fn accept(extra_fields: &[String], resp: TokenResp) -> Refreshed {
+    // Look the configured fields up in the whole response (standard fields such
+    // as `scope` included), never copying a token value into `oauth_extra`.
+    let all = serde_json::to_value(&resp).unwrap_or_default();
+    let extra: serde_json::Map<String, serde_json::Value> = extra_fields
+        .iter()
+        .filter(|k| !matches!(k.as_str(), "access_token" | "refresh_token"))
+        .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
+        .collect();
+    let mut extra = extra;
+    // Relative to this answer, so useless once stored: keep the instant too.
+    if let Some(secs) = extra
+        .get("refresh_token_expires_in")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|s| *s < MAX_EXPIRES_IN.as_secs())
+    {
+        let at = chrono::Utc::now() + chrono::Duration::seconds(secs as i64);
+        extra.insert(
+            "refresh_token_expires_at".into(),
+            serde_json::Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        );
+    }
+    Refreshed {
+        access_token: SecretString::from(resp.access_token().secret().to_string()),
+        refresh_token: resp
+            .refresh_token()
+            .map(|r| r.secret())
+            .filter(|r| !r.is_empty())
+            .map(|r| SecretString::from(r.to_string())),
+        // Capped so `now + expires_in` can never overflow a timestamp (which
+        // would panic after the provider has already rotated the token).
+        expires_in: resp
+            .expires_in()
+            .filter(|d| !d.is_zero())
+            .map(|d| d.min(MAX_EXPIRES_IN)),
+        extra: (!extra.is_empty()).then_some(serde_json::Value::Object(extra)),
     }
 }
 
 /// A provider's own error code as we may repeat it in logs and errors. Real codes
 /// are snake_case words; anything else (a provider that echoes the request puts a
 /// token there) is not repeated.
-fn printable_code(code: &str) -> String {
+pub(crate) fn printable_code(code: &str) -> String {
     let plain = !code.is_empty()
         && code.len() <= 48
         && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');

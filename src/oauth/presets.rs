@@ -419,6 +419,7 @@ struct Discovery {
     token_endpoint: Option<Url>,
     device_authorization_endpoint: Option<Url>,
     revocation_endpoint: Option<Url>,
+    jwks_uri: Option<Url>,
 }
 
 /// Fetches the discovery document of every `oidc` provider still waiting for its
@@ -472,6 +473,7 @@ pub async fn discover(cfg: &mut Config) -> Result<(), ConfigError> {
             .take()
             .or(doc.device_authorization_endpoint);
         p.revocation_url = p.revocation_url.take().or(doc.revocation_endpoint);
+        p.jwks_uri = p.jwks_uri.take().or(doc.jwks_uri);
         p.needs_discovery = false;
     }
     cfg.validate()

@@ -4,8 +4,8 @@
 //! The listener's handler sends every path under the prefix here in one early
 //! branch, so none of this sits on the request pipeline's hot path. Today it serves
 //! `GET /_tokenproxy/links`: the caller's own links, identified by its proxy
-//! token, without any token value. Browser sign-in and the device flow are to
-//! live here too (issue 13).
+//! token, without any token value (with a `login_url` where relinking is
+//! needed), and browser sign-in under `oauth/` ([`super::login`]).
 
 use std::sync::Arc;
 
@@ -25,6 +25,8 @@ pub struct Endpoints {
     store: Arc<dyn LinkStore>,
     /// Configured provider ids, in config order.
     providers: Vec<String>,
+    /// Browser sign-in (`oauth/...`), when `server.public_url` is set.
+    login: Option<super::login::Login>,
 }
 
 /// Whether `path` belongs to tokenproxy's own endpoints rather than a route.
@@ -35,7 +37,25 @@ pub fn is_reserved(path: &str) -> bool {
 impl Endpoints {
     /// Endpoints over `store` for the configured `providers`.
     pub fn new(store: Arc<dyn LinkStore>, providers: Vec<String>) -> Self {
-        Self { store, providers }
+        Self {
+            store,
+            providers,
+            login: None,
+        }
+    }
+
+    /// Adds browser sign-in (`/_tokenproxy/oauth/{provider}/login|callback`).
+    pub fn with_login(mut self, login: Option<super::login::Login>) -> Self {
+        self.login = login;
+        self
+    }
+
+    /// A short-lived, single-use URL that starts a browser sign-in of `user` at
+    /// `provider` (for `link_missing` / `reauth_required`); `None` without one.
+    pub fn login_url(&self, provider: &str, user: uuid::Uuid) -> Option<String> {
+        self.login
+            .as_ref()?
+            .login_url(provider, user, super::login::ERROR_LOGIN_TTL)
     }
 
     /// Answers one request under the reserved prefix.
@@ -60,6 +80,14 @@ impl Endpoints {
             .path()
             .strip_prefix(RESERVED_PREFIX)
             .unwrap_or_default();
+        if let Some((provider, action)) =
+            rest.strip_prefix("oauth/").and_then(|r| r.split_once('/'))
+        {
+            return match &self.login {
+                Some(login) => Ok(login.handle(req, callers, provider, action).await),
+                None => Err(ProxyError::NoRoute),
+            };
+        }
         match rest {
             "links" => {
                 if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -86,11 +114,15 @@ impl Endpoints {
                             "failure_reason": (!l.refresh_failure_reason.is_empty())
                                 .then_some(&l.refresh_failure_reason),
                             "relink_needed": !l.refresh_failure_reason.is_empty(),
+                            "login_url": (!l.refresh_failure_reason.is_empty())
+                                .then(|| self.login_url(p, caller.user_id))
+                                .flatten(),
                         }),
                         None => serde_json::json!({
                             "provider": p,
                             "linked": false,
                             "relink_needed": true,
+                            "login_url": self.login_url(p, caller.user_id),
                         }),
                     })
                     .collect();

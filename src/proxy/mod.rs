@@ -40,6 +40,8 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod inject;
+pub mod login;
+pub mod login_page;
 pub mod pipeline;
 pub mod prewarm;
 pub mod rejection;
@@ -128,7 +130,8 @@ impl Pipeline {
             endpoints: endpoints::Endpoints::new(
                 deps.store.clone(),
                 config.providers.iter().map(|p| p.id.clone()).collect(),
-            ),
+            )
+            .with_login(login::Login::from_config(config, deps.store.clone())?),
             tokens: deps.tokens.clone(),
             upstreams,
             metrics: deps.metrics.clone(),

@@ -154,7 +154,17 @@ impl Pipeline {
                 if outcome.token == "none" && matches!(e, ProxyError::Token(_)) {
                     outcome.token = e.code();
                 }
-                let mut resp = e.to_response(outcome.route.as_ref().map(|r| &*r.provider));
+                let provider = outcome.route.as_ref().map(|r| &*r.provider);
+                // A dead or missing link: offer the caller a way to relink.
+                let login_url = match (&e, provider, outcome.user) {
+                    (
+                        ProxyError::Token(TokenError::LinkMissing | TokenError::ReauthRequired),
+                        Some(p),
+                        Some(u),
+                    ) => self.endpoints.login_url(p, u),
+                    _ => None,
+                };
+                let mut resp = e.to_response_with_login(provider, login_url.as_deref());
                 if e == ProxyError::Token(TokenError::IdpUnavailable) {
                     self.add_retry_after(&mut resp, &outcome);
                 }

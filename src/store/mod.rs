@@ -21,6 +21,7 @@ use crate::crypto::{CryptoError, Keyring};
 mod codec;
 pub mod coder;
 mod lease;
+pub mod login;
 pub mod postgres;
 mod rotation;
 pub mod sqlite;
@@ -388,6 +389,12 @@ pub trait LinkStore: Send + Sync + 'static {
 
     /// Whether the database answers and every migration is applied.
     async fn ready(&self) -> Result<(), StoreError>;
+
+    /// Pending browser sign-ins, when this store keeps them (both database
+    /// backends do; wrappers and test doubles may not).
+    fn login_store(&self) -> Option<&dyn login::LoginStore> {
+        None
+    }
 
     /// Starts the change feed. Emits [`ChangeEvent::Resync`] after every (re)connect.
     /// Every change that applied is announced, to every process on the database,

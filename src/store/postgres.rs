@@ -13,6 +13,7 @@
 mod dbcrypt;
 mod feed;
 mod lease;
+mod login;
 mod refresh;
 mod rotate;
 mod tokens;
@@ -193,6 +194,10 @@ impl PgStore {
 
 #[async_trait::async_trait]
 impl LinkStore for PgStore {
+    fn login_store(&self) -> Option<&dyn super::login::LoginStore> {
+        Some(self)
+    }
+
     async fn get_link(&self, provider_id: &str, user_id: Uuid) -> Result<Option<Link>, StoreError> {
         self.fetch_row(provider_id, user_id)
             .await?

@@ -15,6 +15,7 @@
 
 mod feed;
 mod lease;
+mod login;
 mod refresh;
 mod rotate;
 mod tokens;
@@ -268,6 +269,10 @@ fn create_parent_dir(file: &Path) -> Result<(), StoreError> {
 
 #[async_trait::async_trait]
 impl LinkStore for SqliteStore {
+    fn login_store(&self) -> Option<&dyn super::login::LoginStore> {
+        Some(self)
+    }
+
     async fn get_link(&self, provider_id: &str, user_id: Uuid) -> Result<Option<Link>, StoreError> {
         self.fetch_row(provider_id, user_id)
             .await?

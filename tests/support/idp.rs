@@ -49,6 +49,10 @@ use tokenproxy::store::TokenSet;
 use tokenproxy::tokens::{Clock, SystemClock};
 use uuid::Uuid;
 
+#[path = "idp_authorize.rs"]
+mod authorize;
+pub use authorize::IdTokenFault;
+
 /// A clock tests move by hand; shared by the IdP and the token sources.
 #[derive(Debug)]
 pub struct ManualClock(Mutex<DateTime<Utc>>);
@@ -159,6 +163,7 @@ struct State {
     latency: Duration,
     auth_methods: Vec<&'static str>,
     extra_params: Vec<Vec<(String, String)>>,
+    authorize: authorize::AuthState,
 }
 
 struct Shared {
@@ -462,6 +467,62 @@ impl Idp {
     fn now(&self) -> DateTime<Utc> {
         self.shared.opts.clock.now()
     }
+
+    /// The account the login page offers (else a fresh one per page).
+    pub fn set_login_account(&self, account: Uuid) {
+        self.shared.state.lock().authorize.account = Some(account);
+    }
+
+    /// Makes the next id_tokens wrong in one way (`None` heals).
+    pub fn set_id_token_fault(&self, fault: Option<IdTokenFault>) {
+        self.shared.state.lock().authorize.fault = fault;
+    }
+
+    /// Login pages shown.
+    pub fn login_pages(&self) -> u64 {
+        self.shared.state.lock().authorize.pages
+    }
+
+    /// `authorization_code` grants received (answered or refused).
+    pub fn code_grants(&self) -> u64 {
+        self.shared.state.lock().authorize.code_grants
+    }
+
+    /// The account an access token was issued to.
+    pub fn account_of(&self, access_token: &str) -> Option<Uuid> {
+        self.shared
+            .state
+            .lock()
+            .access
+            .get(access_token)
+            .map(|(u, _, _)| *u)
+    }
+
+    /// Submits the login page of `authorize_url` (the provider URL the proxy
+    /// redirected to) as `account` would, approving or denying, and returns
+    /// where the IdP redirects the browser (the proxy's callback).
+    pub async fn submit_login(&self, authorize_url: &str, account: Uuid, approve: bool) -> String {
+        let u = url::Url::parse(authorize_url).unwrap();
+        let mut form: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+        form.push(("account".into(), account.to_string()));
+        form.push((
+            "decision".into(),
+            if approve { "approve" } else { "deny" }.into(),
+        ));
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let req = Request::post(format!("http://{}/oauth/authorize", self.addr))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FOUND, "the IdP redirects back");
+        resp.headers()["location"].to_str().unwrap().to_string()
+    }
 }
 
 /// One presentation of an already used refresh token (a double spend).
@@ -526,6 +587,10 @@ async fn answer(
     req: Request<hyper::body::Incoming>,
     drop_connection: &mut bool,
 ) -> Response<Full<Bytes>> {
+    // The login page and JWKS are not token requests: not counted, no faults.
+    if authorize::is_authorize(&req) {
+        return authorize::answer(s, req).await;
+    }
     // Discovery is not a token request: not counted, no faults.
     if req.method() == hyper::Method::GET && req.uri().path() == "/.well-known/openid-configuration"
     {
@@ -548,6 +613,7 @@ async fn answer(
                 "authorization_endpoint": format!("{base}/oauth/authorize"),
                 "token_endpoint": format!("{base}/oauth/token"),
                 "device_authorization_endpoint": format!("{base}/oauth/device"),
+                "jwks_uri": format!("{base}/oauth/jwks"),
             }),
         );
     }
@@ -585,6 +651,15 @@ async fn answer(
         .and_then(|v| v.strip_prefix("Basic "))
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok());
+    let issuer = s.opts.discovery_issuer.clone().unwrap_or_else(|| {
+        let host = req.headers().get("host").and_then(|v| v.to_str().ok());
+        let scheme = if s.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", host.unwrap_or_default())
+    });
     if req.method() != hyper::Method::POST || req.uri().path() != "/oauth/token" {
         return json(
             StatusCode::NOT_FOUND,
@@ -630,6 +705,9 @@ async fn answer(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "invalid_client"}),
         );
+    }
+    if form.get("grant_type").map(String::as_str) == Some("authorization_code") {
+        return authorize::exchange_code(s, &form, &issuer);
     }
     if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
         return json(

@@ -1,0 +1,538 @@
+//! Browser sign-in (issue 13, items 2 and 4) against the test IdP's
+//! authorization endpoint, with real Postgres and real HTTP: a sign-in started
+//! with a proxy token or a signed login URL links the account and the next
+//! proxied request succeeds; every bad, missing, expired, replayed, foreign or
+//! cross-browser callback, a provider's `access_denied`, a failed exchange and
+//! every bad id_token is a 400 page that writes no link; states are single-use
+//! across replicas; `reauth_required` carries a `login_url` that heals the link
+//! on every replica within a second.
+
+#[path = "support/proxy_harness.rs"]
+mod harness;
+mod support;
+#[path = "support/login_world.rs"]
+mod world;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{create_token, get, Answer};
+use sqlx::PgPool;
+use support::idp::{IdTokenFault, Idp, IdpOptions};
+use uuid::Uuid;
+use world::{api_for, link_rows, oauth_provider, oidc_provider, replica, replica_behind, Replica};
+
+/// What a browser keeps between the proxy's redirect and the callback.
+struct Started {
+    authorize_url: String,
+    cookie: String,
+}
+
+/// `GET /login` (with `headers`), expecting the 302 to the IdP and the cookie.
+async fn start(r: &Replica, path: &str, headers: &[(&str, &str)]) -> Started {
+    let a = get(&r.url(path), headers).await;
+    assert_eq!(a.status, 302, "login answers a redirect: {:?}", a.body);
+    let set_cookie = a.headers["set-cookie"].to_str().unwrap().to_string();
+    Started {
+        authorize_url: a.headers["location"].to_str().unwrap().to_string(),
+        cookie: set_cookie.split(';').next().unwrap().to_string(),
+    }
+}
+
+/// The callback as the browser presents it (with its cookie, if any).
+async fn callback(r: &Replica, callback_url: &str, cookie: Option<&str>) -> Answer {
+    let u = url::Url::parse(callback_url).unwrap();
+    let path = format!("{}?{}", u.path(), u.query().unwrap_or_default());
+    let headers: Vec<(&str, &str)> = cookie.map(|c| ("cookie", c)).into_iter().collect();
+    get(&r.url(&path), &headers).await
+}
+
+fn text(a: &Answer) -> String {
+    String::from_utf8_lossy(&a.body).into_owned()
+}
+
+#[track_caller]
+fn assert_refused(a: &Answer, reason: &str) {
+    assert_eq!(a.status, 400, "{}", text(a));
+    assert!(text(a).contains(reason), "want {reason:?} in {}", text(a));
+    assert!(a.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+}
+
+struct World {
+    idp: Arc<Idp>,
+    api: support::upstream::TestUpstream,
+    proxy: Replica,
+    user: Uuid,
+    auth: String,
+}
+
+async fn world(pool: &PgPool) -> World {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let api = api_for(&idp).await;
+    let providers =
+        oauth_provider("gh", &idp, &api.url()) + &oauth_provider("gl", &idp, &api.url());
+    let proxy = replica(pool, &providers, "").await;
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*proxy.store, user, &[]).await;
+    World {
+        idp,
+        api,
+        proxy,
+        user,
+        auth: format!("Bearer {token}"),
+    }
+}
+
+#[sqlx::test]
+async fn a_proxy_token_starts_a_sign_in_that_links_the_account(pool: PgPool) {
+    let w = world(&pool).await;
+    // Before: link_missing, with a login URL for exactly this user and provider.
+    let before = get(&w.proxy.url("/gh/api/user"), &[("authorization", &w.auth)]).await;
+    before.assert_error(403, "link_missing");
+    assert!(before.json()["error"]["login_url"]
+        .as_str()
+        .unwrap()
+        .starts_with(&w.proxy.url("/_tokenproxy/oauth/gh/login?ticket=")));
+
+    let s = start(
+        &w.proxy,
+        "/_tokenproxy/oauth/gh/login",
+        &[("authorization", &w.auth)],
+    )
+    .await;
+    let set = get(
+        &w.proxy.url("/_tokenproxy/oauth/gh/login"),
+        &[("authorization", &w.auth)],
+    )
+    .await;
+    let c = set.headers["set-cookie"].to_str().unwrap();
+    assert!(
+        c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.contains("Max-Age=600"),
+        "{c}"
+    );
+    assert!(!c.contains("Secure"), "public_url is http: {c}");
+    assert!(c.contains("Path=/_tokenproxy/oauth/gh/"), "{c}");
+    let q: std::collections::HashMap<_, _> = url::Url::parse(&s.authorize_url)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(
+        q["redirect_uri"],
+        w.proxy.url("/_tokenproxy/oauth/gh/callback")
+    );
+    assert_eq!(q["scope"], "repo read:user");
+
+    let account = Uuid::new_v4();
+    let back = w.idp.submit_login(&s.authorize_url, account, true).await;
+    let done = callback(&w.proxy, &back, Some(&s.cookie)).await;
+    assert_eq!(done.status, 200, "{}", text(&done));
+    let page = text(&done);
+    assert!(
+        page.contains("Account linked") && page.contains(&w.user.to_string()),
+        "{page}"
+    );
+    assert!(
+        !page.contains("at_") && !page.contains("rt_"),
+        "no token on the page: {page}"
+    );
+    assert_eq!(link_rows(&pool).await, 1);
+
+    let after = get(&w.proxy.url("/gh/api/user"), &[("authorization", &w.auth)]).await;
+    assert_eq!(after.status, 200, "{}", text(&after));
+    let seen = w.api.requests().last().unwrap().headers["authorization"].clone();
+    let token = seen
+        .to_str()
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        w.idp.account_of(&token),
+        Some(account),
+        "the newly linked account is used"
+    );
+}
+
+#[sqlx::test]
+async fn a_browser_without_a_proxy_token_is_asked_for_one(pool: PgPool) {
+    let w = world(&pool).await;
+    let a = get(&w.proxy.url("/_tokenproxy/oauth/gh/login"), &[]).await;
+    a.assert_error(401, "unauthenticated");
+    assert!(a.headers.contains_key("www-authenticate"));
+    let a = get(
+        &w.proxy.url("/_tokenproxy/oauth/nope/login"),
+        &[("authorization", &w.auth)],
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oauth_states")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "no state for refused starts");
+}
+
+#[sqlx::test]
+async fn bad_callbacks_are_refused_and_write_nothing(pool: PgPool) {
+    let w = world(&pool).await;
+    let begin = || async {
+        start(
+            &w.proxy,
+            "/_tokenproxy/oauth/gh/login",
+            &[("authorization", &w.auth)],
+        )
+        .await
+    };
+    let approve = |s: &Started| {
+        let url = s.authorize_url.clone();
+        let idp = w.idp.clone();
+        async move { idp.submit_login(&url, Uuid::new_v4(), true).await }
+    };
+
+    // No state at all.
+    let a = callback(
+        &w.proxy,
+        &w.proxy.url("/_tokenproxy/oauth/gh/callback?code=x"),
+        None,
+    )
+    .await;
+    assert_refused(&a, "no state");
+
+    // Tampered state: one character changed.
+    let s = begin().await;
+    let back = approve(&s).await;
+    let tampered = back.replacen("state=", "state=X", 1);
+    assert_refused(
+        &callback(&w.proxy, &tampered, Some(&s.cookie)).await,
+        "unknown",
+    );
+
+    // Cross-browser: the right state, but no cookie, or another browser's cookie.
+    let s = begin().await;
+    let back = approve(&s).await;
+    assert_refused(&callback(&w.proxy, &back, None).await, "another browser");
+    let s = begin().await;
+    let other = begin().await;
+    let back = approve(&s).await;
+    assert_refused(
+        &callback(&w.proxy, &back, Some(&other.cookie)).await,
+        "another browser",
+    );
+
+    // Expired: the state row is past its 10 minutes.
+    let s = begin().await;
+    let back = approve(&s).await;
+    sqlx::query("UPDATE oauth_states SET expires_at = 0")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_refused(&callback(&w.proxy, &back, Some(&s.cookie)).await, "expired");
+
+    // The user cancels at the provider.
+    let s = begin().await;
+    let back = w
+        .idp
+        .submit_login(&s.authorize_url, Uuid::new_v4(), false)
+        .await;
+    assert_refused(
+        &callback(&w.proxy, &back, Some(&s.cookie)).await,
+        "access_denied",
+    );
+
+    // A state of provider gh presented at gl's callback.
+    let s = begin().await;
+    let back = approve(&s).await.replace("/oauth/gh/", "/oauth/gl/");
+    let gl_cookie = s
+        .cookie
+        .replace("tokenproxy_login_gh", "tokenproxy_login_gl");
+    assert_refused(
+        &callback(&w.proxy, &back, Some(&gl_cookie)).await,
+        "another provider",
+    );
+
+    assert_eq!(
+        w.idp.code_grants(),
+        0,
+        "no refused callback reached the token endpoint"
+    );
+
+    // A failed exchange: the provider refuses a code that is not the one it issued.
+    let s = begin().await;
+    let back = approve(&s).await.replacen("code=code_", "code=code_0", 1);
+    assert_refused(
+        &callback(&w.proxy, &back, Some(&s.cookie)).await,
+        "invalid_grant",
+    );
+    assert_eq!(w.idp.code_grants(), 1);
+
+    assert_eq!(
+        link_rows(&pool).await,
+        0,
+        "no refused callback wrote a link"
+    );
+}
+
+#[sqlx::test]
+async fn a_replayed_callback_changes_nothing(pool: PgPool) {
+    let w = world(&pool).await;
+    let s = start(
+        &w.proxy,
+        "/_tokenproxy/oauth/gh/login",
+        &[("authorization", &w.auth)],
+    )
+    .await;
+    let back = w
+        .idp
+        .submit_login(&s.authorize_url, Uuid::new_v4(), true)
+        .await;
+    assert_eq!(callback(&w.proxy, &back, Some(&s.cookie)).await.status, 200);
+    let row = || async {
+        sqlx::query_as::<_, (String, chrono::DateTime<chrono::Utc>)>(
+            "SELECT oauth_access_token, updated_at FROM external_auth_links",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let first = row().await;
+    let grants = w.idp.code_grants();
+    assert_refused(
+        &callback(&w.proxy, &back, Some(&s.cookie)).await,
+        "already completed",
+    );
+    assert_eq!(row().await, first, "the replay wrote nothing");
+    assert_eq!(
+        w.idp.code_grants(),
+        grants,
+        "the replayed code was not exchanged"
+    );
+}
+
+#[sqlx::test]
+async fn signed_login_urls_work_once_for_their_user_and_provider(pool: PgPool) {
+    let w = world(&pool).await;
+    let before = get(&w.proxy.url("/gh/api/user"), &[("authorization", &w.auth)]).await;
+    let login_url = before.json()["error"]["login_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = login_url
+        .strip_prefix(&w.proxy.url(""))
+        .unwrap()
+        .to_string();
+
+    // Altered or moved to another provider: refused before any state exists.
+    let tampered = format!("{}A", &path[..path.len() - 1]);
+    assert_refused(&get(&w.proxy.url(&tampered), &[]).await, "not valid");
+    let moved = path.replace("/oauth/gh/", "/oauth/gl/");
+    assert_refused(&get(&w.proxy.url(&moved), &[]).await, "another provider");
+
+    // No proxy token needed: the URL says who.
+    let s = start(&w.proxy, &path, &[]).await;
+    assert_refused(&get(&w.proxy.url(&path), &[]).await, "already used");
+    let account = Uuid::new_v4();
+    let back = w.idp.submit_login(&s.authorize_url, account, true).await;
+    assert_eq!(callback(&w.proxy, &back, Some(&s.cookie)).await.status, 200);
+    let owner: Uuid = sqlx::query_scalar("SELECT user_id FROM external_auth_links")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, w.user, "linked for the user the URL was issued for");
+    assert_eq!(
+        get(&w.proxy.url("/gh/api/user"), &[("authorization", &w.auth)])
+            .await
+            .status,
+        200
+    );
+}
+
+#[sqlx::test]
+async fn an_expired_login_url_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    let cfg = tokenproxy::config::Config::from_toml_with_env(
+        &format!("[encryption]\nkeys = [\"{}\"]\n", world::KEY),
+        &[],
+    )
+    .unwrap();
+    let keys = tokenproxy::oauth::ticket::TicketKeys::derive(&cfg.encryption_keys()).unwrap();
+    let t = keys.issue(
+        "gh",
+        w.user,
+        chrono::Utc::now() - chrono::Duration::seconds(1),
+    );
+    let a = get(
+        &w.proxy
+            .url(&format!("/_tokenproxy/oauth/gh/login?ticket={t}")),
+        &[],
+    )
+    .await;
+    assert_refused(&a, "expired");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oauth_states")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[sqlx::test]
+async fn oidc_id_tokens_are_verified(pool: PgPool) {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let api = api_for(&idp).await;
+    let proxy = replica(&pool, &oidc_provider("corp", &idp, &api.url()), "").await;
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*proxy.store, user, &[]).await;
+    let auth = format!("Bearer {token}");
+    let flow = |fault: Option<IdTokenFault>| {
+        let (idp, proxy, auth) = (&idp, &proxy, &auth);
+        async move {
+            idp.set_id_token_fault(fault);
+            let s = start(
+                proxy,
+                "/_tokenproxy/oauth/corp/login",
+                &[("authorization", auth)],
+            )
+            .await;
+            assert!(s.authorize_url.contains("nonce="), "{}", s.authorize_url);
+            let back = idp
+                .submit_login(&s.authorize_url, Uuid::new_v4(), true)
+                .await;
+            callback(proxy, &back, Some(&s.cookie)).await
+        }
+    };
+    for (fault, reason) in [
+        (IdTokenFault::ForeignKey, "signature"),
+        (IdTokenFault::WrongNonce, "nonce"),
+        (IdTokenFault::WrongAudience, "another client"),
+        (IdTokenFault::WrongIssuer, "another issuer"),
+        (IdTokenFault::Missing, "no id_token"),
+    ] {
+        assert_refused(&flow(Some(fault)).await, reason);
+        assert_eq!(link_rows(&pool).await, 0, "{fault:?} wrote a link");
+    }
+    let ok = flow(None).await;
+    assert_eq!(ok.status, 200, "{}", text(&ok));
+    assert!(
+        text(&ok).contains("id=\"account\">user-"),
+        "the page names the account"
+    );
+    assert_eq!(link_rows(&pool).await, 1);
+}
+
+#[sqlx::test]
+async fn a_state_from_one_replica_is_accepted_once_by_another(pool: PgPool) {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let api = api_for(&idp).await;
+    let providers = oauth_provider("gh", &idp, &api.url());
+    let a = replica(&pool, &providers, "").await;
+    // Behind one load balancer: both replicas have A's public URL.
+    let b = replica_behind(&pool, &providers, "", Some(a.addr)).await;
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*a.store, user, &[]).await;
+    let auth = format!("Bearer {token}");
+    let s = start(
+        &a,
+        "/_tokenproxy/oauth/gh/login",
+        &[("authorization", &auth)],
+    )
+    .await;
+    let back = idp
+        .submit_login(&s.authorize_url, Uuid::new_v4(), true)
+        .await;
+    // The redirect names replica A's public URL; the load balancer sends it to B.
+    assert_eq!(callback(&b, &back, Some(&s.cookie)).await.status, 200);
+    let row = || async {
+        sqlx::query_scalar::<_, String>("SELECT oauth_access_token FROM external_auth_links")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let stored = row().await;
+    assert_eq!(stored.len(), 1);
+    assert_refused(
+        &callback(&a, &back, Some(&s.cookie)).await,
+        "already completed",
+    );
+    assert_refused(
+        &callback(&b, &back, Some(&s.cookie)).await,
+        "already completed",
+    );
+    assert_eq!(row().await, stored, "the replays wrote nothing");
+    assert_eq!(idp.code_grants(), 1, "the code was exchanged once");
+}
+
+#[sqlx::test]
+async fn reauth_required_heals_through_its_login_url_on_every_replica(pool: PgPool) {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let api = api_for(&idp).await;
+    let providers = oauth_provider("gh", &idp, &api.url());
+    let a = replica(&pool, &providers, "").await;
+    // Behind one load balancer: both replicas have A's public URL.
+    let b = replica_behind(&pool, &providers, "", Some(a.addr)).await;
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*a.store, user, &[]).await;
+    let auth = format!("Bearer {token}");
+    // A link whose access token expired and whose grant the provider revoked.
+    let seeded = idp.seed_with_expiry(
+        user,
+        Some(chrono::Utc::now() - chrono::Duration::minutes(1)),
+    );
+    a.store.put_link("gh", user, &seeded).await.unwrap();
+    idp.revoke(user);
+    let dead = get(&a.url("/gh/api/user"), &[("authorization", &auth)]).await;
+    dead.assert_error(403, "reauth_required");
+    get(&b.url("/gh/api/user"), &[("authorization", &auth)])
+        .await
+        .assert_error(403, "reauth_required");
+    let login_url = dead.json()["error"]["login_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed = get(&b.url("/_tokenproxy/links"), &[("authorization", &auth)])
+        .await
+        .json();
+    assert!(
+        listed["links"][0]["login_url"]
+            .as_str()
+            .unwrap()
+            .contains("ticket="),
+        "{listed}"
+    );
+
+    let path = login_url.strip_prefix(&a.url("")).unwrap().to_string();
+    let s = start(&a, &path, &[]).await;
+    let back = idp
+        .submit_login(&s.authorize_url, Uuid::new_v4(), true)
+        .await;
+    assert_eq!(callback(&b, &back, Some(&s.cookie)).await.status, 200);
+    let linked = Instant::now();
+    // Each replica learns of the new link by the change feed; the bound is the
+    // acceptance's 1 s (polling every 10 ms stands in for "the next request").
+    for r in [&a, &b] {
+        loop {
+            let got = get(&r.url("/gh/api/user"), &[("authorization", &auth)]).await;
+            if got.status == 200 {
+                break;
+            }
+            assert!(
+                linked.elapsed() < Duration::from_secs(1),
+                "{} still {}",
+                r.addr,
+                text(&got)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!(
+        "both replicas served the relinked account {:?} after the callback",
+        linked.elapsed()
+    );
+    let listed = get(&a.url("/_tokenproxy/links"), &[("authorization", &auth)])
+        .await
+        .json();
+    assert!(listed["links"][0]["login_url"].is_null(), "{listed}");
+}
