@@ -9,8 +9,10 @@
 //! between "this user's grant is dead" and "this proxy is misconfigured" — an
 //! `invalid_client` must never mark every user's link as broken.
 
+pub mod device;
 pub mod http;
 pub mod presets;
+pub mod revoke;
 
 use std::collections::HashMap;
 use std::time::Duration;

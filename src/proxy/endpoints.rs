@@ -4,8 +4,9 @@
 //! The listener's handler sends every path under the prefix here in one early
 //! branch, so none of this sits on the request pipeline's hot path. Today it serves
 //! `GET /_tokenproxy/links`: the caller's own links, identified by its proxy
-//! token, without any token value. Browser sign-in and the device flow are to
-//! live here too (issue 13).
+//! token, without any token value, and the device flow
+//! (`/_tokenproxy/device/{provider}`, see [`super::device`]). Browser sign-in is
+//! to live here too (issue 13).
 
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ pub struct Endpoints {
     store: Arc<dyn LinkStore>,
     /// Configured provider ids, in config order.
     providers: Vec<String>,
+    /// Device-flow logins (`/_tokenproxy/device/{provider}`).
+    device: Option<Arc<crate::links::device::DeviceLogins>>,
 }
 
 /// Whether `path` belongs to tokenproxy's own endpoints rather than a route.
@@ -35,7 +38,17 @@ pub fn is_reserved(path: &str) -> bool {
 impl Endpoints {
     /// Endpoints over `store` for the configured `providers`.
     pub fn new(store: Arc<dyn LinkStore>, providers: Vec<String>) -> Self {
-        Self { store, providers }
+        Self {
+            store,
+            providers,
+            device: None,
+        }
+    }
+
+    /// Serves `/_tokenproxy/device/{provider}` with these device logins.
+    pub fn with_device(mut self, device: Arc<crate::links::device::DeviceLogins>) -> Self {
+        self.device = Some(device);
+        self
     }
 
     /// Answers one request under the reserved prefix.
@@ -99,12 +112,18 @@ impl Endpoints {
                     &serde_json::json!({"user": caller.user_id, "links": entries}),
                 ))
             }
-            _ => Err(ProxyError::NoRoute),
+            _ => match (rest.strip_prefix("device/"), &self.device) {
+                (Some(p), Some(device)) if self.providers.iter().any(|id| id == p) => {
+                    super::device::handle(device, req, callers, p).await
+                }
+                _ => Err(ProxyError::NoRoute),
+            },
         }
     }
 }
 
-fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+/// A JSON answer that is never cached.
+pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
     let mut resp = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})

@@ -29,6 +29,9 @@
 //! // ... after the test: assert_eq!(idp.refreshes(), 1);
 //! ```
 
+#[path = "idp_device.rs"]
+mod device;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,6 +153,7 @@ struct State {
     latency: Duration,
     auth_methods: Vec<&'static str>,
     extra_params: Vec<Vec<(String, String)>>,
+    device: device::DeviceState,
 }
 
 struct Shared {
@@ -497,6 +501,12 @@ async fn answer(
             }),
         );
     }
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    // Device flow and revocation (idp_device.rs): not refresh grants.
+    if let Some(resp) = device::answer(s, &parts, &body) {
+        return resp;
+    }
     s.attempts.fetch_add(1, Ordering::SeqCst);
     let (fault, latency) = {
         let mut st = s.state.lock();
@@ -523,20 +533,19 @@ async fn answer(
         Some(Fault::ProcessThenDrop) => *drop_connection = true,
         None => {}
     }
-    let basic = req
-        .headers()
+    let basic = parts
+        .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok());
-    if req.method() != hyper::Method::POST || req.uri().path() != "/oauth/token" {
+    if parts.method != hyper::Method::POST || parts.uri.path() != "/oauth/token" {
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not_found"}),
         );
     }
-    let body = req.into_body().collect().await.unwrap().to_bytes();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     // Client authentication: Basic (each part form-urlencoded, RFC 6749 §2.3.1) or body.
     let (method, id, secret) = match basic {
