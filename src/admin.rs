@@ -1,10 +1,13 @@
-//! The admin listener's endpoints: `/healthz`, `/readyz`, `/metrics`.
+//! The admin listener's endpoints: `/healthz`, `/readyz`, `/metrics`, and the
+//! operator link API under `/links` ([`links`], behind `[admin] token`).
 //!
 //! They live on a separate listener so the proxy port never exposes them and an
 //! orchestrator can probe a busy proxy. `/healthz` answers 200 while the process
 //! serves at all; `/readyz` answers 200 only when the link store is reachable and
 //! fully migrated, so a replica without its database is taken out of rotation;
 //! `/metrics` renders the registry passed in (never a global).
+
+pub mod links;
 
 use std::sync::Arc;
 
@@ -33,10 +36,15 @@ pub struct AdminState {
     pub store: Arc<dyn LinkStore>,
     /// The metrics served by `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The operator link API.
+    pub links: Arc<links::LinkApi>,
 }
 
 /// Answers one admin request.
 pub async fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
+    if links::is_link_path(req.uri().path()) {
+        return links::handle(req, &state.links, state.store.as_ref()).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(
             StatusCode::BAD_REQUEST,

@@ -90,6 +90,19 @@ pub struct Config {
     /// Serving beside Coder (`[coder]`); off when absent.
     #[serde(default)]
     pub coder: Option<CoderConfig>,
+    /// The admin listener's link API (`[admin]`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the operator link API on the admin listener.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token the link API (`/links…`) requires; unset = the link API is
+    /// off (`/healthz`, `/readyz`, `/metrics` never need it).
+    #[serde(deserialize_with = "secret_opt")]
+    pub token: Option<SecretString>,
 }
 
 /// `[coder]`: tokenproxy serves beside a Coder deployment, on Coder's database
@@ -268,6 +281,10 @@ pub struct TokensConfig {
     /// pass through untouched for this long (whatever token version they carried).
     #[serde(with = "duration_str")]
     pub reject_cooldown: Duration,
+    /// Refresh (through the flight and lease) every link whose last refresh is
+    /// older than this, so refresh tokens that die unused stay alive; `None` = off.
+    #[serde(with = "duration_str::option")]
+    pub keepalive_refresh: Option<Duration>,
 }
 
 impl Default for TokensConfig {
@@ -281,6 +298,7 @@ impl Default for TokensConfig {
             lease_timeout: Duration::from_secs(30),
             cache_max_age: Duration::from_secs(300),
             reject_cooldown: Duration::from_secs(30),
+            keepalive_refresh: None,
         }
     }
 }
@@ -641,6 +659,10 @@ impl Config {
                 self.database.listen_check_interval,
             ),
             ("tokens.cache_max_age", self.tokens.cache_max_age),
+            (
+                "tokens.keepalive_refresh",
+                self.tokens.keepalive_refresh.unwrap_or(Duration::MAX),
+            ),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be above zero"));
@@ -895,5 +917,17 @@ pub mod duration_str {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}`: {e}")))
+    }
+
+    /// The same for an optional key (absent = `None`).
+    pub mod option {
+        use std::time::Duration;
+
+        /// Parses a humantime duration string.
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
     }
 }

@@ -3,8 +3,8 @@
 //! threads and replicas want it at the same moment.
 //!
 //! Modules follow the request, top to bottom; nothing low imports from higher up:
-//! `cli` → `proxy`/`admin` → `tokens` → `oauth`/`store` → `crypto`, with `config`
-//! and `telemetry` usable everywhere.
+//! `cli` → `proxy`/`admin` → `links` → `tokens` → `oauth`/`store` → `crypto`, with
+//! `config` and `telemetry` usable everywhere.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -12,6 +12,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod links;
 pub mod oauth;
 pub mod proxy;
 pub mod store;

@@ -142,6 +142,9 @@ pub struct Metrics {
     /// `tokenproxy_idp_breaker_open{provider}`: 1 while the provider's circuit
     /// breaker keeps its token endpoint from being called, else 0.
     pub idp_breaker_open: Family<ProviderLabels, Gauge>,
+    /// `tokenproxy_links_refresh_expiring{provider}`: links whose refresh token
+    /// expires within 7 days (set by the keep-alive pass, hourly or more often).
+    pub links_refresh_expiring: Family<ProviderLabels, Gauge>,
 }
 
 impl Metrics {
@@ -228,7 +231,14 @@ impl Metrics {
             "1 while a provider's token endpoint is not called after repeated transient failures",
             idp_breaker_open.clone(),
         );
+        let links_refresh_expiring = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "links_refresh_expiring",
+            "Links whose refresh token expires within 7 days",
+            links_refresh_expiring.clone(),
+        );
         Arc::new(Self {
+            links_refresh_expiring,
             registry,
             requests,
             request_duration,

@@ -1,5 +1,7 @@
-//! `tokenproxy link put|list|delete`: manage users' OAuth2 links by hand, e.g. to
-//! seed a link from a token response obtained elsewhere, or to remove a broken one.
+//! `tokenproxy link put|list|delete|login|status`: manage users' OAuth2 links,
+//! e.g. to seed a link from a token response obtained elsewhere, to link an
+//! account with the device flow (`login`, in `link_login`), or to remove one
+//! (revoking its grant at the provider unless `--keep-grant`).
 //!
 //! `link put` reads an RFC 6749 §5.1 token response on stdin. Parsing is a pure
 //! function ([`parse_token_response`]) so its rules are unit-tested; its errors name
@@ -54,7 +56,7 @@ pub enum LinkCommand {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
-    /// Delete a link.
+    /// Delete a link, revoking its grant at the provider first.
     Delete {
         /// Provider id.
         #[arg(long)]
@@ -62,6 +64,30 @@ pub enum LinkCommand {
         /// User id (UUID).
         #[arg(long)]
         user: Uuid,
+        /// Do not revoke the grant at the provider.
+        #[arg(long)]
+        keep_grant: bool,
+    },
+    /// Link an account with the device flow (RFC 8628): prints a URL and a code.
+    Login {
+        /// Provider id.
+        #[arg(long)]
+        provider: String,
+        /// User id (UUID).
+        #[arg(long)]
+        user: Uuid,
+    },
+    /// Show links: expiries, last refresh, failure reason (never token values).
+    Status {
+        /// Only this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only this user.
+        #[arg(long)]
+        user: Option<Uuid>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -119,26 +145,56 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
             println!("{}", login_url(cfg, &provider, user, ttl)?);
             Ok(())
         }
-        LinkCommand::Delete { provider, user } => {
+        LinkCommand::Delete {
+            provider,
+            user,
+            keep_grant,
+        } => {
             let store = super::open_store(cfg)?;
-            if store
-                .delete_link(&provider, user)
-                .await
-                .context("deleting the link")?
-            {
+            let Some(provider_cfg) = cfg.provider(&provider) else {
+                // A provider removed from the config: nothing to revoke with.
+                if !store
+                    .delete_link(&provider, user)
+                    .await
+                    .context("deleting the link")?
+                {
+                    anyhow::bail!("no link {provider}/{user}");
+                }
                 tracing::info!(
                     target: crate::telemetry::AUDIT_TARGET,
                     event = "link_deleted",
                     source = "cli",
                     provider = %provider,
-                    user = %user
+                    user = %user,
+                    revocation = "unsupported"
                 );
-                println!("deleted link {provider}/{user}");
-                Ok(())
-            } else {
-                anyhow::bail!("no link {provider}/{user}")
+                println!(
+                    "deleted link {provider}/{user} (provider not configured: grant not revoked)"
+                );
+                return Ok(());
+            };
+            let revocation =
+                crate::links::unlink(store.as_ref(), provider_cfg, user, keep_grant, "cli")
+                    .await
+                    .context("deleting the link")?
+                    .ok_or_else(|| anyhow::anyhow!("no link {provider}/{user}"))?;
+            match &revocation {
+                crate::links::Revocation::Failed(m) => {
+                    eprintln!("tokenproxy: revoking the grant at {provider} failed: {m}");
+                }
+                r => println!("grant at {provider}: {}", r.as_str()),
             }
+            println!("deleted link {provider}/{user}");
+            Ok(())
         }
+        LinkCommand::Login { provider, user } => {
+            super::link_login::login(cfg, &provider, user).await
+        }
+        LinkCommand::Status {
+            provider,
+            user,
+            json,
+        } => super::link_login::status(cfg, provider, user, json).await,
     }
 }
 

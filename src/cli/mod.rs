@@ -11,6 +11,7 @@ mod check_config;
 mod healthcheck;
 mod keys;
 mod link;
+mod link_login;
 mod migrate;
 mod serve;
 mod token;

@@ -29,6 +29,7 @@ const OVERRIDE_SECTIONS: &[&str] = &[
     "logging",
     "forward",
     "coder",
+    "admin",
 ];
 
 /// Applies the overrides and returns, for each, the dotted key it set and the variable

@@ -10,9 +10,11 @@
 //! `invalid_client` must never mark every user's link as broken.
 
 pub mod authorize;
+pub mod device;
 pub mod http;
 mod id_token;
 pub mod presets;
+pub mod revoke;
 pub mod ticket;
 
 use std::collections::HashMap;

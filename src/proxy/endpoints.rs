@@ -5,7 +5,8 @@
 //! branch, so none of this sits on the request pipeline's hot path. Today it serves
 //! `GET /_tokenproxy/links`: the caller's own links, identified by its proxy
 //! token, without any token value (with a `login_url` where relinking is
-//! needed), and browser sign-in under `oauth/` ([`super::login`]).
+//! needed), browser sign-in under `oauth/` ([`super::login`]) and the device flow
+//! (`/_tokenproxy/device/{provider}`, see [`super::device`]).
 
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ pub struct Endpoints {
     providers: Vec<String>,
     /// Browser sign-in (`oauth/...`), when `server.public_url` is set.
     login: Option<super::login::Login>,
+    /// Device-flow logins (`/_tokenproxy/device/{provider}`).
+    device: Option<Arc<crate::links::device::DeviceLogins>>,
 }
 
 /// Whether `path` belongs to tokenproxy's own endpoints rather than a route.
@@ -41,6 +44,7 @@ impl Endpoints {
             store,
             providers,
             login: None,
+            device: None,
         }
     }
 
@@ -56,6 +60,12 @@ impl Endpoints {
         self.login
             .as_ref()?
             .login_url(provider, user, super::login::ERROR_LOGIN_TTL)
+    }
+
+    /// Serves `/_tokenproxy/device/{provider}` with these device logins.
+    pub fn with_device(mut self, device: Arc<crate::links::device::DeviceLogins>) -> Self {
+        self.device = Some(device);
+        self
     }
 
     /// Answers one request under the reserved prefix.
@@ -131,12 +141,18 @@ impl Endpoints {
                     &serde_json::json!({"user": caller.user_id, "links": entries}),
                 ))
             }
-            _ => Err(ProxyError::NoRoute),
+            _ => match (rest.strip_prefix("device/"), &self.device) {
+                (Some(p), Some(device)) if self.providers.iter().any(|id| id == p) => {
+                    super::device::handle(device, req, callers, p).await
+                }
+                _ => Err(ProxyError::NoRoute),
+            },
         }
     }
 }
 
-fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+/// A JSON answer that is never cached.
+pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
     let mut resp = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})

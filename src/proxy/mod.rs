@@ -35,6 +35,7 @@ pub mod ca;
 pub mod caller;
 pub mod caller_coder;
 pub mod connect;
+mod device;
 pub mod endpoints;
 pub mod error;
 pub mod forward;
@@ -75,6 +76,25 @@ pub trait TokenLookup: Send + Sync + 'static {
     fn retry_after(&self, _provider: &str, _user: Uuid) -> Option<std::time::Duration> {
         None
     }
+    /// Refreshes now through the flight (the admin API) and says whether this
+    /// call exchanged; doubles without a flight answer [`TokenLookup::get`].
+    async fn refresh_now(
+        &self,
+        provider: &str,
+        user: Uuid,
+    ) -> Result<(AccessToken, bool), TokenError> {
+        self.get(provider, user).await.map(|t| (t, false))
+    }
+    /// Where background link work (device-flow polls) runs and the token that
+    /// stops it at shutdown; `None` = a private tracker, never stopped.
+    fn shutdown_handles(
+        &self,
+    ) -> Option<(
+        tokio_util::task::TaskTracker,
+        tokio_util::sync::CancellationToken,
+    )> {
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -92,6 +112,21 @@ impl TokenLookup for TokenSource {
     }
     fn retry_after(&self, provider: &str, user: Uuid) -> Option<std::time::Duration> {
         TokenSource::retry_after(self, provider, user)
+    }
+    async fn refresh_now(
+        &self,
+        provider: &str,
+        user: Uuid,
+    ) -> Result<(AccessToken, bool), TokenError> {
+        TokenSource::refresh_now(self, provider, user).await
+    }
+    fn shutdown_handles(
+        &self,
+    ) -> Option<(
+        tokio_util::task::TaskTracker,
+        tokio_util::sync::CancellationToken,
+    )> {
+        Some(TokenSource::shutdown_handles(self))
     }
 }
 
@@ -131,7 +166,8 @@ impl Pipeline {
                 deps.store.clone(),
                 config.providers.iter().map(|p| p.id.clone()).collect(),
             )
-            .with_login(login::Login::from_config(config, deps.store.clone())?),
+            .with_login(login::Login::from_config(config, deps.store.clone())?)
+            .with_device(device_logins(deps)),
             tokens: deps.tokens.clone(),
             upstreams,
             metrics: deps.metrics.clone(),
@@ -145,6 +181,18 @@ impl Pipeline {
                 .transpose()?,
         })
     }
+}
+
+/// The device-flow logins, polling on the token source's tracker so a drain
+/// waits for them.
+fn device_logins(deps: &Deps) -> Arc<crate::links::device::DeviceLogins> {
+    let (tasks, stop) = deps.tokens.shutdown_handles().unwrap_or_default();
+    Arc::new(crate::links::device::DeviceLogins::new(
+        deps.store.clone(),
+        &deps.config.providers,
+        tasks,
+        stop,
+    ))
 }
 
 impl server::Handler for Pipeline {
@@ -168,6 +216,19 @@ impl server::Handler for Pipeline {
             return self.endpoints.handle(&req, &self.callers).await;
         }
         self.handle(req, conn).await
+    }
+}
+
+/// The admin API's "refresh now", through the token lookup's flight.
+struct AdminRefresh(Arc<dyn TokenLookup>);
+
+#[async_trait::async_trait]
+impl crate::admin::links::Refresh for AdminRefresh {
+    async fn refresh_now(&self, provider: &str, user: Uuid) -> Result<bool, TokenError> {
+        self.0
+            .refresh_now(provider, user)
+            .await
+            .map(|(_, exchanged)| exchanged)
     }
 }
 
@@ -257,6 +318,10 @@ async fn run_on(
     let admin_handler = Arc::new(AdminHandler(crate::admin::AdminState {
         store: deps.store.clone(),
         metrics: deps.metrics.clone(),
+        links: crate::admin::links::LinkApi::new(
+            &config,
+            Arc::new(AdminRefresh(deps.tokens.clone())),
+        ),
     }));
     let admin_limits = server::Limits {
         name: "admin",

@@ -149,6 +149,7 @@ pub(super) fn summarize(keyring: &Keyring, r: LinkRow) -> LinkSummary {
             .unwrap_or(true),
     };
     LinkSummary {
+        refresh_expiry: LinkSummary::refresh_expiry_of(r.oauth_extra.as_ref()),
         encrypted: r.oauth_access_token_key_id.is_some() || r.oauth_refresh_token_key_id.is_some(),
         has_refresh_token,
         expiry: expiry_from_db(r.oauth_expiry),

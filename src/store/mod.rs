@@ -147,6 +147,19 @@ pub struct LinkSummary {
     pub encrypted: bool,
     /// Permanent refresh failure, if any.
     pub refresh_failure_reason: String,
+    /// When the refresh token itself expires (`oauth_extra.refresh_token_expires_at`,
+    /// kept for providers that say so, e.g. GitHub Apps); `None` = unknown or never.
+    pub refresh_expiry: Option<DateTime<Utc>>,
+}
+
+impl LinkSummary {
+    /// The `refresh_token_expires_at` an `oauth_extra` value records, if any.
+    pub fn refresh_expiry_of(extra: Option<&serde_json::Value>) -> Option<DateTime<Utc>> {
+        let at = extra?.get("refresh_token_expires_at")?.as_str()?;
+        DateTime::parse_from_rfc3339(at)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
 }
 
 /// Token values to write: from `link put`, a login, or a refresh.

@@ -31,6 +31,7 @@ const TIDY_TICK: Duration = Duration::from_secs(30);
 pub(super) fn spawn(inner: Arc<Inner>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
     let listener = tokio::spawn(listen(inner.clone(), shutdown.clone()));
     let tidy = tokio::spawn(tidy_loop(inner.clone(), shutdown.clone()));
+    let keepalive = tokio::spawn(super::keepalive::run(inner.clone(), shutdown.clone()));
     let ahead = inner
         .cfg
         .refresh_ahead
@@ -38,6 +39,7 @@ pub(super) fn spawn(inner: Arc<Inner>, shutdown: CancellationToken) -> tokio::ta
     tokio::spawn(async move {
         let _ = listener.await;
         let _ = tidy.await;
+        let _ = keepalive.await;
         if let Some(a) = ahead {
             let _ = a.await;
         }

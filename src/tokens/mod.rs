@@ -39,7 +39,10 @@ mod cache;
 mod cooldown;
 mod exchange;
 mod flight;
+mod keepalive;
 mod settle;
+
+pub use keepalive::{expiring_window, refresh_expiring, KeepaliveReport};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -30,6 +30,9 @@
 //! // ... after the test: assert_eq!(idp.refreshes(), 1);
 //! ```
 
+#[path = "idp_device.rs"]
+mod device;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,6 +167,7 @@ struct State {
     auth_methods: Vec<&'static str>,
     extra_params: Vec<Vec<(String, String)>>,
     authorize: authorize::AuthState,
+    device: device::DeviceState,
 }
 
 struct Shared {
@@ -617,6 +621,12 @@ async fn answer(
             }),
         );
     }
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    // Device flow and revocation (idp_device.rs): not refresh grants.
+    if let Some(resp) = device::answer(s, &parts, &body) {
+        return resp;
+    }
     s.attempts.fetch_add(1, Ordering::SeqCst);
     let (fault, latency) = {
         let mut st = s.state.lock();
@@ -644,15 +654,15 @@ async fn answer(
         Some(Fault::ProcessThenDrop) => *drop_connection = true,
         None => {}
     }
-    let basic = req
-        .headers()
+    let basic = parts
+        .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok());
     let issuer = s.opts.discovery_issuer.clone().unwrap_or_else(|| {
-        let host = req.headers().get("host").and_then(|v| v.to_str().ok());
+        let host = parts.headers.get("host").and_then(|v| v.to_str().ok());
         let scheme = if s.opts.tls.is_some() {
             "https"
         } else {
@@ -660,14 +670,13 @@ async fn answer(
         };
         format!("{scheme}://{}", host.unwrap_or_default())
     });
-    if req.method() != hyper::Method::POST || req.uri().path() != "/oauth/token" {
+    if parts.method != hyper::Method::POST || parts.uri.path() != "/oauth/token" {
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not_found"}),
         );
     }
-    let tag = req.uri().query().unwrap_or_default().to_string();
-    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let tag = parts.uri.query().unwrap_or_default().to_string();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     // Client authentication: Basic (each part form-urlencoded, RFC 6749 §2.3.1) or body.
     let (method, id, secret) = match basic {
