@@ -2,6 +2,8 @@
 //! token value: the test captures everything and searches it for every proxy
 //! token, access token, refresh token and client secret it issued or saw.
 //!
+//! Both log formats (text and JSON) are captured and searched.
+//!
 //! Alone in its file because it installs the process-wide subscriber.
 
 #[path = "support/proxy_harness.rs"]
@@ -42,12 +44,25 @@ impl Write for Captured {
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn debug_logs_of_a_full_scenario_contain_no_token(pool: PgPool) {
+    use tracing_subscriber::prelude::*;
+    // Both log formats `serve` offers, as `telemetry::init_logging` builds them
+    // (JSON: one flattened object per line), each into its own capture.
     let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
+    let json = Captured::default();
+    let (text_writer, json_writer) = (captured.clone(), json.clone());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || text_writer.clone())
+                .with_ansi(false),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_writer(move || json_writer.clone()),
+        )
+        .with(tracing_subscriber::EnvFilter::new("debug"))
         .init();
 
     let idp = Arc::new(Idp::start(IdpOptions::default()).await);
@@ -187,10 +202,33 @@ timeout = "2s"
         "the access log is captured: {logs}"
     );
     assert!(logs.lines().count() > 20, "debug logging is on");
-    for s in &secrets {
-        assert!(s.len() >= 8);
-        assert!(!logs.contains(s.as_str()), "a secret appears in the logs");
-        // The part after a recognisable prefix, in case a prefix was stripped.
-        assert!(!logs.contains(&s[4..]), "a secret appears in the logs");
+    let json = String::from_utf8_lossy(&json.0.lock()).into_owned();
+    for line in json.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(event["level"].is_string(), "{line}");
+    }
+    assert!(
+        json.contains(r#""target":"tokenproxy::access""#) && json.contains(r#""status":200"#),
+        "the JSON access log is captured: {json}"
+    );
+    assert_eq!(
+        json.lines().count(),
+        logs.lines().count(),
+        "the same events"
+    );
+    for (format, logs) in [("text", &logs), ("json", &json)] {
+        for s in &secrets {
+            assert!(s.len() >= 8);
+            assert!(
+                !logs.contains(s.as_str()),
+                "a secret appears in the {format} logs"
+            );
+            // The part after a recognisable prefix, in case a prefix was stripped.
+            assert!(
+                !logs.contains(&s[4..]),
+                "a secret appears in the {format} logs"
+            );
+        }
     }
 }

@@ -443,3 +443,89 @@ async fn the_upstream_connection_opens_while_the_refresh_is_in_flight(pool: PgPo
     assert_eq!(accepted.lock().len(), 1);
     idp.assert_grants(1, 1, 0);
 }
+
+/// A request body as the 401-retry boundary test sends it.
+enum TestBody {
+    /// `Content-Length: n`.
+    Len(usize),
+    /// `Transfer-Encoding: chunked` (length unknown up front).
+    Chunked,
+}
+
+/// The 401 retry replays bodies of a declared length up to 64 KiB
+/// (`RETRY_BODY_LIMIT`): 65,536 bytes are sent again with the refreshed token,
+/// while 65,537 bytes and a chunked body (whose length is not known before it
+/// has streamed) are sent once and the upstream's 401 passes through.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn the_401_retry_replays_bodies_up_to_64_kib(pool: PgPool) {
+    use secrecy::ExposeSecret;
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    // The upstream rejects each user's first token and accepts the refreshed one.
+    let rejected = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let check = {
+        let (idp, rejected) = (idp.clone(), rejected.clone());
+        Arc::new(move |t: &str| idp.is_valid_access_token(t) && !rejected.lock().contains(t))
+    };
+    let api = TestUpstream::start(CredentialForm::Bearer, check).await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let config = idp_config(&idp, &api.url());
+    let tokens = token_source(&config, store.clone());
+    let proxy = Harness::start_source(config, store.clone(), tokens).await;
+    let cases = [
+        (TestBody::Len(65_536), true),
+        (TestBody::Len(65_537), false),
+        (TestBody::Chunked, false),
+    ];
+    let mut grants = 0;
+    for (body, retried) in cases {
+        // A user per case: the reject cooldown is per link.
+        let user = Uuid::new_v4();
+        let seed = idp.seed(user);
+        let first = seed.access_token.expose_secret().to_string();
+        rejected.lock().insert(first.clone());
+        store.put_link("github", user, &seed).await.unwrap();
+        let (_, token) = create_token(&*store, user, &[]).await;
+        let before = api.count();
+        let (status, len) = match body {
+            TestBody::Len(n) => {
+                let auth = format!("Bearer {token}");
+                let a = harness::send(
+                    http::Method::POST,
+                    &proxy.url("/gh/api/upload"),
+                    &[("authorization", &auth)],
+                    vec![7u8; n],
+                )
+                .await;
+                (a.status.as_u16(), n as u64)
+            }
+            TestBody::Chunked => {
+                let request = format!(
+                    "POST /gh/api/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+                     Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                );
+                (
+                    harness::raw_status(&harness::raw(proxy.addr, &request).await),
+                    5,
+                )
+            }
+        };
+        let seen = api.requests()[before..].to_vec();
+        assert!(
+            !seen.is_empty(),
+            "{len} bytes: nothing reached the upstream (answered {status})"
+        );
+        assert!(seen.iter().all(|r| r.body_len == len), "whole bodies");
+        assert_eq!(seen[0].token.as_deref(), Some(first.as_str()));
+        if retried {
+            assert_eq!(status, 200, "{len} bytes: retried with the new token");
+            assert_eq!(seen.len(), 2, "{len} bytes: one retry");
+            assert_ne!(seen[1].token, seen[0].token);
+        } else {
+            assert_eq!(status, 401, "{len} bytes: the 401 passes through");
+            assert_eq!(seen.len(), 1, "{len} bytes: sent once, not replayed");
+        }
+        // Every case forces its link's one refresh, retried or not.
+        grants += 1;
+        idp.assert_grants(grants, grants, 0);
+    }
+}

@@ -332,6 +332,54 @@ async fn client_secret_post_extra_params_and_kept_refresh_token(pool: PgPool) {
     assert_eq!(row.extra, Some(serde_json::json!({"scope": "repo"})));
 }
 
+/// An `invalid_client` answer pauses the provider's refreshes for 10 s (README,
+/// "Where this differs from DESIGN.md"), then they resume: the gap between the
+/// IdP's own attempt timestamps is checked against the pause both ways. The pause
+/// runs on tokio's clock, so this test waits it out (about 10 s).
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn invalid_client_pause_ends_after_ten_seconds(pool: PgPool) {
+    let pause = Duration::from_secs(10);
+    let (clock, idp, st, user) = setup(&pool).await;
+    seed_expired(&idp, &st, &*clock, user).await;
+    let mut provider = idp.provider(P);
+    provider.client_secret = Some("wrong".to_string().into());
+    let r = replica(&pool, &[provider], &tokens_cfg(), clock.clone()).await;
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempt_times().len(), 1, "the client was rejected once");
+    // Within the pause nothing reaches the provider.
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    assert_eq!(idp.attempt_times().len(), 1, "paused");
+    // Ask every 100 ms until the provider is asked again; bounded well past it.
+    let give_up = tokio::time::Instant::now() + pause * 3;
+    while idp.attempt_times().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "refreshes never resumed after the {pause:?} pause"
+        );
+        let _ = r.source.get(P, user).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let times = idp.attempt_times();
+    let gap = times[1] - times[0];
+    // Lower bound: the pause held (less timer granularity). Upper: the poll
+    // interval plus slack for a loaded 2-core runner, far below a second pause.
+    assert!(
+        gap + Duration::from_millis(50) >= pause,
+        "resumed after {gap:?}"
+    );
+    assert!(
+        gap < pause + Duration::from_secs(3),
+        "resumed only after {gap:?}"
+    );
+    assert_link_intact(&idp, &st, user).await;
+}
+
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn invalid_client_is_not_recorded_on_the_link(pool: PgPool) {
     let (clock, idp, st, user) = setup(&pool).await;
