@@ -177,76 +177,110 @@ async fn a_browser_without_a_proxy_token_is_asked_for_one(pool: PgPool) {
     assert_eq!(n, 0, "no state for refused starts");
 }
 
-#[sqlx::test]
-async fn bad_callbacks_are_refused_and_write_nothing(pool: PgPool) {
-    let w = world(&pool).await;
-    let begin = || async {
+impl World {
+    /// Starts a sign-in with the proxy token, as a browser holding it would.
+    async fn begin(&self) -> Started {
         start(
-            &w.proxy,
+            &self.proxy,
             "/_tokenproxy/oauth/gh/login",
-            &[("authorization", &w.auth)],
+            &[("authorization", &self.auth)],
         )
         .await
-    };
-    let approve = |s: &Started| {
-        let url = s.authorize_url.clone();
-        let idp = w.idp.clone();
-        async move { idp.submit_login(&url, Uuid::new_v4(), true).await }
-    };
+    }
 
-    // No state at all.
-    let a = callback(
-        &w.proxy,
-        &w.proxy.url("/_tokenproxy/oauth/gh/callback?code=x"),
-        None,
-    )
-    .await;
-    assert_refused(&a, "no state");
+    /// Approves at the IdP as a fresh account; returns the callback URL.
+    async fn approve(&self, s: &Started) -> String {
+        self.idp
+            .submit_login(&s.authorize_url, Uuid::new_v4(), true)
+            .await
+    }
 
-    // Tampered state: one character changed.
-    let s = begin().await;
-    let back = approve(&s).await;
-    let tampered = back.replacen("state=", "state=X", 1);
+    /// Asserts nothing was linked and the IdP exchanged `grants` codes.
+    async fn assert_nothing_written(&self, pool: &PgPool, grants: u64) {
+        assert_eq!(link_rows(pool).await, 0, "a refused callback wrote a link");
+        assert_eq!(self.idp.code_grants(), grants, "codes exchanged");
+    }
+}
+
+#[sqlx::test]
+async fn a_callback_without_state_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    let s = w.begin().await;
+    let back = w.approve(&s).await;
+    let u = url::Url::parse(&back).unwrap();
+    let code: String = u.query_pairs().find(|(k, _)| k == "code").unwrap().1.into();
+    let no_state = w
+        .proxy
+        .url(&format!("/_tokenproxy/oauth/gh/callback?code={code}"));
     assert_refused(
-        &callback(&w.proxy, &tampered, Some(&s.cookie)).await,
-        "unknown",
+        &callback(&w.proxy, &no_state, Some(&s.cookie)).await,
+        "no state",
     );
+    w.assert_nothing_written(&pool, 0).await;
+}
 
-    // Cross-browser: the right state, but no cookie, or another browser's cookie.
-    let s = begin().await;
-    let back = approve(&s).await;
+#[sqlx::test]
+async fn a_tampered_state_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    let s = w.begin().await;
+    let back = w.approve(&s).await.replacen("state=", "state=X", 1);
+    assert_refused(&callback(&w.proxy, &back, Some(&s.cookie)).await, "unknown");
+    w.assert_nothing_written(&pool, 0).await;
+}
+
+#[sqlx::test]
+async fn a_callback_in_another_browser_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    // The right state, but no cookie (a link sent to someone else) ...
+    let s = w.begin().await;
+    let back = w.approve(&s).await;
     assert_refused(&callback(&w.proxy, &back, None).await, "another browser");
-    let s = begin().await;
-    let other = begin().await;
-    let back = approve(&s).await;
+    // ... or the cookie of another sign-in.
+    let s = w.begin().await;
+    let other = w.begin().await;
+    let back = w.approve(&s).await;
     assert_refused(
         &callback(&w.proxy, &back, Some(&other.cookie)).await,
         "another browser",
     );
+    w.assert_nothing_written(&pool, 0).await;
+}
 
-    // Expired: the state row is past its 10 minutes.
-    let s = begin().await;
-    let back = approve(&s).await;
-    sqlx::query("UPDATE oauth_states SET expires_at = 0")
+#[sqlx::test]
+async fn an_expired_state_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    let s = w.begin().await;
+    let back = w.approve(&s).await;
+    // As ten minutes later.
+    sqlx::query("UPDATE oauth_states SET expires_at = expires_at - 601")
         .execute(&pool)
         .await
         .unwrap();
     assert_refused(&callback(&w.proxy, &back, Some(&s.cookie)).await, "expired");
+    w.assert_nothing_written(&pool, 0).await;
+}
 
-    // The user cancels at the provider.
-    let s = begin().await;
+#[sqlx::test]
+async fn access_denied_at_the_provider_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    let s = w.begin().await;
     let back = w
         .idp
         .submit_login(&s.authorize_url, Uuid::new_v4(), false)
         .await;
+    assert!(back.contains("error=access_denied"), "{back}");
     assert_refused(
         &callback(&w.proxy, &back, Some(&s.cookie)).await,
         "access_denied",
     );
+    w.assert_nothing_written(&pool, 0).await;
+}
 
-    // A state of provider gh presented at gl's callback.
-    let s = begin().await;
-    let back = approve(&s).await.replace("/oauth/gh/", "/oauth/gl/");
+#[sqlx::test]
+async fn a_state_of_another_provider_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    let s = w.begin().await;
+    let back = w.approve(&s).await.replace("/oauth/gh/", "/oauth/gl/");
     let gl_cookie = s
         .cookie
         .replace("tokenproxy_login_gh", "tokenproxy_login_gl");
@@ -254,27 +288,20 @@ async fn bad_callbacks_are_refused_and_write_nothing(pool: PgPool) {
         &callback(&w.proxy, &back, Some(&gl_cookie)).await,
         "another provider",
     );
+    w.assert_nothing_written(&pool, 0).await;
+}
 
-    assert_eq!(
-        w.idp.code_grants(),
-        0,
-        "no refused callback reached the token endpoint"
-    );
-
-    // A failed exchange: the provider refuses a code that is not the one it issued.
-    let s = begin().await;
-    let back = approve(&s).await.replacen("code=code_", "code=code_0", 1);
+#[sqlx::test]
+async fn a_failed_code_exchange_is_refused(pool: PgPool) {
+    let w = world(&pool).await;
+    let s = w.begin().await;
+    // The provider refuses a code it did not issue.
+    let back = w.approve(&s).await.replacen("code=code_", "code=code_0", 1);
     assert_refused(
         &callback(&w.proxy, &back, Some(&s.cookie)).await,
         "invalid_grant",
     );
-    assert_eq!(w.idp.code_grants(), 1);
-
-    assert_eq!(
-        link_rows(&pool).await,
-        0,
-        "no refused callback wrote a link"
-    );
+    w.assert_nothing_written(&pool, 1).await;
 }
 
 #[sqlx::test]
