@@ -613,3 +613,61 @@ fn config_values_that_could_split_a_header_are_refused_naming_the_key() {
         assert!(!err.contains("X-Evil"), "the value is not echoed: {err}");
     }
 }
+
+/// Sends raw bytes and reads until the server closes (bounded by [`WAIT`]).
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("hyper closes the connection after its own error answer");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What hyper itself answers before any tokenproxy code runs (README: "Errors
+/// hyper produces itself"): a bare status, no JSON and no `tokenproxy-error`,
+/// and the connection is closed. hyper gives no hook to replace these.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn hypers_own_errors_are_bare_statuses_and_close_the_connection(pool: PgPool) {
+    let w = world(pool, "max_header_bytes = 16384", "", "").await;
+    let addr = w.proxy.addr;
+    let huge = format!(
+        "GET /gh/api/user HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    for (what, bytes, status) in [
+        ("unparseable request line", b"GARBAGE\r\n\r\n".to_vec(), 400),
+        (
+            "bad version",
+            b"GET /gh/api/user HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        ("oversized head", huge.into_bytes(), 431),
+        (
+            "bad header name",
+            b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n".to_vec(),
+            400,
+        ),
+    ] {
+        let resp = raw_exchange(addr, &bytes).await;
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {resp:?}"
+        );
+        assert!(
+            header(&resp, "tokenproxy-error").is_none(),
+            "{what}: {resp}"
+        );
+        assert_eq!(header(&resp, "content-length"), Some("0"), "{what}: {resp}");
+        assert!(resp.ends_with("\r\n\r\n"), "{what}: no body: {resp:?}");
+    }
+    // A request line without a version is HTTP/0.9 to nobody: closed unanswered
+    // or a 400, never forwarded.
+    let resp = raw_exchange(addr, b"GET /gh/api/user\r\n\r\n").await;
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 400 "),
+        "{resp:?}"
+    );
+    assert_eq!(w.api.count(), 0, "nothing reached the upstream");
+}
