@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 mod forward;
 mod overrides;
 mod secrets;
+mod text;
 
 pub use forward::{ForwardConfig, HostPattern, Unrouted};
 
@@ -168,6 +169,23 @@ pub struct ServerConfig {
     /// The URL browsers reach this proxy listener at: the base of the OAuth
     /// redirect URI and of login URLs (browser sign-in needs it).
     pub public_url: Option<Url>,
+    /// Most simultaneous connections from one source IP (0 = no limit).
+    pub max_connections_per_ip: usize,
+    /// A connection with no request in flight this long is closed (HTTP/1
+    /// keep-alive connections already close after `header_read_timeout`).
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// HTTP/2: ping a connection that has been silent this long.
+    #[serde(with = "duration_str")]
+    pub http2_keepalive_interval: Duration,
+    /// HTTP/2: close a connection whose ping is not answered within this.
+    #[serde(with = "duration_str")]
+    pub http2_keepalive_timeout: Duration,
+    /// HTTP/2: most concurrent streams (requests) per connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Total bytes of request bodies held at once so a request rejected with
+    /// 401 can be retried; beyond it requests are sent without retry.
+    pub retry_buffer_budget: u64,
 }
 
 impl Default for ServerConfig {
@@ -185,6 +203,12 @@ impl Default for ServerConfig {
             tls: None,
             body_idle_timeout: Duration::from_secs(60),
             public_url: None,
+            max_connections_per_ip: 1000,
+            idle_timeout: Duration::from_secs(300),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            http2_max_concurrent_streams: 100,
+            retry_buffer_budget: 64 * 1024 * 1024,
         }
     }
 }
@@ -350,6 +374,12 @@ pub struct CallersConfig {
     /// How long a lookup waits for one of those slots before answering 503.
     #[serde(with = "duration_str")]
     pub lookup_wait: Duration,
+    /// Failed authentications (with a credential presented) allowed per source
+    /// IP and per credential within `auth_failure_window`; beyond, 429 (0 = no limit).
+    pub auth_failure_limit: u32,
+    /// The window `auth_failure_limit` counts in.
+    #[serde(with = "duration_str")]
+    pub auth_failure_window: Duration,
 }
 
 impl Default for CallersConfig {
@@ -362,6 +392,8 @@ impl Default for CallersConfig {
             outage_grace: Duration::from_secs(3600),
             max_concurrent_lookups: 8,
             lookup_wait: Duration::from_secs(1),
+            auth_failure_limit: 20,
+            auth_failure_window: Duration::from_secs(60),
         }
     }
 }
@@ -526,6 +558,10 @@ pub struct RouteConfig {
     /// browser's cookies for tokenproxy's origin are not meant for the upstream.
     #[serde(default)]
     pub cookies: bool,
+    /// Methods this route forwards (upper case); others get 405. Empty = any
+    /// method but `TRACE`/`TRACK`, which are never forwarded.
+    #[serde(default)]
+    pub methods: Vec<String>,
 }
 
 /// How a credential is attached to the upstream request.
@@ -559,11 +595,15 @@ impl<'de> Deserialize<'de> for Inject {
             Raw::Table(t) if t.len() == 1 => {
                 let (k, v) = t.into_iter().next().expect("one entry");
                 match k.as_str() {
-                    "basic_username" if !v.is_empty() && !v.contains(':') => {
+                    "basic_username"
+                        if !v.is_empty()
+                            && !v.contains(':')
+                            && !v.chars().any(char::is_control) =>
+                    {
                         Ok(Inject::BasicUsername(v))
                     }
                     "basic_username" => Err(D::Error::custom(
-                        "basic_username must be non-empty and contain no ':'",
+                        "basic_username must be non-empty and contain no ':' or control characters",
                     )),
                     "header" => http::HeaderName::from_bytes(v.as_bytes())
                         .map(Inject::Header)
@@ -602,6 +642,7 @@ impl Config {
             ConfigError::new("config", format!("invalid TOML{at}: {msg}"))
         })?;
         let origins = override_table(&mut value, env)?;
+        text::refuse_control_characters(&value).map_err(|e| blame_override(e, &origins))?;
         let pending = crate::oauth::presets::expand(&mut value)?;
         let mut cfg: Config = SECRET_ENV
             .with(|cell| {
@@ -653,6 +694,15 @@ impl Config {
             ("server.upstream_timeout", self.server.upstream_timeout),
             ("server.connect_timeout", self.server.connect_timeout),
             ("server.body_idle_timeout", self.server.body_idle_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+            (
+                "server.http2_keepalive_interval",
+                self.server.http2_keepalive_interval,
+            ),
+            (
+                "server.http2_keepalive_timeout",
+                self.server.http2_keepalive_timeout,
+            ),
             ("database.acquire_timeout", self.database.acquire_timeout),
             (
                 "database.listen_check_interval",
@@ -663,10 +713,20 @@ impl Config {
                 "tokens.keepalive_refresh",
                 self.tokens.keepalive_refresh.unwrap_or(Duration::MAX),
             ),
+            (
+                "callers.auth_failure_window",
+                self.callers.auth_failure_window,
+            ),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be above zero"));
             }
+        }
+        if self.server.http2_max_concurrent_streams == 0 {
+            return Err(ConfigError::new(
+                "server.http2_max_concurrent_streams",
+                "must be above zero",
+            ));
         }
         if self.callers.max_concurrent_lookups == 0 {
             return Err(ConfigError::new(
@@ -760,10 +820,14 @@ impl Config {
             for (j, r) in p.routes.iter().enumerate() {
                 let at = |k: &str| format!("providers[{i}].routes[{j}].{k}");
                 if let Some(prefix) = &r.prefix {
-                    if !prefix.starts_with('/') || prefix.contains("..") || prefix.contains('%') {
+                    if !prefix.starts_with('/')
+                        || prefix.contains("..")
+                        || prefix.contains('%')
+                        || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+                    {
                         return Err(ConfigError::new(
                             at("prefix"),
-                            "must start with '/' and contain no '..' or '%'",
+                            "must start with '/' and contain no '..', '%', spaces or control characters",
                         ));
                     }
                     if prefix.trim_end_matches('/') == RESERVED_PREFIX.trim_end_matches('/')
@@ -784,6 +848,7 @@ impl Config {
                         ));
                     }
                 }
+                check_methods(&r.methods).map_err(|m| ConfigError::new(at("methods"), m))?;
                 if let Some(upstream) = &r.upstream {
                     check_http_url(upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
                     if upstream.query().is_some() || upstream.fragment().is_some() {
@@ -852,6 +917,25 @@ fn decode_key(key: &SecretString) -> Result<[u8; 32], String> {
         .map_err(|_| "is not valid base64".to_string())?;
     <[u8; 32]>::try_from(raw.as_slice())
         .map_err(|_| format!("must decode to 32 bytes, got {}", raw.len()))
+}
+
+/// A route's `methods`: request-method tokens in upper case, never one
+/// tokenproxy refuses anyway.
+fn check_methods(methods: &[String]) -> Result<(), String> {
+    for m in methods {
+        if http::Method::from_bytes(m.as_bytes()).is_err()
+            || m.bytes().any(|b| b.is_ascii_lowercase())
+        {
+            return Err(format!(
+                "`{}` is not an upper-case method name",
+                m.escape_debug()
+            ));
+        }
+        if matches!(m.as_str(), "TRACE" | "TRACK" | "CONNECT") {
+            return Err(format!("{m} is never forwarded on a route"));
+        }
+    }
+    Ok(())
 }
 
 fn check_http_url(u: &Url) -> Result<(), String> {

@@ -672,3 +672,70 @@ async fn connect_over_h2c_is_refused_not_tunnelled(pool: PgPool) {
     assert_eq!(resp.status(), 400);
     assert_eq!(resp.headers()["tokenproxy-error"], "bad_request");
 }
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn new_leaves_for_wildcard_hosts_are_rate_limited_per_caller(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_init(&dir.path().join("ca"));
+    let provider_ca = TestCa::for_names(&["a.wild.test", "b.wild.test", "c.wild.test"]);
+    let up = TestUpstream::start_tls(
+        CredentialForm::Bearer,
+        tokens(&[GH_TOKEN]),
+        provider_ca.acceptor(),
+    )
+    .await;
+    let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
+    let (user, other_user) = (Uuid::new_v4(), Uuid::new_v4());
+    let (_, token) = create_token(&*store, user, &[]).await;
+    let (_, other) = create_token(&*store, other_user, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("wild", user, GH_TOKEN);
+    fake.set("wild", other_user, GH_TOKEN);
+    let config = harness::config(&format!(
+        r#"
+[forward]
+ca_cert = "{ca}"
+ca_key = "{key}"
+leaf_mint_limit = 2
+leaf_mint_window = "1h"
+
+[[providers]]
+id = "wild"
+client_id = "cid"
+token_url = "http://127.0.0.1:9/token"
+
+  [[providers.routes]]
+  hosts = ["*.wild.test"]
+  connect_to = "{addr}"
+  upstream_ca = "{provider_ca}"
+"#,
+        ca = ca.display(),
+        key = dir.path().join("ca").join("ca-key.pem").display(),
+        addr = up.addr,
+        provider_ca = provider_ca.ca.display(),
+    ));
+    let proxy = Harness::start(config, store, fake).await;
+    let proxy_url = format!("http://x:{token}@{}", proxy.addr);
+    for host in ["a.wild.test", "b.wild.test"] {
+        let r = curl(&proxy_url, &ca, &format!("https://{host}/x"), &[]).await;
+        assert_eq!(r.status, 200, "{host}: {r:?}");
+    }
+    // A third new host within the window: 429 before any leaf is minted.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let (status, head) = connect(&mut s, "c.wild.test:443", Some(&basic("x", &token))).await;
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("tokenproxy-error: rate_limited"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: "),
+        "{head}"
+    );
+    // Hosts whose leaf is cached cost nothing and stay open to the caller.
+    let r = curl(&proxy_url, &ca, "https://a.wild.test/x", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // The limit is the caller's: another caller gets its own.
+    let other_url = format!("http://x:{other}@{}", proxy.addr);
+    let r = curl(&other_url, &ca, "https://c.wild.test/x", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(proxy.metrics.leaves_minted.get(), 3);
+    assert_eq!(up.count(), 4);
+}

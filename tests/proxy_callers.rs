@@ -246,7 +246,13 @@ async fn forged_tokens_cost_no_lookup_and_old_tokens_still_work(pool: PgPool) {
         .unwrap();
     let fake = FakeTokens::new();
     fake.set("github", user, GH_TOKEN);
-    let config = harness::config(&config_toml(&api.url(), "cache_ttl = \"1h\""));
+    // Every failure here comes from one address: the failed-authentication
+    // rate limit (tested in proxy_limits.rs) would answer 429 long before the
+    // end, and this test is about what a forged token costs without it.
+    let config = harness::config(&config_toml(
+        &api.url(),
+        "cache_ttl = \"1h\"\nauth_failure_limit = 0",
+    ));
     let proxy = Harness::start(config, store.clone(), fake).await;
     let call = |token: String| {
         let url = proxy.url("/gh/api/user");
@@ -521,7 +527,13 @@ async fn a_flood_of_random_tokens_costs_no_query(pool: PgPool) {
     let (_, token) = create_token(&*store, user, &[]).await;
     let fake = FakeTokens::new();
     fake.set("github", user, GH_TOKEN);
-    let config = harness::config(&config_toml(&api.url(), "cache_ttl = \"1h\""));
+    // Every failure here comes from one address: the failed-authentication
+    // rate limit (tested in proxy_limits.rs) would answer 429 long before the
+    // end, and this test is about what a forged token costs without it.
+    let config = harness::config(&config_toml(
+        &api.url(),
+        "cache_ttl = \"1h\"\nauth_failure_limit = 0",
+    ));
     let proxy = Harness::start(config, store.clone(), fake).await;
     let legit = |n: usize| {
         let url = proxy.url("/gh/api/user");

@@ -24,6 +24,21 @@ pub struct ForwardConfig {
     /// What a CONNECT to a host no route names gets.
     #[serde(default)]
     pub unrouted: Unrouted,
+    /// New leaf certificates one caller may have minted per `leaf_mint_window`
+    /// (a wildcard route names unboundedly many hosts); beyond, 429 (0 = no limit).
+    #[serde(default = "default_leaf_mint_limit")]
+    pub leaf_mint_limit: u32,
+    /// The window `leaf_mint_limit` counts in.
+    #[serde(default = "default_leaf_mint_window", with = "super::duration_str")]
+    pub leaf_mint_window: std::time::Duration,
+}
+
+fn default_leaf_mint_limit() -> u32 {
+    100
+}
+
+fn default_leaf_mint_window() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 /// Policy for hosts no route names.
@@ -136,6 +151,16 @@ impl<'de> Deserialize<'de> for HostPattern {
 
 /// Checks the forward-mode keys of every route and their fit with `[forward]`.
 pub(super) fn validate_routes(cfg: &Config) -> Result<(), ConfigError> {
+    if cfg
+        .forward
+        .as_ref()
+        .is_some_and(|f| f.leaf_mint_window.is_zero())
+    {
+        return Err(ConfigError::new(
+            "forward.leaf_mint_window",
+            "must be above zero",
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     for (i, p) in cfg.providers.iter().enumerate() {
         for (j, r) in p.routes.iter().enumerate() {

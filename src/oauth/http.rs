@@ -290,4 +290,81 @@ mod tests {
         assert_eq!(v["token_type"], "bearer");
         assert_eq!(r.status(), 200);
     }
+
+    /// Token-response bodies: JSON objects with fields of any type, form bodies,
+    /// arbitrary bytes.
+    fn body() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| serde_json::json!(f).to_string()),
+            "[ -~]{0,20}".prop_map(|s| serde_json::json!(s).to_string()),
+            proptest::sample::select(vec![
+                "null",
+                "true",
+                "[]",
+                "{}",
+                "[\"a\",1]",
+                "\"3600\"",
+                "-5",
+                "1e308"
+            ])
+            .prop_map(String::from),
+        ];
+        let field = proptest::sample::select(vec![
+            "access_token",
+            "refresh_token",
+            "expires_in",
+            "token_type",
+            "scope",
+            "error",
+            "error_description",
+            "id_token",
+            "refresh_token_expires_in",
+        ]);
+        prop_oneof![
+            proptest::collection::vec((field.clone(), value), 0..6).prop_map(|fields| {
+                let inner: Vec<String> =
+                    fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", inner.join(",")).into_bytes()
+            }),
+            proptest::collection::vec((field, "[ -~]{0,12}"), 0..5).prop_map(|fields| {
+                url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(fields)
+                    .finish()
+                    .into_bytes()
+            }),
+            proptest::collection::vec(any::<u8>(), 0..100),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(
+            std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+        ))]
+
+        /// Whatever a token endpoint answers, normalising and then parsing it as
+        /// the RFC 6749 token response `oauth2` reads never panics; a 200 that
+        /// parses keeps its access token as sent.
+        #[test]
+        fn any_token_response_is_normalised_and_parsed_without_panic(
+            body in body(),
+            status in proptest::sample::select(vec![200u16, 400, 401, 500]),
+        ) {
+            let mut r = http::Response::builder().status(status).body(body.clone()).unwrap();
+            normalize_body(&mut r);
+            let parsed = serde_json::from_slice::<super::super::TokenResp>(r.body());
+            if let (Ok(resp), Ok(serde_json::Value::Object(orig))) =
+                (parsed, serde_json::from_slice::<serde_json::Value>(&body))
+            {
+                use oauth2::TokenResponse;
+                if status == 200 {
+                    proptest::prop_assert_eq!(
+                        Some(resp.access_token().secret().as_str()),
+                        orig.get("access_token").and_then(|v| v.as_str())
+                    );
+                }
+            }
+        }
+    }
 }

@@ -163,3 +163,76 @@ mod tests {
         assert_eq!(end.await.unwrap(), BodyEnd::Complete);
     }
 }
+
+/// The bytes of request bodies held in memory, across all requests, so a
+/// request the upstream rejects with 401 can be sent again with a refreshed
+/// token (`server.retry_buffer_budget`). Per request the bound is
+/// [`super::pipeline::RETRY_BODY_LIMIT`]; this one keeps HTTP/2, which multiplies
+/// requests per connection, from multiplying the memory too. A request that
+/// finds the budget spent is streamed and simply not retried.
+pub struct RetryBudget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+/// Bytes taken from a [`RetryBudget`], given back on drop.
+pub struct Reserved {
+    budget: std::sync::Arc<RetryBudget>,
+    bytes: u64,
+}
+
+impl RetryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Takes `bytes` if they fit in what is left.
+    pub fn reserve(self: &std::sync::Arc<Self>, bytes: u64) -> Option<Reserved> {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .ok()?;
+        Some(Reserved {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::RetryBudget;
+
+    #[test]
+    fn reservations_fit_the_budget_and_are_given_back() {
+        let budget = RetryBudget::new(100);
+        let a = budget.reserve(60).unwrap();
+        assert!(budget.reserve(41).is_none());
+        let b = budget.reserve(40).unwrap();
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert!(budget.reserve(60).is_some());
+        drop(b);
+        assert_eq!(budget.used(), 0);
+        assert!(RetryBudget::new(0).reserve(1).is_none());
+    }
+}

@@ -150,6 +150,11 @@ impl CertAuthority {
             .await
     }
 
+    /// Whether a leaf for `host` is cached (serving it mints nothing).
+    pub fn has_leaf(&self, host: &str) -> bool {
+        self.leaves.contains_key(host)
+    }
+
     /// How many leaves have been minted since start.
     pub fn minted(&self) -> u64 {
         self.minted.get()

@@ -43,6 +43,8 @@ pub struct ForwardMode {
     builder: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     connect_timeout: Duration,
+    /// New leaves per caller (`forward.leaf_mint_limit`).
+    mints: super::abuse::LeafMints,
 }
 
 impl ForwardMode {
@@ -71,6 +73,7 @@ impl ForwardMode {
             builder: server::http_builder(&limits),
             handshake_timeout: server.header_read_timeout,
             connect_timeout: server.connect_timeout,
+            mints: super::abuse::LeafMints::new(forward.leaf_mint_limit, forward.leaf_mint_window),
         })
     }
 }
@@ -89,7 +92,7 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let mut outcome = Outcome::new();
-    let resp = match open(&pipeline, &req, &mut outcome).await {
+    let resp = match open(&pipeline, &req, conn, &mut outcome).await {
         Ok(opened) => {
             let upgrade = hyper::upgrade::on(&mut req);
             let context = req.extensions().get::<ConnContext>().cloned();
@@ -124,25 +127,14 @@ pub async fn handle(
 async fn open(
     pipeline: &Pipeline,
     req: &Request<Incoming>,
+    conn: ConnInfo,
     outcome: &mut Outcome,
 ) -> Result<Opened, ProxyError> {
     let forward = pipeline.forward.as_ref().ok_or(ProxyError::BadRequest(
         "CONNECT is not supported on this listener",
     ))?;
-    let authority = req
-        .uri()
-        .authority()
-        .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
-    let port = authority
-        .port_u16()
-        .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let caller = pipeline.callers.identify_proxy(req.headers()).await?;
+    let (host, port) = connect_target(req.uri())?;
+    let caller = pipeline.identify_caller(req.headers(), conn, true).await?;
     outcome.user = Some(caller.user_id);
     let Some(route) = pipeline.router.find_host(&host, port, 443) else {
         return match forward.unrouted {
@@ -161,6 +153,11 @@ async fn open(
     };
     outcome.route = Some(route.clone());
     authorize(&caller, route)?;
+    // A wildcard route names unboundedly many hosts, each a leaf to mint (an
+    // RSA/ECDSA key and a signature): the caller's rate of new ones is bounded.
+    if !forward.ca.has_leaf(&host) {
+        forward.mints.mint(caller.user_id)?;
+    }
     let tunnel = Tunnel {
         credentials: proxy_credentials(req.headers()),
         route: route.clone(),
@@ -168,6 +165,24 @@ async fn open(
         authority: upstream_authority(&host, port, 443)?,
     };
     Ok(Opened::Intercept(Arc::new(tunnel), host))
+}
+
+/// The host (lowercase, without IPv6 brackets or a trailing dot) and port of a
+/// CONNECT's authority-form target; a pure function, fuzzed in `tests/fuzz.rs`.
+pub fn connect_target(uri: &http::Uri) -> Result<(String, u16), ProxyError> {
+    let authority = uri
+        .authority()
+        .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
+    let port = authority
+        .port_u16()
+        .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    Ok((host, port))
 }
 
 /// The CONNECT's `Proxy-Authorization`, kept (marked sensitive) for the tunnel.

@@ -64,6 +64,15 @@ pub enum ProxyError {
     /// The upstream did not answer in time.
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    /// Too many failed authentications from this source or with this
+    /// credential, or too many new leaf certificates for this caller: 429 with
+    /// `Retry-After` (the seconds held here).
+    #[error("too many attempts; retry later")]
+    RateLimited(u64),
+    /// The route does not allow this method: 405 with `Allow` (the value
+    /// held here), code `bad_request`.
+    #[error("this route does not allow this method")]
+    MethodNotAllowedHere(http::HeaderValue),
 }
 
 impl ProxyError {
@@ -74,7 +83,10 @@ impl ProxyError {
             Self::Forbidden => "forbidden",
             Self::NoRoute => "no_route",
             Self::HostNotAllowed => "host_not_allowed",
-            Self::BadRequest(_) | Self::MethodNotAllowed => "bad_request",
+            Self::BadRequest(_) | Self::MethodNotAllowed | Self::MethodNotAllowedHere(_) => {
+                "bad_request"
+            }
+            Self::RateLimited(_) => "rate_limited",
             Self::Token(TokenError::LinkMissing) => "link_missing",
             Self::Token(TokenError::ReauthRequired) => "reauth_required",
             Self::Token(TokenError::IdpUnavailable) => "idp_unavailable",
@@ -98,7 +110,10 @@ impl ProxyError {
             }
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed | Self::MethodNotAllowedHere(_) => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Token(TokenError::IdpUnavailable) | Self::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
             }
@@ -119,6 +134,8 @@ impl ProxyError {
             | Self::HostNotAllowed
             | Self::BadRequest(_)
             | Self::MethodNotAllowed
+            | Self::MethodNotAllowedHere(_)
+            | Self::RateLimited(_)
             | Self::Token(TokenError::LinkMissing) => ErrorSource::Caller,
             Self::Token(TokenError::ReauthRequired | TokenError::IdpUnavailable) => {
                 ErrorSource::Provider
@@ -138,6 +155,7 @@ impl ProxyError {
                 | Self::StoreUnavailable
                 | Self::UpstreamUnavailable
                 | Self::UpstreamTimeout
+                | Self::RateLimited(_)
         )
     }
 
@@ -190,6 +208,12 @@ impl ProxyError {
                     HeaderValue::from_static(r#"Basic realm="tokenproxy""#),
                 );
             }
+            Self::RateLimited(secs) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            }
+            Self::MethodNotAllowedHere(allow) => {
+                h.insert(header::ALLOW, allow.clone());
+            }
             _ => {}
         }
         resp
@@ -225,6 +249,12 @@ mod tests {
             (ProxyError::UpstreamUnavailable, 502, "upstream_unavailable"),
             (ProxyError::UpstreamTimeout, 504, "upstream_timeout"),
             (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (ProxyError::RateLimited(7), 429, "rate_limited"),
+            (
+                ProxyError::MethodNotAllowedHere(HeaderValue::from_static("GET")),
+                405,
+                "bad_request",
+            ),
         ];
         for (err, status, code) in cases {
             let resp = err.to_response(Some("github"));
@@ -246,5 +276,10 @@ mod tests {
         );
         let resp = ProxyError::ProxyAuthRequired.to_response(None);
         assert!(resp.headers().contains_key(header::PROXY_AUTHENTICATE));
+        let resp = ProxyError::RateLimited(7).to_response(None);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        let allow = HeaderValue::from_static("GET, HEAD");
+        let resp = ProxyError::MethodNotAllowedHere(allow).to_response(None);
+        assert_eq!(resp.headers()[header::ALLOW], "GET, HEAD");
     }
 }

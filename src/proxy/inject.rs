@@ -97,4 +97,48 @@ mod tests {
         assert_eq!(err.code(), "reauth_required");
         assert!(!err.to_string().contains("bad"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(
+            std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+        ))]
+
+        /// Whatever a stored token holds, the header written upstream never
+        /// carries a CR, LF or NUL: the token is refused instead.
+        #[test]
+        fn no_token_can_split_the_injected_header(
+            raw in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(vec!['\r', '\n', '\0', '\t', ' ', '\u{7f}', 'é']),
+                    proptest::char::range('!', '~'),
+                ],
+                0..40,
+            ),
+            form in 0..3u8,
+        ) {
+            let text: String = raw.into_iter().collect();
+            let inject = match form {
+                0 => Inject::Bearer,
+                1 => Inject::BasicUsername("x-access-token".into()),
+                _ => Inject::Header(http::HeaderName::from_static("private-token")),
+            };
+            let mut h = HeaderMap::new();
+            match inject_credential(&mut h, &inject, &token(&text)) {
+                Ok(()) => {
+                    proptest::prop_assert_eq!(h.len(), 1);
+                    for (_, v) in &h {
+                        proptest::prop_assert!(
+                            !v.as_bytes().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)),
+                            "{:?}", v
+                        );
+                        proptest::prop_assert!(v.is_sensitive());
+                    }
+                }
+                Err(e) => {
+                    proptest::prop_assert!(h.is_empty());
+                    proptest::prop_assert_eq!(e.code(), "reauth_required");
+                }
+            }
+        }
+    }
 }

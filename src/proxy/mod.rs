@@ -30,6 +30,7 @@ use crate::store::LinkStore;
 use crate::telemetry::Metrics;
 use crate::tokens::{AccessToken, TokenError, TokenSource};
 
+pub mod abuse;
 pub mod body;
 pub mod ca;
 pub mod caller;
@@ -48,6 +49,7 @@ pub mod prewarm;
 pub mod rejection;
 pub mod route;
 pub mod server;
+pub mod slots;
 pub mod workers;
 
 pub use error::ProxyError;
@@ -174,6 +176,11 @@ impl Pipeline {
             forwarded_headers: config.server.forwarded_headers,
             body_timeout: config.server.header_read_timeout,
             body_idle_timeout: config.server.body_idle_timeout,
+            retry_budget: body::RetryBudget::new(config.server.retry_buffer_budget),
+            auth_failures: abuse::AuthFailures::new(
+                config.callers.auth_failure_limit,
+                config.callers.auth_failure_window,
+            ),
             forward: config
                 .forward
                 .as_ref()

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::body::{BodyEnd, IdleBody};
+use super::body::{BodyEnd, IdleBody, Reserved, RetryBudget};
 use super::caller::{Caller, CallerIdentity};
 use super::error::ProxyError;
 use super::forward::Upstreams;
@@ -84,6 +84,10 @@ pub struct Pipeline {
     pub body_timeout: std::time::Duration,
     /// Longest a streamed body (either direction) may deliver nothing.
     pub body_idle_timeout: std::time::Duration,
+    /// Memory for replayable request bodies, shared by all requests.
+    pub retry_budget: Arc<RetryBudget>,
+    /// Failed authentications per source and per credential.
+    pub auth_failures: super::abuse::AuthFailures,
     /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
     pub forward: Option<super::connect::ForwardMode>,
     /// tokenproxy's own endpoints under `/_tokenproxy/`.
@@ -114,9 +118,10 @@ impl Outcome {
     }
 }
 
-/// A request body as it will be sent: replayable when small, streamed otherwise.
+/// A request body as it will be sent: replayable when small (holding its share
+/// of the retry budget while it is kept), streamed otherwise.
 enum OutBody {
-    Replayable(Bytes),
+    Replayable(Bytes, Option<Reserved>),
     Stream(Incoming),
 }
 
@@ -196,8 +201,9 @@ impl Pipeline {
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_request_framing(&req)?;
-        let (caller, route, uri) = self.enter(&req, entry, outcome).await?;
+        let (caller, route, uri) = self.enter(&req, conn, entry, outcome).await?;
         outcome.route = Some(route.clone());
+        route.check_method(req.method())?;
         authorize(&caller, &route)?;
         let token = self.token_or_prewarm(&route, &caller, &uri).await?;
         outcome.token = "served";
@@ -214,7 +220,7 @@ impl Pipeline {
         // the upstream's, unless the route says otherwise.
         let cookies = !matches!(entry, Entry::Reverse) || route.cookies;
         let prepared = self.upstream_request(parts, host, uri, conn, cookies);
-        let body = read_body(body, self.body_timeout).await?;
+        let body = read_body(body, self.body_timeout, &self.retry_budget).await?;
         // Reverse mode: the caller only knows our prefix, so redirects to the
         // upstream must come back through it.
         let redirects = matches!(entry, Entry::Reverse).then_some(&*route);
@@ -227,25 +233,28 @@ impl Pipeline {
     async fn enter(
         &self,
         req: &Request<Incoming>,
+        conn: ConnInfo,
         entry: &Entry,
         outcome: &mut Outcome,
     ) -> Result<(Caller, Arc<Route>, Uri), ProxyError> {
         Ok(match entry {
             Entry::Reverse => {
-                let caller = self.identify_caller(req.headers()).await?;
+                let caller = self.identify_caller(req.headers(), conn, false).await?;
                 outcome.user = Some(caller.user_id);
                 let (route, uri) = self.route(req)?;
                 (caller, route, uri)
             }
             Entry::Absolute => {
-                let caller = self.callers.identify_proxy(req.headers()).await?;
+                let caller = self.identify_caller(req.headers(), conn, true).await?;
                 outcome.user = Some(caller.user_id);
                 let (route, uri) = self.route_absolute(req)?;
                 (caller, route, uri)
             }
             Entry::Tunnel(tunnel) => {
                 outcome.route = Some(tunnel.route.clone());
-                let caller = self.callers.identify_proxy(&tunnel.credentials).await?;
+                let caller = self
+                    .identify_caller(&tunnel.credentials, conn, true)
+                    .await?;
                 outcome.user = Some(caller.user_id);
                 let uri = route_tunneled(req, tunnel)?;
                 (caller, tunnel.route.clone(), uri)
@@ -253,9 +262,23 @@ impl Pipeline {
         })
     }
 
-    /// Phase: who is calling.
-    async fn identify_caller(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
-        self.callers.identify(headers).await
+    /// Phase: who is calling (`proxy`: forward mode, `Proxy-Authorization`
+    /// only). A source over `callers.auth_failure_limit` is answered 429 before
+    /// any lookup; a failure with a credential presented counts against it.
+    pub(super) async fn identify_caller(
+        &self,
+        headers: &HeaderMap,
+        conn: ConnInfo,
+        proxy: bool,
+    ) -> Result<Caller, ProxyError> {
+        let ip = conn.remote.ip();
+        self.auth_failures.check(ip)?;
+        let identified = if proxy {
+            self.callers.identify_proxy(headers).await
+        } else {
+            self.callers.identify(headers).await
+        };
+        identified.map_err(|e| self.auth_failures.failed(ip, headers, e))
     }
 
     /// Phase: which route, and the upstream URI it becomes. Only the path and query
@@ -381,9 +404,14 @@ impl Pipeline {
         token: AccessToken,
         outcome: &mut Outcome,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let replay = match &body {
-            OutBody::Replayable(bytes) => Some(bytes.clone()),
-            OutBody::Stream(_) => None,
+        // The reservation lives until the retry (if any) is done.
+        let (replay, _reserved, body) = match body {
+            OutBody::Replayable(bytes, reserved) => (
+                Some(bytes.clone()),
+                reserved,
+                OutBody::Replayable(bytes, None),
+            ),
+            stream @ OutBody::Stream(_) => (None, None, stream),
         };
         let (body, body_end) = to_proxy_body(body, self.body_idle_timeout);
         let first = self
@@ -427,7 +455,7 @@ impl Pipeline {
         };
         drop(first);
         outcome.token = "refreshed_after_401";
-        let (body, _) = to_proxy_body(OutBody::Replayable(replay), self.body_idle_timeout);
+        let (body, _) = to_proxy_body(OutBody::Replayable(replay, None), self.body_idle_timeout);
         self.send(route, &prepared, body, None, &fresh, outcome)
             .await
     }
@@ -526,7 +554,7 @@ fn route_tunneled(req: &Request<Incoming>, tunnel: &Tunnel) -> Result<Uri, Proxy
 
 /// `host[:port]` for the upstream, the port written only when not the default.
 /// Built from the host alone, so userinfo in a target never travels on.
-pub(super) fn upstream_authority(
+pub fn upstream_authority(
     host: &str,
     port: u16,
     default_port: u16,
@@ -542,7 +570,7 @@ pub(super) fn upstream_authority(
 
 /// The upstream URI of a forward-mode request: the client's path and query,
 /// unchanged, at `scheme://authority`.
-fn forward_uri(scheme: &str, authority: Authority, target: &Uri) -> Result<Uri, ProxyError> {
+pub fn forward_uri(scheme: &str, authority: Authority, target: &Uri) -> Result<Uri, ProxyError> {
     let pq = target
         .path_and_query()
         .cloned()
@@ -589,23 +617,34 @@ pub(super) fn authorize(caller: &Caller, route: &Route) -> Result<(), ProxyError
     }
 }
 
-/// Buffers the request body when it is empty or declared small enough to
-/// replay (within `timeout`), otherwise leaves it streaming (a stalled stream is
-/// bounded by `server.body_idle_timeout` instead).
-async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<OutBody, ProxyError> {
+/// Buffers the request body when it is empty, or declared small enough to
+/// replay and within what is left of the retry budget (within `timeout`: a body
+/// of at most [`RETRY_BODY_LIMIT`] gets the time a request head gets, so a
+/// client trickling it cannot hold the buffer longer); otherwise leaves it
+/// streaming (a stalled stream is bounded by `server.body_idle_timeout` instead).
+async fn read_body(
+    body: Incoming,
+    timeout: std::time::Duration,
+    budget: &Arc<RetryBudget>,
+) -> Result<OutBody, ProxyError> {
     if body.is_end_stream() {
-        return Ok(OutBody::Replayable(Bytes::new()));
+        return Ok(OutBody::Replayable(Bytes::new(), None));
     }
-    match body.size_hint().exact() {
-        Some(len) if len <= RETRY_BODY_LIMIT => {
+    let reserved = body
+        .size_hint()
+        .exact()
+        .filter(|len| *len <= RETRY_BODY_LIMIT)
+        .and_then(|len| budget.reserve(len));
+    match reserved {
+        Some(reserved) => {
             let limit = usize::try_from(RETRY_BODY_LIMIT).unwrap_or(usize::MAX);
             let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
                 .await
                 .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time"))?
                 .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
-            Ok(OutBody::Replayable(collected.to_bytes()))
+            Ok(OutBody::Replayable(collected.to_bytes(), Some(reserved)))
         }
-        _ => Ok(OutBody::Stream(body)),
+        None => Ok(OutBody::Stream(body)),
     }
 }
 
@@ -616,11 +655,11 @@ fn to_proxy_body(
     idle: std::time::Duration,
 ) -> (ProxyBody, Option<tokio::sync::oneshot::Receiver<BodyEnd>>) {
     match body {
-        OutBody::Replayable(bytes) if bytes.is_empty() => (
+        OutBody::Replayable(bytes, _) if bytes.is_empty() => (
             Empty::new().map_err(|never| match never {}).boxed_unsync(),
             None,
         ),
-        OutBody::Replayable(bytes) => (
+        OutBody::Replayable(bytes, _) => (
             Full::new(bytes)
                 .map_err(|never| match never {})
                 .boxed_unsync(),

@@ -55,6 +55,8 @@ pub struct Route {
     client: ClientKey,
     /// Reverse mode: the caller's `Cookie` header is passed on.
     pub cookies: bool,
+    /// The methods the route forwards and their `Allow` value; `None` = any.
+    methods: Option<(Arc<[http::Method]>, HeaderValue)>,
 }
 
 /// Which pooled client a route's requests use: its extra CA and `connect_to`.
@@ -99,6 +101,7 @@ impl Route {
             connect_to: None,
             allow_plain_http: false,
             cookies: false,
+            methods: None,
         })
     }
 
@@ -135,6 +138,7 @@ impl Route {
                     allow_plain_http: false,
                     client: (None, None),
                     cookies: false,
+                    methods: None,
                 }
             }
         };
@@ -142,8 +146,19 @@ impl Route {
         route.connect_to = r.connect_to.as_deref().map(Arc::from);
         route.allow_plain_http = r.allow_plain_http;
         route.cookies = r.cookies;
+        route.methods = allowed_methods(&r.methods);
         route.client = (route.upstream_ca.clone(), route.connect_to.clone());
         Ok(route)
+    }
+
+    /// Whether the route forwards `method`; 405 with `Allow` otherwise.
+    pub fn check_method(&self, method: &http::Method) -> Result<(), ProxyError> {
+        match &self.methods {
+            Some((allowed, allow)) if !allowed.contains(method) => {
+                Err(ProxyError::MethodNotAllowedHere(allow.clone()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The pooled client this route's requests use.
@@ -331,6 +346,28 @@ impl Router {
 }
 
 /// The rules one decoding level of a path must keep (see [`Router::resolve`]).
+/// The route's method allow-list and its `Allow` value (`HEAD` comes with
+/// `GET`, as RFC 9110 §9.3.2 has it); `None` when the list is empty.
+fn allowed_methods(methods: &[String]) -> Option<(Arc<[http::Method]>, HeaderValue)> {
+    let mut allowed: Vec<http::Method> = methods
+        .iter()
+        .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+        .collect();
+    if allowed.is_empty() {
+        return None;
+    }
+    if allowed.contains(&http::Method::GET) && !allowed.contains(&http::Method::HEAD) {
+        allowed.push(http::Method::HEAD);
+    }
+    let text = allowed
+        .iter()
+        .map(http::Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let allow = HeaderValue::from_str(&text).ok()?;
+    Some((allowed.into(), allow))
+}
+
 fn check_level(path: &[u8]) -> Result<(), ProxyError> {
     if path.contains(&b'\\') {
         return Err(ProxyError::BadRequest(
@@ -535,6 +572,7 @@ mod tests {
             inject: Inject::Bearer,
             upstream_ca: None,
             cookies: false,
+            methods: Vec::new(),
         };
         Route::from_config("p", &cfg).unwrap()
     }

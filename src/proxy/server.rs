@@ -1,11 +1,16 @@
 //! The listener: accepts connections within bounds and shuts down gracefully.
 //!
-//! Each accepted connection holds a semaphore permit, so at most
-//! `max_connections` are served at once; when full, the accept loop waits for a
-//! free slot holding at most one accepted connection. Request heads are bounded in size and in the time a client has to send
-//! them. On shutdown the listener is closed at once (new connections are
-//! refused), every connection is told to finish its in-flight requests, and after
-//! the grace period whatever is left is cut off.
+//! Each accepted connection holds a slot (see [`super::slots`]): at most
+//! `max_connections` are served at once and `max_connections_per_ip` from one
+//! source address; when every slot is taken, the connection idle longest is
+//! closed to make room, and with none idle the accept loop waits holding at most
+//! one accepted connection. Request heads are bounded in size and in the time a
+//! client has to send them, and the first request of a connection (whatever the
+//! protocol) must start within that time too. HTTP/2 connections are pinged
+//! while silent, limited in concurrent streams, and closed when no request has
+//! been in flight for `idle_timeout`. On shutdown the listener is closed at once
+//! (new connections are refused), every connection is told to finish its
+//! in-flight requests, and after the grace period whatever is left is cut off.
 //!
 //! A CONNECT request carries a [`ConnContext`] so the tunnel it opens keeps the
 //! connection's slot and hears the shutdown signal after hyper lets go of the
@@ -21,12 +26,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use super::slots::{self, Listing, Slot, Slots};
 use super::ProxyBody;
 use crate::config::{ServerConfig, TlsConfig};
 use crate::telemetry::Metrics;
@@ -47,6 +52,16 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time in-flight requests get after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Most simultaneous connections from one source IP (0 = no limit).
+    pub max_connections_per_ip: usize,
+    /// A connection with no request in flight this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2: ping a connection that has been silent this long.
+    pub http2_keepalive_interval: Duration,
+    /// HTTP/2: close a connection whose ping is unanswered this long.
+    pub http2_keepalive_timeout: Duration,
+    /// HTTP/2: most concurrent streams per connection.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Limits {
@@ -58,6 +73,11 @@ impl Limits {
             max_header_bytes: server.max_header_bytes,
             header_read_timeout: server.header_read_timeout,
             shutdown_grace: server.shutdown_grace,
+            max_connections_per_ip: server.max_connections_per_ip,
+            idle_timeout: server.idle_timeout,
+            http2_keepalive_interval: server.http2_keepalive_interval,
+            http2_keepalive_timeout: server.http2_keepalive_timeout,
+            http2_max_concurrent_streams: server.http2_max_concurrent_streams,
         }
     }
 }
@@ -65,7 +85,7 @@ impl Limits {
 /// Holds one connection's place in the limit (and the open-connections gauge)
 /// for as long as the connection or a tunnel made from it lives.
 struct ConnSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
     _open: Option<OpenGuard>,
 }
 
@@ -149,17 +169,17 @@ pub async fn serve<H: Handler>(
     metrics: Option<Arc<Metrics>>,
     shutdown: ShutdownSignal,
 ) {
-    let permits = connection_slots(&limits);
-    serve_shared(listener, handler, limits, tls, metrics, shutdown, permits).await;
+    let slots = connection_slots(&limits);
+    serve_shared(listener, handler, limits, tls, metrics, shutdown, slots).await;
 }
 
-/// The connection limit of `limits`, to share between listeners that serve the
+/// The connection slots of `limits`, to share between listeners that serve the
 /// same port (see [`serve_shared`]).
-pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(limits.max_connections))
+pub fn connection_slots(limits: &Limits) -> Arc<Slots> {
+    Slots::new(limits.max_connections, limits.max_connections_per_ip)
 }
 
-/// [`serve`], taking connection slots from `permits`, which other listeners of
+/// [`serve`], taking connection slots from `slots`, which other listeners of
 /// the same port (one per worker thread) share.
 pub async fn serve_shared<H: Handler>(
     listener: TcpListener,
@@ -168,10 +188,9 @@ pub async fn serve_shared<H: Handler>(
     tls: Option<TlsAcceptor>,
     metrics: Option<Arc<Metrics>>,
     mut shutdown: ShutdownSignal,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
 ) {
     let builder = Arc::new(http_builder(&limits));
-    let graceful = GracefulShutdown::new();
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -196,14 +215,20 @@ pub async fn serve_shared<H: Handler>(
         // could take the freed slot while the waiting connection sits in another
         // listener's backlog. This way a listener holds at most one connection
         // while the limit is reached, and every freed slot serves one.
-        let permit = tokio::select! {
+        let acquired = tokio::select! {
             biased;
             _ = shutdown.fired() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            r = slots.acquire(remote.ip()) => r,
+        };
+        let Ok((slot, listing)) = acquired else {
+            // Closed unanswered: the protocol is not known yet, and the source
+            // already holds its share of the listener.
+            tracing::debug!(%remote, "source IP at server.max_connections_per_ip; closing");
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let slot = Arc::new(ConnSlot {
-            _permit: permit,
+            _slot: slot,
             _open: metrics.clone().map(OpenGuard::new),
         });
         let conn = Connection {
@@ -211,7 +236,8 @@ pub async fn serve_shared<H: Handler>(
             handler: handler.clone(),
             tls: tls.clone(),
             header_timeout: limits.header_read_timeout,
-            watcher: graceful.watcher(),
+            idle_timeout: limits.idle_timeout,
+            listing,
             context: ConnContext {
                 _slot: slot,
                 shutdown: shutdown.clone(),
@@ -224,17 +250,13 @@ pub async fn serve_shared<H: Handler>(
     drop(listener);
     tracing::info!(
         listener = limits.name,
-        connections = graceful.count(),
+        connections = slots.taken(),
         "stopped accepting; draining"
     );
-    let drained = async {
-        graceful.shutdown().await;
-        // CONNECT tunnels outlive hyper's view of their connection but hold its
-        // slot: every slot back means every connection and tunnel is done.
-        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-        let _ = permits.acquire_many(all).await;
-    };
-    if tokio::time::timeout(limits.shutdown_grace, drained)
+    // Every connection task hears the shutdown and drains its own connection.
+    // CONNECT tunnels outlive hyper's view of their connection but hold its
+    // slot: every slot back means every connection and tunnel is done.
+    if tokio::time::timeout(limits.shutdown_grace, slots.all_returned())
         .await
         .is_err()
     {
@@ -257,7 +279,10 @@ pub(super) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .keep_alive_interval(limits.http2_keepalive_interval)
+        .keep_alive_timeout(limits.http2_keepalive_timeout);
     builder
 }
 
@@ -267,19 +292,29 @@ struct Connection<H> {
     handler: Arc<H>,
     tls: Option<TlsAcceptor>,
     header_timeout: Duration,
-    watcher: hyper_util::server::graceful::Watcher,
+    idle_timeout: Duration,
+    listing: Listing,
     context: ConnContext,
+}
+
+/// Why a connection task stopped serving before the client was done.
+enum Closing {
+    Shutdown,
+    Evicted,
+    Idle,
 }
 
 impl<H: Handler> Connection<H> {
     async fn run(mut self, stream: TcpStream, remote: SocketAddr) {
         // Before a request has started, a shutdown simply drops the connection.
         let mut shutdown = self.context.shutdown.clone();
+        let evict = self.listing.evict.clone();
         match self.tls.take() {
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(self.header_timeout, acceptor.accept(stream));
                 let stream = tokio::select! {
                     _ = shutdown.fired() => return,
+                    () = evict.cancelled() => return,
                     r = handshake => match r {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
@@ -298,6 +333,7 @@ impl<H: Handler> Connection<H> {
                 let first_byte = tokio::time::timeout(self.header_timeout, stream.peek(&mut probe));
                 tokio::select! {
                     _ = shutdown.fired() => return,
+                    () = evict.cancelled() => return,
                     r = first_byte => match r {
                         Ok(Ok(n)) if n > 0 => {}
                         _ => return,
@@ -315,20 +351,29 @@ impl<H: Handler> Connection<H> {
     {
         let handler = self.handler;
         let context = self.context;
+        let mut signal = context.shutdown.clone();
+        let activity = self.listing.activity.clone();
         let got_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = got_request.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            // In flight until the response body is done: a streaming response is
+            // not idle.
+            let in_flight = activity.start_request();
             let handler = handler.clone();
             if req.method() == http::Method::CONNECT {
                 req.extensions_mut().insert(context.clone());
             }
-            async move { Ok::<_, Infallible>(handler.call(req, remote, is_tls).await) }
+            async move {
+                let resp = handler.call(req, remote, is_tls).await;
+                Ok::<_, Infallible>(resp.map(|b| InFlightBody::wrap(b, in_flight)))
+            }
         });
         let conn = self
             .builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
+        tokio::pin!(conn);
         // hyper's header_read_timeout covers HTTP/1 heads only: a client that
         // sends one byte of the h2 preface, or the preface and nothing else, would
         // hold its slot forever without authenticating. The first request must
@@ -340,16 +385,76 @@ impl<H: Handler> Connection<H> {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            ended = self.watcher.watch(conn) => {
+        let evict = self.listing.evict.clone();
+        let idle = slots::idle_for(self.listing.watch(), self.idle_timeout);
+        let closing = tokio::select! {
+            ended = conn.as_mut() => {
                 if let Err(e) = ended {
                     tracing::debug!(%remote, error = %e, "connection ended with an error");
                 }
+                return;
             }
             () = first_request => {
                 tracing::debug!(%remote, "no request within header_read_timeout; closing");
+                return;
+            }
+            () = signal.fired() => Closing::Shutdown,
+            () = evict.cancelled() => Closing::Evicted,
+            () = idle => Closing::Idle,
+        };
+        // HTTP/1: close once the response in progress (if any) is sent; HTTP/2:
+        // GOAWAY, let open streams finish; before the protocol is known: stop.
+        conn.as_mut().graceful_shutdown();
+        match closing {
+            // The listener's grace period cuts off whatever is left.
+            Closing::Shutdown => {
+                let _ = conn.await;
+            }
+            Closing::Evicted | Closing::Idle => {
+                let evicted = matches!(closing, Closing::Evicted);
+                tracing::debug!(%remote, evicted, "closing an idle connection");
+                // Nothing was in flight; a request that raced in gets as long
+                // as a request head would.
+                let _ = tokio::time::timeout(header_timeout, conn).await;
             }
         }
+    }
+}
+
+/// A response body that counts its request as in flight until it is done.
+struct InFlightBody {
+    inner: ProxyBody,
+    _in_flight: slots::InFlight,
+}
+
+impl InFlightBody {
+    fn wrap(inner: ProxyBody, in_flight: slots::InFlight) -> ProxyBody {
+        use http_body_util::BodyExt;
+        Self {
+            inner,
+            _in_flight: in_flight,
+        }
+        .boxed_unsync()
+    }
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -73,8 +73,8 @@ pub struct Shared<H> {
     pub handler: Arc<H>,
     /// The listener's limits.
     pub limits: Limits,
-    /// The connection limit, shared by all workers.
-    pub permits: Arc<Semaphore>,
+    /// The connection slots, shared by all workers.
+    pub permits: Arc<super::slots::Slots>,
     /// TLS for callers, when configured.
     pub tls: Option<TlsAcceptor>,
     /// Counters.

@@ -1,0 +1,331 @@
+//! Connection slots: how many connections a listener holds open, how many one
+//! source address may hold, and which connection gives way when the limit is
+//! reached.
+//!
+//! Every accepted connection takes a [`Slot`] (a permit of `max_connections`
+//! and one of its source IP's `max_connections_per_ip`) for as long as it, or a
+//! CONNECT tunnel made from it, lives. While its task runs it is also listed
+//! with its [`Activity`] (requests in flight, and since when), so that when
+//! every slot is taken the accept loop closes the connection that has been idle
+//! longest — a keep-alive connection between requests, or one that never sent a
+//! request — instead of making a new caller wait behind connections doing
+//! nothing. Connections with a request in flight are never closed for a
+//! newcomer; a source IP at its own limit is refused (the new connection is
+//! closed unanswered), since its idle connections are its own to close.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A connection's requests in flight, and when that number last changed.
+#[derive(Debug, Clone, Copy)]
+pub struct Activity {
+    /// Requests whose response has not been fully sent yet.
+    pub active: usize,
+    /// When `active` last changed (or the connection was accepted).
+    pub since: Instant,
+}
+
+/// The slots of one listener, shared by every worker serving its port.
+pub struct Slots {
+    total: Arc<Semaphore>,
+    max: usize,
+    per_ip: usize,
+    table: Mutex<Table>,
+    /// Woken whenever a connection's last request in flight finishes.
+    became_idle: Notify,
+}
+
+#[derive(Default)]
+struct Table {
+    next_id: u64,
+    /// Connections whose task runs, by id.
+    conns: HashMap<u64, Listed>,
+    /// Slots held per source IP (tunnels included).
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+struct Listed {
+    activity: watch::Receiver<Activity>,
+    evict: CancellationToken,
+}
+
+/// One connection's place in the limits; dropping it gives the place back.
+pub struct Slot {
+    _ip: IpPlace,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A connection as the slot table lists it while its task runs.
+pub struct Listing {
+    slots: Arc<Slots>,
+    id: u64,
+    /// Fires when the accept loop wants this connection closed to make room.
+    pub evict: CancellationToken,
+    /// The connection's activity, updated through [`Listing::start_request`].
+    pub activity: Arc<ActivityTx>,
+}
+
+/// The sending side of a connection's [`Activity`].
+pub struct ActivityTx {
+    tx: watch::Sender<Activity>,
+    slots: Arc<Slots>,
+}
+
+/// Counts one request as in flight until dropped (with its response body).
+pub struct InFlight(Arc<ActivityTx>);
+
+/// Why no slot was given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The source IP holds `max_connections_per_ip` already.
+    PerIp,
+}
+
+impl Slots {
+    /// Slots for `max` connections, at most `per_ip` of them (0 = any number)
+    /// from one source IP.
+    pub fn new(max: usize, per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total: Arc::new(Semaphore::new(max)),
+            max,
+            per_ip,
+            table: Mutex::new(Table::default()),
+            became_idle: Notify::new(),
+        })
+    }
+
+    /// How many slots are taken now.
+    pub fn taken(&self) -> usize {
+        self.max - self.total.available_permits()
+    }
+
+    /// Waits until every slot is back (every connection and tunnel is done).
+    pub async fn all_returned(&self) {
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        let _ = self.total.acquire_many(all).await;
+    }
+
+    /// A slot for a connection from `ip`. When all are taken, the connection
+    /// idle longest is told to close and its slot is taken once it has; with
+    /// none idle, this waits for any connection to end or go idle.
+    pub async fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<(Slot, Listing), Refused> {
+        let ip_place = self.reserve_ip(ip)?;
+        let permit = match self.total.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => self.make_room().await,
+        };
+        let slot = Slot {
+            _ip: ip_place,
+            _permit: permit,
+        };
+        Ok((slot, self.list()))
+    }
+
+    /// Counts a connection against its IP's limit until the guard drops (with
+    /// the slot, or at once if the accept loop gives up on shutdown).
+    fn reserve_ip(self: &Arc<Self>, ip: IpAddr) -> Result<IpPlace, Refused> {
+        let mut table = self.table.lock();
+        let held = table.by_ip.entry(ip).or_insert(0);
+        if self.per_ip > 0 && *held >= self.per_ip {
+            return Err(Refused::PerIp);
+        }
+        *held += 1;
+        Ok(IpPlace {
+            slots: self.clone(),
+            ip,
+        })
+    }
+
+    /// Evicts idle connections, one at a time, until a permit is free.
+    async fn make_room(&self) -> OwnedSemaphorePermit {
+        let mut pending: Option<u64> = None;
+        loop {
+            let idle = self.became_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            // One eviction at a time: the evicted connection gives its slot back
+            // as soon as it has closed, and that slot is ours unless another
+            // worker's accept loop takes it first.
+            if pending.is_none_or(|id| !self.table.lock().conns.contains_key(&id)) {
+                pending = self.evict_idlest();
+            }
+            tokio::select! {
+                p = self.total.clone().acquire_owned() => {
+                    return p.expect("the slot semaphore is never closed");
+                }
+                () = idle => {}
+            }
+        }
+    }
+
+    /// Tells the connection idle longest to close; returns its id.
+    fn evict_idlest(&self) -> Option<u64> {
+        let table = self.table.lock();
+        let (id, listed) = table
+            .conns
+            .iter()
+            .filter(|(_, l)| !l.evict.is_cancelled())
+            .filter_map(|(id, l)| {
+                let a = *l.activity.borrow();
+                (a.active == 0).then_some((id, l, a.since))
+            })
+            .min_by_key(|(_, _, since)| *since)
+            .map(|(id, l, _)| (*id, l))?;
+        tracing::debug!(
+            connection = id,
+            "all connection slots taken; closing the idlest"
+        );
+        listed.evict.cancel();
+        Some(id)
+    }
+
+    fn list(self: &Arc<Self>) -> Listing {
+        let (tx, rx) = watch::channel(Activity {
+            active: 0,
+            since: Instant::now(),
+        });
+        let evict = CancellationToken::new();
+        let mut table = self.table.lock();
+        let id = table.next_id;
+        table.next_id += 1;
+        table.conns.insert(
+            id,
+            Listed {
+                activity: rx,
+                evict: evict.clone(),
+            },
+        );
+        Listing {
+            slots: self.clone(),
+            id,
+            evict,
+            activity: Arc::new(ActivityTx {
+                tx,
+                slots: self.clone(),
+            }),
+        }
+    }
+
+    fn release_ip(&self, ip: IpAddr) {
+        let mut table = self.table.lock();
+        if let Some(held) = table.by_ip.get_mut(&ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                table.by_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One connection counted against its source IP's limit, until dropped.
+struct IpPlace {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Drop for IpPlace {
+    fn drop(&mut self) {
+        self.slots.release_ip(self.ip);
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        self.slots.table.lock().conns.remove(&self.id);
+    }
+}
+
+impl Listing {
+    /// A receiver of this connection's activity.
+    pub fn watch(&self) -> watch::Receiver<Activity> {
+        self.activity.tx.subscribe()
+    }
+}
+
+impl ActivityTx {
+    /// Counts a request as in flight until the returned guard drops.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.tx.send_modify(|a| {
+            a.active += 1;
+            a.since = Instant::now();
+        });
+        InFlight(self.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut idle = false;
+        self.0.tx.send_modify(|a| {
+            a.active = a.active.saturating_sub(1);
+            a.since = Instant::now();
+            idle = a.active == 0;
+        });
+        if idle {
+            self.0.slots.became_idle.notify_waiters();
+        }
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `idle`.
+pub async fn idle_for(mut activity: watch::Receiver<Activity>, idle: std::time::Duration) {
+    loop {
+        if activity.wait_for(|a| a.active == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        let since = activity.borrow().since;
+        let busy = activity.wait_for(|a| a.active > 0);
+        if tokio::time::timeout_at(since + idle, busy).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[tokio::test]
+    async fn an_ip_at_its_limit_is_refused_and_others_are_not() {
+        let slots = Slots::new(10, 2);
+        let a1 = slots.acquire(A).await.unwrap();
+        let _a2 = slots.acquire(A).await.unwrap();
+        assert_eq!(slots.acquire(A).await.err(), Some(Refused::PerIp));
+        let _b = slots.acquire(B).await.unwrap();
+        drop(a1);
+        let _a3 = slots.acquire(A).await.unwrap();
+        assert_eq!(slots.taken(), 3);
+    }
+
+    #[tokio::test]
+    async fn when_full_the_idlest_connection_goes_and_busy_ones_stay() {
+        let slots = Slots::new(3, 0);
+        let (busy_slot, busy) = slots.acquire(A).await.unwrap();
+        let _req = busy.activity.start_request();
+        let (old_slot, old_idle) = slots.acquire(A).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (new_slot, new_idle) = slots.acquire(A).await.unwrap();
+        let waiting = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire(B).await.map(drop) }
+        });
+        // The idle connection listed first is told to go; the others are not.
+        old_idle.evict.cancelled().await;
+        assert!(!new_idle.evict.is_cancelled());
+        assert!(!busy.evict.is_cancelled());
+        assert!(!waiting.is_finished());
+        drop((old_slot, old_idle));
+        waiting.await.unwrap().unwrap();
+        drop((busy_slot, new_slot));
+    }
+}
