@@ -294,6 +294,8 @@ pub struct TokensConfig {
     pub refresh_ahead_used_within: Duration,
     /// Refresh ahead once this fraction of a token's lifetime remains.
     pub refresh_ahead_remaining: f64,
+    /// Most background (refresh-ahead) refreshes running at once, per replica.
+    pub refresh_ahead_concurrency: usize,
     /// How long one replica may hold the cross-replica refresh lease.
     #[serde(with = "duration_str")]
     pub lease_timeout: Duration,
@@ -319,6 +321,7 @@ impl Default for TokensConfig {
             refresh_ahead: true,
             refresh_ahead_used_within: Duration::from_secs(600),
             refresh_ahead_remaining: 0.2,
+            refresh_ahead_concurrency: 8,
             lease_timeout: Duration::from_secs(30),
             cache_max_age: Duration::from_secs(300),
             reject_cooldown: Duration::from_secs(30),
@@ -333,6 +336,28 @@ impl TokensConfig {
     pub fn write_reserve(&self) -> Duration {
         (self.lease_timeout / 4).min(Duration::from_secs(5))
     }
+}
+
+/// The write reserve at the end of a lease must hold the first write after a
+/// provider's answer, which may wait `database.acquire_timeout` for a pooled
+/// connection: a write that could still be waiting when the lease runs out would
+/// let another replica claim the row and present the spent refresh token (later
+/// writes run under extensions of the lease).
+fn check_write_reserve(cfg: &Config) -> Result<(), ConfigError> {
+    let reserve = cfg.tokens.write_reserve();
+    let acquire = cfg.database.acquire_timeout;
+    if acquire > reserve {
+        return Err(ConfigError::new(
+            "database.acquire_timeout",
+            format!(
+                "({acquire:?}) must not exceed the write reserve of tokens.lease_timeout \
+                 ({reserve:?}: a quarter of the lease, at most 5s), or a refreshed token's \
+                 first write could outlast the lease; lower database.acquire_timeout or \
+                 raise tokens.lease_timeout"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// How callers are identified.
@@ -745,6 +770,12 @@ impl Config {
                 "must be a fraction between 0 and 1",
             ));
         }
+        if t.refresh_ahead_concurrency == 0 {
+            return Err(ConfigError::new(
+                "tokens.refresh_ahead_concurrency",
+                "must be at least 1",
+            ));
+        }
         if t.cache_capacity == 0 {
             return Err(ConfigError::new(
                 "tokens.cache_capacity",
@@ -772,6 +803,7 @@ impl Config {
                 }
             }
         }
+        check_write_reserve(self)?;
         let mut ids = HashSet::new();
         let mut prefixes = HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
@@ -811,9 +843,11 @@ impl Config {
                 return Err(ConfigError::new(
                     at("timeout"),
                     format!(
-                        "plus twice database.acquire_timeout must fit in tokens.lease_timeout \
-                         minus its write reserve ({room:?}); lower this or \
-                         database.acquire_timeout, or raise tokens.lease_timeout"
+                        "({:?}) plus twice database.acquire_timeout ({:?}, for the claim and \
+                         the re-read) must fit in tokens.lease_timeout minus its write reserve \
+                         ({room:?}); lower this or database.acquire_timeout, or raise \
+                         tokens.lease_timeout",
+                        p.timeout, self.database.acquire_timeout
                     ),
                 ));
             }

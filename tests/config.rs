@@ -472,6 +472,19 @@ fn config_flag_wins_over_environment() {
 }
 
 #[test]
+fn the_first_write_after_an_answer_must_fit_in_the_write_reserve() {
+    // A 12 s lease keeps 3 s for the write; a 4 s pool wait could outlast it.
+    let text = "[tokens]\nlease_timeout = \"12s\"\n[database]\nacquire_timeout = \"4s\"\n";
+    let err = rejects(text, &[], "database.acquire_timeout");
+    assert!(
+        err.contains("4s") && err.contains("3s") && err.contains("tokens.lease_timeout"),
+        "names both values and the other key to change: {err}"
+    );
+    load("[tokens]\nlease_timeout = \"12s\"\n[database]\nacquire_timeout = \"3s\"\n")
+        .expect("a 3 s pool wait fits a 3 s reserve");
+}
+
+#[test]
 fn provider_timeout_and_pool_wait_must_fit_in_the_lease() {
     // 10 s provider + 2 × 5 s pool wait = 20 s; a 24 s lease keeps 5 s for the
     // write, leaving 19 s: no exchange could ever start.

@@ -199,3 +199,145 @@ async fn a_dead_link_without_refresh_token_costs_one_store_read(pool: PgPool) {
     })
     .await;
 }
+
+/// One link whose token requests answer 503 with this `Retry-After` value: it
+/// backs off that long (not 1 s), and says so as its `Retry-After`; then heals.
+async fn provider_retry_after_is_honoured(pool: PgPool, value: String, wait: Duration) {
+    let (clock, idp, st, user) = setup(&pool).await;
+    seed_expired(&idp, &st, &*clock, user).await;
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    idp.fail_user(user, Fault::Unavailable { retry_after: value });
+    assert_eq!(
+        r.source.get(P, user).await.unwrap_err(),
+        TokenError::IdpUnavailable
+    );
+    // The hint (plus the 2 s provider timeout) does not fit the exchange's budget
+    // (25 s), so the exchange asked once and handed the hint to the backoff.
+    assert_eq!(idp.attempts(), 1);
+    let told = r.source.retry_after(P, user).expect("backing off");
+    assert!(
+        told <= wait && told + Duration::from_secs(2) >= wait,
+        "Retry-After {told:?}, the provider asked for {wait:?}"
+    );
+    // Long after the 1 s first step, still within the provider's wait: not asked.
+    for _ in 0..10 {
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(
+            r.source.get(P, user).await.unwrap_err(),
+            TokenError::IdpUnavailable
+        );
+    }
+    assert_eq!(
+        idp.attempts(),
+        1,
+        "no token request before the provider's Retry-After"
+    );
+    idp.heal_user(user);
+    clock.advance(wait);
+    let t = r
+        .source
+        .get(P, user)
+        .await
+        .expect("recovered after Retry-After");
+    assert!(idp.is_valid_access_token(t.expose_secret()));
+    assert_eq!(idp.attempts(), 2);
+    assert_link_intact(&idp, &st, user).await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn retry_after_in_seconds_sets_the_backoff(pool: PgPool) {
+    provider_retry_after_is_honoured(pool, "30".into(), Duration::from_secs(30)).await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn retry_after_as_an_http_date_sets_the_backoff(pool: PgPool) {
+    let at = std::time::SystemTime::now() + Duration::from_secs(40);
+    provider_retry_after_is_honoured(pool, httpdate::fmt_http_date(at), Duration::from_secs(40))
+        .await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn one_failing_link_does_not_open_the_breaker_for_the_others(pool: PgPool) {
+    let (clock, idp, st, _) = setup(&pool).await;
+    let (sick, well) = (Uuid::new_v4(), Uuid::new_v4());
+    seed_expired(&idp, &st, &*clock, sick).await;
+    seed_expired(&idp, &st, &*clock, well).await;
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    idp.fail_user(sick, Fault::ServerError);
+    // The sick link fails once per backoff step, six times in a row, with no
+    // other exchange in between (the breaker's threshold is five).
+    for i in 0..6 {
+        assert_eq!(
+            r.source.get(P, sick).await.unwrap_err(),
+            TokenError::IdpUnavailable
+        );
+        if i < 5 {
+            clock.advance(r.source.retry_after(P, sick).expect("backing off"));
+        }
+    }
+    assert!(idp.attempts() >= 6);
+    assert!(r
+        .metrics
+        .encode()
+        .contains(r#"tokenproxy_idp_breaker_open{provider="idp"} 0"#));
+    let t = r
+        .source
+        .get(P, well)
+        .await
+        .expect("a healthy link is not blocked by another's failures");
+    assert!(idp.is_valid_access_token(t.expose_secret()));
+    assert_link_intact(&idp, &st, well).await;
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_half_open_breaker_lets_exactly_one_probe_through(pool: PgPool) {
+    let (clock, idp, st, _) = setup(&pool).await;
+    let users: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        seed_expired(&idp, &st, &*clock, *u).await;
+    }
+    let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    for _ in 0..10_000 {
+        idp.push_fault(Fault::ServerError);
+    }
+    for u in &users[..5] {
+        assert_eq!(
+            r.source.get(P, *u).await.unwrap_err(),
+            TokenError::IdpUnavailable
+        );
+    }
+    assert!(r
+        .metrics
+        .encode()
+        .contains(r#"tokenproxy_idp_breaker_open{provider="idp"} 1"#));
+    let before = idp.attempts();
+    // Half-open. The provider healed but answers slowly (1 s: far longer than the
+    // store round trips each of the other lookups makes before being refused).
+    idp.clear_faults();
+    idp.set_latency(Duration::from_secs(1));
+    clock.advance(Duration::from_secs(1));
+    let tasks: Vec<_> = users[5..]
+        .iter()
+        .map(|u| {
+            let s = r.source.clone();
+            let u = *u;
+            tokio::spawn(async move { s.get(P, u).await })
+        })
+        .collect();
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => served += 1,
+            Err(e) => assert_eq!(e, TokenError::IdpUnavailable),
+        }
+    }
+    assert_eq!(idp.attempts() - before, 1, "one probe reached the provider");
+    assert_eq!(
+        served, 1,
+        "the probe's link was refreshed, the others waited"
+    );
+    assert!(r
+        .metrics
+        .encode()
+        .contains(r#"tokenproxy_idp_breaker_open{provider="idp"} 0"#));
+}

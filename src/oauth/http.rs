@@ -37,7 +37,7 @@ pub enum HttpError {
     Status {
         /// The HTTP status.
         status: u16,
-        /// `Retry-After`, when given in seconds.
+        /// `Retry-After` (seconds or an HTTP-date), when given.
         retry_after: Option<Duration>,
     },
     /// The endpoint answered a redirect, which we never follow.
@@ -130,8 +130,7 @@ impl HttpClient {
                 .headers
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
             return Err(HttpError::Status {
                 status: status.as_u16(),
                 retry_after,
@@ -146,6 +145,18 @@ impl HttpClient {
         normalize_body(&mut resp);
         Ok(resp)
     }
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an HTTP-date
+/// turned into the wait from `now` (a date already past means no wait). `None`
+/// when unparseable.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 impl<'c> oauth2::AsyncHttpClient<'c> for HttpClient {
@@ -273,6 +284,38 @@ mod tests {
             .status(200)
             .body(body.as_bytes().to_vec())
             .unwrap()
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        use std::time::UNIX_EPOCH;
+        // 1994-11-06T08:49:37Z, RFC 9110's example date.
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // The obsolete forms a server may still send (RFC 850, asctime).
+        assert_eq!(
+            parse_retry_after("Sunday, 06-Nov-94 08:50:37 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Sun Nov  6 08:49:47 1994", now),
+            Some(Duration::from_secs(10))
+        );
+        // A date already past: no wait. Garbage: no hint.
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
     }
 
     #[test]

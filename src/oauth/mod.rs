@@ -84,9 +84,15 @@ pub enum RefreshError {
     /// The provider rejected this refresh token for good (`invalid_grant` and equivalents).
     #[error("refresh token rejected: {0}")]
     Rejected(String),
-    /// Timeout, connection failure, 5xx or 429: try again later.
-    #[error("token endpoint unavailable: {0}")]
-    Transient(String),
+    /// Timeout, connection failure, 5xx or 429: try again later — not before
+    /// `retry_after` when the provider said so (`Retry-After`).
+    #[error("token endpoint unavailable: {reason}")]
+    Transient {
+        /// What failed (no secret).
+        reason: String,
+        /// The provider's `Retry-After` on its last answer, if any.
+        retry_after: Option<Duration>,
+    },
     /// The provider rejected the client or the request (e.g. `invalid_client`): a proxy
     /// configuration problem, not the user's; nothing is recorded on the link.
     #[error("token endpoint rejected the client or request: {0}")]
@@ -94,6 +100,22 @@ pub enum RefreshError {
 }
 
 impl RefreshError {
+    /// A transient failure without a `Retry-After`.
+    pub fn transient(reason: impl Into<String>) -> Self {
+        Self::Transient {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    /// How long the provider asked us to wait (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Whether the provider rejected our client itself (wrong secret, client not
     /// allowed the grant): true for every user until the configuration changes.
     pub fn is_client_rejected(&self) -> bool {
@@ -120,7 +142,7 @@ pub fn classify_error_code(code: &str) -> RefreshError {
     if PERMANENT_CODES.contains(&code) {
         RefreshError::Rejected(code.to_string())
     } else if code == "temporarily_unavailable" || code == "slow_down" {
-        RefreshError::Transient(code.to_string())
+        RefreshError::transient(code)
     } else {
         RefreshError::Misconfigured(code.to_string())
     }
@@ -215,12 +237,12 @@ impl ProviderClient {
                 .saturating_duration_since(tokio::time::Instant::now())
                 .is_zero()
             {
-                return Err(RefreshError::Transient("refresh budget exhausted".into()));
+                return Err(RefreshError::transient("refresh budget exhausted"));
             }
             let (err, hint) =
                 match tokio::time::timeout_at(deadline, self.exchange_once(refresh_token)).await {
                     Err(_) => {
-                        return Err(RefreshError::Transient(format!(
+                        return Err(RefreshError::transient(format!(
                             "no answer within the refresh budget ({budget:?})"
                         )))
                     }
@@ -231,7 +253,11 @@ impl ProviderClient {
             let wait = hint.unwrap_or_else(|| backoff(attempt));
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if attempt >= 4 || wait + self.timeout > left {
-                return Err(RefreshError::Transient(err));
+                // The hint outlives this exchange: the link's backoff honours it.
+                return Err(RefreshError::Transient {
+                    reason: err,
+                    retry_after: hint,
+                });
             }
             tracing::debug!(provider = %self.id, attempt, ?wait, error = %err, "retrying refresh");
             tokio::time::sleep(wait).await;
@@ -355,7 +381,7 @@ fn classify(
                 BasicErrorResponseType::Extension(s) => printable_code(s),
             };
             match classify_error_code(&code) {
-                RefreshError::Transient(m) => Attempt::Retry(m, None),
+                RefreshError::Transient { reason, .. } => Attempt::Retry(reason, None),
                 other => Attempt::Done(other),
             }
         }
@@ -367,7 +393,7 @@ fn classify(
         // The provider may have rotated the token already: replaying the old one
         // would earn an `invalid_grant` that looks permanent. Report, don't retry.
         RequestTokenError::Request(e @ (HttpError::Interrupted(_) | HttpError::Body(_))) => {
-            Attempt::Done(RefreshError::Transient(e.to_string()))
+            Attempt::Done(RefreshError::transient(e.to_string()))
         }
         RequestTokenError::Request(e) => Attempt::Done(RefreshError::Misconfigured(e.to_string())),
         // Bodies may echo tokens: report only where parsing failed.
@@ -376,7 +402,7 @@ fn classify(
             e.path()
         ))),
         // Empty or non-JSON answers: the grant may have been processed; do not replay.
-        RequestTokenError::Other(m) => Attempt::Done(RefreshError::Transient(m)),
+        RequestTokenError::Other(m) => Attempt::Done(RefreshError::transient(m)),
     }
 }
 

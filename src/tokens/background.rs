@@ -6,10 +6,8 @@
 //! replica's lease. When the feed (re)connects, notifications may have been lost,
 //! so every cached entry is retired (kept only as a fallback for outages).
 //!
-//! Refresh-ahead: every second, entries used within `refresh_ahead_used_within`
-//! whose jittered refresh point has passed get a background flight — the same
-//! flight and lease path as the request path — so a busy user's requests do not
-//! wait for the provider.
+//! Refresh-ahead ([`super::ahead`]) runs a pass about every second, and sooner
+//! when the last one ran out of slots while links were due.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,13 +15,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::flight::{self, Want};
 use super::Inner;
 use crate::store::ChangeEvent;
-use crate::telemetry::ProviderLabels;
 
 /// Period of the refresh-ahead scan.
 const AHEAD_TICK: Duration = Duration::from_secs(1);
+/// Least gap between a freed refresh-ahead slot and the scan that uses it.
+const RESCAN_GAP: Duration = Duration::from_millis(50);
 /// Period of the pass that drops entries no longer servable (memory only).
 const TIDY_TICK: Duration = Duration::from_secs(30);
 
@@ -130,60 +128,22 @@ async fn tidy_loop(inner: Arc<Inner>, shutdown: CancellationToken) {
 }
 
 async fn ahead_loop(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut saturated = false;
     loop {
         // Jitter the period so replicas started together do not scan in lockstep.
         let tick = AHEAD_TICK.mul_f64(0.75 + rand::random::<f64>() * 0.5);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(tick) => {}
+            // The last pass left due links for want of a slot: scan again as soon
+            // as one frees (after a short gap, so slots freed together are used by
+            // one scan rather than one scan each).
+            _ = async {
+                inner.ahead.slot_freed().await;
+                tokio::time::sleep(RESCAN_GAP).await;
+            }, if saturated => {}
         }
-        // Each refresh runs in its own task; the pass itself waits for them so a slow
-        // provider cannot make passes pile up.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = refresh_ahead_pass(&inner) => {}
-        }
+        // Starts flights and returns: it never waits for one (see `ahead`).
+        saturated = super::ahead::pass(&inner).saturated;
     }
-}
-
-/// Starts a background flight for every recently used entry past its refresh
-/// point, waits for them, and returns how many were started.
-pub(super) async fn refresh_ahead_pass(inner: &Arc<Inner>) -> usize {
-    let now = inner.clock.now();
-    let window = inner.cfg.refresh_ahead_used_within;
-    let mut tasks = Vec::new();
-    for (key, entry) in inner.cache.iter() {
-        if entry.generation != inner.generation() {
-            continue;
-        }
-        let due = entry.ahead_at.is_some_and(|at| now >= at);
-        if !due || !entry.used_within(now, window) {
-            continue;
-        }
-        if entry.ahead_started.swap(true, Ordering::AcqRel) {
-            continue;
-        }
-        let provider = &inner.providers[key.0 as usize].id;
-        inner
-            .metrics
-            .refresh_ahead
-            .get_or_create(&ProviderLabels {
-                provider: provider.clone(),
-            })
-            .inc();
-        tracing::debug!(provider = %provider, user = %key.1, "refreshing ahead of expiry");
-        let inner = inner.clone();
-        let token = entry.token.clone();
-        // Tracked, so a shutdown waits for it rather than dropping it between
-        // the provider's answer and the write.
-        let tracker = inner.tasks.clone();
-        tasks.push(
-            tracker.spawn(async move { flight::run(&inner, key, Want::Replace(token)).await }),
-        );
-    }
-    let n = tasks.len();
-    for t in tasks {
-        let _ = t.await;
-    }
-    n
 }

@@ -6,15 +6,18 @@
 //! Two memories, both on the injected clock so tests step them:
 //!
 //! - **Per link**: after a transient failure no exchange is attempted for that link
-//!   for 1 s, doubling per consecutive failure up to 60 s. The record keeps the
+//!   for 1 s, doubling per consecutive failure up to 60 s — or longer when the
+//!   provider's `Retry-After` asked for it (capped at [`MAX_HINT`]). The record keeps the
 //!   token that was current, so callers are answered from memory (no store read).
 //!   A success forgets it; a change notification makes the next caller re-read the
 //!   row once, and a row holding another refresh token (a new login) is tried at
 //!   once. (Our own lease release is announced too, so notifications cannot simply
 //!   forget the record.)
-//! - **Per provider** (a circuit breaker): after [`BREAKER_THRESHOLD`] consecutive
-//!   transient failures at a provider — across links, no success between — its
-//!   token endpoint is not called at all for 1 s doubling to 60 s. Then one
+//! - **Per provider** (a circuit breaker): once [`BREAKER_THRESHOLD`] distinct
+//!   links failed transiently at a provider within [`BREAKER_WINDOW`], with no
+//!   success there since, its token endpoint is not called at all for 1 s
+//!   doubling to 60 s. Distinct links, because one link failing again and again
+//!   (its own backoff already paces it) says nothing about the others. Then one
 //!   exchange is let through as a probe (half-open): success closes the breaker,
 //!   failure opens it for the next step.
 //!
@@ -34,8 +37,13 @@ use crate::store::StoredSecret;
 const FIRST_STEP: Duration = Duration::from_secs(1);
 /// Longest wait between attempts.
 const MAX_STEP: Duration = Duration::from_secs(60);
-/// Consecutive transient failures at a provider that open its breaker.
-pub(crate) const BREAKER_THRESHOLD: u32 = 5;
+/// Distinct links failing at a provider (no success between) that open its breaker.
+pub(crate) const BREAKER_THRESHOLD: usize = 5;
+/// Failures older than this no longer count towards opening the breaker.
+pub(crate) const BREAKER_WINDOW: Duration = Duration::from_secs(60);
+/// Longest wait a provider's `Retry-After` can impose on a link: a provider asking
+/// for an hour should not keep a link's callers on `idp_unavailable` that long.
+pub(crate) const MAX_HINT: Duration = Duration::from_secs(300);
 
 /// A link's remembered failure.
 #[derive(Clone)]
@@ -131,29 +139,32 @@ impl Backoff {
     }
 
     /// Records a transient failure of exchanging `refresh` for `key`; `token` is
-    /// the access token that was current.
+    /// the access token that was current, `hint` the provider's `Retry-After`.
     pub(crate) fn failed(
         &self,
         key: Key,
         now: DateTime<Utc>,
         refresh: &StoredSecret,
         token: AccessToken,
+        hint: Option<Duration>,
     ) {
         let step = match self.links.get(&key) {
             Some(f) if f.refresh == *refresh => (f.step * 2).min(MAX_STEP),
             _ => FIRST_STEP,
         };
+        // The hint lengthens this wait only: the doubling goes on from `step`.
+        let wait = step.max(hint.unwrap_or_default().min(MAX_HINT));
         self.links.insert(
             key,
             LinkFailure {
                 step,
-                until: now + to_chrono(step),
+                until: now + to_chrono(wait),
                 refresh: refresh.clone(),
                 token,
                 recheck: false,
             },
         );
-        self.breakers[key.0 as usize].failed(now);
+        self.breakers[key.0 as usize].failed(now, key.1);
     }
 
     /// A change to `key`'s row was announced: re-read it before trusting the record.
@@ -179,8 +190,9 @@ struct Breaker {
 
 #[derive(Default)]
 struct BreakerState {
-    /// Consecutive transient failures.
-    failures: u32,
+    /// Distinct links that failed transiently since the last success, with when
+    /// they last did (at most [`BREAKER_THRESHOLD`] kept).
+    failing: Vec<(uuid::Uuid, DateTime<Utc>)>,
     /// Set while open (or half-open once it has passed).
     open_until: Option<DateTime<Utc>>,
     step: Duration,
@@ -226,18 +238,27 @@ impl Breaker {
         true
     }
 
-    fn failed(&self, now: DateTime<Utc>) {
+    fn failed(&self, now: DateTime<Utc>, link: uuid::Uuid) {
         let mut st = self.state.lock();
-        st.failures = st.failures.saturating_add(1);
-        let probe_failed = st.probe_since.is_some();
-        if probe_failed || (st.open_until.is_none() && st.failures >= BREAKER_THRESHOLD) {
-            st.step = if st.open_until.is_some() {
-                (st.step * 2).min(MAX_STEP)
-            } else {
-                FIRST_STEP
-            };
+        if st.probe_since.is_some() {
+            // The half-open probe failed: open for the next step.
+            st.step = (st.step * 2).min(MAX_STEP);
             st.open_until = Some(now + to_chrono(st.step));
             st.probe_since = None;
+            return;
+        }
+        if st.open_until.is_some() {
+            // A straggler let through before it opened: already counted as open.
+            return;
+        }
+        let window = to_chrono(BREAKER_WINDOW);
+        st.failing
+            .retain(|(l, at)| *l != link && now - *at < window);
+        st.failing.push((link, now));
+        if st.failing.len() >= BREAKER_THRESHOLD {
+            st.step = FIRST_STEP;
+            st.open_until = Some(now + to_chrono(st.step));
+            st.failing.clear();
             self.gauge.set(1);
         }
     }
@@ -277,7 +298,7 @@ mod tests {
         assert!(b.admit(k, &r, t(0)));
         let mut at = 0;
         for step in [1, 2, 4, 8, 16, 32, 60, 60] {
-            b.failed(k, t(at), &r, tok());
+            b.failed(k, t(at), &r, tok(), None);
             b.succeeded((0, uuid::Uuid::new_v4())); // keep the breaker closed
             assert!(!b.admit(k, &r, t(at + step * 1000 - 1)), "step {step}");
             assert!(b.blocked(k, t(at)).is_some());
@@ -286,7 +307,7 @@ mod tests {
             assert!(b.admit(k, &r, t(at)), "step {step}");
         }
         b.succeeded(k);
-        b.failed(k, t(at), &r, tok());
+        b.failed(k, t(at), &r, tok(), None);
         assert_eq!(b.wait_for(k, t(at)), Some(Duration::from_secs(1)));
         // A notification asks for one re-read; the same row keeps the backoff...
         b.notified(k);
@@ -303,9 +324,9 @@ mod tests {
         let (b, gauge) = backoff();
         let links: Vec<Key> = (0..10).map(|_| (0, uuid::Uuid::new_v4())).collect();
         let r = StoredSecret("r".into());
-        for k in &links[..BREAKER_THRESHOLD as usize] {
+        for k in &links[..BREAKER_THRESHOLD] {
             assert!(b.admit(*k, &r, t(0)));
-            b.failed(*k, t(0), &r, tok());
+            b.failed(*k, t(0), &r, tok(), None);
         }
         assert_eq!(gauge.get(), 1);
         // Open: even a link that never failed is not tried.
@@ -319,11 +340,64 @@ mod tests {
         assert!(b.admit(links[9], &r, t(1000)));
         assert!(!b.admit(links[8], &r, t(1000)));
         // The probe failed: open for twice as long.
-        b.failed(links[9], t(1000), &r, tok());
+        b.failed(links[9], t(1000), &r, tok(), None);
         assert!(!b.admit(links[8], &r, t(2999)));
         assert!(b.admit(links[8], &r, t(3000)));
         b.succeeded(links[8]);
         assert_eq!(gauge.get(), 0);
         assert!(b.admit(links[7], &r, t(3000)));
+    }
+
+    #[test]
+    fn one_link_failing_again_and_again_does_not_open_the_breaker() {
+        let (b, gauge) = backoff();
+        let lone = (0, uuid::Uuid::new_v4());
+        let r = StoredSecret("r".into());
+        // Twenty failures of one link, each after its backoff: the others stay open.
+        let mut at = 0;
+        for _ in 0..20 {
+            assert!(b.admit(lone, &r, t(at)));
+            b.failed(lone, t(at), &r, tok(), None);
+            at += 60_000;
+        }
+        assert_eq!(gauge.get(), 0);
+        let other = (0, uuid::Uuid::new_v4());
+        assert!(b.admit(other, &r, t(at)));
+        // Four distinct links (one of them twice) are not enough either...
+        b.succeeded(other);
+        let fresh = || (0, uuid::Uuid::new_v4());
+        for k in [lone, lone, fresh(), fresh(), fresh()] {
+            b.failed(k, t(at), &r, tok(), None);
+        }
+        assert_eq!(gauge.get(), 0, "four distinct links");
+        // ... and failures older than the window stop counting.
+        let late = at + BREAKER_WINDOW.as_millis() as i64;
+        b.failed(fresh(), t(late), &r, tok(), None);
+        assert_eq!(gauge.get(), 0, "the first ones aged out of the window");
+        for _ in 0..3 {
+            b.failed(fresh(), t(late), &r, tok(), None);
+        }
+        assert_eq!(gauge.get(), 0);
+        b.failed(fresh(), t(late), &r, tok(), None);
+        assert_eq!(gauge.get(), 1, "five distinct links within the window");
+    }
+
+    #[test]
+    fn retry_after_lengthens_one_wait_up_to_a_cap() {
+        let (b, _) = backoff();
+        let k = (0, uuid::Uuid::new_v4());
+        let r = StoredSecret("r".into());
+        b.failed(k, t(0), &r, tok(), Some(Duration::from_secs(20)));
+        assert_eq!(b.wait_for(k, t(0)), Some(Duration::from_secs(20)));
+        assert!(!b.admit(k, &r, t(19_999)));
+        assert!(b.admit(k, &r, t(20_000)));
+        // The doubling goes on from its own step (2 s), not from the hint.
+        b.failed(k, t(20_000), &r, tok(), None);
+        assert_eq!(b.wait_for(k, t(20_000)), Some(Duration::from_secs(2)));
+        // A hint shorter than the step changes nothing; an hour is capped.
+        b.failed(k, t(30_000), &r, tok(), Some(Duration::from_millis(10)));
+        assert_eq!(b.wait_for(k, t(30_000)), Some(Duration::from_secs(4)));
+        b.failed(k, t(40_000), &r, tok(), Some(Duration::from_secs(3600)));
+        assert_eq!(b.wait_for(k, t(40_000)), Some(MAX_HINT));
     }
 }

@@ -95,11 +95,12 @@ pub(super) async fn exchange(
     match &result {
         // The endpoint answered: whatever it said, it is up.
         Ok(_) | Err(RefreshError::Rejected(_)) => inner.backoff.succeeded(key),
-        Err(RefreshError::Transient(_)) => inner.backoff.failed(
+        Err(e @ RefreshError::Transient { .. }) => inner.backoff.failed(
             key,
             inner.clock.now(),
             &row.refresh_token_stored,
             AccessToken::new(row.access_token.clone(), row.expiry),
+            e.retry_after(),
         ),
         Err(RefreshError::Misconfigured(_)) => {}
     }

@@ -33,6 +33,7 @@
 //! shutdown.cancel(); bg.await;
 //! ```
 
+mod ahead;
 mod background;
 mod backoff;
 mod cache;
@@ -210,6 +211,8 @@ pub(crate) struct Inner {
     reject_cooldown: cooldown::RejectCooldown,
     /// Remembered transient failures: per-link backoff, per-provider breakers.
     backoff: backoff::Backoff,
+    /// Refresh-ahead's concurrency bound and retries.
+    ahead: ahead::Ahead,
 }
 
 impl Inner {
@@ -294,6 +297,12 @@ impl TokenSource {
             return Err(ConfigError::new(
                 "tokens.lease_timeout",
                 "must be above zero",
+            ));
+        }
+        if cfg.refresh_ahead_concurrency == 0 {
+            return Err(ConfigError::new(
+                "tokens.refresh_ahead_concurrency",
+                "must be at least 1",
             ));
         }
         if !(0.0..1.0).contains(&cfg.refresh_ahead_remaining) {
@@ -383,6 +392,7 @@ impl TokenSource {
                     breaker_gauges,
                     cfg.lease_timeout,
                 ),
+                ahead: ahead::Ahead::new(cfg.refresh_ahead_concurrency, cfg.cache_capacity),
             }),
         }))
     }
@@ -478,10 +488,22 @@ impl TokenSource {
     }
 
     /// Runs one refresh-ahead pass now and waits for the refreshes it started;
-    /// returns how many it started. The background loop calls this periodically;
-    /// tests call it to step refresh-ahead deterministically.
+    /// returns how many it started. Tests call it to step refresh-ahead
+    /// deterministically (the background loop never waits for its flights).
     pub async fn refresh_ahead_now(&self) -> usize {
-        background::refresh_ahead_pass(&self.inner).await
+        let started = ahead::pass(&self.inner).started;
+        let n = started.len();
+        for t in started {
+            let _ = t.await;
+        }
+        n
+    }
+
+    /// Runs one refresh-ahead pass as the background loop does: starts flights
+    /// (at most `tokens.refresh_ahead_concurrency` running) and returns how many
+    /// it started, without waiting for any.
+    pub fn refresh_ahead_pass(&self) -> usize {
+        ahead::pass(&self.inner).started.len()
     }
 
     /// How many `get()`/`refresh_rejected()` calls waited for an exchange with a

@@ -93,6 +93,12 @@ pub enum Fault {
     /// Process the grant (rotating the refresh token), then drop the connection
     /// without answering: the client cannot know whether it was processed.
     ProcessThenDrop,
+    /// HTTP 503 with this `Retry-After` value verbatim (seconds or an HTTP-date);
+    /// nothing is processed.
+    Unavailable {
+        /// The header's value.
+        retry_after: String,
+    },
 }
 
 /// How the IdP behaves.
@@ -164,6 +170,8 @@ struct State {
     reuses: Vec<Reuse>,
     attempt_times: Vec<tokio::time::Instant>,
     latency: Duration,
+    /// Faults applied to every request presenting one user's refresh token.
+    user_faults: HashMap<Uuid, Fault>,
     auth_methods: Vec<&'static str>,
     extra_params: Vec<Vec<(String, String)>>,
     authorize: authorize::AuthState,
@@ -178,6 +186,25 @@ struct Shared {
     rejected: AtomicU64,
     reused: AtomicU64,
     seq: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// Counts one token request as in flight while it lives.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(s: &'a Shared) -> Self {
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(s)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The running test identity provider. Stops when dropped.
@@ -206,6 +233,8 @@ impl Idp {
             rejected: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             seq: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         });
         let s = shared.clone();
         let tls = shared.opts.tls.clone();
@@ -369,6 +398,22 @@ impl Idp {
             .issued_at
             .get(refresh_token)
             .copied()
+    }
+
+    /// Applies `f` to every token request presenting `user`'s refresh token (after
+    /// the queued faults), until [`Idp::heal_user`]: one link's IdP trouble.
+    pub fn fail_user(&self, user: Uuid, f: Fault) {
+        self.shared.state.lock().user_faults.insert(user, f);
+    }
+
+    /// Ends [`Idp::fail_user`] for `user`.
+    pub fn heal_user(&self, user: Uuid) {
+        self.shared.state.lock().user_faults.remove(&user);
+    }
+
+    /// Most token requests ever in flight at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Delay added before every answer.
@@ -579,6 +624,39 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
+/// The answer a fault gives instead of processing the request, if any.
+async fn apply_fault(
+    fault: Option<Fault>,
+    drop_connection: &mut bool,
+) -> Option<Response<Full<Bytes>>> {
+    match fault? {
+        Fault::ServerError => Some(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({}),
+        )),
+        Fault::TooManyRequests { retry_after_secs } => {
+            let mut r = json(StatusCode::TOO_MANY_REQUESTS, serde_json::json!({}));
+            r.headers_mut()
+                .insert("retry-after", retry_after_secs.to_string().parse().unwrap());
+            Some(r)
+        }
+        Fault::Unavailable { retry_after } => {
+            let mut r = json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({}));
+            r.headers_mut()
+                .insert("retry-after", retry_after.parse().unwrap());
+            Some(r)
+        }
+        Fault::Hang(d) => {
+            tokio::time::sleep(d).await;
+            Some(json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({})))
+        }
+        Fault::ProcessThenDrop => {
+            *drop_connection = true;
+            None
+        }
+    }
+}
+
 /// Answers one request; `true` = drop the connection instead of answering.
 async fn handle(s: &Shared, req: Request<hyper::body::Incoming>) -> (Response<Full<Bytes>>, bool) {
     let mut drop_connection = false;
@@ -628,6 +706,7 @@ async fn answer(
         return resp;
     }
     s.attempts.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(s);
     let (fault, latency) = {
         let mut st = s.state.lock();
         st.attempt_times.push(tokio::time::Instant::now());
@@ -637,22 +716,8 @@ async fn answer(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    match fault {
-        Some(Fault::ServerError) => {
-            return json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({}))
-        }
-        Some(Fault::TooManyRequests { retry_after_secs }) => {
-            let mut r = json(StatusCode::TOO_MANY_REQUESTS, serde_json::json!({}));
-            r.headers_mut()
-                .insert("retry-after", retry_after_secs.to_string().parse().unwrap());
-            return r;
-        }
-        Some(Fault::Hang(d)) => {
-            tokio::time::sleep(d).await;
-            return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({}));
-        }
-        Some(Fault::ProcessThenDrop) => *drop_connection = true,
-        None => {}
+    if let Some(r) = apply_fault(fault, drop_connection).await {
+        return r;
     }
     let basic = parts
         .headers
@@ -726,6 +791,15 @@ async fn answer(
     }
     let presented = form.get("refresh_token").cloned().unwrap_or_default();
     let now = s.opts.clock.now();
+    let user_fault = {
+        let st = s.state.lock();
+        st.refresh
+            .get(&presented)
+            .and_then(|(u, _)| st.user_faults.get(u).cloned())
+    };
+    if let Some(r) = apply_fault(user_fault, drop_connection).await {
+        return r;
+    }
     let mut st = s.state.lock();
     *st.per_token.entry(presented.clone()).or_default() += 1;
     let user = match st.refresh.get(&presented).copied() {
