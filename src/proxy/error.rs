@@ -144,13 +144,28 @@ impl ProxyError {
     /// The response tokenproxy sends for this error. `provider` is the route's
     /// provider when one was matched.
     pub fn to_response(&self, provider: Option<&str>) -> Response<ProxyBody> {
-        let body = serde_json::json!({
+        self.to_response_with_login(provider, None)
+    }
+
+    /// [`to_response`](Self::to_response), adding `login_url` (where the user can
+    /// link again) to a `link_missing` or `reauth_required` body.
+    pub fn to_response_with_login(
+        &self,
+        provider: Option<&str>,
+        login_url: Option<&str>,
+    ) -> Response<ProxyBody> {
+        let mut body = serde_json::json!({
             "error": {
                 "code": self.code(),
                 "message": self.to_string(),
                 "provider": provider,
             }
         });
+        if let (Some(url), Self::Token(TokenError::LinkMissing | TokenError::ReauthRequired)) =
+            (login_url, self)
+        {
+            body["error"]["login_url"] = serde_json::Value::String(url.to_owned());
+        }
         let mut resp = Response::new(
             http_body_util::Full::new(Bytes::from(body.to_string()))
                 .map_err(|never| match never {})

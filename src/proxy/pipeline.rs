@@ -88,6 +88,8 @@ pub struct Pipeline {
     pub forward: Option<super::connect::ForwardMode>,
     /// tokenproxy's own endpoints under `/_tokenproxy/`.
     pub endpoints: super::endpoints::Endpoints,
+    /// Coder mode: where users link again (`<coder.access_url>/external-auth/`).
+    pub coder_login_base: Option<String>,
 }
 
 /// What the log line and metrics record about a request as it moves along.
@@ -154,7 +156,7 @@ impl Pipeline {
                 if outcome.token == "none" && matches!(e, ProxyError::Token(_)) {
                     outcome.token = e.code();
                 }
-                let mut resp = e.to_response(outcome.route.as_ref().map(|r| &*r.provider));
+                let mut resp = self.error_response(&e, &outcome);
                 if e == ProxyError::Token(TokenError::IdpUnavailable) {
                     self.add_retry_after(&mut resp, &outcome);
                 }
@@ -163,6 +165,18 @@ impl Pipeline {
         };
         self.log_and_count(&method, &resp, &outcome, start.elapsed());
         resp
+    }
+
+    /// The answer for `e`; in Coder mode a user who must link again is sent to
+    /// Coder's page for the provider.
+    pub(super) fn error_response(&self, e: &ProxyError, outcome: &Outcome) -> Response<ProxyBody> {
+        let provider = outcome.route.as_ref().map(|r| &*r.provider);
+        let login = self
+            .coder_login_base
+            .as_deref()
+            .zip(provider)
+            .map(|(base, p)| format!("{base}{p}"));
+        e.to_response_with_login(provider, login.as_deref())
     }
 
     /// `Retry-After` on an `idp_unavailable` answer while the provider is backing off.
