@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+mod coder;
 mod forward;
 mod overrides;
 mod secrets;
 mod text;
 
+pub use coder::CoderConfig;
 pub use forward::{ForwardConfig, HostPattern, Unrouted};
 
 pub use overrides::apply_env_overrides;
@@ -104,35 +106,6 @@ pub struct AdminConfig {
     /// off (`/healthz`, `/readyz`, `/metrics` never need it).
     #[serde(deserialize_with = "secret_opt")]
     pub token: Option<SecretString>,
-}
-
-/// `[coder]`: tokenproxy serves beside a Coder deployment, on Coder's database
-/// (`database.url` names it).
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct CoderConfig {
-    /// Coder's `CODER_ACCESS_URL`; re-link pages are `<access_url>/external-auth/<id>`.
-    pub access_url: Option<Url>,
-    /// Coder's `CODER_EXTERNAL_TOKEN_ENCRYPTION_KEYS`: comma-separated standard
-    /// base64 32-byte keys, the first encrypts (Coder's dbcrypt format). Typically
-    /// `"env:CODER_EXTERNAL_TOKEN_ENCRYPTION_KEYS"`.
-    #[serde(deserialize_with = "secret_opt")]
-    pub encryption_keys: Option<SecretString>,
-}
-
-impl CoderConfig {
-    /// The keys of `encryption_keys`, in order; each entry as `[encryption] keys` holds them.
-    fn key_list(&self) -> Vec<SecretString> {
-        self.encryption_keys
-            .as_ref()
-            .map(|k| {
-                k.expose_secret()
-                    .split(',')
-                    .map(|s| SecretString::from(s.trim().to_string()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
 }
 
 /// `[server]`: listeners and resource bounds.
@@ -667,6 +640,7 @@ impl Config {
             ConfigError::new("config", format!("invalid TOML{at}: {msg}"))
         })?;
         let origins = override_table(&mut value, env)?;
+        coder::providers_from_env(&mut value, env)?;
         text::refuse_control_characters(&value).map_err(|e| blame_override(e, &origins))?;
         let pending = crate::oauth::presets::expand(&mut value)?;
         let mut cfg: Config = SECRET_ENV
@@ -786,22 +760,7 @@ impl Config {
             decode_key(key).map_err(|m| ConfigError::new(format!("encryption.keys[{i}]"), m))?;
         }
         if let Some(coder) = &self.coder {
-            if let Some(u) = &coder.access_url {
-                check_http_url(u).map_err(|m| ConfigError::new("coder.access_url", m))?;
-            }
-            if coder.encryption_keys.is_some() {
-                if !self.encryption.keys.is_empty() {
-                    return Err(ConfigError::new(
-                        "coder.encryption_keys",
-                        "set either coder.encryption_keys or encryption.keys, not both",
-                    ));
-                }
-                for (i, key) in coder.key_list().iter().enumerate() {
-                    decode_key(key).map_err(|m| {
-                        ConfigError::new("coder.encryption_keys", format!("key {}: {m}", i + 1))
-                    })?;
-                }
-            }
+            coder.validate(self)?;
         }
         check_write_reserve(self)?;
         let mut ids = HashSet::new();

@@ -246,6 +246,32 @@ impl Keyring {
         })
     }
 
+    /// Encrypts `""` the way coderd's dbcrypt does (a ciphertext with a key id;
+    /// [`seal`](Self::seal) keeps empty values plain). coderd records a permanent
+    /// refresh failure as this value; plain `""` when there is no key.
+    pub fn seal_empty_as_coder(&self) -> Result<Sealed, CryptoError> {
+        let Some(key) = self.keys.first() else {
+            return Ok(Sealed {
+                value: String::new(),
+                key_id: None,
+            });
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| CryptoError::Malformed)?;
+        let mut body = Vec::with_capacity(TAG_LEN);
+        key.aead
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut body)
+            .map_err(|_| CryptoError::Invalid)?;
+        let mut buf = nonce.to_vec();
+        buf.extend_from_slice(&body);
+        Ok(Sealed {
+            value: B64.encode(&buf),
+            key_id: Some(key.coder_id.clone()),
+        })
+    }
+
     /// Decrypts a stored value with the key its key id names (None = plain text).
     pub fn open(
         &self,

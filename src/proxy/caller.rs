@@ -52,15 +52,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// A caller acting for `user_id` with every provider allowed.
-    pub(super) fn for_user(user_id: Uuid) -> Self {
-        Self {
-            user_id,
-            token_id: None,
-            providers: ALL_PROVIDERS.clone(),
-        }
-    }
-
     /// Whether this caller may use `provider`.
     pub fn may_use(&self, provider: &str) -> bool {
         self.providers.is_empty() || self.providers.iter().any(|p| p == provider)
@@ -336,8 +327,8 @@ pub struct CallerIdentity {
     lookup_slots: tokio::sync::Semaphore,
     /// How long a lookup waits for a slot before answering 503.
     lookup_wait: Duration,
-    /// Coder agent tokens (`callers.mode = "coder_agent"`).
-    agents: super::caller_coder::AgentCallers,
+    /// `coder_agent` mode: `tpx_` proxy tokens are accepted beside agent tokens.
+    proxy_tokens_beside_agents: bool,
 }
 
 impl CallerIdentity {
@@ -362,17 +353,25 @@ impl CallerIdentity {
             outage_grace: config.outage_grace,
             lookup_slots: tokio::sync::Semaphore::new(config.max_concurrent_lookups),
             lookup_wait: config.lookup_wait,
-            agents: super::caller_coder::AgentCallers::new(config, store.clone()),
+            proxy_tokens_beside_agents: false,
         }
+    }
+
+    /// In `coder_agent` mode, also accept `tpx_` proxy tokens (`coder.proxy_tokens`).
+    pub fn with_proxy_tokens_beside_agents(mut self, on: bool) -> Self {
+        self.proxy_tokens_beside_agents = on;
+        self
     }
 
     /// Who is calling. Expiry and revocation are checked on every request against
     /// the cached record, which is at most `cache_ttl` old.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         if self.mode == CallerMode::CoderAgent {
-            return self.agents.identify(headers, false).await;
+            if let Some(found) = self.identify_agent(headers, false).await {
+                return found;
+            }
         }
-        if self.mode == CallerMode::Token && has_two_proxy_tokens(headers) {
+        if self.mode != CallerMode::Static && has_two_proxy_tokens(headers) {
             return Err(ProxyError::BadRequest(
                 "two different proxy tokens in one request",
             ));
@@ -385,7 +384,12 @@ impl CallerIdentity {
     /// a missing or bad credential is a 407.
     pub async fn identify_proxy(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         if self.mode == CallerMode::CoderAgent {
-            return self.agents.identify(headers, true).await;
+            if let Some(found) = self.identify_agent(headers, true).await {
+                return found.map_err(|e| match e {
+                    ProxyError::Unauthenticated => ProxyError::ProxyAuthRequired,
+                    other => other,
+                });
+            }
         }
         let found = || {
             headers
@@ -412,6 +416,9 @@ impl CallerIdentity {
                 providers: ALL_PROVIDERS.clone(),
             });
         }
+        if self.mode == CallerMode::CoderAgent && !self.proxy_tokens_beside_agents {
+            return Err(ProxyError::Unauthenticated);
+        }
         let token = extract().ok_or(ProxyError::Unauthenticated)?;
         // A forged, truncated or mistyped token is refused here, before any
         // cache or database lookup (issue 12: floods of random tokens).
@@ -420,9 +427,19 @@ impl CallerIdentity {
         }
         let hash = hash_token(&token);
         drop(token);
+        self.verify(hash, Credential::Proxy).await
+    }
+
+    /// Checks a caller credential by its SHA-256 — the same cache, outage grace,
+    /// negative cache and lookup cap for every kind of credential.
+    pub(super) async fn verify(
+        &self,
+        hash: [u8; 32],
+        credential: Credential,
+    ) -> Result<Caller, ProxyError> {
         let verified = match self.verified.get(&hash) {
             Some(v) if Instant::now() < v.fresh_until => v,
-            _ => self.lookup(hash).await?,
+            _ => self.lookup(hash, credential).await?,
         };
         // The map lookup compared hashes already; compare again in constant time
         // so no code path depends on a variable-time comparison of caller secrets.
@@ -439,7 +456,8 @@ impl CallerIdentity {
         self.touch(&verified, now.timestamp_millis());
         Ok(Caller {
             user_id: verified.user_id,
-            token_id: Some(verified.token_id),
+            // Agent tokens have no proxy-token record.
+            token_id: Some(verified.token_id).filter(|id| !id.is_nil()),
             providers: verified.providers.clone(),
         })
     }
@@ -450,7 +468,11 @@ impl CallerIdentity {
     /// `outage_grace` ago, the record last read keeps serving, and the store is
     /// asked again one `cache_ttl` later (so a revocation applies within
     /// `cache_ttl` of the store answering again).
-    async fn lookup(&self, hash: [u8; 32]) -> Result<Arc<Verified>, ProxyError> {
+    async fn lookup(
+        &self,
+        hash: [u8; 32],
+        credential: Credential,
+    ) -> Result<Arc<Verified>, ProxyError> {
         let started = Instant::now();
         let (guard, stale) = match self
             .verified
@@ -494,7 +516,7 @@ impl CallerIdentity {
                 }
             },
         };
-        match self.store.find_proxy_token(&hash).await {
+        match credential.find(&*self.store, &hash).await {
             Ok(Some(info)) => {
                 let v = Arc::new(Verified::new(hash, info, self.ttl));
                 let _ = guard.insert(v.clone());
@@ -527,6 +549,9 @@ impl CallerIdentity {
     /// request path. The throttle is the cached entry's timestamp (a relaxed
     /// compare-and-swap), so only one of many concurrent requests writes.
     fn touch(&self, v: &Verified, now_ms: i64) {
+        if v.token_id.is_nil() {
+            return;
+        }
         let last = v.touched_ms.load(Ordering::Relaxed);
         if now_ms.saturating_sub(last) < self.touch_every_ms {
             return;
@@ -544,6 +569,28 @@ impl CallerIdentity {
                 tracing::debug!(token_id = %id, error = %e, "could not record proxy token use");
             }
         });
+    }
+}
+
+/// What kind of caller credential is being verified, and so how the store is asked.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Credential {
+    /// A `tpx_` proxy token, found by its hash.
+    Proxy,
+    /// A Coder agent token (see [`super::caller_coder`]).
+    Agent(Uuid),
+}
+
+impl Credential {
+    async fn find(
+        self,
+        store: &dyn LinkStore,
+        hash: &[u8; 32],
+    ) -> Result<Option<ProxyTokenInfo>, StoreError> {
+        match self {
+            Self::Proxy => store.find_proxy_token(hash).await,
+            Self::Agent(token) => super::caller_coder::find_agent(store, token).await,
+        }
     }
 }
 

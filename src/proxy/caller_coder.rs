@@ -9,13 +9,13 @@
 //! tables exactly as coderd does (latest build, deleted workspace or agent
 //! refused; see [`crate::store::coder::agent_owner`]).
 //!
-//! Answers are cached for `callers.cache_ttl`, unknown tokens included, so a busy
-//! workspace costs one query per time-to-live; concurrent first requests with one
-//! token share one query. That time-to-live is how long a superseded build's or a
-//! deleted workspace's agent keeps working, as with revoked proxy tokens. The cache
-//! is keyed by the token's SHA-256, so no agent token sits in memory as a key.
-
-use std::sync::Arc;
+//! Verification is the proxy tokens' ([`CallerIdentity::verify`]) with a
+//! different store lookup: the same cache keyed by the token's SHA-256 (no agent
+//! token sits in memory), `callers.cache_ttl`, `callers.outage_grace`, the
+//! negative cache of unknown tokens and the cap on concurrent lookups. The
+//! time-to-live is how long a superseded build's or a deleted workspace's agent
+//! keeps working, as with revoked proxy tokens. With `coder.proxy_tokens`,
+//! a request without an agent token may present a `tpx_` token instead.
 
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName};
@@ -23,15 +23,12 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::caller::Caller;
+use super::caller::{Caller, CallerIdentity, Credential};
 use super::error::ProxyError;
-use crate::config::CallersConfig;
-use crate::store::LinkStore;
+use crate::store::{LinkStore, ProxyTokenInfo, StoreError};
 
 /// The header coderd reads agent (and session) tokens from.
 pub const CODER_SESSION_TOKEN: HeaderName = HeaderName::from_static("coder-session-token");
-/// Most agent tokens remembered (known and unknown).
-const CACHE_CAPACITY: u64 = 100_000;
 
 /// Finds an agent token in the request. `forward`: only `Proxy-Authorization`
 /// (the other headers belong to the client's conversation with the origin).
@@ -86,52 +83,42 @@ fn is_agent_token(s: &str) -> bool {
     s.len() == 36 && Uuid::try_parse(s).is_ok()
 }
 
-/// Agent-token verification with its cache.
-pub struct AgentCallers {
-    store: Arc<dyn LinkStore>,
-    /// SHA-256 of the token → the owner, or `None` for a token coderd would refuse.
-    owners: moka::future::Cache<[u8; 32], Option<Uuid>>,
+/// The record an agent token verifies to: the workspace owner, every provider
+/// allowed, no expiry. Its id is nil — an agent token has no proxy-token row, so
+/// nothing is written back for it. `None` when coderd would refuse the token.
+pub(super) async fn find_agent(
+    store: &dyn LinkStore,
+    token: Uuid,
+) -> Result<Option<ProxyTokenInfo>, StoreError> {
+    Ok(store
+        .find_coder_agent_owner(token)
+        .await?
+        .map(|owner| ProxyTokenInfo {
+            id: Uuid::nil(),
+            user_id: owner,
+            name: String::new(),
+            providers: Vec::new(),
+            created_at: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+            expires_at: None,
+            last_used_at: None,
+            revoked_at: None,
+        }))
 }
 
-impl AgentCallers {
-    /// Builds the agent phase for `config` over `store`.
-    pub fn new(config: &CallersConfig, store: Arc<dyn LinkStore>) -> Self {
-        Self {
-            store,
-            owners: moka::future::Cache::builder()
-                .max_capacity(CACHE_CAPACITY)
-                .time_to_live(config.cache_ttl)
-                .build(),
-        }
-    }
-
-    /// The workspace owner behind the request's agent token. Missing, malformed
-    /// or refused tokens are `Unauthenticated` (`ProxyAuthRequired` in forward
-    /// mode); a store failure is `StoreUnavailable` and is not cached.
-    pub async fn identify(&self, headers: &HeaderMap, forward: bool) -> Result<Caller, ProxyError> {
-        let refused = if forward {
-            ProxyError::ProxyAuthRequired
-        } else {
-            ProxyError::Unauthenticated
-        };
-        let Some(token) = extract_agent_token(headers, forward) else {
-            return Err(refused);
-        };
-        let Ok(uuid) = Uuid::try_parse(token.expose_secret()) else {
-            return Err(refused);
-        };
-        let key: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
+impl CallerIdentity {
+    /// The workspace owner behind the request's agent token, verified like a
+    /// proxy token (see [`CallerIdentity::verify`]); `None` when the request
+    /// carries no agent token (a `tpx_` token may still identify it).
+    pub(super) async fn identify_agent(
+        &self,
+        headers: &HeaderMap,
+        forward: bool,
+    ) -> Option<Result<Caller, ProxyError>> {
+        let token = extract_agent_token(headers, forward)?;
+        let uuid = Uuid::try_parse(token.expose_secret()).ok()?;
+        let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
         drop(token);
-        let store = self.store.clone();
-        let owner = self
-            .owners
-            .try_get_with(key, async move { store.find_coder_agent_owner(uuid).await })
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "agent token lookup failed");
-                ProxyError::StoreUnavailable
-            })?;
-        owner.map(Caller::for_user).ok_or(refused)
+        Some(self.verify(hash, Credential::Agent(uuid)).await)
     }
 }
 

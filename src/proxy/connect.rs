@@ -116,7 +116,7 @@ pub async fn handle(
             *resp.status_mut() = StatusCode::OK;
             resp
         }
-        Err(e) => e.to_response(outcome.route.as_ref().map(|r| &*r.provider)),
+        Err(e) => pipeline.error_response(&e, &outcome),
     };
     pipeline.log_and_count(&Method::CONNECT, &resp, &outcome, start.elapsed());
     resp

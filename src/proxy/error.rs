@@ -165,8 +165,8 @@ impl ProxyError {
         self.to_response_with_login(provider, None)
     }
 
-    /// [`to_response`](Self::to_response), adding `login_url` (a URL that starts
-    /// a browser sign-in for this caller and provider) to the error body.
+    /// [`to_response`](Self::to_response), adding `login_url` (where the user can
+    /// link again) to a `link_missing` or `reauth_required` body.
     pub fn to_response_with_login(
         &self,
         provider: Option<&str>,
@@ -179,8 +179,10 @@ impl ProxyError {
                 "provider": provider,
             }
         });
-        if let Some(url) = login_url {
-            body["error"]["login_url"] = url.into();
+        if let (Some(url), Self::Token(TokenError::LinkMissing | TokenError::ReauthRequired)) =
+            (login_url, self)
+        {
+            body["error"]["login_url"] = serde_json::Value::String(url.to_owned());
         }
         let mut resp = Response::new(
             http_body_util::Full::new(Bytes::from(body.to_string()))

@@ -163,13 +163,17 @@ impl Pipeline {
         )?;
         Ok(Self {
             router,
-            callers: caller::CallerIdentity::new(&config.callers, deps.store.clone()),
+            callers: caller::CallerIdentity::new(&config.callers, deps.store.clone())
+                .with_proxy_tokens_beside_agents(
+                    config.coder.as_ref().is_some_and(|c| c.proxy_tokens),
+                ),
             endpoints: endpoints::Endpoints::new(
                 deps.store.clone(),
                 config.providers.iter().map(|p| p.id.clone()).collect(),
             )
             .with_login(login::Login::from_config(config, deps.store.clone())?)
             .with_device(device_logins(deps)),
+            coder_login_base: config.coder.as_ref().and_then(|c| c.login_url("")),
             tokens: deps.tokens.clone(),
             upstreams,
             metrics: deps.metrics.clone(),

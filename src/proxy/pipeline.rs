@@ -92,6 +92,8 @@ pub struct Pipeline {
     pub forward: Option<super::connect::ForwardMode>,
     /// tokenproxy's own endpoints under `/_tokenproxy/`.
     pub endpoints: super::endpoints::Endpoints,
+    /// Coder mode: where users link again (`<coder.access_url>/external-auth/`).
+    pub coder_login_base: Option<String>,
 }
 
 /// What the log line and metrics record about a request as it moves along.
@@ -159,17 +161,7 @@ impl Pipeline {
                 if outcome.token == "none" && matches!(e, ProxyError::Token(_)) {
                     outcome.token = e.code();
                 }
-                let provider = outcome.route.as_ref().map(|r| &*r.provider);
-                // A dead or missing link: offer the caller a way to relink.
-                let login_url = match (&e, provider, outcome.user) {
-                    (
-                        ProxyError::Token(TokenError::LinkMissing | TokenError::ReauthRequired),
-                        Some(p),
-                        Some(u),
-                    ) => self.endpoints.login_url(p, u),
-                    _ => None,
-                };
-                let mut resp = e.to_response_with_login(provider, login_url.as_deref());
+                let mut resp = self.error_response(&e, &outcome);
                 if e == ProxyError::Token(TokenError::IdpUnavailable) {
                     self.add_retry_after(&mut resp, &outcome);
                 }
@@ -178,6 +170,25 @@ impl Pipeline {
         };
         self.log_and_count(&method, &resp, &outcome, start.elapsed());
         resp
+    }
+
+    /// The answer for `e`; in Coder mode a user who must link again is sent to
+    /// Coder's page for the provider.
+    pub(super) fn error_response(&self, e: &ProxyError, outcome: &Outcome) -> Response<ProxyBody> {
+        let provider = outcome.route.as_ref().map(|r| &*r.provider);
+        // A dead or missing link: offer the caller a way to relink — Coder's own
+        // external-auth page beside Coder, else tokenproxy's browser sign-in.
+        let login = match (e, provider) {
+            (ProxyError::Token(TokenError::LinkMissing | TokenError::ReauthRequired), Some(p)) => {
+                match (&self.coder_login_base, outcome.user) {
+                    (Some(base), _) => Some(format!("{base}{p}")),
+                    (None, Some(u)) => self.endpoints.login_url(p, u),
+                    (None, None) => None,
+                }
+            }
+            _ => None,
+        };
+        e.to_response_with_login(provider, login.as_deref())
     }
 
     /// `Retry-After` on an `idp_unavailable` answer while the provider is backing off.

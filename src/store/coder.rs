@@ -50,9 +50,9 @@ pub async fn agent_owner(pool: &PgPool, auth_token: Uuid) -> Result<Option<Uuid>
 /// exchange the same single-use refresh token.
 pub async fn check_lease_support(pool: &PgPool) -> Result<(), StoreError> {
     let column: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
-         WHERE table_schema = current_schema() AND table_name = 'external_auth_links' \
-           AND column_name = 'refresh_lease_expires_at')",
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute \
+         WHERE attrelid = to_regclass('external_auth_links') \
+           AND attname = 'refresh_lease_expires_at' AND NOT attisdropped)",
     )
     .fetch_one(pool)
     .await
@@ -66,7 +66,7 @@ pub async fn check_lease_support(pool: &PgPool) -> Result<(), StoreError> {
     }
     let function: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-         WHERE n.nspname = current_schema() \
+         WHERE n.nspname = ANY (current_schemas(false)) \
            AND p.proname = 'acquire_external_auth_link_refresh_lease')",
     )
     .fetch_one(pool)

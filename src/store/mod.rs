@@ -20,6 +20,9 @@ use crate::crypto::{CryptoError, Keyring};
 
 mod codec;
 pub mod coder;
+mod coder_lease;
+mod coder_poll;
+pub mod coder_store;
 mod lease;
 pub mod login;
 pub mod postgres;
@@ -476,7 +479,29 @@ fn check_migrations(
 }
 
 /// [`open`] with the keyring `[encryption]` describes.
+/// With `[coder]`, the store of Coder mode over Coder's database
+/// (`coder.database_url`, else `database.url`).
 pub fn open_config(cfg: &Config) -> Result<Arc<dyn LinkStore>, StoreError> {
     let keyring = Keyring::new(cfg.encryption_keys(), cfg.encryption_format());
-    open(&cfg.database, keyring)
+    let Some(coder) = &cfg.coder else {
+        return open(&cfg.database, keyring);
+    };
+    let url = coder.database_url.as_ref().unwrap_or(&cfg.database.url);
+    if Backend::of_url(url.expose_secret())? != Backend::Postgres {
+        return Err(StoreError::Other(
+            "[coder] needs Coder's Postgres database (coder.database_url or database.url)".into(),
+        ));
+    }
+    let opts = coder_store::CoderOptions {
+        install_trigger: coder.install_trigger,
+        poll_interval: coder.poll_interval,
+        watch_idle: coder.watch_idle,
+        watch_capacity: cfg.tokens.cache_capacity as usize,
+    };
+    Ok(Arc::new(coder_store::CoderStore::connect(
+        url,
+        &cfg.database,
+        keyring,
+        opts,
+    )?))
 }

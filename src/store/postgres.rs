@@ -68,7 +68,7 @@ fn coder_zero_time() -> DateTime<Utc> {
         .expect("0001-01-01 is a valid UTC time")
 }
 
-fn expiry_to_db(expiry: Option<DateTime<Utc>>) -> DateTime<Utc> {
+pub(crate) fn expiry_to_db(expiry: Option<DateTime<Utc>>) -> DateTime<Utc> {
     expiry.unwrap_or_else(coder_zero_time)
 }
 
@@ -96,7 +96,7 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
 
 /// Builds a statement that runs `dml` (which must `RETURNING provider_id, user_id`)
 /// and announces each changed row; its result has one row per change.
-fn announced(dml: &str, channel_param: &str) -> String {
+pub(crate) fn announced(dml: &str, channel_param: &str) -> String {
     let notify = NOTIFY_EXPR.replace("$NOTIFY_CHANNEL", channel_param);
     format!("WITH changed AS ({dml}) SELECT {notify} FROM changed")
 }
@@ -140,6 +140,16 @@ impl PgStore {
     pub fn with_listen_check_interval(mut self, every: Duration) -> Self {
         self.feed_check = every.max(Duration::from_millis(1));
         self
+    }
+
+    /// Never registers a key in `dbcrypt_keys`: in Coder mode coderd owns that
+    /// table, and the start-up check ([`super::coder::check_keys`]) has already
+    /// made sure the first key is active there.
+    pub fn with_keys_owned_by_coder(self) -> Self {
+        Self {
+            key_registered: Arc::new(tokio::sync::OnceCell::new_with(Some(()))),
+            ..self
+        }
     }
 
     /// The pool, for callers that need their own connection (e.g. tests).
