@@ -152,6 +152,9 @@ pub struct ServerConfig {
     /// Longest a request or response body may deliver nothing before it is cut.
     #[serde(with = "duration_str")]
     pub body_idle_timeout: Duration,
+    /// This replica's name in the audit trail; `None` = the host name
+    /// (`$HOSTNAME`, a Kubernetes pod's name).
+    pub replica_id: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -168,6 +171,7 @@ impl Default for ServerConfig {
             forwarded_headers: false,
             tls: None,
             body_idle_timeout: Duration::from_secs(60),
+            replica_id: None,
         }
     }
 }
@@ -637,6 +641,19 @@ impl Config {
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be above zero"));
+            }
+        }
+        if let Some(id) = &self.server.replica_id {
+            let fits = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+            if !fits {
+                return Err(ConfigError::new(
+                    "server.replica_id",
+                    "must be 1 to 64 characters of letters, digits, '-', '_', '.' or ':'",
+                ));
             }
         }
         if self.callers.max_concurrent_lookups == 0 {

@@ -89,7 +89,7 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let mut outcome = Outcome::new();
-    let resp = match open(&pipeline, &req, &mut outcome).await {
+    let resp = match open(&pipeline, &req, conn, &mut outcome).await {
         Ok(opened) => {
             let upgrade = hyper::upgrade::on(&mut req);
             let context = req.extensions().get::<ConnContext>().cloned();
@@ -124,6 +124,7 @@ pub async fn handle(
 async fn open(
     pipeline: &Pipeline,
     req: &Request<Incoming>,
+    conn: ConnInfo,
     outcome: &mut Outcome,
 ) -> Result<Opened, ProxyError> {
     let forward = pipeline.forward.as_ref().ok_or(ProxyError::BadRequest(
@@ -142,7 +143,10 @@ async fn open(
         .trim_end_matches(']')
         .trim_end_matches('.')
         .to_ascii_lowercase();
-    let caller = pipeline.callers.identify_proxy(req.headers()).await?;
+    let caller = pipeline
+        .callers
+        .identify_proxy_from(req.headers(), Some(conn.remote.ip()))
+        .await?;
     outcome.user = Some(caller.user_id);
     let Some(route) = pipeline.router.find_host(&host, port, 443) else {
         return match forward.unrouted {
@@ -161,6 +165,11 @@ async fn open(
     };
     outcome.route = Some(route.clone());
     authorize(&caller, route)?;
+    // Once per host per replica (a CONNECT, not every request inside it).
+    pipeline
+        .metrics
+        .audit
+        .host_intercepted(&host, caller.user_id);
     let tunnel = Tunnel {
         credentials: proxy_credentials(req.headers()),
         route: route.clone(),

@@ -43,6 +43,7 @@ pub mod inject;
 pub mod pipeline;
 pub mod prewarm;
 pub mod rejection;
+pub mod reporting;
 pub mod route;
 pub mod server;
 pub mod workers;
@@ -124,7 +125,8 @@ impl Pipeline {
         )?;
         Ok(Self {
             router,
-            callers: caller::CallerIdentity::new(&config.callers, deps.store.clone()),
+            callers: caller::CallerIdentity::new(&config.callers, deps.store.clone())
+                .with_audit(deps.metrics.clone()),
             endpoints: endpoints::Endpoints::new(
                 deps.store.clone(),
                 config.providers.iter().map(|p| p.id.clone()).collect(),
@@ -313,7 +315,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .context("refusing the Coder database")?;
     }
-    let metrics = Metrics::new();
+    let metrics = match &config.server.replica_id {
+        Some(id) => Metrics::for_replica(id),
+        None => Metrics::new(),
+    };
+    // Every store call from here on is timed (store_query_duration_seconds).
+    let observed = metrics.clone();
+    let store_dyn: Arc<dyn LinkStore> = Arc::new(crate::store::timed::Timed::new(
+        store_dyn,
+        Arc::new(move |op, took| observed.store_query(op, took)),
+    ));
     let tokens = TokenSource::new(
         store_dyn.clone(),
         &config.providers,
@@ -333,6 +344,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })?;
     let background_stop = tokio_util::sync::CancellationToken::new();
     let background = tokens.spawn_background(background_stop.clone());
+    let reports = tokio::spawn(reporting::run(
+        store_dyn.clone(),
+        metrics.clone(),
+        background_stop.clone(),
+    ));
     let lease_timeout = config.tokens.lease_timeout;
     let deps = Deps {
         config: Arc::new(config),
@@ -352,6 +368,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     background_stop.cancel();
     let _ = background.await;
+    // Writes the authentication failures of the last, partial window.
+    let _ = reports.await;
     if result.is_ok() {
         // Requests are drained; token exchanges they (or refresh-ahead) started may
         // still be between the provider's answer and the write. Wait for them —

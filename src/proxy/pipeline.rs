@@ -186,7 +186,7 @@ impl Pipeline {
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         check_request_framing(&req)?;
-        let (caller, route, uri) = self.enter(&req, entry, outcome).await?;
+        let (caller, route, uri) = self.enter(&req, entry, conn, outcome).await?;
         outcome.route = Some(route.clone());
         authorize(&caller, &route)?;
         let token = self.token_or_prewarm(&route, &caller, &uri).await?;
@@ -218,24 +218,31 @@ impl Pipeline {
         &self,
         req: &Request<Incoming>,
         entry: &Entry,
+        conn: ConnInfo,
         outcome: &mut Outcome,
     ) -> Result<(Caller, Arc<Route>, Uri), ProxyError> {
         Ok(match entry {
             Entry::Reverse => {
-                let caller = self.identify_caller(req.headers()).await?;
+                let caller = self.identify_caller(req.headers(), conn).await?;
                 outcome.user = Some(caller.user_id);
                 let (route, uri) = self.route(req)?;
                 (caller, route, uri)
             }
             Entry::Absolute => {
-                let caller = self.callers.identify_proxy(req.headers()).await?;
+                let caller = self
+                    .callers
+                    .identify_proxy_from(req.headers(), Some(conn.remote.ip()))
+                    .await?;
                 outcome.user = Some(caller.user_id);
                 let (route, uri) = self.route_absolute(req)?;
                 (caller, route, uri)
             }
             Entry::Tunnel(tunnel) => {
                 outcome.route = Some(tunnel.route.clone());
-                let caller = self.callers.identify_proxy(&tunnel.credentials).await?;
+                let caller = self
+                    .callers
+                    .identify_proxy_from(&tunnel.credentials, Some(conn.remote.ip()))
+                    .await?;
                 outcome.user = Some(caller.user_id);
                 let uri = route_tunneled(req, tunnel)?;
                 (caller, tunnel.route.clone(), uri)
@@ -244,8 +251,14 @@ impl Pipeline {
     }
 
     /// Phase: who is calling.
-    async fn identify_caller(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
-        self.callers.identify(headers).await
+    async fn identify_caller(
+        &self,
+        headers: &HeaderMap,
+        conn: ConnInfo,
+    ) -> Result<Caller, ProxyError> {
+        self.callers
+            .identify_from(headers, Some(conn.remote.ip()))
+            .await
     }
 
     /// Phase: which route, and the upstream URI it becomes. Only the path and query
