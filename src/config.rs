@@ -159,6 +159,9 @@ pub struct ServerConfig {
     /// Total bytes of request bodies held at once so a request rejected with
     /// 401 can be retried; beyond it requests are sent without retry.
     pub retry_buffer_budget: u64,
+    /// This replica's name in the audit trail; `None` = the host name
+    /// (`$HOSTNAME`, a Kubernetes pod's name).
+    pub replica_id: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -182,6 +185,7 @@ impl Default for ServerConfig {
             http2_keepalive_timeout: Duration::from_secs(10),
             http2_max_concurrent_streams: 100,
             retry_buffer_budget: 64 * 1024 * 1024,
+            replica_id: None,
         }
     }
 }
@@ -726,6 +730,19 @@ impl Config {
                 "server.http2_max_concurrent_streams",
                 "must be above zero",
             ));
+        }
+        if let Some(id) = &self.server.replica_id {
+            let fits = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+            if !fits {
+                return Err(ConfigError::new(
+                    "server.replica_id",
+                    "must be 1 to 64 characters of letters, digits, '-', '_', '.' or ':'",
+                ));
+            }
         }
         if self.callers.max_concurrent_lookups == 0 {
             return Err(ConfigError::new(

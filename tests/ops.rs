@@ -2,8 +2,9 @@
 //! colour codes when stderr is not a terminal; `/metrics` after a scenario passes
 //! `promtool check metrics`; the alerting rules in `deploy/prometheus/` pass their
 //! `promtool test rules` unit tests; every metric the rules and the dashboard use
-//! exists in a live `/metrics`; and a real Prometheus scraping a real tokenproxy
-//! counts exactly the requests sent.
+//! exists in a live `/metrics`; a real Prometheus scraping a real tokenproxy
+//! counts exactly the requests sent; and links are counted by state in the
+//! background, not per scrape. The audit trail's tests are in `ops_audit.rs`.
 //!
 //! The tests that need `promtool` or `prometheus` fail when the binary is missing
 //! (scripts/test installs Debian's `prometheus` package): a skipped check would
@@ -535,160 +536,89 @@ fn termination_grace_outlasts_the_drain_and_a_held_lease() {
     }
 }
 
-/// Runs the `tokenproxy` binary with `config`, `args` and `stdin`; its stdout.
-fn cli(config: &std::path::Path, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-        .env_clear()
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "tokenproxy {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+/// The value of the sample `series` (name and labels exactly) in a `/metrics` text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn the_audit_trail_records_a_scenario_and_never_a_token(pool: PgPool) {
-    use secrecy::ExposeSecret;
+async fn links_by_state_are_counted_in_the_background_not_per_scrape(pool: PgPool) {
     let idp = Arc::new(Idp::start(IdpOptions::default()).await);
-    let check = {
-        let idp = idp.clone();
-        Arc::new(move |t: &str| idp.is_valid_access_token(t))
-    };
-    let api = TestUpstream::start(CredentialForm::Bearer, check).await;
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.log");
-    let rest = format!(
-        "[logging]\naudit = \"{}\"\n\n[[providers]]\nid = \"github\"\nclient_id = \"test-client\"\nclient_secret = \"test-secret\"\ntoken_url = \"{}\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
-        audit.display(),
-        idp.token_url(),
-        api.url()
+    let store = PgStore::from_pool(pool.clone(), Keyring::plaintext());
+    let now = chrono::Utc::now();
+    // ok: refreshable; expiring_soon: no refresh token, an hour left;
+    // reauth_required: the provider rejected its refresh token, and one that
+    // expired with no refresh token.
+    let (ok, soon, rejected, dead) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
     );
-    let config = dir.path().join("cli.toml");
-    std::fs::write(
-        &config,
-        format!("[database]\nurl = \"{}\"\n\n{rest}", harness::db_url(&pool)),
-    )
-    .unwrap();
-
-    // Link (twice: created, then replaced) with an already expired access token,
-    // so the first request refreshes; a proxy token for the user.
-    let user = Uuid::new_v4();
-    let seed = idp.seed_with_expiry(user, Some(chrono::Utc::now() - chrono::Duration::hours(1)));
-    let response = serde_json::json!({
-        "access_token": seed.access_token.expose_secret(),
-        "refresh_token": seed.refresh_token.expose_secret(),
-        "expires_at": (chrono::Utc::now() - chrono::Duration::hours(1)).timestamp(),
-    })
-    .to_string();
-    let user_arg = user.to_string();
-    let put = ["link", "put", "--provider", "github", "--user", &user_arg];
-    cli(&config, &put, &response);
-    cli(&config, &put, &response);
-    let created = cli(&config, &["token", "create", "--user", &user_arg], "");
-    let proxy_token = created.lines().last().unwrap().to_string();
-    let token_id = created
-        .lines()
-        .find_map(|l| l.strip_prefix("id: "))
-        .unwrap()
-        .to_string();
-
-    let proxy = Spawned::start(&harness::db_url(&pool), &rest).await;
-    let a = get(
-        &proxy.url("/gh/api/user"),
-        &[("authorization", &format!("Bearer {proxy_token}"))],
+    store.put_link("github", ok, &idp.seed(ok)).await.unwrap();
+    for (user, expiry) in [
+        (soon, now + chrono::Duration::hours(1)),
+        (dead, now - chrono::Duration::hours(1)),
+    ] {
+        let mut set = idp.seed_with_expiry(user, Some(expiry));
+        set.refresh_token = secrecy::SecretString::from(String::new());
+        store.put_link("github", user, &set).await.unwrap();
+    }
+    store
+        .put_link("github", rejected, &idp.seed(rejected))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE external_auth_links SET oauth_refresh_failure_reason = 'invalid_grant' WHERE user_id = $1")
+        .bind(rejected)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let proxy = Spawned::start(
+        &harness::db_url(&pool),
+        &format!(
+            "[[providers]]\nid = \"github\"\nclient_id = \"test-client\"\nclient_secret = \"test-secret\"\ntoken_url = \"{}\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"https://127.0.0.1:9\"\n",
+            idp.token_url(),
+        ),
     )
     .await;
-    assert_eq!(a.status, 200);
-    assert_eq!(idp.refreshes(), 1);
-    drop(proxy);
-    cli(&config, &["token", "revoke", &token_id], "");
-
-    let text = std::fs::read_to_string(&audit).unwrap();
-    let events: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("a JSON line: {l}")))
-        .collect();
-    let names: Vec<&str> = events
-        .iter()
-        .map(|e| e["event"].as_str().unwrap())
-        .collect();
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    // The first count runs as the server starts; wait for it (bounded poll).
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = String::from_utf8(get(&metrics_url, &[]).await.body.to_vec()).unwrap();
+        if text.contains("tokenproxy_links{state=\"ok\"}")
+            && sample(&text, "tokenproxy_store_listen_up") == Some(1.0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert_eq!(
-        names,
-        [
-            "link_created",
-            "link_replaced",
-            "proxy_token_created",
-            "refresh",
-            "proxy_token_revoked"
-        ],
+        sample(&text, "tokenproxy_links{state=\"ok\"}"),
+        Some(1.0),
         "{text}"
     );
-    for e in &events {
-        assert_eq!(e["target"], "tokenproxy::audit");
-        assert!(e["timestamp"].is_string());
+    assert_eq!(
+        sample(&text, "tokenproxy_links{state=\"expiring_soon\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "tokenproxy_links{state=\"reauth_required\"}"),
+        Some(2.0)
+    );
+    // Scrapes do not count links: still the one query made at start.
+    for _ in 0..20 {
+        text = String::from_utf8(get(&metrics_url, &[]).await.body.to_vec()).unwrap();
     }
-    assert_eq!(events[0]["source"], "cli");
-    assert_eq!(events[0]["user"], user_arg);
-    assert_eq!(events[3]["outcome"], "success");
-    assert_eq!(events[3]["provider"], "github");
-    assert_eq!(events[4]["token_id"], token_id);
-
-    // Every token value issued in the scenario, and the client secret.
-    let mut secrets = vec![
-        seed.access_token.expose_secret().to_string(),
-        seed.refresh_token.expose_secret().to_string(),
-        proxy_token.clone(),
-        idp.current_refresh_token(user).unwrap(),
-        "test-secret".to_string(),
-    ];
-    secrets.extend(api.requests().into_iter().filter_map(|r| r.token));
-    assert!(secrets.len() >= 6, "the upstream saw the refreshed token");
-    for s in &secrets {
-        assert!(!s.is_empty());
-        assert!(
-            !text.contains(s.as_str()),
-            "a secret in the audit trail: {text}"
-        );
-    }
-}
-
-#[test]
-fn logging_audit_takes_stderr_off_or_a_path_and_refuses_empty() {
-    use tokenproxy::config::{AuditDestination, Config};
-    let parse = |v: &str| Config::from_toml_with_env(&format!("[logging]\naudit = \"{v}\"\n"), &[]);
-    assert_eq!(parse("off").unwrap().logging.audit, AuditDestination::Off);
+    let counted = "tokenproxy_store_query_duration_seconds_count{op=\"count_link_states\"}";
+    assert_eq!(sample(&text, counted), Some(1.0), "{text}");
+    // The change feed is listening, and nothing is in flight.
     assert_eq!(
-        parse("stderr").unwrap().logging.audit,
-        AuditDestination::Stderr
+        sample(&text, "tokenproxy_store_listen_up"),
+        Some(1.0),
+        "{text}"
     );
-    assert_eq!(
-        parse("/var/log/tokenproxy/audit.log")
-            .unwrap()
-            .logging
-            .audit,
-        AuditDestination::File("/var/log/tokenproxy/audit.log".into())
-    );
-    let err = parse("").unwrap_err().to_string();
-    assert!(err.contains("logging.audit"), "{err}");
-    assert_eq!(
-        Config::from_toml_with_env("", &[]).unwrap().logging.audit,
-        AuditDestination::Off
-    );
+    assert_eq!(sample(&text, "tokenproxy_flights_in_progress"), Some(0.0));
 }

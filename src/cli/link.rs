@@ -114,13 +114,13 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
                 .put_link(&provider, user, &tokens)
                 .await
                 .context("storing the link")?;
-            tracing::info!(
-                target: crate::telemetry::AUDIT_TARGET,
-                event = if replaced { "link_replaced" } else { "link_created" },
-                source = "cli",
-                provider = %provider,
-                user = %user
-            );
+            use crate::telemetry::audit::{self, Actor, LinkChange};
+            let change = if replaced {
+                LinkChange::Replaced
+            } else {
+                LinkChange::Created
+            };
+            audit::link_changed(Actor::Cli, change, &provider, user);
             println!(
                 "stored link {provider}/{user} (expires {})",
                 super::show_time(tokens.expiry, "never")

@@ -96,13 +96,8 @@ pub async fn run(cfg: &Config, command: TokenCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .context("storing the token")?;
-            tracing::info!(
-                target: crate::telemetry::AUDIT_TARGET,
-                event = "proxy_token_created",
-                source = "cli",
-                token_id = %info.id,
-                user = %info.user_id
-            );
+            use crate::telemetry::audit::{self, Actor};
+            audit::proxy_token_created(Actor::Cli, info.id, info.user_id);
             println!("id: {}", info.id);
             println!("user: {}", info.user_id);
             println!("providers: {}", providers_label(&info.providers));
@@ -130,12 +125,8 @@ pub async fn run(cfg: &Config, command: TokenCommand) -> anyhow::Result<()> {
                 .await
                 .context("revoking the token")?
             {
-                tracing::info!(
-                    target: crate::telemetry::AUDIT_TARGET,
-                    event = "proxy_token_revoked",
-                    source = "cli",
-                    token_id = %id
-                );
+                use crate::telemetry::audit::{self, Actor};
+                audit::proxy_token_revoked(Actor::Cli, id);
                 println!("revoked {id}");
                 Ok(())
             } else {

@@ -10,6 +10,7 @@
 //! lookups of unverified tokens are capped. In `static` mode
 //! (a sidecar on loopback) every request is one configured user.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -255,10 +256,18 @@ struct Verified {
     /// The last-use throttle: unix milliseconds of the last `last_used_at` write
     /// (this process's, or the store's value when the record was read).
     touched_ms: AtomicI64,
+    /// The address of the request that made this record read: requests from it
+    /// need no audit check, so the usual caller costs nothing more per request.
+    first_source: Option<IpAddr>,
 }
 
 impl Verified {
-    fn new(hash: [u8; 32], info: ProxyTokenInfo, ttl: Duration) -> Self {
+    fn new(
+        hash: [u8; 32],
+        info: ProxyTokenInfo,
+        ttl: Duration,
+        first_source: Option<IpAddr>,
+    ) -> Self {
         let providers: Arc<[String]> = if info.providers.is_empty() {
             ALL_PROVIDERS.clone()
         } else {
@@ -276,6 +285,7 @@ impl Verified {
             touched_ms: AtomicI64::new(
                 info.last_used_at.map_or(i64::MIN, |t| t.timestamp_millis()),
             ),
+            first_source,
         }
     }
 }
@@ -294,6 +304,7 @@ impl Verified {
             loaded: self.loaded,
             fresh_until: until,
             touched_ms: AtomicI64::new(self.touched_ms.load(Ordering::Relaxed)),
+            first_source: self.first_source,
         }
     }
 }
@@ -329,6 +340,9 @@ pub struct CallerIdentity {
     lookup_wait: Duration,
     /// `coder_agent` mode: `tpx_` proxy tokens are accepted beside agent tokens.
     proxy_tokens_beside_agents: bool,
+    /// The audit trail (first use from an address, expired tokens, refused
+    /// credentials), when the server has one.
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl CallerIdentity {
@@ -354,6 +368,7 @@ impl CallerIdentity {
             lookup_slots: tokio::sync::Semaphore::new(config.max_concurrent_lookups),
             lookup_wait: config.lookup_wait,
             proxy_tokens_beside_agents: false,
+            metrics: None,
         }
     }
 
@@ -363,9 +378,24 @@ impl CallerIdentity {
         self
     }
 
+    /// Records this phase's audit events in `metrics`' trail.
+    pub fn with_audit(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Who is calling. Expiry and revocation are checked on every request against
     /// the cached record, which is at most `cache_ttl` old.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        self.identify_from(headers, None).await
+    }
+
+    /// [`identify`](Self::identify) for a request from `remote` (audited).
+    pub async fn identify_from(
+        &self,
+        headers: &HeaderMap,
+        remote: Option<IpAddr>,
+    ) -> Result<Caller, ProxyError> {
         if self.mode == CallerMode::CoderAgent {
             if let Some(found) = self.identify_agent(headers, false).await {
                 return found;
@@ -376,13 +406,23 @@ impl CallerIdentity {
                 "two different proxy tokens in one request",
             ));
         }
-        self.identify_token(|| extract_proxy_token(headers)).await
+        self.identify_token(|| extract_proxy_token(headers), remote)
+            .await
     }
 
     /// Who is calling, in forward mode: only `Proxy-Authorization` counts
     /// (`Authorization` belongs to the client's conversation with the origin), and
     /// a missing or bad credential is a 407.
     pub async fn identify_proxy(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+        self.identify_proxy_from(headers, None).await
+    }
+
+    /// [`identify_proxy`](Self::identify_proxy) for a request from `remote` (audited).
+    pub async fn identify_proxy_from(
+        &self,
+        headers: &HeaderMap,
+        remote: Option<IpAddr>,
+    ) -> Result<Caller, ProxyError> {
         if self.mode == CallerMode::CoderAgent {
             if let Some(found) = self.identify_agent(headers, true).await {
                 return found.map_err(|e| match e {
@@ -398,15 +438,18 @@ impl CallerIdentity {
                 .filter_map(|v| v.to_str().ok())
                 .find_map(parse_credential)
         };
-        self.identify_token(found).await.map_err(|e| match e {
-            ProxyError::Unauthenticated => ProxyError::ProxyAuthRequired,
-            other => other,
-        })
+        self.identify_token(found, remote)
+            .await
+            .map_err(|e| match e {
+                ProxyError::Unauthenticated => ProxyError::ProxyAuthRequired,
+                other => other,
+            })
     }
 
     async fn identify_token(
         &self,
         extract: impl FnOnce() -> Option<SecretString>,
+        remote: Option<IpAddr>,
     ) -> Result<Caller, ProxyError> {
         if self.mode == CallerMode::Static {
             let user_id = self.static_user.ok_or(ProxyError::Unauthenticated)?;
@@ -419,7 +462,23 @@ impl CallerIdentity {
         if self.mode == CallerMode::CoderAgent && !self.proxy_tokens_beside_agents {
             return Err(ProxyError::Unauthenticated);
         }
+        // No credential at all is not a failure to audit: git and others ask
+        // without one first and retry with it after the 401/407.
         let token = extract().ok_or(ProxyError::Unauthenticated)?;
+        let out = self.verify_token(token, remote).await;
+        if let (Err(ProxyError::Unauthenticated), Some(m), Some(ip)) = (&out, &self.metrics, remote)
+        {
+            m.audit.auth_failed(ip);
+        }
+        out
+    }
+
+    /// Checks a presented proxy token: well-formed, known, not revoked or expired.
+    async fn verify_token(
+        &self,
+        token: SecretString,
+        remote: Option<IpAddr>,
+    ) -> Result<Caller, ProxyError> {
         // A forged, truncated or mistyped token is refused here, before any
         // cache or database lookup (issue 12: floods of random tokens).
         if !is_well_formed(token.expose_secret()) {
@@ -427,7 +486,7 @@ impl CallerIdentity {
         }
         let hash = hash_token(&token);
         drop(token);
-        self.verify(hash, Credential::Proxy).await
+        self.verify(hash, Credential::Proxy, remote).await
     }
 
     /// Checks a caller credential by its SHA-256 — the same cache, outage grace,
@@ -436,10 +495,11 @@ impl CallerIdentity {
         &self,
         hash: [u8; 32],
         credential: Credential,
+        remote: Option<IpAddr>,
     ) -> Result<Caller, ProxyError> {
         let verified = match self.verified.get(&hash) {
             Some(v) if Instant::now() < v.fresh_until => v,
-            _ => self.lookup(hash, credential).await?,
+            _ => self.lookup(hash, credential, remote).await?,
         };
         // The map lookup compared hashes already; compare again in constant time
         // so no code path depends on a variable-time comparison of caller secrets.
@@ -451,7 +511,19 @@ impl CallerIdentity {
         }
         let now = Utc::now();
         if verified.expires_at.is_some_and(|t| t <= now) {
+            if let Some(m) = &self.metrics {
+                m.audit
+                    .proxy_token_expired(verified.token_id, verified.user_id);
+            }
             return Err(ProxyError::Unauthenticated);
+        }
+        // Only a request from another address than the one that loaded the
+        // record asks the trail (a shared set): the common caller never does.
+        if let (Some(m), Some(ip)) = (&self.metrics, remote) {
+            if verified.first_source != Some(ip) {
+                m.audit
+                    .proxy_token_used(verified.token_id, verified.user_id, ip);
+            }
         }
         self.touch(&verified, now.timestamp_millis());
         Ok(Caller {
@@ -472,6 +544,7 @@ impl CallerIdentity {
         &self,
         hash: [u8; 32],
         credential: Credential,
+        remote: Option<IpAddr>,
     ) -> Result<Arc<Verified>, ProxyError> {
         let started = Instant::now();
         let (guard, stale) = match self
@@ -518,7 +591,12 @@ impl CallerIdentity {
         };
         match credential.find(&*self.store, &hash).await {
             Ok(Some(info)) => {
-                let v = Arc::new(Verified::new(hash, info, self.ttl));
+                let usable =
+                    info.revoked_at.is_none() && info.expires_at.is_none_or(|t| t > Utc::now());
+                if let (Some(m), Some(ip), true) = (&self.metrics, remote, usable) {
+                    m.audit.proxy_token_used(info.id, info.user_id, ip);
+                }
+                let v = Arc::new(Verified::new(hash, info, self.ttl, remote));
                 let _ = guard.insert(v.clone());
                 Ok(v)
             }

@@ -118,7 +118,8 @@ impl CallerIdentity {
         let uuid = Uuid::try_parse(token.expose_secret()).ok()?;
         let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
         drop(token);
-        Some(self.verify(hash, Credential::Agent(uuid)).await)
+        // Agent tokens are not proxy tokens: no first-use-from-address audit for them.
+        Some(self.verify(hash, Credential::Agent(uuid), None).await)
     }
 }
 

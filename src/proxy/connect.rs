@@ -158,6 +158,11 @@ async fn open(
     if !forward.ca.has_leaf(&host) {
         forward.mints.mint(caller.user_id)?;
     }
+    // Once per host per replica (a CONNECT, not every request inside it).
+    pipeline
+        .metrics
+        .audit
+        .host_intercepted(&host, caller.user_id);
     let tunnel = Tunnel {
         credentials: proxy_credentials(req.headers()),
         route: route.clone(),

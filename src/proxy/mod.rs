@@ -47,6 +47,7 @@ pub mod login_page;
 pub mod pipeline;
 pub mod prewarm;
 pub mod rejection;
+pub mod reporting;
 pub mod route;
 pub mod server;
 pub mod slots;
@@ -166,7 +167,8 @@ impl Pipeline {
             callers: caller::CallerIdentity::new(&config.callers, deps.store.clone())
                 .with_proxy_tokens_beside_agents(
                     config.coder.as_ref().is_some_and(|c| c.proxy_tokens),
-                ),
+                )
+                .with_audit(deps.metrics.clone()),
             endpoints: endpoints::Endpoints::new(
                 deps.store.clone(),
                 config.providers.iter().map(|p| p.id.clone()).collect(),
@@ -392,7 +394,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .context("refusing the Coder database")?;
     }
-    let metrics = Metrics::new();
+    let metrics = match &config.server.replica_id {
+        Some(id) => Metrics::for_replica(id),
+        None => Metrics::new(),
+    };
+    // Every store call from here on is timed (store_query_duration_seconds).
+    let observed = metrics.clone();
+    let store_dyn: Arc<dyn LinkStore> = Arc::new(crate::store::timed::Timed::new(
+        store_dyn,
+        Arc::new(move |op, took| observed.store_query(op, took)),
+    ));
     let tokens = TokenSource::new(
         store_dyn.clone(),
         &config.providers,
@@ -412,6 +423,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })?;
     let background_stop = tokio_util::sync::CancellationToken::new();
     let background = tokens.spawn_background(background_stop.clone());
+    let reports = tokio::spawn(reporting::run(
+        store_dyn.clone(),
+        metrics.clone(),
+        background_stop.clone(),
+    ));
     let lease_timeout = config.tokens.lease_timeout;
     let deps = Deps {
         config: Arc::new(config),
@@ -431,6 +447,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     background_stop.cancel();
     let _ = background.await;
+    // Writes the authentication failures of the last, partial window.
+    let _ = reports.await;
     if result.is_ok() {
         // Requests are drained; token exchanges they (or refresh-ahead) started may
         // still be between the provider's answer and the write. Wait for them —

@@ -285,9 +285,9 @@ impl Pipeline {
         let ip = conn.remote.ip();
         self.auth_failures.check(ip)?;
         let identified = if proxy {
-            self.callers.identify_proxy(headers).await
+            self.callers.identify_proxy_from(headers, Some(ip)).await
         } else {
-            self.callers.identify(headers).await
+            self.callers.identify_from(headers, Some(ip)).await
         };
         identified.map_err(|e| self.auth_failures.failed(ip, headers, e))
     }

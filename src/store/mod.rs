@@ -28,6 +28,7 @@ pub mod login;
 pub mod postgres;
 mod rotation;
 pub mod sqlite;
+pub mod timed;
 
 /// Retries of a conditional write (or lease claim) whose row changed between the
 /// attempt and the read that explains the miss. Each retry needs another
@@ -165,6 +166,53 @@ impl LinkSummary {
     }
 }
 
+/// What a link needs from its user, for operators (`tokenproxy_links{state}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Works, and keeps working (refreshable, or far from expiry).
+    Ok,
+    /// Has no refresh token and its access token expires within
+    /// [`EXPIRING_SOON`]: the user must log in again soon.
+    ExpiringSoon,
+    /// The provider rejected its refresh token, or it expired with none: the user
+    /// must log in again now.
+    ReauthRequired,
+}
+
+/// How close to its expiry an unrefreshable link counts as `expiring_soon`.
+pub const EXPIRING_SOON: Duration = Duration::from_secs(24 * 3600);
+
+impl LinkState {
+    /// The state of `link` at `now` (pure).
+    pub fn of(link: &LinkSummary, now: DateTime<Utc>) -> Self {
+        if !link.refresh_failure_reason.is_empty() {
+            return Self::ReauthRequired;
+        }
+        match link.expiry {
+            Some(exp) if !link.has_refresh_token && exp <= now => Self::ReauthRequired,
+            Some(exp)
+                if !link.has_refresh_token
+                    && exp
+                        <= now + chrono::Duration::from_std(EXPIRING_SOON).unwrap_or_default() =>
+            {
+                Self::ExpiringSoon
+            }
+            _ => Self::Ok,
+        }
+    }
+}
+
+/// Links counted by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStates {
+    /// [`LinkState::Ok`].
+    pub ok: u64,
+    /// [`LinkState::ExpiringSoon`].
+    pub expiring_soon: u64,
+    /// [`LinkState::ReauthRequired`].
+    pub reauth_required: u64,
+}
+
 /// Token values to write: from `link put`, a login, or a refresh.
 #[derive(Debug, Clone)]
 pub struct TokenSet {
@@ -220,6 +268,9 @@ pub enum ChangeEvent {
     },
     /// The change feed (re)connected: notifications may have been lost, drop everything.
     Resync,
+    /// The change feed lost its connection and is reconnecting; a `Resync`
+    /// follows once it listens again. Nothing to drop yet: only reported.
+    Lost,
 }
 
 /// A proxy token to create. Only the SHA-256 of the secret is stored.
@@ -410,6 +461,20 @@ pub trait LinkStore: Send + Sync + 'static {
     /// backends do; wrappers and test doubles may not).
     fn login_store(&self) -> Option<&dyn login::LoginStore> {
         None
+    }
+
+    /// Counts every link by [`LinkState`] at `now` (one listing, no token values).
+    /// Run in the background for `tokenproxy_links`, never per request.
+    async fn count_link_states(&self, now: DateTime<Utc>) -> Result<LinkStates, StoreError> {
+        let mut states = LinkStates::default();
+        for link in self.list_links(None).await? {
+            match LinkState::of(&link, now) {
+                LinkState::Ok => states.ok += 1,
+                LinkState::ExpiringSoon => states.expiring_soon += 1,
+                LinkState::ReauthRequired => states.reauth_required += 1,
+            }
+        }
+        Ok(states)
     }
 
     /// Starts the change feed. Emits [`ChangeEvent::Resync`] after every (re)connect.

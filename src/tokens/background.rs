@@ -73,6 +73,7 @@ async fn listen(inner: Arc<Inner>, shutdown: CancellationToken) {
                 None => break,
             }
         }
+        inner.metrics.store_listen_up.set(0);
         // The feed ended (database unreachable?). Keep the cache: during an outage
         // it is what still serves requests. The next feed starts with a Resync,
         // which drops everything announced meanwhile.
@@ -99,7 +100,12 @@ async fn apply(inner: &Inner, event: ChangeEvent) {
             }
             let _ = inner.changes.send(Some(key));
         }
+        ChangeEvent::Lost => {
+            inner.metrics.store_listen_up.set(0);
+        }
         ChangeEvent::Resync => {
+            // The feed listens (again).
+            inner.metrics.store_listen_up.set(1);
             // Retire every entry rather than delete it: while the store is
             // unreachable (the usual reason for a reconnect) an unexpired token from
             // before is still better than `store_unavailable`.

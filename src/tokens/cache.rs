@@ -37,6 +37,28 @@ pub(crate) fn to_chrono(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
+/// Counts the entries a full cache evicts (`tokenproxy_cache_evictions_total`):
+/// runs only when an insert overflows a shard, never on a hit.
+#[derive(Clone)]
+pub(crate) struct CountEvictions(pub prometheus_client::metrics::counter::Counter);
+
+impl quick_cache::Lifecycle<Key, Arc<Entry>> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: Key, _: Arc<Entry>) {
+        self.0.inc();
+    }
+}
+
+/// The token cache: links by key, counting evictions.
+pub(crate) type TokenCache = quick_cache::sync::Cache<
+    Key,
+    Arc<Entry>,
+    quick_cache::UnitWeighter,
+    quick_cache::DefaultHashBuilder,
+    CountEvictions,
+>;
+
 /// One cached link.
 pub(crate) struct Entry {
     /// The token served on hits.
@@ -124,7 +146,7 @@ pub(crate) fn ahead_time(
 /// Drops every entry whose token has expired at `now` (injected clock) — memory
 /// tidying only: the hit path already skips entries past expiry minus skew, and
 /// an unexpired one is kept as the outage fallback until it expires.
-pub(crate) fn tidy(cache: &quick_cache::sync::Cache<Key, Arc<Entry>>, now: DateTime<Utc>) {
+pub(crate) fn tidy(cache: &TokenCache, now: DateTime<Utc>) {
     cache.retain(|_, e| unexpired(e.token.expiry(), now));
 }
 

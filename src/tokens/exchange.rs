@@ -68,9 +68,12 @@ pub(super) async fn exchange(
             ?budget,
             "not enough of the refresh lease left for an exchange; the database is slow"
         );
-        inner
-            .metrics
-            .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
+        inner.metrics.refresh_outcome(
+            &provider.id,
+            key.1,
+            RefreshOutcome::TransientError,
+            claimed.elapsed(),
+        );
         return Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable));
     }
     if !inner
@@ -115,7 +118,7 @@ pub(super) async fn exchange(
                 .refresh_token
                 .as_ref()
                 .is_some_and(|t| t.expose_secret() != row.refresh_token.expose_secret());
-            let persisting = persist(inner, key, row, r, sent);
+            let persisting = persist(inner, key, row, r, (sent, claimed));
             let (step, unsaved) = if rotated {
                 keeping_lease(inner, lease, claimed, persisting).await
             } else {
@@ -136,7 +139,7 @@ pub(super) async fn exchange(
             step
         }
         Err(RefreshError::Rejected(reason)) => {
-            rejected(inner, key, row, lease.as_ref(), &reason).await
+            rejected(inner, key, row, lease.as_ref(), &reason, claimed).await
         }
         Err(e) => {
             // Transient (or a client misconfiguration): nothing about the link changes.
@@ -150,9 +153,12 @@ pub(super) async fn exchange(
                 *provider.client_rejected_until.lock() =
                     Some(tokio::time::Instant::now() + CLIENT_REJECTED_PAUSE);
             }
-            inner
-                .metrics
-                .refresh_outcome(&provider.id, RefreshOutcome::TransientError);
+            inner.metrics.refresh_outcome(
+                &provider.id,
+                key.1,
+                RefreshOutcome::TransientError,
+                claimed.elapsed(),
+            );
             Step::Done(still_valid(inner, row).ok_or(TokenError::IdpUnavailable))
         }
     }
@@ -218,15 +224,15 @@ async fn keeping_lease<T>(
 /// How long no refresh is attempted at a provider after it rejected our client.
 const CLIENT_REJECTED_PAUSE: Duration = Duration::from_secs(10);
 
-/// Writes a successful refresh (requested at `sent`) with a compare-and-swap on the
-/// refresh token read. Also returns the token set when it could not be stored, for
+/// Writes a successful refresh (requested at `sent`, its lease claimed at
+/// `claimed`) with a compare-and-swap on the refresh token read. Also returns the token set when it could not be stored, for
 /// the caller to hand to a background re-save.
 async fn persist(
     inner: &Arc<Inner>,
     key: Key,
     row: &Link,
     r: Refreshed,
-    sent: chrono::DateTime<chrono::Utc>,
+    (sent, claimed): (chrono::DateTime<chrono::Utc>, tokio::time::Instant),
 ) -> (Step, Option<TokenSet>) {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
     let (new, lifetime) = refreshed_set(inner, provider_id, row, r, sent);
@@ -240,17 +246,23 @@ async fn persist(
             .await
         {
             Ok(true) => {
-                inner
-                    .metrics
-                    .refresh_outcome(provider_id, RefreshOutcome::Success);
+                inner.metrics.refresh_outcome(
+                    provider_id,
+                    key.1,
+                    RefreshOutcome::Success,
+                    claimed.elapsed(),
+                );
                 tracing::info!(provider = provider_id, user = %key.1, "refreshed access token");
                 return (serve_refreshed(inner, key, token, lifetime, epoch), None);
             }
             Ok(false) => {
                 // Someone else's token is in the row: theirs wins, ours is dropped.
-                inner
-                    .metrics
-                    .refresh_outcome(provider_id, RefreshOutcome::LostRace);
+                inner.metrics.refresh_outcome(
+                    provider_id,
+                    key.1,
+                    RefreshOutcome::LostRace,
+                    claimed.elapsed(),
+                );
                 tracing::info!(provider = provider_id, user = %key.1, "lost refresh race; serving the winner's token");
                 return (lost_race(inner, key, token).await, None);
             }
@@ -421,6 +433,7 @@ async fn rejected(
     row: &Link,
     lease: Option<&Lease>,
     reason: &str,
+    claimed: tokio::time::Instant,
 ) -> Step {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
     match inner.store.get_link(provider_id, key.1).await {
@@ -435,9 +448,12 @@ async fn rejected(
                 .await
             {
                 Ok(true) => {
-                    inner
-                        .metrics
-                        .refresh_outcome(provider_id, RefreshOutcome::InvalidGrant);
+                    inner.metrics.refresh_outcome(
+                        provider_id,
+                        key.1,
+                        RefreshOutcome::InvalidGrant,
+                        claimed.elapsed(),
+                    );
                     tracing::info!(provider = provider_id, user = %key.1, reason, "refresh token rejected; re-authentication required");
                     inner.uncache(key);
                     Step::Done(Err(TokenError::ReauthRequired))

@@ -58,7 +58,11 @@ pub(crate) async fn run(inner: &Arc<Inner>, key: Key, want: Want) -> FlightResul
             let id = inner.flight_seq.fetch_add(1, Ordering::Relaxed);
             let task_inner = inner.clone();
             let handle = inner.tasks.spawn(async move {
+                // Counted while the flight runs (misses only, never a cache hit).
+                let in_progress = task_inner.metrics.flights_in_progress.clone();
+                in_progress.inc();
                 let out = fly(task_inner.clone(), key, want).await;
+                in_progress.dec();
                 // The result is cached (when cacheable) before the flight leaves the
                 // map, so a newcomer finds one or the other.
                 let mut flights = task_inner.flights.lock();
@@ -97,6 +101,7 @@ fn fly(inner: Arc<Inner>, key: Key, want: Want) -> BoxFuture<'static, FlightResu
 async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult {
     let provider_id = inner.providers[key.0 as usize].id.as_str();
     let user = key.1;
+    let started = tokio::time::Instant::now();
     // Subscribe before the first read so no wake-up between read and wait is lost.
     let mut changes = inner.changes.subscribe();
     // A holder can keep us waiting at most a lease (plus its own slack); bound the
@@ -120,9 +125,12 @@ async fn fly_loop(inner: &Arc<Inner>, key: Key, mut want: Want) -> FlightResult 
         match judge(&row, &want, waited, inner.clock.now(), inner.skew()) {
             Verdict::Serve { adopted } => {
                 if adopted {
-                    inner
-                        .metrics
-                        .refresh_outcome(provider_id, RefreshOutcome::Adopted);
+                    inner.metrics.refresh_outcome(
+                        provider_id,
+                        user,
+                        RefreshOutcome::Adopted,
+                        started.elapsed(),
+                    );
                 }
                 return Ok(serve_row(inner, key, &row, epoch).await);
             }
@@ -253,6 +261,11 @@ async fn claim_and_refresh(
             Step::Reread
         }
         Ok(LeaseClaim::Acquired(lease)) => {
+            // The row showed a lease already past its end when we read it: its
+            // holder neither finished nor released it (crashed, or stalled).
+            if row.lease_expires_at.is_some_and(|t| t < chrono::Utc::now()) {
+                inner.metrics.lease_taken_over(provider_id, key.1);
+            }
             // The claim checks the refresh token, not the failure reason: a holder
             // that just recorded a rejection and let its lease go leaves the same
             // refresh token behind. Look once more before calling the provider, so a

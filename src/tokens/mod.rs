@@ -142,12 +142,32 @@ where
     K: Eq + std::hash::Hash,
     V: Clone,
 {
+    quick_cache::sync::Cache::new(room_for(capacity))
+}
+
+/// What [`bounded_cache`] sizes a cache of `capacity` at.
+fn room_for(capacity: u64) -> usize {
     let parallelism = std::thread::available_parallelism().map_or(1, |p| p.get());
     // quick_cache's default shard count (it only ever uses fewer).
     let shards = (parallelism * 4).next_power_of_two() as f64;
     let share = capacity as f64 / shards;
     let room = shards * (6.0 * share.sqrt() + 8.0);
-    quick_cache::sync::Cache::new((capacity as f64 + room).ceil() as usize)
+    (capacity as f64 + room).ceil() as usize
+}
+
+/// The token cache: [`bounded_cache`] that counts its evictions in `evictions`.
+fn token_cache(
+    capacity: u64,
+    evictions: prometheus_client::metrics::counter::Counter,
+) -> cache::TokenCache {
+    let items = room_for(capacity);
+    quick_cache::sync::Cache::with(
+        items,
+        items as u64,
+        quick_cache::UnitWeighter,
+        quick_cache::DefaultHashBuilder::default(),
+        cache::CountEvictions(evictions),
+    )
 }
 
 /// Finds, caches and refreshes access tokens. Build it with [`TokenSource::new`] and
@@ -183,7 +203,7 @@ pub(crate) struct Inner {
     /// Cached links. A `quick_cache` rather than moka: about half the memory per
     /// entry (issue 7). Entries that can no longer be served are skipped on the
     /// hit path and dropped by the background tidy pass, or evicted when full.
-    cache: quick_cache::sync::Cache<Key, Arc<Entry>>,
+    cache: cache::TokenCache,
     /// Links known to be missing or to need a new login, so a caller hammering a
     /// broken link costs no database read. Cleared by that link's change
     /// notification; the TTL bounds staleness should a notification be lost.
@@ -332,7 +352,7 @@ impl TokenSource {
                 client_rejected_until: parking_lot::Mutex::new(None),
             });
         }
-        let cache = bounded_cache(cfg.cache_capacity);
+        let cache = token_cache(cfg.cache_capacity, metrics.cache_evictions.clone());
         let negative = moka::future::Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .time_to_live(NEGATIVE_TTL)
@@ -350,6 +370,14 @@ impl TokenSource {
             })
             .clone();
         let (changes, _) = tokio::sync::broadcast::channel(1024);
+        for p in &list {
+            // Exported at 0 from the start, so `increase()` sees the first takeover.
+            let _ = metrics
+                .lease_takeovers
+                .get_or_create(&crate::telemetry::ProviderLabels {
+                    provider: p.id.clone(),
+                });
+        }
         let breaker_gauges = list
             .iter()
             .map(|p| {
@@ -363,38 +391,35 @@ impl TokenSource {
                 g
             })
             .collect();
-        Ok(Arc::new(Self {
-            inner: Arc::new(Inner {
-                store,
-                providers: list,
-                index,
-                cfg: cfg.clone(),
-                metrics,
-                clock,
-                cache,
-                negative,
-                flights: parking_lot::Mutex::new(HashMap::new()),
-                flight_seq: AtomicU64::new(0),
-                changes,
-                epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
-                generation: AtomicU64::new(0),
-                hit,
-                miss,
-                sync_refreshes: AtomicU64::new(0),
-                tasks: TaskTracker::new(),
-                draining: CancellationToken::new(),
-                reject_cooldown: cooldown::RejectCooldown::new(
-                    cfg.cache_capacity,
-                    cfg.reject_cooldown,
-                ),
-                backoff: backoff::Backoff::new(
-                    cfg.cache_capacity,
-                    breaker_gauges,
-                    cfg.lease_timeout,
-                ),
-                ahead: ahead::Ahead::new(cfg.refresh_ahead_concurrency, cfg.cache_capacity),
-            }),
-        }))
+        let inner = Arc::new(Inner {
+            store,
+            providers: list,
+            index,
+            cfg: cfg.clone(),
+            metrics,
+            clock,
+            cache,
+            negative,
+            flights: parking_lot::Mutex::new(HashMap::new()),
+            flight_seq: AtomicU64::new(0),
+            changes,
+            epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            generation: AtomicU64::new(0),
+            hit,
+            miss,
+            sync_refreshes: AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            reject_cooldown: cooldown::RejectCooldown::new(cfg.cache_capacity, cfg.reject_cooldown),
+            backoff: backoff::Backoff::new(cfg.cache_capacity, breaker_gauges, cfg.lease_timeout),
+            ahead: ahead::Ahead::new(cfg.refresh_ahead_concurrency, cfg.cache_capacity),
+        });
+        // Read at scrape time; weak, so the metrics never keep a dropped source alive.
+        let weak = Arc::downgrade(&inner);
+        inner.metrics.set_cache_probe(Box::new(move || {
+            weak.upgrade().map_or(0, |i| i.cache.len() as u64)
+        }));
+        Ok(Arc::new(Self { inner }))
     }
 
     /// Starts the background work — the change listener (cache coherence across

@@ -122,6 +122,9 @@ impl Feed {
                             "change feed did not hear its own ping; reconnecting"
                         );
                         drop(listener);
+                        if self.tx.send(ChangeEvent::Lost).await.is_err() {
+                            return;
+                        }
                         match self.relisten().await {
                             Some(l) => listener = l,
                             None => return,
@@ -167,6 +170,9 @@ impl Feed {
                 Err(e) => {
                     // sqlx keeps some broken connections; start over with a new one.
                     tracing::warn!(error = %e, "change feed lost its connection; reconnecting");
+                    if self.tx.send(ChangeEvent::Lost).await.is_err() {
+                        return;
+                    }
                     match self.relisten().await {
                         Some(l) => listener = l,
                         None => return,

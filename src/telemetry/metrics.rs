@@ -1,10 +1,13 @@
-//! Logging setup and the metric definitions.
+//! Every metric tokenproxy exports (README, "Metrics"), in one [`Metrics`] value
+//! with its own registry.
 //!
-//! Metrics live in one [`Metrics`] value holding its own registry. It is passed
-//! down explicitly (never a global), so tests can run several "replicas" in one
-//! process, each with its own counters.
+//! Hot-path metrics are plain counters and histograms handed to their users once
+//! (no label lookup per request); everything added for operators — link states,
+//! cache size, flights, lease takeovers, store latency, the LISTEN connection — is
+//! updated off the cache-hit path: in the background, at scrape time, or on a miss.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -12,8 +15,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use uuid::Uuid;
 
-use crate::config::{AuditDestination, LogFormat, LoggingConfig};
+use super::audit::Trail;
 
 /// Labels of `tokenproxy_requests_total`. Shared strings (the route's own), so
 /// counting a request allocates nothing.
@@ -109,6 +113,23 @@ pub struct ProviderLabels {
     pub provider: String,
 }
 
+/// Labels of `tokenproxy_links`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkStateLabels {
+    /// `ok`, `expiring_soon` or `reauth_required`.
+    pub state: &'static str,
+}
+
+/// Labels of `tokenproxy_store_query_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOpLabels {
+    /// The store operation (`get_link`, `claim_refresh_lease`, ...).
+    pub op: &'static str,
+}
+
+/// Reads a cache's current number of entries.
+pub type CacheProbe = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// Every metric tokenproxy exports, with the registry that serves them.
 pub struct Metrics {
     registry: Registry,
@@ -145,11 +166,38 @@ pub struct Metrics {
     /// `tokenproxy_links_refresh_expiring{provider}`: links whose refresh token
     /// expires within 7 days (set by the keep-alive pass, hourly or more often).
     pub links_refresh_expiring: Family<ProviderLabels, Gauge>,
+    /// `tokenproxy_links{state}`: links by state, counted in the background
+    /// (one store query per interval, never per scrape).
+    pub links: Family<LinkStateLabels, Gauge>,
+    /// `tokenproxy_lease_takeovers_total{provider}`: refresh leases this replica
+    /// claimed after another holder let them run out unreleased.
+    pub lease_takeovers: Family<ProviderLabels, Counter>,
+    /// `tokenproxy_flights_in_progress`: token flights (store read, lease,
+    /// exchange) running now.
+    pub flights_in_progress: Gauge,
+    /// `tokenproxy_cache_entries`: links in the token cache (set at scrape time).
+    pub cache_entries: Gauge,
+    /// `tokenproxy_cache_evictions_total`: links evicted from the full token cache.
+    pub cache_evictions: Counter,
+    /// `tokenproxy_store_query_duration_seconds{op}`: one store call.
+    pub store_query_duration: Family<StoreOpLabels, Histogram>,
+    /// `tokenproxy_store_listen_up`: 1 while the change feed is listening, else 0.
+    pub store_listen_up: Gauge,
+    /// The audit trail of this replica.
+    pub audit: Trail,
+    /// Reads the token cache's size for `cache_entries` at each encode.
+    cache_probe: parking_lot::Mutex<Option<CacheProbe>>,
 }
 
 impl Metrics {
-    /// Creates every metric in a fresh registry.
+    /// Creates every metric in a fresh registry, for the replica named after
+    /// this machine ([`default_replica_id`](super::audit::default_replica_id)).
     pub fn new() -> Arc<Self> {
+        Self::for_replica(&super::audit::default_replica_id())
+    }
+
+    /// Creates every metric in a fresh registry; audit events name `replica`.
+    pub fn for_replica(replica: &str) -> Arc<Self> {
         let mut registry = Registry::with_prefix("tokenproxy");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -237,6 +285,7 @@ impl Metrics {
             "Links whose refresh token expires within 7 days",
             links_refresh_expiring.clone(),
         );
+        let ops = OpsMetrics::register(&mut registry);
         Arc::new(Self {
             links_refresh_expiring,
             registry,
@@ -253,17 +302,28 @@ impl Metrics {
             store_up,
             upstream_rejections,
             idp_breaker_open,
+            links: ops.links,
+            lease_takeovers: ops.lease_takeovers,
+            flights_in_progress: ops.flights_in_progress,
+            cache_entries: ops.cache_entries,
+            cache_evictions: ops.cache_evictions,
+            store_query_duration: ops.store_query_duration,
+            store_listen_up: ops.store_listen_up,
+            audit: Trail::new(replica),
+            cache_probe: parking_lot::Mutex::new(None),
         })
     }
 
-    /// Counts one refresh outcome and records it in the audit trail.
-    pub fn refresh_outcome(&self, provider: &str, outcome: RefreshOutcome) {
-        tracing::info!(
-            target: AUDIT_TARGET,
-            event = "refresh",
-            provider,
-            outcome = outcome.as_str()
-        );
+    /// Counts one refresh outcome of `user`'s `provider` link and records it in
+    /// the audit trail, `duration` after the refresh began.
+    pub fn refresh_outcome(
+        &self,
+        provider: &str,
+        user: Uuid,
+        outcome: RefreshOutcome,
+        duration: Duration,
+    ) {
+        self.audit.refresh(provider, user, outcome, duration);
         self.refresh
             .get_or_create(&RefreshLabels {
                 provider: provider.to_string(),
@@ -272,8 +332,48 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a refresh lease taken over after it ran out, and records it.
+    pub fn lease_taken_over(&self, provider: &str, user: Uuid) {
+        self.audit.lease_taken_over(provider, user);
+        self.lease_takeovers
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets `tokenproxy_links` from one count of the store's links.
+    pub fn set_link_states(&self, ok: u64, expiring_soon: u64, reauth_required: u64) {
+        for (state, n) in [
+            ("ok", ok),
+            ("expiring_soon", expiring_soon),
+            ("reauth_required", reauth_required),
+        ] {
+            self.links
+                .get_or_create(&LinkStateLabels { state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Records how long one store call (`op`) took.
+    pub fn store_query(&self, op: &'static str, took: Duration) {
+        self.store_query_duration
+            .get_or_create(&StoreOpLabels { op })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Makes each [`encode`](Self::encode) set `cache_entries` from `probe`
+    /// (the token source registers its cache; a later call replaces it).
+    pub fn set_cache_probe(&self, probe: CacheProbe) {
+        *self.cache_probe.lock() = Some(probe);
+    }
+
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
+        if let Some(probe) = &*self.cache_probe.lock() {
+            self.cache_entries
+                .set(i64::try_from(probe()).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -281,150 +381,67 @@ impl Metrics {
     }
 }
 
-/// Rewrites OpenMetrics text (what `prometheus-client` writes) as the Prometheus
-/// text format 0.0.4, for clients that did not ask for OpenMetrics (`curl`,
-/// `promtool check metrics`). The differences that matter: a counter's HELP and
-/// TYPE lines name the sample (`x_total`, where OpenMetrics names the family `x`),
-/// and there are no `# UNIT` or `# EOF` lines.
-pub fn openmetrics_to_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = line
-            .strip_prefix("# HELP ")
-            .map(|r| ("# HELP ", r))
-            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
-        match meta {
-            Some((kind, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                out.push_str(kind);
-                out.push_str(name);
-                if counters.contains(name) {
-                    out.push_str("_total");
-                }
-                out.push(' ');
-                out.push_str(tail);
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
+/// The operators' metrics (issue 16), registered apart from the request metrics
+/// so `Metrics::for_replica` stays short.
+struct OpsMetrics {
+    links: Family<LinkStateLabels, Gauge>,
+    lease_takeovers: Family<ProviderLabels, Counter>,
+    flights_in_progress: Gauge,
+    cache_entries: Gauge,
+    cache_evictions: Counter,
+    store_query_duration: Family<StoreOpLabels, Histogram>,
+    store_listen_up: Gauge,
 }
 
-/// Target of the audit trail's events (README, "Audit trail"): one JSON line per
-/// event, to the `[logging] audit` destination, never to the ordinary log.
-pub const AUDIT_TARGET: &str = "tokenproxy::audit";
-
-/// Installs the global tracing subscriber: filter from `RUST_LOG` (default `info`),
-/// text or JSON lines on stderr, no audit trail. Safe to call twice (the second
-/// call does nothing).
-pub fn init_tracing(format: LogFormat) {
-    let _ = init_logging(
-        &LoggingConfig {
-            format,
-            audit: AuditDestination::Off,
-        },
-        true,
-    );
-}
-
-/// Installs the global subscriber for `cfg`: the ordinary log on stderr (when
-/// `with_log`; the short CLI commands keep their stderr for their own messages)
-/// and the audit trail at its destination, at `info` whatever `RUST_LOG` says.
-/// Fails only when the audit file cannot be opened. A second call does nothing.
-pub fn init_logging(cfg: &LoggingConfig, with_log: bool) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    use tracing_subscriber::filter::filter_fn;
-    use tracing_subscriber::fmt::writer::BoxMakeWriter;
-    use tracing_subscriber::prelude::*;
-    use tracing_subscriber::EnvFilter;
-
-    let log = with_log.then(|| {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        // Colour codes only for a person at a terminal: a log file, a pipe or
-        // `kubectl logs` would otherwise get raw escape sequences.
-        let layer = tracing_subscriber::fmt::layer()
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr);
-        let layer = match cfg.format {
-            LogFormat::Json => layer.json().flatten_event(true).boxed(),
-            LogFormat::Text => layer.boxed(),
+impl OpsMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            links: Family::default(),
+            lease_takeovers: Family::default(),
+            flights_in_progress: Gauge::default(),
+            cache_entries: Gauge::default(),
+            cache_evictions: Counter::default(),
+            // 100 µs to about 3 s: a local query to a database in trouble.
+            store_query_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+            }),
+            store_listen_up: Gauge::default(),
         };
-        layer
-            .with_filter(filter_fn(|m| m.target() != AUDIT_TARGET))
-            .with_filter(filter)
-    });
-    let writer = match &cfg.audit {
-        AuditDestination::Off => None,
-        AuditDestination::Stderr => Some(BoxMakeWriter::new(std::io::stderr)),
-        AuditDestination::File(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "logging.audit: cannot open {}: {}",
-                        path.display(),
-                        e.kind()
-                    )
-                })?;
-            Some(BoxMakeWriter::new(Arc::new(file)))
-        }
-    };
-    let audit = writer.map(|w| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_writer(w)
-            .with_filter(filter_fn(|m| {
-                m.target() == AUDIT_TARGET && *m.level() <= tracing::Level::INFO
-            }))
-    });
-    let _ = tracing_subscriber::registry()
-        .with(log)
-        .with(audit)
-        .try_init();
-    Ok(())
-}
-
-/// A short, non-reversible fingerprint of a secret for logs (first 8 hex chars of
-/// its SHA-256), so operators can tell tokens apart without seeing them.
-pub fn fingerprint(secret: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(secret.as_bytes());
-    hex::encode(&digest[..4])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn text_format_names_counters_by_their_samples_and_drops_openmetrics_lines() {
-        let om = "# HELP tp_requests Requests.\n# TYPE tp_requests counter\ntp_requests_total{a=\"b\"} 1\n# HELP tp_up Up.\n# TYPE tp_up gauge\n# UNIT tp_up x\ntp_up 1\n# EOF\n";
-        assert_eq!(
-            openmetrics_to_text(om),
-            "# HELP tp_requests_total Requests.\n# TYPE tp_requests_total counter\ntp_requests_total{a=\"b\"} 1\n# HELP tp_up Up.\n# TYPE tp_up gauge\ntp_up 1\n"
+        registry.register(
+            "links",
+            "Links by state (ok, expiring_soon, reauth_required), counted in the background",
+            m.links.clone(),
         );
-    }
-
-    #[test]
-    fn the_real_registry_converts_without_openmetrics_lines() {
-        let m = Metrics::new();
-        m.refresh_outcome("github", RefreshOutcome::Success);
-        let text = openmetrics_to_text(&m.encode());
-        assert!(text.contains("# TYPE tokenproxy_refresh_total counter\n"));
-        assert!(!text.contains("# EOF"));
+        registry.register(
+            "lease_takeovers",
+            "Refresh leases claimed after another holder let them run out unreleased",
+            m.lease_takeovers.clone(),
+        );
+        registry.register(
+            "flights_in_progress",
+            "Token flights (store read, lease, provider exchange) running now",
+            m.flights_in_progress.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Links held in the token cache",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Links evicted from the full token cache",
+            m.cache_evictions.clone(),
+        );
+        registry.register(
+            "store_query_duration_seconds",
+            "Duration of one call to the link store, by operation",
+            m.store_query_duration.clone(),
+        );
+        registry.register(
+            "store_listen_up",
+            "1 while the link change feed is listening, else 0",
+            m.store_listen_up.clone(),
+        );
+        m
     }
 }
