@@ -93,6 +93,10 @@ pub enum Fault {
     /// Process the grant (rotating the refresh token), then drop the connection
     /// without answering: the client cannot know whether it was processed.
     ProcessThenDrop,
+    /// Process the grant (rotating the refresh token), then wait this long
+    /// before answering: the old refresh token is spent while the answer is
+    /// still on its way.
+    ProcessThenDelay(Duration),
     /// HTTP 503 with this `Retry-After` value verbatim (seconds or an HTTP-date);
     /// nothing is processed.
     Unavailable {
@@ -654,6 +658,8 @@ async fn apply_fault(
             *drop_connection = true;
             None
         }
+        // Applied once the grant is processed (see `answer`).
+        Fault::ProcessThenDelay(_) => None,
     }
 }
 
@@ -716,6 +722,10 @@ async fn answer(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    let delay_answer = match fault {
+        Some(Fault::ProcessThenDelay(d)) => Some(d),
+        _ => None,
+    };
     if let Some(r) = apply_fault(fault, drop_connection).await {
         return r;
     }
@@ -800,6 +810,15 @@ async fn answer(
     if let Some(r) = apply_fault(user_fault, drop_connection).await {
         return r;
     }
+    let resp = grant(s, presented, now);
+    if let Some(d) = delay_answer.filter(|_| resp.status() == StatusCode::OK) {
+        tokio::time::sleep(d).await;
+    }
+    resp
+}
+
+/// Processes a refresh grant for `presented` (client already authenticated).
+fn grant(s: &Shared, presented: String, now: DateTime<Utc>) -> Response<Full<Bytes>> {
     let mut st = s.state.lock();
     *st.per_token.entry(presented.clone()).or_default() += 1;
     let user = match st.refresh.get(&presented).copied() {
