@@ -33,7 +33,8 @@ use chaos_support::cluster::PgCluster;
 use chaos_support::faults::{self, FaultEvent, Plan};
 use chaos_support::relay::Relay;
 use chaos_support::replica::Replica;
-use chaos_support::{call, client, Counts};
+use chaos_support::report::{Lost, Report, Traffic};
+use chaos_support::{call, client};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -59,7 +60,6 @@ const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const REQUEST_BOUND: Duration = Duration::from_secs(40);
 /// Soak runs (at least this many minutes) spare replica 0 and assert its RSS.
 const SOAK_MINUTES: f64 = 10.0;
-const WARMUP_MINUTES: u32 = 3;
 
 struct User {
     id: Uuid,
@@ -145,7 +145,7 @@ struct Env {
     users: Arc<Vec<User>>,
 }
 
-async fn setup() -> Env {
+async fn setup(seed: u64) -> Env {
     let pg = tokio::task::block_in_place(PgCluster::start);
     let relay = Relay::start(pg.port).await;
     let cfg = Config::from_toml_with_env(
@@ -171,9 +171,14 @@ async fn setup() -> Env {
     };
     let upstream = TestUpstream::start(CredentialForm::Bearer, check).await;
     let mut users = Vec::new();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7573_6572);
     for _ in 0..USERS {
         let id = Uuid::new_v4();
-        store.put_link(PROVIDER, id, &idp.seed(id)).await.unwrap();
+        // Spread the first expiries over a token's lifetime, as logins would, so
+        // the refreshes do not all fall due in the same second.
+        let spread = chrono::Duration::milliseconds(rng.random_range(2_000..=10_000));
+        let tokens = idp.seed_with_expiry(id, Some(chrono::Utc::now() + spread));
+        store.put_link(PROVIDER, id, &tokens).await.unwrap();
         let (token, hash) = tokenproxy::proxy::caller::generate_token();
         store
             .create_proxy_token(&NewProxyToken {
@@ -196,14 +201,6 @@ async fn setup() -> Env {
         store,
         users: Arc::new(users),
     }
-}
-
-/// What the traffic saw.
-#[derive(Default)]
-struct Traffic {
-    stop: AtomicBool,
-    outcomes: Mutex<Counts>,
-    reauth: Mutex<HashMap<usize, u64>>,
 }
 
 fn start_traffic(
@@ -266,24 +263,12 @@ fn start_rss_sampler(pids: Arc<Vec<AtomicU32>>, stop: Arc<AtomicBool>) -> RssSam
     samples
 }
 
-/// A link whose newest refresh token the IdP issued but nobody ever stored.
-struct Lost {
-    user: usize,
-    /// The refresh token the row still holds (already spent at the IdP).
-    stale: String,
-    /// Which SIGKILL explains it, if one does.
-    explained_by: Option<FaultEvent>,
-    /// When the IdP issued the refresh token nobody stored.
-    issued: Option<Instant>,
-    detail: String,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn links_survive_restarts_crashes_outages_and_slow_databases() {
     let (seed, minutes) = settings();
     let _seed = SeedOnPanic(seed);
     eprintln!("chaos: CHAOS_SEED={seed} CHAOS_MINUTES={minutes}");
-    let env = setup().await;
+    let env = setup(seed).await;
     let dir = tempfile::tempdir().unwrap();
     let key_env = vec![("TOKENPROXY_KEY".to_string(), KEY.to_string())];
     let mut replicas: Vec<Replica> = (0..REPLICAS)
@@ -307,8 +292,10 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
     let rss_stop = Arc::new(AtomicBool::new(false));
     let rss = start_rss_sampler(pids.clone(), rss_stop.clone());
     let log = Mutex::new(Vec::new());
+    let start = Instant::now();
     let plan = Plan {
-        end: Instant::now() + Duration::from_secs_f64(minutes * 60.0),
+        start,
+        end: start + Duration::from_secs_f64(minutes * 60.0),
         spare_replica0: minutes >= SOAK_MINUTES,
         drain_bound: Duration::from_secs(5) + LEASE + Duration::from_secs(20),
         log: &log,
@@ -328,7 +315,12 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
         dump_logs(&replicas);
         panic!("{e}");
     }
+    eprintln!(
+        "chaos: t+{:.1}s faults over; waiting for every replica's /readyz",
+        plan.at()
+    );
     heal(&replicas).await;
+    eprintln!("chaos: t+{:.1}s healed; checking every link", plan.at());
     traffic.stop.store(true, Ordering::SeqCst);
     rss_stop.store(true, Ordering::SeqCst);
     for w in workers {
@@ -345,7 +337,10 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
         lost: &lost,
         refreshed: &refreshed,
         rss: &rss.lock(),
-        env: &env,
+        soak: minutes >= SOAK_MINUTES,
+        idp: &env.idp,
+        users: &env.users.iter().map(|u| u.id).collect::<Vec<_>>(),
+        replicas: REPLICAS,
     };
     let failures = report.print_and_check();
     if !failures.is_empty() {
@@ -400,40 +395,56 @@ async fn classify(env: &Env, log: &[FaultEvent]) -> Vec<Lost> {
     }
     pending
         .into_iter()
-        .map(|u| {
-            let dropped = env.idp.current_refresh_token(env.users[u].id);
-            let issued = dropped.as_deref().and_then(|t| env.idp.issued_at(t));
-            let by = dropped.as_deref().and_then(|t| env.idp.issued_by(t));
-            let replica = by
-                .as_deref()
-                .and_then(|q| q.strip_prefix("replica="))
-                .and_then(|n| n.parse::<usize>().ok());
-            let explained_by = log
-                .iter()
-                .find(|e| {
-                    let (Some(issued), Some(r)) = (issued, replica) else {
-                        return false;
-                    };
-                    // The request may be in flight when the kill lands (issued just
-                    // after it), or the answer waits for its write (within a lease).
-                    e.kind == "SIGKILL + restart"
-                        && e.replica == Some(r)
-                        && e.at + Duration::from_secs(1) >= issued
-                        && e.at <= issued + LEASE
-                })
-                .cloned();
-            let presented = dropped.as_deref().map_or(0, |t| env.idp.attempts_with(t));
-            Lost {
-                user: u,
-                stale: stale.remove(&u).unwrap_or_default(),
-                explained_by,
-                issued,
-                detail: format!(
-                    "newest refresh token issued to {by:?}, presented {presented} time(s), never stored"
-                ),
-            }
-        })
+        .map(|u| explain(env, log, u, stale.remove(&u).unwrap_or_default()))
         .collect()
+}
+
+/// What the IdP and the fault log say about user `u`'s lost link.
+fn explain(env: &Env, log: &[FaultEvent], u: usize, stale: String) -> Lost {
+    let dropped = env.idp.current_refresh_token(env.users[u].id);
+    let issued = dropped.as_deref().and_then(|t| env.idp.issued_at(t));
+    let by = dropped.as_deref().and_then(|t| env.idp.issued_by(t));
+    let replica = by
+        .as_deref()
+        .and_then(|q| q.strip_prefix("replica="))
+        .and_then(|n| n.parse::<usize>().ok());
+    let explained_by = log
+        .iter()
+        .find(|e| {
+            let (Some(issued), Some(r)) = (issued, replica) else {
+                return false;
+            };
+            // The request may be in flight when the kill lands (issued just
+            // after it), or the answer waits for its write (within a lease).
+            e.kind == "SIGKILL + restart"
+                && e.replica == Some(r)
+                && e.at + Duration::from_secs(1) >= issued
+                && e.at <= issued + LEASE
+        })
+        .cloned();
+    let presented = dropped.as_deref().map_or(0, |t| env.idp.attempts_with(t));
+    // For an unexplained loss: the process fault of that replica nearest the grant.
+    let nearest = log
+        .iter()
+        .filter(|e| e.replica.is_some() && e.replica == replica)
+        .filter_map(|e| {
+            let issued = issued?;
+            let gap = e.at.checked_duration_since(issued);
+            let gap = gap.map_or_else(|| format!("-{:?}", issued - e.at), |d| format!("{d:?}"));
+            let dist = e.at.max(issued) - e.at.min(issued);
+            Some((dist, format!("{} {gap} after the grant", e.kind)))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, what)| what);
+    Lost {
+        user: u,
+        stale,
+        explained_by,
+        issued,
+        detail: format!(
+            "newest refresh token issued to {by:?}, presented {presented} time(s), never stored (nearest fault of that replica: {nearest:?})"
+        ),
+    }
 }
 
 /// Expires every link that was not lost (plain SQL: the trigger announces it) and
@@ -482,159 +493,4 @@ async fn force_refresh_all(
         }
     });
     futures_util::future::join_all(checks).await
-}
-
-/// The summary and the verdict.
-struct Report<'a> {
-    seed: u64,
-    minutes: f64,
-    log: &'a [FaultEvent],
-    traffic: &'a Traffic,
-    lost: &'a [Lost],
-    refreshed: &'a [(usize, Result<(), String>)],
-    rss: &'a [(u32, usize, u32, u64)],
-    env: &'a Env,
-}
-
-impl Report<'_> {
-    /// Prints the summary table; returns every broken promise.
-    fn print_and_check(&self) -> Vec<String> {
-        let mut failures = Vec::new();
-        let mut out = format!(
-            "\n===== chaos summary: CHAOS_SEED={} CHAOS_MINUTES={}, {USERS} users, {REPLICAS} replicas =====\n",
-            self.seed, self.minutes
-        );
-        out += &faults::counts(self.log).table("faults injected");
-        out += &self
-            .traffic
-            .outcomes
-            .lock()
-            .table("requests by outcome (during chaos)");
-        let g = self.env.idp.grants();
-        out += &format!(
-            "IdP grants\n  attempts {} · successes {} · rejections {} · reuse {}\n",
-            g.attempts, g.successes, g.rejections, g.reuse
-        );
-        self.check_losses(&mut out, &mut failures);
-        let ok = self.refreshed.iter().filter(|(_, r)| r.is_ok()).count();
-        out += &format!(
-            "forced refresh after healing: {ok} of {} links answered 200 on every replica\n",
-            self.refreshed.len()
-        );
-        for (u, r) in self.refreshed {
-            if let Err(e) = r {
-                failures.push(format!("user {u}'s link no longer refreshes: {e}"));
-            }
-        }
-        self.check_rss(&mut out, &mut failures);
-        eprintln!("{out}");
-        failures
-    }
-
-    /// Reuse, `reauth_required` and lost links: excused only on a link a SIGKILL
-    /// between answer and write explains.
-    fn check_losses(&self, out: &mut String, failures: &mut Vec<String>) {
-        let lost_stale = |user: Uuid, token: &str| {
-            self.lost
-                .iter()
-                .any(|l| self.env.users[l.user].id == user && l.stale == token)
-        };
-        let reuses = self.env.idp.reuses();
-        let excused = reuses
-            .iter()
-            .filter(|r| lost_stale(r.user, &r.refresh_token))
-            .count();
-        *out += &format!(
-            "refresh-token reuse: {} ({excused} on links lost to a SIGKILL)\n",
-            reuses.len()
-        );
-        for r in reuses
-            .iter()
-            .filter(|r| !lost_stale(r.user, &r.refresh_token))
-        {
-            failures.push(format!(
-                "a spent refresh token of user {} was presented again (by {:?})",
-                r.user, r.by
-            ));
-        }
-        *out += &format!(
-            "links lost between a provider answer and its write: {}\n",
-            self.lost.len()
-        );
-        for l in self.lost {
-            match (&l.explained_by, l.issued) {
-                (Some(e), Some(issued)) => {
-                    let after =
-                        e.at.checked_duration_since(issued)
-                            .map_or_else(|| format!("-{:?}", issued - e.at), |d| format!("{d:?}"));
-                    *out += &format!(
-                        "  user {}: {}; replica {:?} was SIGKILLed {after} after the grant (allowed)\n",
-                        l.user, l.detail, e.replica
-                    )
-                }
-                _ => failures.push(format!(
-                    "user {}'s link was lost with no SIGKILL in its window: {}",
-                    l.user, l.detail
-                )),
-            }
-        }
-        for (u, n) in self.traffic.reauth.lock().iter() {
-            if !self.lost.iter().any(|l| l.user == *u) {
-                failures.push(format!("user {u} got reauth_required {n} time(s)"));
-            }
-        }
-    }
-
-    /// The RSS table; in a soak, replica 0 (never signalled) may grow at most 10%
-    /// over its sample at the end of the warm-up.
-    fn check_rss(&self, out: &mut String, failures: &mut Vec<String>) {
-        if self.rss.is_empty() {
-            return;
-        }
-        *out += "VmRSS (MiB) per minute; * = a new process since the last sample\n  minute";
-        for r in 0..REPLICAS {
-            *out += &format!("  replica{r}");
-        }
-        *out += "\n";
-        let last_minute = self.rss.iter().map(|s| s.0).max().unwrap_or(0);
-        let mut last_pid = [0u32; REPLICAS];
-        for m in 1..=last_minute {
-            *out += &format!("  {m:>6}");
-            for (r, last) in last_pid.iter_mut().enumerate() {
-                match self.rss.iter().find(|s| s.0 == m && s.1 == r) {
-                    Some(&(_, _, pid, kib)) => {
-                        let mark = if *last != 0 && *last != pid { "*" } else { " " };
-                        *last = pid;
-                        *out += &format!("  {:>7.1}{mark}", kib as f64 / 1024.0);
-                    }
-                    None => *out += "        -",
-                }
-            }
-            *out += "\n";
-        }
-        if self.minutes < SOAK_MINUTES {
-            return;
-        }
-        let witness: Vec<u64> = self.rss.iter().filter(|s| s.1 == 0).map(|s| s.3).collect();
-        let Some(&base) = witness.get(WARMUP_MINUTES as usize - 1) else {
-            failures.push("no RSS sample of replica 0 at the end of the warm-up".into());
-            return;
-        };
-        let peak = witness[WARMUP_MINUTES as usize..]
-            .iter()
-            .copied()
-            .max()
-            .unwrap_or(base);
-        let growth = (peak as f64 / base as f64 - 1.0) * 100.0;
-        *out += &format!(
-            "replica 0 RSS after warm-up (minute {WARMUP_MINUTES}): {:.1} MiB, peak later {:.1} MiB ({growth:+.1}%)\n",
-            base as f64 / 1024.0,
-            peak as f64 / 1024.0
-        );
-        if growth > 10.0 {
-            failures.push(format!(
-                "replica 0's RSS grew {growth:.1}% after warm-up (> 10%)"
-            ));
-        }
-    }
 }

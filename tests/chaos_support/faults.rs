@@ -4,7 +4,9 @@
 //! up to the machine).
 //!
 //! - the process lane: SIGTERM + restart of a replica, SIGKILL + restart, a
-//!   PostgreSQL stop (immediate, as a crash) and start after 1–4 s;
+//!   PostgreSQL stop (immediate, as a crash) and start after 1–4 s, and a SIGTERM
+//!   while PostgreSQL is down (a deploy during a database failover: the drain must
+//!   still store what its exchanges got);
 //! - the network lane: 1–3 s of latency on every database round trip for 4–10 s,
 //!   and IdP outages for 3–8 s: 5xx, 429 with `Retry-After`, answers that hang past
 //!   the exchange's deadline, failures after 5 s, and slow but good answers.
@@ -38,6 +40,8 @@ pub struct FaultEvent {
 
 /// What the lanes share.
 pub struct Plan<'a> {
+    /// When the run started (the timeline's zero).
+    pub start: Instant,
     /// When the chaos window closes (no fault starts after it).
     pub end: Instant,
     /// Replica 0 is never signalled (the soak's RSS witness).
@@ -51,11 +55,22 @@ pub struct Plan<'a> {
 
 impl Plan<'_> {
     fn record(&self, kind: &'static str, replica: Option<usize>) {
+        let on = replica
+            .map(|r| format!(" (replica {r})"))
+            .unwrap_or_default();
+        eprintln!("chaos: t+{:.1}s {kind}{on}", self.at());
         self.log.lock().push(FaultEvent {
             at: Instant::now(),
             kind,
             replica,
         });
+    }
+}
+
+impl Plan<'_> {
+    /// Seconds since the start.
+    pub fn at(&self) -> f64 {
+        (Instant::now() - self.start).as_secs_f64()
     }
 }
 
@@ -78,7 +93,8 @@ pub async fn process_lane(
     while pause(&mut rng, plan, 2_000, 6_000).await {
         let first = usize::from(plan.spare_replica0);
         let r = rng.random_range(first..replicas.len());
-        match rng.random_range(0..10) {
+        let began = Instant::now();
+        match rng.random_range(0..12) {
             0..=3 => {
                 plan.record("SIGTERM + restart", Some(r));
                 pids[r].store(0, Ordering::SeqCst);
@@ -97,14 +113,33 @@ pub async fn process_lane(
                 tokio::time::sleep(down).await;
                 restart(&mut replicas[r], &pids[r]).await;
             }
-            _ => {
+            8..=9 => {
                 plan.record("PostgreSQL restart", None);
                 tokio::task::block_in_place(|| pg.stop());
                 let down = Duration::from_millis(rng.random_range(1_000..=4_000));
                 tokio::time::sleep(down).await;
                 tokio::task::block_in_place(|| pg.start_again());
             }
+            _ => {
+                plan.record("SIGTERM during PostgreSQL restart", Some(r));
+                tokio::task::block_in_place(|| pg.stop());
+                pids[r].store(0, Ordering::SeqCst);
+                let replica = &mut replicas[r];
+                let down = Duration::from_millis(rng.random_range(1_000..=4_000));
+                // The database comes back while the replica drains.
+                let (status, ()) = tokio::join!(replica.stop("TERM", plan.drain_bound), async {
+                    tokio::time::sleep(down).await;
+                    tokio::task::block_in_place(|| pg.start_again());
+                });
+                let status = status?;
+                if status != "exit status: 0" {
+                    return Err(format!("replica {r} ended its SIGTERM drain with {status}"));
+                }
+                restart(&mut replicas[r], &pids[r]).await;
+            }
         }
+        let took = (Instant::now() - began).as_secs_f64();
+        eprintln!("chaos: t+{:.1}s   ... back after {took:.1}s", plan.at());
     }
     Ok(())
 }

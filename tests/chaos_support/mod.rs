@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod faults;
 pub mod relay;
 pub mod replica;
+pub mod report;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
