@@ -563,3 +563,78 @@ async fn reauth_required_heals_through_its_login_url_on_every_replica(pool: PgPo
         .json();
     assert!(listed["links"][0]["login_url"].is_null(), "{listed}");
 }
+
+#[tokio::test]
+async fn sqlite_keeps_sign_ins_and_login_urls_single_use_too() {
+    use tokenproxy::store::login::{BeginLogin, LoginState, SpentTicket};
+    let dir = tempfile::tempdir().unwrap();
+    let store = tokenproxy::store::open(
+        &tokenproxy::config::DatabaseConfig {
+            url: secrecy::SecretString::from(format!(
+                "sqlite://{}",
+                dir.path().join("t.db").display()
+            )),
+            ..Default::default()
+        },
+        tokenproxy::crypto::Keyring::plaintext(),
+    )
+    .unwrap();
+    store.migrate().await.unwrap();
+    let login = store.login_store().expect("SQLite keeps sign-ins");
+    let user = Uuid::new_v4();
+    let expires_at = chrono::Utc::now() + chrono::Duration::minutes(10);
+    let state = |hash: &str| LoginState {
+        state_hash: hash.into(),
+        provider_id: "gh".into(),
+        user_id: user,
+        browser_hash: "b".into(),
+        pkce_verifier: secrecy::SecretString::from("v"),
+        nonce: String::new(),
+        expires_at,
+    };
+    let ticket = SpentTicket {
+        id: "t1".into(),
+        expires_at,
+    };
+    assert_eq!(
+        login
+            .begin_login(&state("s1"), Some(&ticket))
+            .await
+            .unwrap(),
+        BeginLogin::Started
+    );
+    assert_eq!(
+        login
+            .begin_login(&state("s2"), Some(&ticket))
+            .await
+            .unwrap(),
+        BeginLogin::TicketAlreadyUsed
+    );
+    let taken = login.take_login_state("s1").await.unwrap().unwrap();
+    assert_eq!((taken.user_id, taken.provider_id.as_str()), (user, "gh"));
+    assert_eq!(taken.expires_at.timestamp(), expires_at.timestamp());
+    assert!(
+        login.take_login_state("s1").await.unwrap().is_none(),
+        "taken once"
+    );
+    assert!(
+        login.take_login_state("s2").await.unwrap().is_none(),
+        "never stored"
+    );
+}
+
+#[test]
+fn public_url_is_validated_naming_the_key() {
+    for bad in [
+        "ftp://proxy.example",
+        "https://u:p@proxy.example",
+        "https://proxy.example/?a=1",
+    ] {
+        let e = tokenproxy::config::Config::from_toml_with_env(
+            &format!("[server]\npublic_url = \"{bad}\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "server.public_url", "{bad}: {}", e.message);
+    }
+}
