@@ -459,3 +459,125 @@ async fn start_up_check_refuses_what_coderd_would(pool: PgPool) {
         "{e}"
     );
 }
+
+#[test]
+fn providers_and_routes_come_from_coders_external_auth_variables() {
+    use tokenproxy::config::{Config, Inject};
+    let env: Vec<(String, String)> = [
+        ("CODER_EXTERNAL_AUTH_0_ID", "primary-github"),
+        ("CODER_EXTERNAL_AUTH_0_TYPE", "github"),
+        ("CODER_EXTERNAL_AUTH_0_CLIENT_ID", "Iv1.abc"),
+        ("CODER_EXTERNAL_AUTH_0_CLIENT_SECRET", "gh-secret"),
+        ("CODER_EXTERNAL_AUTH_1_ID", "gl"),
+        ("CODER_EXTERNAL_AUTH_1_TYPE", "gitlab"),
+        ("CODER_EXTERNAL_AUTH_1_CLIENT_ID", "gl-client"),
+        (
+            "CODER_EXTERNAL_AUTH_1_AUTH_URL",
+            "https://gitlab.example.com/oauth/authorize",
+        ),
+        (
+            "CODER_EXTERNAL_AUTH_1_TOKEN_URL",
+            "https://gitlab.example.com/oauth/token",
+        ),
+        ("CODER_EXTERNAL_AUTH_2_ID", "bb"),
+        ("CODER_EXTERNAL_AUTH_2_TYPE", "bitbucket-cloud"),
+        ("CODER_EXTERNAL_AUTH_2_CLIENT_ID", "bb-client"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let toml =
+        "[coder]\naccess_url = \"https://coder.example.com/\"\nexternal_auth_from_env = true\n";
+    let cfg = Config::from_toml_with_env(toml, &env).unwrap();
+    let ids: Vec<&str> = cfg.providers.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["primary-github", "gl", "bb"]);
+    let git_user = |id: &str| {
+        cfg.provider(id)
+            .unwrap()
+            .routes
+            .iter()
+            .find_map(|r| match &r.inject {
+                Inject::BasicUsername(u) => Some(u.clone()),
+                _ => None,
+            })
+    };
+    // Coder's git usernames per type.
+    assert_eq!(
+        git_user("primary-github").as_deref(),
+        Some("x-access-token")
+    );
+    assert_eq!(git_user("gl").as_deref(), Some("oauth2"));
+    assert_eq!(git_user("bb").as_deref(), Some("x-token-auth"));
+    let gh = cfg.provider("primary-github").unwrap();
+    assert_eq!(
+        gh.client_secret.as_ref().unwrap().expose_secret(),
+        "gh-secret"
+    );
+    assert_eq!(
+        cfg.provider("gl").unwrap().token_url.as_str(),
+        "https://gitlab.example.com/oauth/token"
+    );
+    assert_eq!(
+        cfg.coder.as_ref().unwrap().login_url("gl").as_deref(),
+        Some("https://coder.example.com/external-auth/gl")
+    );
+
+    // A type without a preset needs its token URL; the error names the variable.
+    let mut odd = env.clone();
+    odd.push(("CODER_EXTERNAL_AUTH_3_ID".into(), "jfrog".into()));
+    odd.push(("CODER_EXTERNAL_AUTH_3_TYPE".into(), "jfrog".into()));
+    odd.push(("CODER_EXTERNAL_AUTH_3_CLIENT_ID".into(), "j".into()));
+    let e = Config::from_toml_with_env(toml, &odd)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("CODER_EXTERNAL_AUTH_3_TYPE") && !e.contains('\n'),
+        "{e}"
+    );
+
+    let slow = "[coder]\npoll_interval = \"5s\"\n";
+    let e = Config::from_toml_with_env(slow, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("coder.poll_interval"), "{e}");
+    let e = Config::from_toml_with_env("[coder]\ndatabase_url = \"sqlite://x.db\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("coder.database_url"), "{e}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn proxy_tokens_work_beside_agent_tokens_only_when_enabled(pool: PgPool) {
+    use tokenproxy::config::CoderConfig;
+    use tokenproxy::store::coder_store::{CoderOptions, CoderStore};
+    coder_db(&pool).await;
+    let api = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
+    let owner = Uuid::new_v4();
+    let ws = workspace(&pool, owner).await;
+    let agent = build(&pool, ws, 1, "start").await;
+    let store = Arc::new(CoderStore::from_connect_options(
+        pool.connect_options().as_ref().clone(),
+        Keyring::plaintext(),
+        CoderOptions::default(),
+    ));
+    store.migrate().await.unwrap();
+    let (_, tpx) = harness::create_token(&*store, owner, &[]).await;
+    let fake = FakeTokens::new();
+    fake.set("github", owner, GH_TOKEN);
+    for (enabled, tpx_status) in [(false, 401), (true, 200)] {
+        let mut cfg = agent_config(&api.url());
+        cfg.coder = Some(CoderConfig {
+            proxy_tokens: enabled,
+            ..CoderConfig::default()
+        });
+        let proxy = Harness::start(cfg, store.clone(), fake.clone()).await;
+        let url = proxy.url("/gh/api/user");
+        let by_agent = format!("Bearer {agent}");
+        assert_eq!(get(&url, &[("authorization", &by_agent)]).await.status, 200);
+        let by_tpx = format!("Bearer {tpx}");
+        let a = get(&url, &[("authorization", &by_tpx)]).await;
+        assert_eq!(a.status, tpx_status, "coder.proxy_tokens = {enabled}");
+        proxy.shutdown().await;
+    }
+    store.pool().close().await;
+}
