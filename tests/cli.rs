@@ -5,8 +5,12 @@
 //! The binary runs with a cleared environment, so the test's own `DATABASE_URL` or
 //! `TOKENPROXY_*` variables never leak into it; each test passes what it needs.
 
+#[path = "support/db.rs"]
+mod db;
 #[path = "cli_harness/mod.rs"]
 mod harness;
+
+use db::db_url;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -20,18 +24,6 @@ struct Setup {
     _dir: tempfile::TempDir,
     config: PathBuf,
     db_url: String,
-}
-
-/// The URL of the database `pool` belongs to, on the server in `DATABASE_URL`.
-fn db_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(
-        pool.connect_options()
-            .get_database()
-            .expect("sqlx::test names its database"),
-    );
-    url.to_string()
 }
 
 /// Writes a config with an encryption key from `env:` and one provider.

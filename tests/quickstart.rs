@@ -18,6 +18,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use support::net::free_port;
 use support::upstream::{tokens, CredentialForm, TestUpstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenproxy");
@@ -34,14 +35,6 @@ fn quickstart_block(readme: &str) -> String {
         + 6;
     let len = after[start..].find("```").expect("the block ends");
     after[start..start + len].to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The value of `"access_token":"..."` in the script.
