@@ -810,7 +810,7 @@ async fn answer(
     if let Some(r) = apply_fault(user_fault, drop_connection).await {
         return r;
     }
-    let resp = grant(s, presented, now);
+    let resp = grant(s, presented, now, tag);
     if let Some(d) = delay_answer.filter(|_| resp.status() == StatusCode::OK) {
         tokio::time::sleep(d).await;
     }
@@ -818,7 +818,7 @@ async fn answer(
 }
 
 /// Processes a refresh grant for `presented` (client already authenticated).
-fn grant(s: &Shared, presented: String, now: DateTime<Utc>) -> Response<Full<Bytes>> {
+fn grant(s: &Shared, presented: String, now: DateTime<Utc>, tag: String) -> Response<Full<Bytes>> {
     let mut st = s.state.lock();
     *st.per_token.entry(presented.clone()).or_default() += 1;
     let user = match st.refresh.get(&presented).copied() {
