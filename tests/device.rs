@@ -261,6 +261,33 @@ async fn shutdown_stops_polling_between_polls_and_stores_nothing(pool: PgPool) {
 }
 
 #[sqlx::test]
+async fn the_drain_waits_for_a_poll_in_flight_and_its_link(pool: PgPool) {
+    let s = setup(pool).await;
+    let code = s.start().await["user_code"].as_str().unwrap().to_string();
+    s.wait_polls(1).await;
+    // The next poll is held at the IdP; the user approves meanwhile.
+    s.idp.set_latency(Duration::from_millis(1500));
+    s.idp.device_approve(&code, s.user);
+    for _ in 0..400 {
+        if s.idp.device_polls_received() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        s.idp.device_polls_received(),
+        2,
+        "the second poll never left"
+    );
+    assert_eq!(s.rows().await, 0);
+    // Shutdown begins with that poll in flight: the drain waits for its answer
+    // and for the link it brings to be stored.
+    assert!(s.source.drain(Duration::from_secs(10)).await);
+    assert_eq!(s.rows().await, 1, "the approved link was lost in the drain");
+    assert_eq!(s.call(Method::GET, "idp").await.json()["status"], "linked");
+}
+
+#[sqlx::test]
 async fn the_device_endpoint_refuses_bad_callers_and_providers(pool: PgPool) {
     let s = setup(pool).await;
     let url = s.proxy.url("/_tokenproxy/device/idp");

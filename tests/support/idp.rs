@@ -708,8 +708,12 @@ async fn answer(
     let (parts, body) = req.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     // Device flow and revocation (idp_device.rs): not refresh grants.
-    if let Some(resp) = device::answer(s, &parts, &body) {
-        return resp;
+    if device::serves(s, &parts, &body) {
+        let latency = s.state.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        return device::answer(s, &parts, &body).expect("served");
     }
     s.attempts.fetch_add(1, Ordering::SeqCst);
     let _in_flight = InFlight::enter(s);

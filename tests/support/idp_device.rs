@@ -61,10 +61,28 @@ pub(super) struct DeviceState {
     revoked_tokens: Vec<String>,
     revocation_fails: bool,
     last_user_code: Option<String>,
+    received: usize,
 }
 
 /// The grant type of a device-code poll.
 const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+/// Whether this module serves the request; counts device polls as they arrive
+/// (before any latency), see [`Idp::device_polls_received`].
+pub(super) fn serves(s: &Shared, parts: &http::request::Parts, body: &Bytes) -> bool {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
+    let poll = parts.method == http::Method::POST
+        && parts.uri.path() == "/oauth/token"
+        && form.get("grant_type").map(String::as_str) == Some(DEVICE_GRANT);
+    if poll {
+        s.state.lock().device.received += 1;
+    }
+    let p = parts.uri.path();
+    poll || (parts.method == http::Method::POST && matches!(p, "/oauth/device" | "/oauth/revoke"))
+        || (parts.method == http::Method::DELETE
+            && p.ends_with("/grant")
+            && p.contains("/applications/"))
+}
 
 /// Answers the requests this module serves; `None` for everything else.
 pub(super) fn answer(
@@ -383,6 +401,11 @@ impl super::Idp {
     /// Polls that came sooner than the code's interval allowed.
     pub fn device_too_fast(&self) -> u64 {
         self.shared.state.lock().device.too_fast
+    }
+
+    /// Device-code polls received, counted on arrival (before latency).
+    pub fn device_polls_received(&self) -> usize {
+        self.shared.state.lock().device.received
     }
 
     /// Device authorizations issued.
