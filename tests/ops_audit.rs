@@ -69,7 +69,7 @@ fn events(path: &std::path::Path) -> (String, Vec<serde_json::Value>) {
 /// The config after `[server]` and `[database]` (which `Spawned` writes).
 fn rest(audit: &std::path::Path, idp: &Idp, api: &TestUpstream) -> String {
     format!(
-        "[logging]\naudit = \"{}\"\n\n[[providers]]\nid = \"github\"\nclient_id = \"test-client\"\nclient_secret = \"test-secret\"\ntoken_url = \"{}\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
+        "[callers]\n# the trail aggregates refusals; the failed-auth limit (429) would cut them off\nauth_failure_limit = 0\n\n[logging]\naudit = \"{}\"\n\n[[providers]]\nid = \"github\"\nclient_id = \"test-client\"\nclient_secret = \"test-secret\"\ntoken_url = \"{}\"\n[[providers.routes]]\nprefix = \"/gh/api\"\nupstream = \"{}\"\n",
         audit.display(),
         idp.token_url(),
         api.url()
