@@ -197,7 +197,10 @@ async fn a_client_retrying_an_unknown_token_costs_one_lookup(pool: PgPool) {
         PgStore::from_pool(pool, Keyring::plaintext()),
         Counting::new(),
     ));
-    let config = harness::config(&config_toml(&api.url(), "cache_ttl = \"1h\""));
+    let config = harness::config(&config_toml(
+        &api.url(),
+        "cache_ttl = \"1h\"\nauth_failure_limit = 0",
+    ));
     let proxy = Harness::start(config, store.clone(), FakeTokens::new()).await;
     // A CI job still using a token that never existed (or a typo), in a loop.
     for _ in 0..20 {
