@@ -5,6 +5,9 @@
 //! The binary runs with a cleared environment, so the test's own `DATABASE_URL` or
 //! `TOKENPROXY_*` variables never leak into it; each test passes what it needs.
 
+#[path = "support/child.rs"]
+#[allow(dead_code)] // cli.rs only reads the `listening` line, not the harness's watchers
+mod child;
 #[path = "support/db.rs"]
 mod db;
 #[path = "cli_harness/mod.rs"]
@@ -350,24 +353,20 @@ fn unreachable_database_exits_69() {
 async fn serve_answers_healthcheck_and_stops_on_sigterm(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tokenproxy.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     std::fs::write(
         &config,
         format!(
-            // The proxy listener on port 0: the default 127.0.0.1:8080 may be taken
-            // on a shared runner (and two test runs would collide on it).
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:{port}\"\n[database]\nurl = \"{}\"\n",
+            // Both listeners on port 0: the default 127.0.0.1:8080 (or a port picked
+            // and released beforehand) may be taken on a shared runner. The bound
+            // admin address is read from serve's own `listening` line.
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[database]\nurl = \"{}\"\n",
             db_url(&pool)
         ),
     )
     .unwrap();
     let mut child = Command::new(BIN)
         .env_clear()
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", child::log_filter("warn"))
         .arg("--config")
         .arg(&config)
         .arg("serve")
@@ -376,41 +375,56 @@ async fn serve_answers_healthcheck_and_stops_on_sigterm(pool: PgPool) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-
-    // Wait (bounded) for the listener; this is readiness polling, not a timing assertion.
-    let mut healthy = false;
-    for _ in 0..200 {
-        let o = run_env(&config, &["healthcheck"], "", &[]);
-        if o.status.success() {
-            assert_eq!(stdout(&o), "ok\n");
-            healthy = true;
-            break;
-        }
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // Keep every stderr line (the assertions below read them) and send the
+    // admin address of the `listening` line: an event, not a retry loop.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = {
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some((_, admin)) = child::listening_addrs(&line) {
+                    let _ = tx.send(admin);
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        })
+    };
+    let admin = rx.recv_timeout(child::START_TIMEOUT);
+    let healthy = admin.as_ref().ok().map(|admin| {
+        let o = run_env(
+            &config,
+            &["healthcheck", "--addr", &admin.to_string()],
+            "",
+            &[],
+        );
+        (o.status.success(), stdout(&o))
+    });
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
-    let err = stderr(&out);
-    assert!(healthy, "healthcheck never passed; serve said: {err}");
-    assert!(
-        out.status.success(),
-        "serve exit {:?}: {err}",
-        out.status.code()
+    let status = child.wait().unwrap();
+    let err = reader.join().unwrap();
+    let admin = admin.unwrap_or_else(|e| panic!("no `listening` line ({e}); serve said: {err}"));
+    assert_eq!(
+        healthy,
+        Some((true, "ok\n".to_string())),
+        "healthcheck on {admin}; serve said: {err}"
     );
+    assert!(status.success(), "serve exit {:?}: {err}", status.code());
     assert_eq!(err.matches("plain text").count(), 1, "{err}");
     assert_eq!(count(&pool, "proxy_tokens").await, 0, "migrated on start");
 
     // Nothing listens any more: the check fails with a one-line reason.
     let o = run_env(
         &config,
-        &["healthcheck", "--addr", &format!("127.0.0.1:{port}")],
+        &["healthcheck", "--addr", &admin.to_string()],
         "",
         &[],
     );

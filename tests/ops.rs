@@ -29,11 +29,8 @@ fn text_logs_have_no_colour_codes_when_stderr_is_not_a_terminal() {
     // refuses connections (so `serve` exits on its own).
     std::fs::write(
         &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n\n[database]\nurl = \"postgres://postgres@127.0.0.1:9/none\"\n\n[logging]\nformat = \"text\"\n",
-            harness::free_port(),
-            harness::free_port()
-        ),
+        // Port 0: nothing is picked and released beforehand for another process to take.
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[database]\nurl = \"postgres://postgres@127.0.0.1:9/none\"\n\n[logging]\nformat = \"text\"\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
