@@ -2,7 +2,9 @@
 //! HTTP/1.1 and h2 through an intercepted CONNECT, git clone and push, 407 on a
 //! missing or bad proxy credential (with the connection kept for the retry),
 //! unrouted hosts denied or relayed untouched, an untrusted upstream refused
-//! before it sees anything, and minted leaves reused across connections.
+//! before it sees anything, minted leaves reused across connections, and the
+//! tunnel's pins: a ClientHello for another host gets no leaf, an inner Host
+//! naming another host is overwritten, a revoked token stops an open tunnel.
 //!
 //! The "provider" is a local HTTPS server whose certificate a test CA issued for
 //! a made-up host (`api.github.test`); the route trusts that CA (`upstream_ca`)
@@ -24,7 +26,8 @@ use sqlx::PgPool;
 use support::upstream::{tokens, CredentialForm, GitServer, TestCa, TestUpstream};
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokenproxy::store::LinkStore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
@@ -58,6 +61,8 @@ struct World {
     plain: TestUpstream,
     proxy: Harness,
     token: String,
+    /// The id of `token`, to revoke it.
+    token_id: Uuid,
     store: Arc<PgStore>,
     _provider_ca: TestCa,
 }
@@ -87,7 +92,7 @@ async fn world(pool: PgPool, forward_extra: &str, callers: &str) -> World {
     let plain = TestUpstream::start(CredentialForm::Bearer, tokens(&[GH_TOKEN])).await;
     let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
     let user = Uuid::new_v4();
-    let (_, token) = create_token(&*store, user, &["github"]).await;
+    let (token_id, token) = create_token(&*store, user, &["github"]).await;
     let fake = FakeTokens::new();
     fake.set("github", user, GH_TOKEN);
     let static_user = Uuid::nil();
@@ -138,6 +143,7 @@ token_url = "http://127.0.0.1:9/token"
         plain,
         proxy,
         token,
+        token_id,
         store,
         _provider_ca: provider_ca,
     }
@@ -251,7 +257,7 @@ async fn untrusted_upstream_gets_nothing(pool: PgPool) {
 }
 
 /// Reads one HTTP/1.1 response (head and a Content-Length body) from `stream`.
-async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> (u16, String) {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -738,4 +744,155 @@ token_url = "http://127.0.0.1:9/token"
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(proxy.metrics.leaves_minted.get(), 3);
     assert_eq!(up.count(), 4);
+}
+
+/// Accepts any server certificate: lets a test see what the proxy does after a
+/// ClientHello, without the client's own name check deciding first.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Opens a CONNECT tunnel to `API_HOST:443` and starts TLS inside it naming
+/// `sni`, trusting any certificate (see [`AnyCert`]).
+async fn tls_in_tunnel(
+    w: &World,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut s = TcpStream::connect(w.proxy.addr).await.unwrap();
+    let (status, head) = connect(
+        &mut s,
+        &format!("{API_HOST}:443"),
+        Some(&basic("x", &w.token)),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, s);
+    tokio::time::timeout(std::time::Duration::from_secs(30), handshake)
+        .await
+        .expect("the proxy answered the ClientHello (bounded wait)")
+}
+
+/// One HTTP/1.1 GET on an open tunnel, naming `host`.
+async fn get_in_tunnel<S: AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    tls: &mut S,
+    path: &str,
+    host: &str,
+) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    read_response(tls).await
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_client_hello_naming_another_host_than_the_connect_is_refused(pool: PgPool) {
+    let w = world(pool, "", "").await;
+    // The control: the CONNECT's own name gets a leaf and a credentialed request.
+    let mut ok = tls_in_tunnel(&w, API_HOST)
+        .await
+        .expect("same SNI handshakes");
+    assert_eq!(get_in_tunnel(&mut ok, "/user", API_HOST).await.0, 200);
+    // Another name in SNI: no leaf, no handshake (even for a client that would
+    // accept any certificate), and nothing reaches either upstream.
+    let refused = tls_in_tunnel(&w, "untrusted.github.test").await;
+    assert!(refused.is_err(), "a ClientHello for another host handshook");
+    assert_eq!(w.api.count(), 1);
+    assert_eq!(w.untrusted.count(), 0);
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn an_inner_request_naming_another_host_is_pinned_to_the_connect_host(pool: PgPool) {
+    let w = world(pool, "", "").await;
+    let mut tls = tls_in_tunnel(&w, API_HOST).await.unwrap();
+    // The tunnel was opened (and authorized) for API_HOST: a Host header naming
+    // another routed host must not reach that host with its credential.
+    let (status, head) = get_in_tunnel(&mut tls, "/user", "untrusted.github.test").await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(w.untrusted.count(), 0, "the Host header chose the upstream");
+    // Pinned: the upstream is the CONNECT's, and so is the Host it is told.
+    let seen = w.api.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["host"], API_HOST);
+    assert_eq!(seen[0].token.as_deref(), Some(GH_TOKEN));
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn a_revoked_proxy_token_stops_an_open_tunnel(pool: PgPool) {
+    let w = world(pool, "", "[callers]\ncache_ttl = \"500ms\"").await;
+    let mut tls = tls_in_tunnel(&w, API_HOST).await.unwrap();
+    assert_eq!(get_in_tunnel(&mut tls, "/user", API_HOST).await.0, 200);
+    assert!(w.store.revoke_proxy_token(w.token_id).await.unwrap());
+    // The same tunnel, after the revocation: each request identifies the caller
+    // again, so once the cache entry (500ms) is gone the requests fail. Bounded
+    // by a generous deadline, not asserted to the millisecond (a loaded runner).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let (status, head) = get_in_tunnel(&mut tls, "/user", API_HOST).await;
+        if status != 200 {
+            break (status, head);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a revoked token still works in its tunnel"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.0, 407, "{}", refused.1);
+    assert!(
+        refused.1.contains("tokenproxy-error: unauthenticated"),
+        "{}",
+        refused.1
+    );
+    let served = w.api.count();
+    // And it stays refused.
+    assert_eq!(get_in_tunnel(&mut tls, "/user", API_HOST).await.0, 407);
+    assert_eq!(w.api.count(), served);
 }
