@@ -561,12 +561,13 @@ async fn shutdown_drains_a_request_inside_a_tunnel(pool: PgPool) {
         curl(&proxy_url, &ca, &format!("https://{API_HOST}/slow"), &[]).await
     });
     w.api.slow_arrived(1).await;
-    let mut server = w.proxy.begin_shutdown();
-    // The tunnel holds its connection's slot, so the server keeps draining
-    // (this can only pass wrongly, never fail wrongly).
-    let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut server).await;
+    let server = w.proxy.begin_shutdown();
+    // No timed window: a server that stopped without draining the tunnel cuts
+    // the request held at the upstream, so the client's 200 below is what
+    // proves the drain; this check only catches a server already gone.
+    tokio::task::yield_now().await;
     assert!(
-        early.is_err(),
+        !server.is_finished(),
         "the server stopped while a tunnel request was in flight"
     );
     w.api.release_slow();
