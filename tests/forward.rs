@@ -15,6 +15,8 @@
 mod harness;
 mod support;
 
+use support::forward::{ca_init, forward_section};
+
 use support::util::{basic, git};
 
 use std::path::{Path, PathBuf};
@@ -33,22 +35,6 @@ use uuid::Uuid;
 
 const GH_TOKEN: &str = "gho_forward_token";
 const API_HOST: &str = "api.github.test";
-
-/// Runs `tokenproxy ca init --out DIR` and returns the CA certificate's path.
-fn ca_init(dir: &Path) -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-        .args(["ca", "init", "--out"])
-        .arg(dir)
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join("ca.pem")
-}
 
 /// A provider API, an untrusted look-alike, and the proxy routing to them.
 struct World {
@@ -101,10 +87,7 @@ async fn world(pool: PgPool, forward_extra: &str, callers: &str) -> World {
         r#"
 {callers}
 
-[forward]
-ca_cert = "{ca}"
-ca_key = "{key}"
-{forward_extra}
+{forward}{forward_extra}
 
 [[providers]]
 id = "github"
@@ -127,8 +110,7 @@ token_url = "http://127.0.0.1:9/token"
   connect_to = "127.0.0.1:{plain}"
   allow_plain_http = true
 "#,
-        ca = ca.display(),
-        key = dir.path().join("ca").join("ca-key.pem").display(),
+        forward = forward_section(&dir.path().join("ca")),
         api = api.addr.port(),
         untrusted = untrusted.addr.port(),
         plain = plain.addr.port(),
@@ -456,10 +438,7 @@ async fn git_clone_and_push_through_the_forward_proxy(pool: PgPool) {
     fake.set("github", user, GH_TOKEN);
     let config = harness::config(&format!(
         r#"
-[forward]
-ca_cert = "{ca}"
-ca_key = "{key}"
-
+{forward}
 [[providers]]
 id = "github"
 client_id = "cid"
@@ -471,8 +450,7 @@ token_url = "http://127.0.0.1:9/token"
   upstream_ca = "{git_ca}"
   inject = {{ basic_username = "x-access-token" }}
 "#,
-        ca = ca.display(),
-        key = dir.path().join("ca").join("ca-key.pem").display(),
+        forward = forward_section(&dir.path().join("ca")),
         addr = server.addr,
         git_ca = git_ca.ca.display(),
     ));
@@ -594,10 +572,7 @@ async fn wildcard_hosts_get_a_leaf_each_and_their_own_host_upstream(pool: PgPool
     fake.set("wild", user, GH_TOKEN);
     let config = harness::config(&format!(
         r#"
-[forward]
-ca_cert = "{ca}"
-ca_key = "{key}"
-
+{forward}
 [[providers]]
 id = "wild"
 client_id = "cid"
@@ -608,8 +583,7 @@ token_url = "http://127.0.0.1:9/token"
   connect_to = "{addr}"
   upstream_ca = "{provider_ca}"
 "#,
-        ca = ca.display(),
-        key = dir.path().join("ca").join("ca-key.pem").display(),
+        forward = forward_section(&dir.path().join("ca")),
         addr = up.addr,
         provider_ca = provider_ca.ca.display(),
     ));
@@ -700,10 +674,7 @@ async fn new_leaves_for_wildcard_hosts_are_rate_limited_per_caller(pool: PgPool)
     fake.set("wild", other_user, GH_TOKEN);
     let config = harness::config(&format!(
         r#"
-[forward]
-ca_cert = "{ca}"
-ca_key = "{key}"
-leaf_mint_limit = 2
+{forward}leaf_mint_limit = 2
 leaf_mint_window = "1h"
 
 [[providers]]
@@ -716,8 +687,7 @@ token_url = "http://127.0.0.1:9/token"
   connect_to = "{addr}"
   upstream_ca = "{provider_ca}"
 "#,
-        ca = ca.display(),
-        key = dir.path().join("ca").join("ca-key.pem").display(),
+        forward = forward_section(&dir.path().join("ca")),
         addr = up.addr,
         provider_ca = provider_ca.ca.display(),
     ));

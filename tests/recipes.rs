@@ -19,7 +19,9 @@
 mod harness;
 mod support;
 
-use std::path::{Path, PathBuf};
+use support::forward::{ca_init, forward_section};
+
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -42,22 +44,6 @@ const DUMMY: &str = "ghp_dummy_not_a_real_token";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The `tokenproxy ca init` certificate clients trust.
-fn ca_init(dir: &Path) -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
-        .args(["ca", "init", "--out"])
-        .arg(dir)
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join("ca.pem")
 }
 
 fn link(token: &str) -> TokenSet {
@@ -233,10 +219,7 @@ async fn world(pool: PgPool) -> World {
         r#"[logging]
 audit = "{audit}"
 
-[forward]
-ca_cert = "{ca}"
-ca_key = "{key}"
-
+{forward}
 [[providers]]
 id = "github"
 client_id = "cid"
@@ -266,8 +249,7 @@ token_url = "http://127.0.0.1:9/token"
   upstream_ca = "{upstream_ca}"
 "#,
         audit = audit.display(),
-        ca = ca.display(),
-        key = dir.path().join("ca/ca-key.pem").display(),
+        forward = forward_section(&dir.path().join("ca")),
         api = api.addr.port(),
         git = git_server.addr.port(),
         npm = npm_addr.port(),

@@ -5,6 +5,7 @@
 
 pub mod child;
 pub mod db;
+pub mod forward;
 pub mod gate;
 pub mod idp;
 pub mod net;
