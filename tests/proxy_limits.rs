@@ -24,7 +24,7 @@ use support::upstream::{tokens, CredentialForm, TestUpstream};
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use uuid::Uuid;
 
 const GH_TOKEN: &str = "gho_github_access_1";
@@ -91,9 +91,7 @@ async fn connect_from(
     hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source, 0)).unwrap();
-    let stream = socket.connect(proxy).await.unwrap();
+    let stream = support::net::connect_from(source, proxy).await;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
@@ -416,9 +414,7 @@ async fn http2_streams_are_capped_and_a_connection_without_any_is_closed_when_id
 
 /// A raw HTTP/1.1 GET from `source`, read to the end (`Connection: close`).
 async fn get_from(source: IpAddr, addr: SocketAddr, auth: Option<&str>) -> String {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source, 0)).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
+    let mut stream = support::net::connect_from(source, addr).await;
     let auth = auth
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();

@@ -15,3 +15,14 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A TCP connection to `addr` from the loopback address `source` (127.0.0.2 is
+/// another "client" to per-source limits), on an ephemeral port.
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(source, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
