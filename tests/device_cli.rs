@@ -13,6 +13,7 @@ use std::time::Duration;
 use harness::{run_bin, stderr, stdout, BIN};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
+use support::db::db_url;
 use support::idp::{Idp, IdpOptions};
 use support::upstream::TestCa;
 use tokenproxy::crypto::Keyring;
@@ -27,13 +28,6 @@ struct Setup {
     db_url: String,
     idp: Idp,
     store: PgStore,
-}
-
-fn db_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(pool.connect_options().get_database().unwrap());
-    url.to_string()
 }
 
 async fn setup(pool: PgPool) -> Setup {
