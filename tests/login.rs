@@ -75,14 +75,43 @@ async fn world(pool: &PgPool) -> World {
     let providers =
         oauth_provider("gh", &idp, &api.url()) + &oauth_provider("gl", &idp, &api.url());
     let proxy = replica(pool, &providers, "").await;
-    let user = Uuid::new_v4();
-    let (_, token) = create_token(&*proxy.store, user, &[]).await;
+    let (user, auth) = caller(&proxy).await;
     World {
         idp,
         api,
         proxy,
         user,
-        auth: format!("Bearer {token}"),
+        auth,
+    }
+}
+
+/// A new user with a proxy token on `r`'s store: the user and its `Authorization` value.
+async fn caller(r: &Replica) -> (Uuid, String) {
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*r.store, user, &[]).await;
+    (user, format!("Bearer {token}"))
+}
+
+/// One IdP and API, and two replicas behind one load balancer (both have A's
+/// public URL), for the cross-replica sign-in tests.
+struct Pair {
+    idp: Arc<Idp>,
+    _api: support::upstream::TestUpstream,
+    a: Replica,
+    b: Replica,
+}
+
+async fn two_replicas(pool: &PgPool) -> Pair {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let api = api_for(&idp).await;
+    let providers = oauth_provider("gh", &idp, &api.url());
+    let a = replica(pool, &providers, "").await;
+    let b = replica_behind(pool, &providers, "", Some(a.addr)).await;
+    Pair {
+        idp,
+        _api: api,
+        a,
+        b,
     }
 }
 
@@ -413,9 +442,7 @@ async fn oidc_id_tokens_are_verified(pool: PgPool) {
     let idp = Arc::new(Idp::start(IdpOptions::default()).await);
     let api = api_for(&idp).await;
     let proxy = replica(&pool, &oidc_provider("corp", &idp, &api.url()), "").await;
-    let user = Uuid::new_v4();
-    let (_, token) = create_token(&*proxy.store, user, &[]).await;
-    let auth = format!("Bearer {token}");
+    let (_, auth) = caller(&proxy).await;
     let flow = |fault: Option<IdTokenFault>| {
         let (idp, proxy, auth) = (&idp, &proxy, &auth);
         async move {
@@ -454,15 +481,8 @@ async fn oidc_id_tokens_are_verified(pool: PgPool) {
 
 #[sqlx::test]
 async fn a_state_from_one_replica_is_accepted_once_by_another(pool: PgPool) {
-    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
-    let api = api_for(&idp).await;
-    let providers = oauth_provider("gh", &idp, &api.url());
-    let a = replica(&pool, &providers, "").await;
-    // Behind one load balancer: both replicas have A's public URL.
-    let b = replica_behind(&pool, &providers, "", Some(a.addr)).await;
-    let user = Uuid::new_v4();
-    let (_, token) = create_token(&*a.store, user, &[]).await;
-    let auth = format!("Bearer {token}");
+    let Pair { idp, _api, a, b } = two_replicas(&pool).await;
+    let (_, auth) = caller(&a).await;
     let s = start(
         &a,
         "/_tokenproxy/oauth/gh/login",
@@ -496,15 +516,8 @@ async fn a_state_from_one_replica_is_accepted_once_by_another(pool: PgPool) {
 
 #[sqlx::test]
 async fn reauth_required_heals_through_its_login_url_on_every_replica(pool: PgPool) {
-    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
-    let api = api_for(&idp).await;
-    let providers = oauth_provider("gh", &idp, &api.url());
-    let a = replica(&pool, &providers, "").await;
-    // Behind one load balancer: both replicas have A's public URL.
-    let b = replica_behind(&pool, &providers, "", Some(a.addr)).await;
-    let user = Uuid::new_v4();
-    let (_, token) = create_token(&*a.store, user, &[]).await;
-    let auth = format!("Bearer {token}");
+    let Pair { idp, _api, a, b } = two_replicas(&pool).await;
+    let (user, auth) = caller(&a).await;
     // A link whose access token expired and whose grant the provider revoked.
     let seeded = idp.seed_with_expiry(
         user,
