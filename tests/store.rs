@@ -343,6 +343,49 @@ async fn unreachable_database_is_unavailable() {
     ));
 }
 
+/// A rotated refresh token exists only in the row the store writes: on a server
+/// whose default is `synchronous_commit = off`, an acknowledged commit can vanish
+/// in a crash (the chaos suite lost a link that way to an immediate restart). The
+/// store's own connections commit synchronously whatever the server's default.
+#[sqlx::test(migrations = false)]
+async fn store_connections_commit_synchronously_whatever_the_server_default(pool: PgPool) {
+    let db = pool
+        .connect_options()
+        .get_database()
+        .expect("sqlx::test names its database")
+        .to_string();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{db}\" SET synchronous_commit = off"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(&db);
+    let cfg = tokenproxy::config::DatabaseConfig {
+        url: SecretString::from(url.to_string()),
+        max_connections: 2,
+        ..Default::default()
+    };
+    // A plain connection to that database gets the server's default …
+    let plain: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&PgPool::connect(url.as_str()).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(plain, "off", "the database default did not take");
+    // … the store's connections do not.
+    let store = PgStore::connect(&cfg, Keyring::plaintext()).unwrap();
+    for _ in 0..2 {
+        let mut conn = store.pool().acquire().await.unwrap();
+        let mode: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(mode, "on");
+    }
+}
+
 // ---- SQLite only ----
 
 #[tokio::test]

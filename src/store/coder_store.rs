@@ -105,7 +105,7 @@ impl CoderStore {
             .map_err(|_| {
                 StoreError::Other("coder.database_url is not a valid Postgres URL".into())
             })?;
-        let pool = PgPoolOptions::new()
+        let pool = super::postgres::durable(PgPoolOptions::new())
             .max_connections(cfg.max_connections)
             .acquire_timeout(cfg.acquire_timeout)
             .connect_lazy_with(coder_connect_options(conn));
@@ -120,7 +120,7 @@ impl CoderStore {
         keyring: Keyring,
         opts: CoderOptions,
     ) -> Self {
-        let pool = PgPoolOptions::new()
+        let pool = super::postgres::durable(PgPoolOptions::new())
             .max_connections(8)
             .connect_lazy_with(coder_connect_options(conn));
         Self::from_pg(PgStore::from_pool(pool, keyring), opts)

@@ -101,6 +101,22 @@ pub(crate) fn announced(dml: &str, channel_param: &str) -> String {
     format!("WITH changed AS ({dml}) SELECT {notify} FROM changed")
 }
 
+/// `pool` with every connection committing synchronously, whatever the server's
+/// default. A rotated refresh token exists only in the row we write: with
+/// `synchronous_commit = off` (a common tuning) a commit is acknowledged before
+/// its WAL is written, and a crash or an immediate restart moments later rolls
+/// the row back to the spent token — the link is lost although every write
+/// "succeeded". A session `SET` rather than a startup option, because poolers
+/// such as PgBouncer refuse unknown startup parameters.
+pub fn durable(pool: PgPoolOptions) -> PgPoolOptions {
+    pool.after_connect(|conn, _meta| {
+        Box::pin(async move {
+            sqlx::Executor::execute(&mut *conn, "SET synchronous_commit = on").await?;
+            Ok(())
+        })
+    })
+}
+
 impl PgStore {
     /// A store over a lazily connecting pool sized by `cfg`: the database need not
     /// be up yet (requests answer `store_unavailable` until it is). Fails only on a
@@ -112,7 +128,7 @@ impl PgStore {
             .parse()
             // The parse error may quote the URL, which can hold a password.
             .map_err(|_| StoreError::Other("database.url is not a valid Postgres URL".into()))?;
-        let pool = PgPoolOptions::new()
+        let pool = durable(PgPoolOptions::new())
             .max_connections(cfg.max_connections)
             .acquire_timeout(cfg.acquire_timeout)
             .connect_lazy_with(opts);
