@@ -273,7 +273,12 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
     let _seed = SeedOnPanic(seed);
     eprintln!("chaos: CHAOS_SEED={seed} CHAOS_MINUTES={minutes}");
     let env = setup(seed).await;
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("CHAOS_KEEP").is_some() {
+        // The replicas' whole logs, kept for a post-mortem.
+        dir.disable_cleanup(true);
+        eprintln!("chaos: logs kept in {}", dir.path().display());
+    }
     let key_env = vec![("TOKENPROXY_KEY".to_string(), KEY.to_string())];
     let mut replicas: Vec<Replica> = (0..REPLICAS)
         .map(|i| {

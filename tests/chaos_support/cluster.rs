@@ -129,6 +129,10 @@ impl PgCluster {
     }
 
     fn start_server(&self) {
+        // `synchronous_commit=off` is deliberate, not only for speed: with it an
+        // immediate stop rolls back commits the server already acknowledged, which
+        // is what lost a stored rotation before the store forced synchronous
+        // commits on its own sessions (`store::postgres::durable`).
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             self.port,
