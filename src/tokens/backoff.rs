@@ -164,7 +164,15 @@ impl Backoff {
                 recheck: false,
             },
         );
-        self.breakers[key.0 as usize].failed(now, key.1);
+        self.breakers[key.0 as usize].failed(now, key.1, hint.map(|h| h.min(MAX_HINT)));
+    }
+
+    /// An exchange for `key` ended neither in an answer about the link nor in a
+    /// transient failure (our client is misconfigured): if it was the half-open
+    /// probe, the next exchange may probe again instead of waiting for
+    /// [`Backoff::new`]'s `probe_timeout`.
+    pub(crate) fn inconclusive(&self, key: Key) {
+        self.breakers[key.0 as usize].state.lock().probe_since = None;
     }
 
     /// A change to `key`'s row was announced: re-read it before trusting the record.
@@ -238,8 +246,22 @@ impl Breaker {
         true
     }
 
-    fn failed(&self, now: DateTime<Utc>, link: uuid::Uuid) {
+    fn failed(&self, now: DateTime<Utc>, link: uuid::Uuid, hint: Option<Duration>) {
         let mut st = self.state.lock();
+        if let Some(hint) = hint {
+            // A `Retry-After` from the token endpoint (a 429 is about our client,
+            // a 503 about the endpoint) speaks for every link: hold all of them
+            // off that long, without waiting for other links to fail first.
+            let until = now + to_chrono(hint);
+            if st.open_until.is_none_or(|u| u < until) {
+                st.open_until = Some(until);
+                st.step = st.step.max(FIRST_STEP);
+                st.probe_since = None;
+                st.failing.clear();
+                self.gauge.set(1);
+            }
+            return;
+        }
         if st.probe_since.is_some() {
             // The half-open probe failed: open for the next step.
             st.step = (st.step * 2).min(MAX_STEP);
@@ -380,6 +402,44 @@ mod tests {
         assert_eq!(gauge.get(), 0);
         b.failed(fresh(), t(late), &r, tok(), None);
         assert_eq!(gauge.get(), 1, "five distinct links within the window");
+    }
+
+    #[test]
+    fn a_retry_after_holds_off_every_link_of_the_provider() {
+        let (b, gauge) = backoff();
+        let (limited, other) = ((0, uuid::Uuid::new_v4()), (0, uuid::Uuid::new_v4()));
+        let r = StoredSecret("r".into());
+        // One 429 with `Retry-After: 30`: the endpoint speaks for our whole client.
+        b.failed(limited, t(0), &r, tok(), Some(Duration::from_secs(30)));
+        assert_eq!(gauge.get(), 1);
+        assert!(
+            !b.admit(other, &r, t(29_999)),
+            "another link during the hint"
+        );
+        assert_eq!(b.wait_for(other, t(0)), Some(Duration::from_secs(30)));
+        // Then one probe, as after any opening.
+        assert!(b.admit(other, &r, t(30_000)));
+        assert!(!b.admit(limited, &r, t(30_000)));
+        b.succeeded(other);
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[test]
+    fn an_inconclusive_probe_lets_the_next_exchange_probe() {
+        let (b, _) = backoff();
+        let links: Vec<Key> = (0..7).map(|_| (0, uuid::Uuid::new_v4())).collect();
+        let r = StoredSecret("r".into());
+        for k in &links[..BREAKER_THRESHOLD] {
+            b.failed(*k, t(0), &r, tok(), None);
+        }
+        assert!(b.admit(links[5], &r, t(1000)), "the probe");
+        assert!(!b.admit(links[6], &r, t(1000)), "one probe at a time");
+        // The probe ended misconfigured: no answer about the endpoint either way.
+        b.inconclusive(links[5]);
+        assert!(
+            b.admit(links[6], &r, t(1001)),
+            "not stuck until the probe timeout"
+        );
     }
 
     #[test]

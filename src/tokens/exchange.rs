@@ -105,7 +105,7 @@ pub(super) async fn exchange(
             AccessToken::new(row.access_token.clone(), row.expiry),
             e.retry_after(),
         ),
-        Err(RefreshError::Misconfigured(_)) => {}
+        Err(RefreshError::Misconfigured(_)) => inner.backoff.inconclusive(key),
     }
     match result {
         Ok(r) => {
