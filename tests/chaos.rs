@@ -336,7 +336,8 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
         w.await.unwrap();
     }
     let log = log.into_inner();
-    let lost = classify(&env, &log).await;
+    let logs: Vec<std::path::PathBuf> = replicas.iter().map(|r| r.log_path().to_owned()).collect();
+    let lost = classify(&env, &log, &logs).await;
     let refreshed = force_refresh_all(&env, &addrs, &lost).await;
     let report = Report {
         seed,
@@ -382,7 +383,7 @@ async fn heal(replicas: &[Replica]) {
 /// Finds the links whose row lost the IdP's newest refresh token. A write still in
 /// flight lands within a round trip once the faults are off, so a mismatch must
 /// last 10 s to count.
-async fn classify(env: &Env, log: &[FaultEvent]) -> Vec<Lost> {
+async fn classify(env: &Env, log: &[FaultEvent], logs: &[std::path::PathBuf]) -> Vec<Lost> {
     let mut pending: Vec<usize> = (0..env.users.len()).collect();
     let mut stale = HashMap::new();
     for _ in 0..20 {
@@ -404,12 +405,18 @@ async fn classify(env: &Env, log: &[FaultEvent]) -> Vec<Lost> {
     }
     pending
         .into_iter()
-        .map(|u| explain(env, log, u, stale.remove(&u).unwrap_or_default()))
+        .map(|u| explain(env, log, logs, u, stale.remove(&u).unwrap_or_default()))
         .collect()
 }
 
 /// What the IdP and the fault log say about user `u`'s lost link.
-fn explain(env: &Env, log: &[FaultEvent], u: usize, stale: String) -> Lost {
+fn explain(
+    env: &Env,
+    log: &[FaultEvent],
+    logs: &[std::path::PathBuf],
+    u: usize,
+    stale: String,
+) -> Lost {
     let dropped = env.idp.current_refresh_token(env.users[u].id);
     let issued = dropped.as_deref().and_then(|t| env.idp.issued_at(t));
     let by = dropped.as_deref().and_then(|t| env.idp.issued_by(t));
@@ -429,6 +436,10 @@ fn explain(env: &Env, log: &[FaultEvent], u: usize, stale: String) -> Lost {
                 && e.replica == Some(r)
                 && e.at + Duration::from_secs(1) >= issued
                 && e.at <= issued + LEASE
+                // Only the window before the write committed: a kill after the
+                // replica logged the token as stored excuses nothing (the row
+                // lost an acknowledged write).
+                && !stored_before(&logs[r], env.users[u].id, issued, e.at)
         })
         .cloned();
     let presented = dropped.as_deref().map_or(0, |t| env.idp.attempts_with(t));
@@ -454,6 +465,31 @@ fn explain(env: &Env, log: &[FaultEvent], u: usize, stale: String) -> Lost {
             "newest refresh token issued to {by:?}, presented {presented} time(s), never stored (nearest fault of that replica: {nearest:?})"
         ),
     }
+}
+
+/// Whether replica log `path` says the token issued at `issued` to `user` was
+/// stored (`refreshed access token`, or a background re-save's `stored the
+/// refreshed token`) before `killed`. Log lines carry wall-clock times; the
+/// instants are mapped onto the wall clock from now.
+fn stored_before(path: &std::path::Path, user: Uuid, issued: Instant, killed: Instant) -> bool {
+    let now = (Instant::now(), chrono::Utc::now());
+    let wall = |i: Instant| now.1 - chrono::Duration::from_std(now.0 - i).unwrap_or_default();
+    // A little slack before the grant: the two clocks are read apart.
+    let (from, to) = (
+        wall(issued) - chrono::Duration::milliseconds(50),
+        wall(killed),
+    );
+    let user = user.to_string();
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&user))
+        .filter(|l| {
+            l.contains("refreshed access token") || l.contains("stored the refreshed token")
+        })
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .any(|t| (from..=to).contains(&t.with_timezone(&chrono::Utc)))
 }
 
 /// Expires every link that was not lost (plain SQL: the trigger announces it) and

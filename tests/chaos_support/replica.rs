@@ -70,7 +70,10 @@ impl Replica {
                 .env("PATH", std::env::var_os("PATH").unwrap_or_default())
                 .env(
                     "RUST_LOG",
-                    std::env::var("CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+                    std::env::var("CHAOS_LOG")
+                        // The exchange's info lines say when a token was stored,
+                        // which tells a kill before the write from one after.
+                        .unwrap_or_else(|_| "warn,tokenproxy::tokens::exchange=info".into()),
                 )
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .arg("--config")
@@ -155,6 +158,11 @@ impl Replica {
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// The file every process of this replica logs to.
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     /// The last `n` lines the replica logged (all its processes).
