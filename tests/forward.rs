@@ -616,7 +616,12 @@ async fn odd_connect_targets_get_tokenproxys_own_answers(pool: PgPool) {
     let auth = basic("x", &w.token);
     for (target, want) in [
         ("api.github.test", 400),
-        ("api.github.test:0", 403),
+        ("api.github.test:0", 400),
+        ("[]:0", 400),
+        ("[]:443", 400),
+        (":443", 400),
+        ("[not-v6]:443", 400),
+        ("user@api.github.test:443", 400),
         ("[::1]:443", 403),
         ("127.0.0.1:1", 403),
         ("*.github.test:443", 403),

@@ -181,12 +181,29 @@ pub fn connect_target(uri: &http::Uri) -> Result<(String, u16), ProxyError> {
     let port = authority
         .port_u16()
         .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
-    let host = authority
-        .host()
+    if port == 0 {
+        return Err(ProxyError::BadRequest("CONNECT port 0 names no server"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::BadRequest(
+            "CONNECT target must not carry userinfo",
+        ));
+    }
+    let raw = authority.host();
+    let host = raw
         .trim_start_matches('[')
         .trim_end_matches(']')
         .trim_end_matches('.')
         .to_ascii_lowercase();
+    // A bracketed host must be an IPv6 literal; an empty or over-long name is no
+    // host at all (DNS names end at 253 characters).
+    let bracketed = raw.starts_with('[');
+    if host.is_empty()
+        || host.len() > 253
+        || (bracketed && host.parse::<std::net::Ipv6Addr>().is_err())
+    {
+        return Err(ProxyError::BadRequest("CONNECT needs host:port"));
+    }
     Ok((host, port))
 }
 
