@@ -414,11 +414,16 @@ async fn http2_streams_are_capped_and_a_connection_without_any_is_closed_when_id
 
 /// A raw HTTP/1.1 GET from `source`, read to the end (`Connection: close`).
 async fn get_from(source: IpAddr, addr: SocketAddr, auth: Option<&str>) -> String {
+    get_path_from(source, addr, "/gh/api/user", auth).await
+}
+
+/// [`get_from`] for another path.
+async fn get_path_from(source: IpAddr, addr: SocketAddr, path: &str, auth: Option<&str>) -> String {
     let mut stream = support::net::connect_from(source, addr).await;
     let auth = auth
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
-    let req = format!("GET /gh/api/user HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
@@ -473,6 +478,36 @@ async fn failed_authentication_is_rate_limited_per_source_and_per_credential(poo
     assert!(r.starts_with("HTTP/1.1 429"), "{r}");
     // Only the one good request from the other source reached the upstream.
     assert_eq!(w.api.count(), 1);
+}
+
+/// tokenproxy's own endpoints verify caller tokens as well: guessing there
+/// counts against the same limit.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn failed_authentication_on_tokenproxys_own_endpoints_is_rate_limited(pool: PgPool) {
+    let w = world(
+        pool,
+        "",
+        "auth_failure_limit = 3\nauth_failure_window = \"1m\"",
+        "",
+    )
+    .await;
+    let addr = w.proxy.addr;
+    let good = format!("Bearer {}", w.token);
+    let (forged, _) = tokenproxy::proxy::caller::generate_token();
+    let bad = format!("Bearer {}", secrecy::ExposeSecret::expose_secret(&forged));
+    let links = "/_tokenproxy/links";
+    for _ in 0..3 {
+        let r = get_path_from(LOCAL, addr, links, Some(&bad)).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    }
+    let r = get_path_from(LOCAL, addr, links, Some(&bad)).await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    assert_eq!(header(&r, "tokenproxy-error"), Some("rate_limited"));
+    // The limited source is refused on the proxied paths too; another is served.
+    let r = get_from(LOCAL, addr, Some(&good)).await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    let r = get_path_from(LOCAL2, addr, links, Some(&good)).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

@@ -226,7 +226,22 @@ impl server::Handler for Pipeline {
         }
         // tokenproxy's own endpoints: one branch, off the pipeline's phases.
         if endpoints::is_reserved(req.uri().path()) {
-            return self.endpoints.handle(&req, &self.callers).await;
+            // The same failed-auth limit as the proxied paths: these endpoints
+            // verify caller tokens too, so they must not be a free oracle.
+            let ip = remote.ip();
+            if let Err(e) = self.auth_failures.check(ip) {
+                return e.to_response(None);
+            }
+            let resp = self.endpoints.handle(&req, &self.callers).await;
+            if resp.status() == http::StatusCode::UNAUTHORIZED {
+                let err = self
+                    .auth_failures
+                    .failed(ip, req.headers(), ProxyError::Unauthenticated);
+                if !matches!(err, ProxyError::Unauthenticated) {
+                    return err.to_response(None);
+                }
+            }
+            return resp;
         }
         self.handle(req, conn).await
     }
