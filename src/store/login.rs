@@ -7,14 +7,53 @@
 //! flow with one inserts its id, and a second start finds it there.
 //!
 //! Only hashes of the `state` parameter and of the browser cookie are stored, so
-//! a database reader cannot complete someone's sign-in. Rows expire after the
-//! flow's lifetime and are pruned whenever a new flow starts.
+//! a database reader cannot complete someone's sign-in; the PKCE verifier is
+//! sealed with the store's keyring like the tokens (bound to the provider, the
+//! user and the column), so the row holds no secret in plain text when
+//! encryption is on. Rows expire after the flow's lifetime and are pruned
+//! whenever a new flow starts.
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::crypto::{Keyring, ValueContext};
+
+/// The column name the verifier's encryption is bound to.
+const VERIFIER_COLUMN: &str = "oauth_states.pkce_verifier";
+
+/// The `pkce_verifier` column value of `state`: sealed with the first key
+/// (plain text only without keys, as the tokens are).
+pub(crate) fn seal_verifier(keyring: &Keyring, state: &LoginState) -> Result<String, StoreError> {
+    use secrecy::ExposeSecret;
+    let ctx = ValueContext {
+        provider_id: &state.provider_id,
+        user_id: state.user_id,
+        column: VERIFIER_COLUMN,
+    };
+    keyring
+        .seal(state.pkce_verifier.expose_secret(), ctx)
+        .map(|s| s.value)
+        .map_err(|e| StoreError::Other(format!("sealing a sign-in's PKCE verifier: {e}")))
+}
+
+/// The verifier from its column value. No key id is kept beside it (a state
+/// lives 10 minutes), so every configured key is tried; a value none opens is
+/// one written before encryption was turned on, taken as plain text.
+pub(crate) fn open_verifier(
+    keyring: &Keyring,
+    provider_id: &str,
+    user_id: Uuid,
+    value: &str,
+) -> SecretString {
+    let ctx = ValueContext {
+        provider_id,
+        user_id,
+        column: VERIFIER_COLUMN,
+    };
+    keyring.open_any(value, ctx)
+}
 
 /// A sign-in to remember until its callback.
 #[derive(Debug, Clone)]

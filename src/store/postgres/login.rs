@@ -1,15 +1,18 @@
 //! Pending sign-in statements (see [`crate::store::login`]).
 
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
 use sqlx::{PgPool, Row};
 
 use super::map_err;
 use crate::store::login::{BeginLogin, LoginState, SpentTicket};
+use uuid::Uuid;
+
+use crate::crypto::Keyring;
 use crate::store::StoreError;
 
 pub(super) async fn begin(
     pool: &PgPool,
+    keyring: &Keyring,
     state: &LoginState,
     ticket: Option<&SpentTicket>,
 ) -> Result<BeginLogin, StoreError> {
@@ -44,7 +47,7 @@ pub(super) async fn begin(
     .bind(&state.provider_id)
     .bind(state.user_id)
     .bind(&state.browser_hash)
-    .bind(state.pkce_verifier.expose_secret())
+    .bind(crate::store::login::seal_verifier(keyring, state)?)
     .bind(&state.nonce)
     .bind(state.expires_at.timestamp())
     .execute(&mut *tx)
@@ -56,6 +59,7 @@ pub(super) async fn begin(
 
 pub(super) async fn take(
     pool: &PgPool,
+    keyring: &Keyring,
     state_hash: &str,
 ) -> Result<Option<LoginState>, StoreError> {
     let row = sqlx::query(
@@ -69,14 +73,16 @@ pub(super) async fn take(
     let Some(row) = row else { return Ok(None) };
     let decode = |e: sqlx::Error| StoreError::Other(e.to_string());
     let expires: i64 = row.try_get("expires_at").map_err(decode)?;
+    let provider_id: String = row.try_get("provider_id").map_err(decode)?;
+    let user_id: Uuid = row.try_get("user_id").map_err(decode)?;
+    let sealed: String = row.try_get("pkce_verifier").map_err(decode)?;
+    let pkce_verifier = crate::store::login::open_verifier(keyring, &provider_id, user_id, &sealed);
     Ok(Some(LoginState {
         state_hash: state_hash.to_string(),
-        provider_id: row.try_get("provider_id").map_err(decode)?,
-        user_id: row.try_get("user_id").map_err(decode)?,
+        provider_id,
+        user_id,
         browser_hash: row.try_get("browser_hash").map_err(decode)?,
-        pkce_verifier: SecretString::from(
-            row.try_get::<String, _>("pkce_verifier").map_err(decode)?,
-        ),
+        pkce_verifier,
         nonce: row.try_get("nonce").map_err(decode)?,
         expires_at: DateTime::from_timestamp(expires, 0).unwrap_or_default(),
     }))
@@ -89,10 +95,10 @@ impl crate::store::login::LoginStore for super::PgStore {
         state: &LoginState,
         ticket: Option<&SpentTicket>,
     ) -> Result<BeginLogin, StoreError> {
-        begin(&self.pool, state, ticket).await
+        begin(&self.pool, &self.keyring, state, ticket).await
     }
 
     async fn take_login_state(&self, state_hash: &str) -> Result<Option<LoginState>, StoreError> {
-        take(&self.pool, state_hash).await
+        take(&self.pool, &self.keyring, state_hash).await
     }
 }
