@@ -653,3 +653,85 @@ fn public_url_is_validated_naming_the_key() {
         assert_eq!(e.key, "server.public_url", "{bad}: {}", e.message);
     }
 }
+
+/// A keyring with one key, as `[encryption] keys` gives.
+fn test_keyring() -> tokenproxy::crypto::Keyring {
+    tokenproxy::crypto::Keyring::new(
+        vec![secrecy::SecretBox::new(Box::new([7u8; 32]))],
+        tokenproxy::config::EncryptionFormat::Native,
+    )
+}
+
+/// Begins a sign-in with a known verifier, checks the column does not hold it,
+/// and takes it back decrypted.
+async fn assert_verifier_sealed(
+    store: &dyn tokenproxy::store::LinkStore,
+    raw: impl std::future::Future<Output = String>,
+) {
+    use secrecy::ExposeSecret;
+    use tokenproxy::store::login::{BeginLogin, LoginState};
+    let verifier = "pkce-verifier-plain-text-0123456789abcdefghij";
+    let login = store.login_store().expect("keeps sign-ins");
+    let state = LoginState {
+        state_hash: "sealed-state".into(),
+        provider_id: "gh".into(),
+        user_id: Uuid::new_v4(),
+        browser_hash: "b".into(),
+        pkce_verifier: secrecy::SecretString::from(verifier),
+        nonce: String::new(),
+        expires_at: chrono::Utc::now() + chrono::Duration::minutes(10),
+    };
+    assert!(matches!(
+        login.begin_login(&state, None).await.unwrap(),
+        BeginLogin::Started
+    ));
+    let column = raw.await;
+    assert!(!column.is_empty());
+    assert!(
+        !column.contains(verifier),
+        "the verifier is stored in plain text"
+    );
+    let taken = login
+        .take_login_state("sealed-state")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.pkce_verifier.expose_secret(), verifier);
+}
+
+#[sqlx::test]
+async fn pkce_verifiers_are_sealed_at_rest_in_postgres(pool: PgPool) {
+    let store = tokenproxy::store::postgres::PgStore::from_pool(pool.clone(), test_keyring());
+    let raw = async {
+        sqlx::query_scalar::<_, String>("SELECT pkce_verifier FROM oauth_states")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_verifier_sealed(&store, raw).await;
+}
+
+#[tokio::test]
+async fn pkce_verifiers_are_sealed_at_rest_in_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let store = tokenproxy::store::open(
+        &tokenproxy::config::DatabaseConfig {
+            url: secrecy::SecretString::from(format!("sqlite://{}", path.display())),
+            ..Default::default()
+        },
+        test_keyring(),
+    )
+    .unwrap();
+    store.migrate().await.unwrap();
+    let raw = async {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query_scalar::<_, String>("SELECT pkce_verifier FROM oauth_states")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_verifier_sealed(store.as_ref(), raw).await;
+}

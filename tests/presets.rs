@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use support::idp::{Idp, IdpOptions};
+use support::upstream::TestCa;
 use tokenproxy::config::{Config, Inject};
+use tokenproxy::oauth::revoke::Revoker;
 use tokenproxy::oauth::{presets, ProviderClient, RefreshError};
 use uuid::Uuid;
 
@@ -250,6 +252,14 @@ async fn oidc_endpoints_come_from_discovery() {
         p.device_authorization_url.as_ref().unwrap().as_str(),
         format!("{}/oauth/device", idp.base_url())
     );
+    assert_eq!(
+        p.revocation_url.as_ref().unwrap().as_str(),
+        format!("{}/oauth/revoke", idp.base_url())
+    );
+    assert_eq!(
+        p.authorize_url.as_ref().unwrap().as_str(),
+        format!("{}/oauth/authorize", idp.base_url())
+    );
     let seeded = idp.seed(Uuid::new_v4());
     let out = ProviderClient::new(p)
         .unwrap()
@@ -257,6 +267,54 @@ async fn oidc_endpoints_come_from_discovery() {
         .await
         .unwrap();
     assert!(idp.is_valid_access_token(out.access_token.expose_secret()));
+}
+
+#[tokio::test]
+async fn oidc_discovered_revocation_endpoint_is_what_unlinking_revokes_at() {
+    // RFC 7009 endpoints must be https (the oauth2 crate refuses http), as at real providers.
+    let ca = TestCa::new();
+    let idp = Idp::start(IdpOptions {
+        tls: Some(ca.acceptor()),
+        ..IdpOptions::default()
+    })
+    .await;
+    let ca_line = format!("token_ca = {:?}", ca.ca.display().to_string());
+    let mut cfg = oidc_config(&idp.base_url(), &ca_line);
+    presets::discover(&mut cfg).await.unwrap();
+    let p = &cfg.providers[0];
+    let seeded = idp.seed(Uuid::new_v4());
+    let revoker = Revoker::new(p)
+        .unwrap()
+        .expect("discovery named a revocation endpoint");
+    revoker
+        .revoke(&seeded.access_token, &seeded.refresh_token)
+        .await
+        .unwrap();
+    assert_eq!(idp.revocations(), 1);
+    assert_eq!(
+        idp.revoked_tokens(),
+        vec![seeded.refresh_token.expose_secret().to_string()]
+    );
+}
+
+#[tokio::test]
+async fn discovered_endpoints_do_not_override_explicit_ones() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let mut cfg = oidc_config(
+        &idp.base_url(),
+        "revocation_url = \"https://revoke.example/r\"\ndevice_authorization_url = \"https://device.example/d\"",
+    );
+    presets::discover(&mut cfg).await.unwrap();
+    let p = &cfg.providers[0];
+    assert_eq!(p.token_url.as_str(), idp.token_url());
+    assert_eq!(
+        p.revocation_url.as_ref().unwrap().as_str(),
+        "https://revoke.example/r"
+    );
+    assert_eq!(
+        p.device_authorization_url.as_ref().unwrap().as_str(),
+        "https://device.example/d"
+    );
 }
 
 #[tokio::test]

@@ -202,7 +202,15 @@ async fn delete(
     keep_grant: Option<&str>,
 ) -> Answer {
     let keep = matches!(keep_grant, Some("true" | "1" | "yes"));
-    match links::unlink(store, provider, user, keep, "admin").await {
+    match links::unlink(
+        store,
+        provider,
+        user,
+        keep,
+        crate::telemetry::audit::Actor::Api,
+    )
+    .await
+    {
         Ok(Some(r)) => json(
             StatusCode::OK,
             &serde_json::json!({

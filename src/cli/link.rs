@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, ProviderConfig};
 use crate::store::{LinkSummary, TokenSet};
+use crate::telemetry::audit::{self, Actor};
 
 /// The most stdin `link put` reads; token responses are a few KiB at most.
 const MAX_INPUT: u64 = 1024 * 1024;
@@ -114,7 +115,7 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
                 .put_link(&provider, user, &tokens)
                 .await
                 .context("storing the link")?;
-            use crate::telemetry::audit::{self, Actor, LinkChange};
+            use crate::telemetry::audit::LinkChange;
             let change = if replaced {
                 LinkChange::Replaced
             } else {
@@ -160,21 +161,14 @@ pub async fn run(cfg: &Config, command: LinkCommand) -> anyhow::Result<()> {
                 {
                     anyhow::bail!("no link {provider}/{user}");
                 }
-                tracing::info!(
-                    target: crate::telemetry::AUDIT_TARGET,
-                    event = "link_deleted",
-                    source = "cli",
-                    provider = %provider,
-                    user = %user,
-                    revocation = "unsupported"
-                );
+                audit::link_deleted(Actor::Cli, &provider, user, "unsupported", None);
                 println!(
                     "deleted link {provider}/{user} (provider not configured: grant not revoked)"
                 );
                 return Ok(());
             };
             let revocation =
-                crate::links::unlink(store.as_ref(), provider_cfg, user, keep_grant, "cli")
+                crate::links::unlink(store.as_ref(), provider_cfg, user, keep_grant, Actor::Cli)
                     .await
                     .context("deleting the link")?
                     .ok_or_else(|| anyhow::anyhow!("no link {provider}/{user}"))?;

@@ -50,9 +50,15 @@ pub async fn login(cfg: &Config, provider: &str, user: Uuid) -> anyhow::Result<(
     });
     let tokens = flow.poll(&code, &stop).await.map_err(device_failure)?;
     let tokens = links::device::token_set(tokens, Utc::now());
-    links::store_login(store.as_ref(), provider, user, &tokens, "cli")
-        .await
-        .context("storing the link")?;
+    links::store_login(
+        store.as_ref(),
+        provider,
+        user,
+        &tokens,
+        crate::telemetry::audit::Actor::Cli,
+    )
+    .await
+    .context("storing the link")?;
     println!(
         "linked {provider}/{user} (expires {})",
         super::show_time(tokens.expiry, "never")

@@ -240,7 +240,15 @@ impl DeviceLogins {
         let tokens = token_set(r, Utc::now());
         let mut wait = Duration::from_millis(200);
         for attempt in 1..=STORE_ATTEMPTS {
-            match super::store_login(self.store.as_ref(), provider, user, &tokens, "device").await {
+            match super::store_login(
+                self.store.as_ref(),
+                provider,
+                user,
+                &tokens,
+                crate::telemetry::audit::Actor::Device,
+            )
+            .await
+            {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < STORE_ATTEMPTS => {
                     tracing::warn!(provider, %user, error = %e, "cannot store the device-flow link yet; retrying");

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::config::ProviderConfig;
 use crate::oauth::revoke::Revoker;
 use crate::store::{LinkStore, LinkSummary, StoreError, TokenSet};
-use crate::telemetry::AUDIT_TARGET;
+use crate::telemetry::audit::{self, Actor, LinkChange};
 
 /// One link as `link status` and the admin API show it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -113,7 +113,7 @@ pub async fn store_login(
     provider: &str,
     user: Uuid,
     tokens: &TokenSet,
-    source: &str,
+    source: Actor,
 ) -> Result<(), StoreError> {
     let replaced = store
         .get_link(provider, user)
@@ -122,12 +122,15 @@ pub async fn store_login(
         .flatten()
         .is_some();
     store.put_link(provider, user, tokens).await?;
-    tracing::info!(
-        target: AUDIT_TARGET,
-        event = if replaced { "link_replaced" } else { "link_created" },
+    audit::link_changed(
         source,
+        if replaced {
+            LinkChange::Replaced
+        } else {
+            LinkChange::Created
+        },
         provider,
-        user = %user
+        user,
     );
     Ok(())
 }
@@ -173,7 +176,7 @@ pub async fn unlink(
     provider: &ProviderConfig,
     user: Uuid,
     keep_grant: bool,
-    source: &str,
+    source: Actor,
 ) -> Result<Option<Revocation>, StoreError> {
     let tokens: Option<(SecretString, SecretString)> =
         match store.get_link(&provider.id, user).await {
@@ -202,14 +205,12 @@ pub async fn unlink(
         // Deleted by someone else meanwhile: the link is gone either way.
         tracing::debug!(provider = %provider.id, %user, "link already deleted");
     }
-    tracing::info!(
-        target: AUDIT_TARGET,
-        event = "link_deleted",
+    audit::link_deleted(
         source,
-        provider = %provider.id,
-        user = %user,
-        revocation = revocation.as_str(),
-        revocation_error = revocation.error().unwrap_or("")
+        &provider.id,
+        user,
+        revocation.as_str(),
+        revocation.error(),
     );
     Ok(Some(revocation))
 }

@@ -36,7 +36,7 @@ use crate::oauth::authorize::{self, AuthorizeClient};
 use crate::oauth::ticket::{TicketKeys, MAX_TTL};
 use crate::store::login::{BeginLogin, LoginState, SpentTicket};
 use crate::store::{LinkStore, TokenSet};
-use crate::telemetry::AUDIT_TARGET;
+use crate::telemetry::audit::{self, Actor, LinkChange};
 
 /// How long a started sign-in (state, cookie) is accepted.
 pub const STATE_TTL: Duration = Duration::from_secs(600);
@@ -146,15 +146,7 @@ impl Login {
         match result {
             Ok(resp) => resp,
             Err(Outcome::Refused(r, user)) => {
-                tracing::info!(
-                    target: AUDIT_TARGET,
-                    event = "link_login_failed",
-                    source = "browser",
-                    provider,
-                    user = user.map(|u| u.to_string()),
-                    step = action,
-                    reason = r.code,
-                );
+                audit::link_login_failed(provider, user, action, r.code);
                 page::refused(&r.reason)
             }
             Err(Outcome::Answer(resp)) => resp,
@@ -343,12 +335,15 @@ impl Login {
             .put_link(provider, user, &tokens)
             .await
             .map_err(|_| unavailable())?;
-        tracing::info!(
-            target: AUDIT_TARGET,
-            event = if replaced { "link_replaced" } else { "link_created" },
-            source = "browser",
+        audit::link_changed(
+            Actor::Browser,
+            if replaced {
+                LinkChange::Replaced
+            } else {
+                LinkChange::Created
+            },
             provider,
-            user = %user,
+            user,
         );
         Ok(())
     }

@@ -84,6 +84,41 @@ pub fn link_changed(actor: Actor, change: LinkChange, provider: &str, user: Uuid
     );
 }
 
+/// Records a link deleted by `actor`, with what became of its grant at the
+/// provider (`revoked`, `kept`, `unsupported`, `failed`) and why a revocation
+/// failed (empty otherwise).
+pub fn link_deleted(
+    actor: Actor,
+    provider: &str,
+    user: Uuid,
+    revocation: &str,
+    revocation_error: Option<&str>,
+) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = LinkChange::Deleted.event(),
+        source = actor.as_str(),
+        provider,
+        user = %user,
+        revocation,
+        revocation_error = revocation_error.unwrap_or("")
+    );
+}
+
+/// Records a refused browser sign-in: the `step` (`login` or `callback`) and the
+/// refusal's code; `user` when the state or ticket named one. Nothing was stored.
+pub fn link_login_failed(provider: &str, user: Option<Uuid>, step: &str, reason: &str) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "link_login_failed",
+        source = Actor::Browser.as_str(),
+        provider,
+        user = user.map(|u| u.to_string()),
+        step,
+        reason
+    );
+}
+
 /// Records a proxy token created by `actor` (its id, never its value).
 pub fn proxy_token_created(actor: Actor, token_id: Uuid, user: Uuid) {
     tracing::info!(

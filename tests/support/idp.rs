@@ -701,7 +701,20 @@ async fn answer(
                 "authorization_endpoint": format!("{base}/oauth/authorize"),
                 "token_endpoint": format!("{base}/oauth/token"),
                 "device_authorization_endpoint": format!("{base}/oauth/device"),
+                // RFC 8414 §2 / RFC 7009: where real providers (Google, Entra,
+                // Keycloak, GitLab) name their revocation endpoint.
+                "revocation_endpoint": format!("{base}/oauth/revoke"),
                 "jwks_uri": format!("{base}/oauth/jwks"),
+                "response_types_supported": ["code"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "grant_types_supported": [
+                    "authorization_code",
+                    "refresh_token",
+                    "urn:ietf:params:oauth:grant-type:device_code"
+                ],
+                "code_challenge_methods_supported": ["S256"],
+                "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             }),
         );
     }
