@@ -51,6 +51,9 @@ pub struct Login {
     clients: HashMap<String, AuthorizeClient>,
     tickets: Option<TicketKeys>,
     store: Arc<dyn LinkStore>,
+    /// Told about each link a sign-in stores, so this replica's next request
+    /// does not wait for the change notification to forget "no link".
+    tokens: Option<Arc<dyn super::TokenLookup>>,
 }
 
 /// A refused sign-in: the page's reason, and the audit line's.
@@ -71,6 +74,12 @@ fn sha256_hex(s: &str) -> String {
 }
 
 impl Login {
+    /// Tells `tokens` about every link a sign-in stores.
+    pub fn with_tokens(mut self, tokens: Arc<dyn super::TokenLookup>) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
     /// Sign-in as `config` describes it; `None` without `server.public_url`.
     pub fn from_config(config: &Config, store: Arc<dyn LinkStore>) -> anyhow::Result<Option<Self>> {
         let Some(public_url) = config.server.public_url.clone() else {
@@ -88,6 +97,7 @@ impl Login {
             clients,
             tickets: TicketKeys::derive(&config.encryption_keys()),
             store,
+            tokens: None,
         }))
     }
 
@@ -335,6 +345,9 @@ impl Login {
             .put_link(provider, user, &tokens)
             .await
             .map_err(|_| unavailable())?;
+        if let Some(tokens) = &self.tokens {
+            tokens.link_changed(provider, user).await;
+        }
         audit::link_changed(
             Actor::Browser,
             if replaced {

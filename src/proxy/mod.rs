@@ -88,6 +88,9 @@ pub trait TokenLookup: Send + Sync + 'static {
     ) -> Result<(AccessToken, bool), TokenError> {
         self.get(provider, user).await.map(|t| (t, false))
     }
+    /// This process just wrote `user`'s link at `provider` (a sign-in): forget
+    /// what was cached or remembered for it. Doubles may ignore it.
+    async fn link_changed(&self, _provider: &str, _user: Uuid) {}
     /// Where background link work (device-flow polls) runs and the token that
     /// stops it at shutdown; `None` = a private tracker, never stopped.
     fn shutdown_handles(
@@ -122,6 +125,9 @@ impl TokenLookup for TokenSource {
         user: Uuid,
     ) -> Result<(AccessToken, bool), TokenError> {
         TokenSource::refresh_now(self, provider, user).await
+    }
+    async fn link_changed(&self, provider: &str, user: Uuid) {
+        TokenSource::link_changed(self, provider, user).await;
     }
     fn shutdown_handles(
         &self,
@@ -173,7 +179,10 @@ impl Pipeline {
                 deps.store.clone(),
                 config.providers.iter().map(|p| p.id.clone()).collect(),
             )
-            .with_login(login::Login::from_config(config, deps.store.clone())?)
+            .with_login(
+                login::Login::from_config(config, deps.store.clone())?
+                    .map(|l| l.with_tokens(deps.tokens.clone())),
+            )
             .with_device(device_logins(deps)),
             coder_login_base: config.coder.as_ref().and_then(|c| c.login_url("")),
             tokens: deps.tokens.clone(),

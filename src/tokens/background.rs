@@ -82,7 +82,7 @@ async fn listen(inner: Arc<Inner>, shutdown: CancellationToken) {
 }
 
 /// Applies one change announcement to the cache.
-async fn apply(inner: &Inner, event: ChangeEvent) {
+pub(super) async fn apply(inner: &Inner, event: ChangeEvent) {
     match event {
         ChangeEvent::Link {
             provider_id,

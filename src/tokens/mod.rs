@@ -574,6 +574,20 @@ impl TokenSource {
         done
     }
 
+    /// Applies a change this process just wrote to `provider`/`user`'s link
+    /// (a sign-in), as its change notification will: the next lookup reads the
+    /// new row instead of a remembered "no link" from before it.
+    pub async fn link_changed(&self, provider_id: &str, user: Uuid) {
+        background::apply(
+            &self.inner,
+            crate::store::ChangeEvent::Link {
+                provider_id: provider_id.to_string(),
+                user_id: user,
+            },
+        )
+        .await;
+    }
+
     /// Drops every cached token (the next lookups re-read the store).
     pub fn clear_cache(&self) {
         self.inner.cache.clear();
