@@ -102,6 +102,12 @@ pub enum StartError {
     Provider(#[from] DeviceError),
 }
 
+/// Called with (provider, user) once a device-flow link is stored: the wiring
+/// hands it to the token source, so this replica's next request reads the new
+/// link instead of a "no link" remembered from before.
+pub type OnLinked =
+    Arc<dyn Fn(String, Uuid) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// The device-flow logins of this replica.
 pub struct DeviceLogins {
     store: Arc<dyn LinkStore>,
@@ -111,9 +117,16 @@ pub struct DeviceLogins {
     starting: tokio::sync::Mutex<()>,
     tasks: TaskTracker,
     stop: CancellationToken,
+    on_linked: Option<OnLinked>,
 }
 
 impl DeviceLogins {
+    /// Calls `f` after every link a device flow stores.
+    pub fn with_on_linked(mut self, f: OnLinked) -> Self {
+        self.on_linked = Some(f);
+        self
+    }
+
     /// Device logins for the providers that have a device endpoint. Polls run on
     /// `tasks` and stop between polls once `stop` is cancelled.
     pub fn new(
@@ -137,6 +150,7 @@ impl DeviceLogins {
             flows,
             state: parking_lot::Mutex::new(HashMap::new()),
             starting: tokio::sync::Mutex::new(()),
+            on_linked: None,
             tasks,
             stop,
         }
@@ -249,7 +263,12 @@ impl DeviceLogins {
             )
             .await
             {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if let Some(f) = &self.on_linked {
+                        f(provider.to_string(), user).await;
+                    }
+                    return Ok(());
+                }
                 Err(e) if attempt < STORE_ATTEMPTS => {
                     tracing::warn!(provider, %user, error = %e, "cannot store the device-flow link yet; retrying");
                     tokio::time::sleep(wait).await;

@@ -209,12 +209,19 @@ impl Pipeline {
 /// waits for them.
 fn device_logins(deps: &Deps) -> Arc<crate::links::device::DeviceLogins> {
     let (tasks, stop) = deps.tokens.shutdown_handles().unwrap_or_default();
-    Arc::new(crate::links::device::DeviceLogins::new(
-        deps.store.clone(),
-        &deps.config.providers,
-        tasks,
-        stop,
-    ))
+    let tokens = deps.tokens.clone();
+    Arc::new(
+        crate::links::device::DeviceLogins::new(
+            deps.store.clone(),
+            &deps.config.providers,
+            tasks,
+            stop,
+        )
+        .with_on_linked(Arc::new(move |provider, user| {
+            let tokens = tokens.clone();
+            Box::pin(async move { tokens.link_changed(&provider, user).await })
+        })),
+    )
 }
 
 impl server::Handler for Pipeline {
