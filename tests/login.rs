@@ -369,6 +369,35 @@ async fn a_replayed_callback_changes_nothing(pool: PgPool) {
     );
 }
 
+/// The replica that completes a sign-in serves the new link at once, even
+/// though it answered `link_missing` (and remembered it) just before and no
+/// change notification reaches it.
+#[sqlx::test]
+async fn a_sign_in_is_served_at_once_by_its_replica_without_a_change_feed(pool: PgPool) {
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let api = api_for(&idp).await;
+    let providers = oauth_provider("gh", &idp, &api.url());
+    let proxy = world::replica_without_feed(&pool, &providers, "").await;
+    let (_, auth) = caller(&proxy).await;
+    let before = get(&proxy.url("/gh/api/user"), &[("authorization", &auth)]).await;
+    before.assert_error(403, "link_missing");
+    let s = start(
+        &proxy,
+        "/_tokenproxy/oauth/gh/login",
+        &[("authorization", &auth)],
+    )
+    .await;
+    let back = idp
+        .submit_login(&s.authorize_url, Uuid::new_v4(), true)
+        .await;
+    assert_eq!(callback(&proxy, &back, Some(&s.cookie)).await.status, 200);
+    let after = get(&proxy.url("/gh/api/user"), &[("authorization", &auth)]).await;
+    assert_eq!(
+        after.status, 200,
+        "the remembered link_missing outlived the sign-in"
+    );
+}
+
 #[sqlx::test]
 async fn signed_login_urls_work_once_for_their_user_and_provider(pool: PgPool) {
     let w = world(&pool).await;

@@ -115,6 +115,23 @@ pub async fn replica_behind(
     extra: &str,
     public: Option<SocketAddr>,
 ) -> Replica {
+    replica_with(pool, providers, extra, public, true).await
+}
+
+/// [`replica`] without the token source's background work (no change feed):
+/// what it knows of a link changes only through its own code paths.
+#[allow(dead_code)]
+pub async fn replica_without_feed(pool: &PgPool, providers: &str, extra: &str) -> Replica {
+    replica_with(pool, providers, extra, None, false).await
+}
+
+async fn replica_with(
+    pool: &PgPool,
+    providers: &str,
+    extra: &str,
+    public: Option<SocketAddr>,
+    feed: bool,
+) -> Replica {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let public = public.unwrap_or(addr);
@@ -142,7 +159,9 @@ pub async fn replica_behind(
     )
     .unwrap();
     let stop = CancellationToken::new();
-    tokens.spawn_background(stop.clone());
+    if feed {
+        tokens.spawn_background(stop.clone());
+    }
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let deps = Deps {
         config: Arc::new(config),
