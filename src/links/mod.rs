@@ -115,12 +115,12 @@ pub async fn store_login(
     tokens: &TokenSet,
     source: Actor,
 ) -> Result<(), StoreError> {
-    let replaced = store
-        .get_link(provider, user)
-        .await
-        .ok()
-        .flatten()
-        .is_some();
+    let replaced = match store.get_link(provider, user).await {
+        Ok(l) => l.is_some(),
+        // A row we cannot decrypt is still a row being replaced.
+        Err(StoreError::Decrypt { .. }) => true,
+        Err(_) => false,
+    };
     store.put_link(provider, user, tokens).await?;
     audit::link_changed(
         source,

@@ -23,7 +23,7 @@ use base64::Engine;
 use chrono::Utc;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use url::Url;
 use uuid::Uuid;
@@ -35,8 +35,8 @@ use crate::config::Config;
 use crate::oauth::authorize::{self, AuthorizeClient};
 use crate::oauth::ticket::{TicketKeys, MAX_TTL};
 use crate::store::login::{BeginLogin, LoginState, SpentTicket};
-use crate::store::{LinkStore, TokenSet};
-use crate::telemetry::audit::{self, Actor, LinkChange};
+use crate::store::LinkStore;
+use crate::telemetry::audit::{self, Actor};
 
 /// How long a started sign-in (state, cookie) is accepted.
 pub const STATE_TTL: Duration = Duration::from_secs(600);
@@ -326,38 +326,13 @@ impl Login {
         user: Uuid,
         t: crate::oauth::Refreshed,
     ) -> Result<(), Outcome> {
-        let tokens = TokenSet {
-            access_token: t.access_token,
-            refresh_token: t.refresh_token.unwrap_or_else(|| SecretString::from("")),
-            expiry: t
-                .expires_in
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| Utc::now() + d),
-            extra: t.extra,
-        };
-        let replaced = match self.store.get_link(provider, user).await {
-            Ok(l) => l.is_some(),
-            // A row we cannot decrypt is still a row being replaced.
-            Err(crate::store::StoreError::Decrypt { .. }) => true,
-            Err(_) => return Err(unavailable()),
-        };
-        self.store
-            .put_link(provider, user, &tokens)
+        let tokens = crate::links::device::token_set(t, Utc::now());
+        crate::links::store_login(&*self.store, provider, user, &tokens, Actor::Browser)
             .await
             .map_err(|_| unavailable())?;
         if let Some(tokens) = &self.tokens {
             tokens.link_changed(provider, user).await;
         }
-        audit::link_changed(
-            Actor::Browser,
-            if replaced {
-                LinkChange::Replaced
-            } else {
-                LinkChange::Created
-            },
-            provider,
-            user,
-        );
         Ok(())
     }
 
