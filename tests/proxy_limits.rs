@@ -440,8 +440,9 @@ fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn failed_authentication_is_rate_limited_per_source_and_per_credential(pool: PgPool) {
+/// A proxy allowing 3 failed authentications a minute, with a caller's good
+/// `Authorization` value and a well-formed forged one.
+async fn limited_world(pool: PgPool) -> (World, String, String) {
     let w = world(
         pool,
         "",
@@ -449,10 +450,16 @@ async fn failed_authentication_is_rate_limited_per_source_and_per_credential(poo
         "",
     )
     .await;
-    let addr = w.proxy.addr;
     let good = format!("Bearer {}", w.token);
     let (forged, _) = tokenproxy::proxy::caller::generate_token();
     let bad = format!("Bearer {}", secrecy::ExposeSecret::expose_secret(&forged));
+    (w, good, bad)
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn failed_authentication_is_rate_limited_per_source_and_per_credential(pool: PgPool) {
+    let (w, good, bad) = limited_world(pool).await;
+    let addr = w.proxy.addr;
     // No credential at all is the protocol (git asks after a 401): never limited.
     for _ in 0..5 {
         let r = get_from(LOCAL2, addr, None).await;
@@ -484,17 +491,8 @@ async fn failed_authentication_is_rate_limited_per_source_and_per_credential(poo
 /// counts against the same limit.
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn failed_authentication_on_tokenproxys_own_endpoints_is_rate_limited(pool: PgPool) {
-    let w = world(
-        pool,
-        "",
-        "auth_failure_limit = 3\nauth_failure_window = \"1m\"",
-        "",
-    )
-    .await;
+    let (w, good, bad) = limited_world(pool).await;
     let addr = w.proxy.addr;
-    let good = format!("Bearer {}", w.token);
-    let (forged, _) = tokenproxy::proxy::caller::generate_token();
-    let bad = format!("Bearer {}", secrecy::ExposeSecret::expose_secret(&forged));
     let links = "/_tokenproxy/links";
     for _ in 0..3 {
         let r = get_path_from(LOCAL, addr, links, Some(&bad)).await;
