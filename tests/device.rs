@@ -171,6 +171,30 @@ async fn an_approved_device_flow_stores_the_link_once(pool: PgPool) {
     s.idp.assert_grants(1, 1, 0);
 }
 
+/// The harness runs no change feed, so the only way the token source can learn
+/// of the new link is the device flow telling it. Without that, the "no link"
+/// it remembered before the login answers `link_missing` until a NOTIFY arrives.
+#[sqlx::test]
+async fn a_device_login_is_served_at_once_by_its_replica_without_a_change_feed(pool: PgPool) {
+    let s = setup(pool).await;
+    assert!(
+        matches!(
+            s.source.get("idp", s.user).await,
+            Err(tokenproxy::tokens::TokenError::LinkMissing)
+        ),
+        "no link yet"
+    );
+    let code = s.start().await["user_code"].as_str().unwrap().to_string();
+    s.idp.device_approve(&code, s.user);
+    s.wait_status("linked").await;
+    let served = s
+        .source
+        .get("idp", s.user)
+        .await
+        .expect("the remembered link_missing outlived the device login");
+    assert!(s.idp.is_valid_access_token(served.expose_secret()));
+}
+
 #[sqlx::test]
 async fn a_denied_device_flow_stores_nothing(pool: PgPool) {
     let s = setup(pool).await;
