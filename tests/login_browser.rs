@@ -14,10 +14,9 @@ mod world;
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
-use harness::{create_token, free_port, get};
+use harness::{create_token, get};
 use sqlx::PgPool;
 use support::idp::{Idp, IdpOptions};
 use uuid::Uuid;
@@ -36,25 +35,17 @@ impl Drop for Driver {
 }
 
 async fn chromedriver() -> Driver {
-    let port = free_port();
-    let child = tokio::process::Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
+    let mut child = tokio::process::Command::new("chromedriver")
+        // Port 0: it prints the port it bound ("started successfully on port N").
+        .arg("--port=0")
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("chromedriver is installed (Debian's chromium-driver; scripts/test installs it)");
-    // It announces nothing we can await but its port: poll it, 10 s at most.
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Driver { child, port };
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("chromedriver did not listen on port {port} within 10 s");
+    let stdout = child.stdout.take().unwrap();
+    let port = support::net::announced_port(stdout, "started successfully on port ").await;
+    Driver { child, port }
 }
 
 /// `tokenproxy link login-url`, as an operator runs it, against `config`.

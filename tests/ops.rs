@@ -310,34 +310,29 @@ async fn a_real_prometheus_scrape_counts_the_requests_sent(pool: PgPool) {
         ),
     )
     .unwrap();
-    let web: std::net::SocketAddr = format!("127.0.0.1:{}", harness::free_port())
-        .parse()
-        .unwrap();
-    let child = tool("prometheus")
+    let mut child = tokio::process::Command::from(tool("prometheus"))
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
             "--storage.tsdb.path={}",
             dir.path().join("data").display()
         ))
-        .arg(format!("--web.listen-address={web}"))
+        // Port 0: Prometheus logs the port it bound (`msg="Listening on"`).
+        .arg("--web.listen-address=127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _prometheus = Kill(child);
+    let stderr = child.stderr.take().unwrap();
+    let port =
+        support::net::announced_port(stderr, "msg=\"Listening on\" address=127.0.0.1:").await;
+    let web = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let _prometheus = child;
     // Prometheus' own readiness endpoint answers once it can take queries.
     let ready = format!("http://{web}/-/ready");
     for _ in 0..240 {
-        if tokio::net::TcpStream::connect(web).await.is_ok() && get(&ready, &[]).await.status == 200
-        {
+        if get(&ready, &[]).await.status == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
