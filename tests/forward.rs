@@ -15,7 +15,9 @@
 mod harness;
 mod support;
 
-use support::forward::{ca_init, forward_section};
+use support::forward::{
+    ca_init, connect, forward_section, get_in_tunnel, read_response, tls_trusting_anything,
+};
 
 use support::util::{basic, git};
 
@@ -29,7 +31,7 @@ use support::upstream::{tokens, CredentialForm, GitServer, TestCa, TestUpstream}
 use tokenproxy::crypto::Keyring;
 use tokenproxy::store::postgres::PgStore;
 use tokenproxy::store::LinkStore;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
@@ -236,43 +238,6 @@ async fn untrusted_upstream_gets_nothing(pool: PgPool) {
         0,
         "no request, so no Authorization, arrived"
     );
-}
-
-/// Reads one HTTP/1.1 response (head and a Content-Length body) from `stream`.
-async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> (u16, String) {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = stream.read(&mut byte).await.unwrap();
-        assert_eq!(
-            n,
-            1,
-            "connection closed mid-head: {}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.unwrap();
-    (harness::raw_status(&head), head)
-}
-
-async fn connect(stream: &mut TcpStream, target: &str, auth: Option<&str>) -> (u16, String) {
-    let auth = auth
-        .map(|a| format!("Proxy-Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    read_response(stream).await
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
@@ -722,53 +687,6 @@ token_url = "http://127.0.0.1:9/token"
     assert_eq!(up.count(), 4);
 }
 
-/// Accepts any server certificate: lets a test see what the proxy does after a
-/// ClientHello, without the client's own name check deciding first.
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Opens a CONNECT tunnel to `API_HOST:443` and starts TLS inside it naming
 /// `sni`, trusting any certificate (see [`AnyCert`]).
 async fn tls_in_tunnel(
@@ -783,29 +701,12 @@ async fn tls_in_tunnel(
     )
     .await;
     assert_eq!(status, 200, "{head}");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, s);
-    tokio::time::timeout(std::time::Duration::from_secs(30), handshake)
-        .await
-        .expect("the proxy answered the ClientHello (bounded wait)")
-}
-
-/// One HTTP/1.1 GET on an open tunnel, naming `host`.
-async fn get_in_tunnel<S: AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    tls: &mut S,
-    path: &str,
-    host: &str,
-) -> (u16, String) {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
-    tls.write_all(req.as_bytes()).await.unwrap();
-    read_response(tls).await
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tls_trusting_anything(s, sni),
+    )
+    .await
+    .expect("the proxy answered the ClientHello (bounded wait)")
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
