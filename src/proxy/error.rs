@@ -14,19 +14,6 @@ use super::headers::ERROR_HEADER;
 use super::ProxyBody;
 use crate::tokens::TokenError;
 
-/// Where a failure originated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSource {
-    /// The caller's request or credential.
-    Caller,
-    /// The identity provider (token endpoint).
-    Provider,
-    /// The link store.
-    Store,
-    /// The upstream the request was meant for.
-    Upstream,
-}
-
 /// Why tokenproxy answered a request itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -122,41 +109,6 @@ impl ProxyError {
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
-    }
-
-    /// Which side the failure came from.
-    pub fn source_side(&self) -> ErrorSource {
-        match self {
-            Self::Unauthenticated
-            | Self::ProxyAuthRequired
-            | Self::Forbidden
-            | Self::NoRoute
-            | Self::HostNotAllowed
-            | Self::BadRequest(_)
-            | Self::MethodNotAllowed
-            | Self::MethodNotAllowedHere(_)
-            | Self::RateLimited(_)
-            | Self::Token(TokenError::LinkMissing) => ErrorSource::Caller,
-            Self::Token(TokenError::ReauthRequired | TokenError::IdpUnavailable) => {
-                ErrorSource::Provider
-            }
-            Self::Token(TokenError::StoreUnavailable) | Self::StoreUnavailable => {
-                ErrorSource::Store
-            }
-            Self::UpstreamUnavailable | Self::UpstreamTimeout => ErrorSource::Upstream,
-        }
-    }
-
-    /// Whether the same request might succeed if the caller tries again later.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::Token(TokenError::IdpUnavailable | TokenError::StoreUnavailable)
-                | Self::StoreUnavailable
-                | Self::UpstreamUnavailable
-                | Self::UpstreamTimeout
-                | Self::RateLimited(_)
-        )
     }
 
     /// The response tokenproxy sends for this error. `provider` is the route's

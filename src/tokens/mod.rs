@@ -588,12 +588,6 @@ impl TokenSource {
         .await;
     }
 
-    /// Drops every cached token (the next lookups re-read the store).
-    pub fn clear_cache(&self) {
-        self.inner.cache.clear();
-        self.inner.negative.invalidate_all();
-    }
-
     async fn wait(&self, key: Key, want: flight::Want) -> Result<AccessToken, TokenError> {
         let served = flight::run(&self.inner, key, want).await?;
         if served.exchanged {
