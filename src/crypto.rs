@@ -115,6 +115,18 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// Whether two secrets (or their digests) are equal, in time that depends on
+/// their length only: every comparison of a secret goes through here.
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
+}
+
+/// [`same_bytes`] for text.
+pub fn same_text(a: &str, b: &str) -> bool {
+    same_bytes(a.as_bytes(), b.as_bytes())
+}
+
 /// `Coder` key id: first 7 hex chars of SHA-256("aes256gcm" || key).
 pub fn coder_key_id(key: &[u8; 32]) -> String {
     digest_prefix(b"aes256gcm", key, CODER_ID_LEN)

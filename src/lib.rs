@@ -4,7 +4,7 @@
 //!
 //! Modules follow the request, top to bottom; nothing low imports from higher up:
 //! `cli` → `proxy`/`admin` → `links` → `tokens` → `oauth`/`store` → `crypto`, with
-//! `config` and `telemetry` usable everywhere.
+//! `config`, `telemetry` and `tls` usable everywhere.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -17,4 +17,5 @@ pub mod oauth;
 pub mod proxy;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;

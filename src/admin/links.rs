@@ -149,14 +149,13 @@ pub async fn handle<B>(req: &Request<B>, api: &LinkApi, store: &dyn LinkStore) -
 }
 
 fn authorized<B>(req: &Request<B>, expected: &[u8; 32]) -> bool {
-    use subtle::ConstantTimeEq;
     let presented = req
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-    presented.is_some_and(|p| bool::from(p.ct_eq(expected)))
+    presented.is_some_and(|p| crate::crypto::same_bytes(&p, expected))
 }
 
 fn bad_request(message: &str) -> Answer {

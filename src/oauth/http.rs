@@ -60,23 +60,10 @@ pub struct HttpClient {
 impl HttpClient {
     /// Builds a client trusting the webpki roots plus the PEM certificates in `extra_ca`.
     pub fn new(extra_ca: Option<&Path>) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = extra_ca {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read CA file {}: {}", path.display(), e.kind()))?;
-            let mut n = 0;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|_| format!("bad PEM in {}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(format!("no certificate in {}", path.display()));
-            }
-        }
+        let roots = crate::tls::roots(extra_ca).map_err(|m| match extra_ca {
+            Some(path) => format!("CA file {}: {m}", path.display()),
+            None => m,
+        })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -115,9 +102,9 @@ impl HttpClient {
         let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
         let resp = self.inner.request(req).await.map_err(|e| {
             if e.is_connect() {
-                HttpError::Connect(error_chain(&e))
+                HttpError::Connect(crate::telemetry::error_chain(&e))
             } else {
-                HttpError::Interrupted(error_chain(&e))
+                HttpError::Interrupted(crate::telemetry::error_chain(&e))
             }
         })?;
         let (parts, body) = resp.into_parts();
@@ -262,17 +249,6 @@ fn normalize_token_fields(map: &mut serde_json::Map<String, serde_json::Value>) 
             map.remove("refresh_token");
         }
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

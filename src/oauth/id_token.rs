@@ -126,9 +126,8 @@ impl IdTokenVerifier {
                 _ => "the id_token is not valid".to_string(),
             }
         })?;
-        use subtle::ConstantTimeEq;
         let got = data.claims.nonce.as_deref().unwrap_or_default();
-        if nonce.is_empty() || !bool::from(got.as_bytes().ct_eq(nonce.as_bytes())) {
+        if nonce.is_empty() || !crate::crypto::same_text(got, nonce) {
             return Err("the id_token's nonce is not the one this sign-in sent".into());
         }
         Ok(data.claims)

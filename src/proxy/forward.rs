@@ -197,7 +197,7 @@ fn answer(
         )),
         (Err(e), None) => {
             // hyper's errors describe the connection, never header values.
-            tracing::debug!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
+            tracing::debug!(error = %crate::telemetry::error_chain(&e), connect = e.is_connect(), "upstream request failed");
             Err(ProxyError::UpstreamUnavailable)
         }
     }
@@ -217,38 +217,12 @@ fn client_set(server: &ServerConfig, keys: &[ClientKey]) -> Result<ClientSet, Cl
     Ok(clients)
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// The TLS roots: webpki's, plus the certificates in `extra_ca`.
 fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, ClientSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_ca {
-        let ca_err = |message: String| ClientSetupError::Ca {
-            path: path.to_path_buf(),
-            message,
-        };
-        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| ca_err(e.to_string()))?;
-            roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(ca_err("no PEM certificates found".into()));
-        }
-    }
-    Ok(roots)
+    crate::tls::roots(extra_ca).map_err(|message| ClientSetupError::Ca {
+        path: extra_ca.unwrap_or(Path::new("")).to_path_buf(),
+        message,
+    })
 }
 
 fn build_client(

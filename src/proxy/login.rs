@@ -274,10 +274,8 @@ impl Login {
             ));
         }
         let cookie = page::read_cookie(req.headers(), &page::cookie_name(provider));
-        let bound = cookie.is_some_and(|c| {
-            use subtle::ConstantTimeEq;
-            bool::from(sha256_hex(&c).as_bytes().ct_eq(row.browser_hash.as_bytes()))
-        });
+        let bound =
+            cookie.is_some_and(|c| crate::crypto::same_text(&sha256_hex(&c), &row.browser_hash));
         if !bound {
             return Err(fail(
                 "browser_mismatch",

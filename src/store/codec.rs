@@ -218,9 +218,10 @@ fn same_value(
         column,
     };
     let old = keyring.open_any(&old.0, ctx);
-    use subtle::ConstantTimeEq;
-    let (a, b) = (current.expose_secret(), old.expose_secret());
-    Ok(a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes())))
+    Ok(crate::crypto::same_text(
+        current.expose_secret(),
+        old.expose_secret(),
+    ))
 }
 
 /// After a missed compare-and-swap against `read`: if `row` (read after the
@@ -261,7 +262,5 @@ pub(super) fn rotates(
         column: REFRESH,
     };
     let old = keyring.open_any(&read.refresh.0, ctx);
-    use subtle::ConstantTimeEq;
-    let (a, b) = (old.expose_secret(), new.expose_secret());
-    !(a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes())))
+    !crate::crypto::same_text(old.expose_secret(), new.expose_secret())
 }

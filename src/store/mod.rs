@@ -74,8 +74,7 @@ impl std::fmt::Debug for StoredSecret {
 
 impl PartialEq for StoredSecret {
     fn eq(&self, other: &Self) -> bool {
-        use subtle::ConstantTimeEq;
-        self.0.len() == other.0.len() && bool::from(self.0.as_bytes().ct_eq(other.0.as_bytes()))
+        crate::crypto::same_text(&self.0, &other.0)
     }
 }
 impl Eq for StoredSecret {}

@@ -128,12 +128,17 @@ pub fn init_logging(cfg: &LoggingConfig, with_log: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A short, non-reversible fingerprint of a secret for logs (first 8 hex chars of
-/// its SHA-256), so operators can tell tokens apart without seeing them.
-pub fn fingerprint(secret: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(secret.as_bytes());
-    hex::encode(&digest[..4])
+/// An error and each of its sources, joined by ": " (hyper's and rustls' top-level
+/// messages alone rarely say what failed).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 #[cfg(test)]
