@@ -5,7 +5,7 @@
 //! thing happens: [`server`] (listener, limits, graceful shutdown), [`caller`]
 //! (who is calling), [`route`] (where the request goes, path safety), [`inject`]
 //! (attaching the credential), [`headers`] (hop-by-hop and forwarding headers),
-//! [`forward`] (the pooled upstream client), [`error`] (the one mapping from
+//! [`upstream`] (the pooled upstream client), [`error`] (the one mapping from
 //! failures to responses) and [`pipeline`] (the phases in order). Forward mode
 //! (`HTTPS_PROXY`) adds [`connect`] (CONNECT tunnels, interception) and [`ca`]
 //! (the CA minting leaf certificates); it is served on the same listener, which
@@ -39,7 +39,6 @@ pub mod connect;
 mod device;
 pub mod endpoints;
 pub mod error;
-pub mod forward;
 pub mod headers;
 pub mod inject;
 pub mod login;
@@ -51,6 +50,7 @@ pub mod reporting;
 pub mod route;
 pub mod server;
 pub mod slots;
+pub mod upstream;
 pub mod workers;
 
 pub use error::ProxyError;
@@ -163,7 +163,7 @@ impl Pipeline {
         let config = &deps.config;
         let router = route::Router::from_config(config)
             .map_err(|m| anyhow::anyhow!("providers.routes: {m}"))?;
-        let upstreams = forward::Upstreams::new(
+        let upstreams = upstream::Upstreams::new(
             &config.server,
             router.routes().iter().map(|r| r.client_key().clone()),
             workers,

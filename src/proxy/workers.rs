@@ -3,7 +3,7 @@
 //! `tokenproxy serve` runs the proxy listener on N worker threads, each with a
 //! single-threaded tokio runtime, its own `SO_REUSEPORT` socket on the listen
 //! address (the kernel spreads connections across them) and its own upstream
-//! connection pools (see [`super::forward::Upstreams`]). A request, the pooled
+//! connection pools (see [`super::upstream::Upstreams`]). A request, the pooled
 //! upstream connection it is sent on and the response all stay on one thread, so
 //! handing the request to the upstream connection's task is a queue push rather
 //! than waking another thread (a futex call and a scheduler switch per request
@@ -124,7 +124,7 @@ pub fn spawn<H: Handler>(
         let thread = std::thread::Builder::new()
             .name(format!("tokenproxy-worker-{index}"))
             .spawn(move || {
-                super::forward::set_worker_index(index);
+                super::upstream::set_worker_index(index);
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {

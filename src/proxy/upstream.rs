@@ -1,4 +1,5 @@
-//! Forward phase: the pooled upstream client.
+//! The pooled upstream client: how a request reaches the route's upstream (not
+//! "forward mode", the `HTTPS_PROXY` interception, which is `connect.rs`).
 //!
 //! One hyper-util pooled client per distinct trust configuration (the webpki
 //! roots, plus each route's extra `upstream_ca`), speaking HTTP/2 when the upstream
