@@ -684,6 +684,77 @@ fn providers_and_routes_come_from_coders_external_auth_variables() {
     assert!(e.contains("coder.database_url"), "{e}");
 }
 
+/// `CODER_EXTERNAL_AUTH_0_*` of a GitHub provider plus `extra`.
+fn github_env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    [
+        ("CODER_EXTERNAL_AUTH_0_ID", "github"),
+        ("CODER_EXTERNAL_AUTH_0_TYPE", "github"),
+        ("CODER_EXTERNAL_AUTH_0_CLIENT_ID", "Iv1.abc"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+const FORWARD_CODER: &str = "[coder]\nexternal_auth_from_env = true\n\
+    [forward]\nca_cert = \"/tmp/ca.pem\"\nca_key = \"/tmp/ca-key.pem\"\n";
+
+/// The forward-mode hosts of provider `github`, sorted, and how many routes it has.
+fn forward_hosts(extra: &[(&str, &str)]) -> Result<(Vec<String>, usize), String> {
+    let cfg = tokenproxy::config::Config::from_toml_with_env(FORWARD_CODER, &github_env(extra))
+        .map_err(|e| e.to_string())?;
+    let p = cfg.provider("github").unwrap();
+    let mut hosts: Vec<String> = p
+        .routes
+        .iter()
+        .flat_map(|r| r.hosts.iter().map(|h| h.host.clone()))
+        .collect();
+    hosts.sort();
+    Ok((hosts, p.routes.len()))
+}
+
+#[test]
+fn coders_regex_narrows_the_forward_hosts_a_provider_claims() {
+    // Without REGEX, the preset's hosts: the API and git.
+    let (all, routes) = forward_hosts(&[]).unwrap();
+    assert_eq!(all, ["api.github.com", "github.com"]);
+    // coderd's default GitHub regex names git remotes on github.com only: the API
+    // host is no longer intercepted, but its reverse-mode route stays.
+    let coder_default = r"^(https?://)?github\.com(/.*)?$";
+    let (hosts, kept) = forward_hosts(&[("CODER_EXTERNAL_AUTH_0_REGEX", coder_default)]).unwrap();
+    assert_eq!(hosts, ["github.com"]);
+    assert_eq!(kept, routes, "routes keep their prefixes");
+    // Unanchored, like Go's MatchString: `github\.com` matches both hosts.
+    let (hosts, _) = forward_hosts(&[("CODER_EXTERNAL_AUTH_0_REGEX", r"github\.com")]).unwrap();
+    assert_eq!(hosts, all);
+
+    // A regex no host matches, or one that does not compile: one line naming it.
+    for bad in [r"^https://gitlab\.example\.com/", "(unclosed"] {
+        let e = forward_hosts(&[("CODER_EXTERNAL_AUTH_0_REGEX", bad)]).unwrap_err();
+        assert!(
+            e.contains("CODER_EXTERNAL_AUTH_0_REGEX") && !e.contains('\n'),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn coders_validate_url_must_be_usable() {
+    let ok = [(
+        "CODER_EXTERNAL_AUTH_0_VALIDATE_URL",
+        "https://api.github.com/user",
+    )];
+    forward_hosts(&ok).unwrap();
+    for bad in ["not a url", "ftp://example.com/user"] {
+        let e = forward_hosts(&[("CODER_EXTERNAL_AUTH_0_VALIDATE_URL", bad)]).unwrap_err();
+        assert!(
+            e.contains("CODER_EXTERNAL_AUTH_0_VALIDATE_URL") && !e.contains('\n'),
+            "{e}"
+        );
+    }
+}
+
 #[sqlx::test(migrations = false)]
 async fn proxy_tokens_work_beside_agent_tokens_only_when_enabled(pool: PgPool) {
     use tokenproxy::config::CoderConfig;
