@@ -644,9 +644,10 @@ impl Config {
             ConfigError::new("config", format!("invalid TOML{at}: {msg}"))
         })?;
         let origins = override_table(&mut value, env)?;
-        coder::providers_from_env(&mut value, env)?;
+        let host_regexes = coder::providers_from_env(&mut value, env)?;
         text::refuse_control_characters(&value).map_err(|e| blame_override(e, &origins))?;
         let pending = crate::oauth::presets::expand(&mut value)?;
+        coder::restrict_hosts(&mut value, &host_regexes)?;
         let mut cfg: Config = SECRET_ENV
             .with(|cell| {
                 *cell.borrow_mut() = Some(env.to_vec());

@@ -81,13 +81,57 @@ async fn workspace(pool: &PgPool, owner: Uuid) -> Uuid {
     id
 }
 
+/// The state of a build's provisioner job, as coderd's generated `job_status`
+/// derives it from the job's timestamps and error.
+#[derive(Clone, Copy)]
+enum Job {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl Job {
+    /// `started_at`, `completed_at` and `error` giving this status.
+    fn columns(self) -> &'static str {
+        match self {
+            Job::Pending => "started_at = NULL, completed_at = NULL, error = NULL",
+            Job::Running => "started_at = now(), completed_at = NULL, error = NULL",
+            Job::Succeeded => "started_at = now(), completed_at = now(), error = NULL",
+            Job::Failed => "started_at = now(), completed_at = now(), error = 'apply failed'",
+        }
+    }
+}
+
 /// Build `number` of `workspace` with one resource and one agent, the way the
-/// provisioner records them (the resource belongs to the build's job); returns
-/// the agent's auth token.
+/// provisioner records them (the resource belongs to the build's job), its job
+/// succeeded; returns the agent's auth token.
 async fn build(pool: &PgPool, workspace: Uuid, number: i32, transition: &str) -> Uuid {
+    build_with_job(pool, workspace, number, transition, Job::Succeeded).await
+}
+
+/// [`build`] with its provisioner job in state `job`.
+async fn build_with_job(
+    pool: &PgPool,
+    workspace: Uuid,
+    number: i32,
+    transition: &str,
+    job_state: Job,
+) -> Uuid {
     let job = Uuid::new_v4();
     let resource = Uuid::new_v4();
     let token = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO provisioner_jobs (id, created_at, updated_at, organization_id, initiator_id) \
+         VALUES ($1, now(), now(), $2, $3)",
+    )
+    .bind(job)
+    .bind(Uuid::new_v4())
+    .bind(Uuid::new_v4())
+    .execute(pool)
+    .await
+    .unwrap();
+    set_job(pool, job, job_state).await;
     sqlx::query(
         "INSERT INTO workspace_builds (id, created_at, updated_at, workspace_id, \
          template_version_id, build_number, transition, initiator_id, job_id) \
@@ -127,6 +171,30 @@ async fn build(pool: &PgPool, workspace: Uuid, number: i32, transition: &str) ->
     token
 }
 
+/// Moves the provisioner job `job` to `state`.
+async fn set_job(pool: &PgPool, job: Uuid, state: Job) {
+    sqlx::query(&format!(
+        "UPDATE provisioner_jobs SET {} WHERE id = $1",
+        state.columns()
+    ))
+    .bind(job)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The job of build `number` of `workspace`.
+async fn job_of(pool: &PgPool, workspace: Uuid, number: i32) -> Uuid {
+    sqlx::query_scalar(
+        "SELECT job_id FROM workspace_builds WHERE workspace_id = $1 AND build_number = $2",
+    )
+    .bind(workspace)
+    .bind(number)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 #[sqlx::test(migrations = false)]
 async fn agent_token_resolves_to_the_workspace_owner_like_coderd(pool: PgPool) {
     coder_db(&pool).await;
@@ -162,6 +230,66 @@ async fn agent_token_resolves_to_the_workspace_owner_like_coderd(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(agent_owner(&pool, t).await.unwrap(), None);
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_start_agent_keeps_working_while_its_stop_build_runs_like_coderd(pool: PgPool) {
+    coder_db(&pool).await;
+    let owner = Uuid::new_v4();
+    let ws = workspace(&pool, owner).await;
+    let served = |t: Uuid| {
+        let pool = pool.clone();
+        async move { agent_owner(&pool, t).await.unwrap() == Some(owner) }
+    };
+
+    // The stop build is queued, then running: the start build's agent (for its
+    // shutdown scripts) still acts for the owner; the stop build's own agent too,
+    // since its build is the latest.
+    let start = build(&pool, ws, 1, "start").await;
+    let stop_agent = build_with_job(&pool, ws, 2, "stop", Job::Pending).await;
+    assert!(served(start).await, "stop build pending");
+    assert!(served(stop_agent).await, "the latest build's agent");
+    let stop_job = job_of(&pool, ws, 2).await;
+    set_job(&pool, stop_job, Job::Running).await;
+    assert!(served(start).await, "stop build running");
+    // The stop is over, whichever way it ended: the start agent is refused.
+    set_job(&pool, stop_job, Job::Succeeded).await;
+    assert!(!served(start).await, "stop build succeeded");
+    set_job(&pool, stop_job, Job::Failed).await;
+    assert!(!served(start).await, "stop build failed");
+
+    // Only the start build just before the stop: not an older one.
+    let older = build(&pool, ws, 3, "start").await;
+    let newer = build(&pool, ws, 4, "start").await;
+    build_with_job(&pool, ws, 5, "stop", Job::Running).await;
+    assert!(served(newer).await, "adjacent start build");
+    assert!(!served(older).await, "superseded start build");
+
+    // A start build whose job failed gets no exception.
+    let failed = build_with_job(&pool, ws, 6, "start", Job::Failed).await;
+    build_with_job(&pool, ws, 7, "stop", Job::Running).await;
+    assert!(!served(failed).await, "failed start build");
+
+    // A running delete is not a stop.
+    let last = build(&pool, ws, 8, "start").await;
+    build_with_job(&pool, ws, 9, "delete", Job::Running).await;
+    assert!(!served(last).await, "delete build running");
+
+    // A stop build after a stop build: the exception is for start agents only.
+    let stopped = build(&pool, ws, 10, "stop").await;
+    build_with_job(&pool, ws, 11, "stop", Job::Running).await;
+    assert!(!served(stopped).await, "stop agent before a stop build");
+
+    // The deleted-workspace rule still wins.
+    let final_start = build(&pool, ws, 12, "start").await;
+    build_with_job(&pool, ws, 13, "stop", Job::Running).await;
+    assert!(served(final_start).await);
+    exec(
+        &pool,
+        &format!("UPDATE workspaces SET deleted = TRUE WHERE id = '{ws}'"),
+    )
+    .await;
+    assert!(!served(final_start).await, "deleted workspace");
 }
 
 #[sqlx::test(migrations = false)]
@@ -330,6 +458,12 @@ async fn agent_tokens_act_for_the_workspace_owner_through_the_proxy(pool: PgPool
     let ws = workspace(&pool, owner).await;
     let old = build(&pool, ws, 1, "start").await;
     let agent = build(&pool, ws, 2, "start").await;
+    // A workspace shutting down: its start build's agent runs shutdown scripts
+    // while the stop build's job runs.
+    let stopping_owner = Uuid::new_v4();
+    let stopping_ws = workspace(&pool, stopping_owner).await;
+    let stopping = build(&pool, stopping_ws, 1, "start").await;
+    build_with_job(&pool, stopping_ws, 2, "stop", Job::Running).await;
     let gone_owner = Uuid::new_v4();
     let gone_ws = workspace(&pool, gone_owner).await;
     let gone = build(&pool, gone_ws, 1, "start").await;
@@ -342,6 +476,7 @@ async fn agent_tokens_act_for_the_workspace_owner_through_the_proxy(pool: PgPool
     let fake = FakeTokens::new();
     fake.set("github", owner, GH_TOKEN);
     fake.set("github", gone_owner, GH_TOKEN);
+    fake.set("github", stopping_owner, GH_TOKEN);
     let store = Arc::new(PgStore::from_pool(pool, Keyring::plaintext()));
     let proxy = Harness::start(agent_config(&api.url()), store, fake).await;
     let url = proxy.url("/gh/api/user");
@@ -360,8 +495,11 @@ async fn agent_tokens_act_for_the_workspace_owner_through_the_proxy(pool: PgPool
         let a = get(&url, &[h]).await;
         assert_eq!(a.status, 200, "{}", h.0);
     }
+    let shutdown = format!("Bearer {stopping}");
+    let a = get(&url, &[("authorization", shutdown.as_str())]).await;
+    assert_eq!(a.status, 200, "the start agent during its stop build");
     let seen = api.requests();
-    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.len(), 4);
     for r in &seen {
         assert_eq!(
             r.token.as_deref(),
@@ -389,7 +527,7 @@ async fn agent_tokens_act_for_the_workspace_owner_through_the_proxy(pool: PgPool
             .assert_error(401, "unauthenticated");
     }
     get(&url, &[]).await.assert_error(401, "unauthenticated");
-    assert_eq!(api.count(), 3, "refused callers never reach the upstream");
+    assert_eq!(api.count(), 4, "refused callers never reach the upstream");
 }
 
 #[test]
@@ -458,92 +596,6 @@ async fn start_up_check_refuses_what_coderd_would(pool: PgPool) {
         e.contains("acquire_external_auth_link_refresh_lease"),
         "{e}"
     );
-}
-
-#[test]
-fn providers_and_routes_come_from_coders_external_auth_variables() {
-    use tokenproxy::config::{Config, Inject};
-    let env: Vec<(String, String)> = [
-        ("CODER_EXTERNAL_AUTH_0_ID", "primary-github"),
-        ("CODER_EXTERNAL_AUTH_0_TYPE", "github"),
-        ("CODER_EXTERNAL_AUTH_0_CLIENT_ID", "Iv1.abc"),
-        ("CODER_EXTERNAL_AUTH_0_CLIENT_SECRET", "gh-secret"),
-        ("CODER_EXTERNAL_AUTH_1_ID", "gl"),
-        ("CODER_EXTERNAL_AUTH_1_TYPE", "gitlab"),
-        ("CODER_EXTERNAL_AUTH_1_CLIENT_ID", "gl-client"),
-        (
-            "CODER_EXTERNAL_AUTH_1_AUTH_URL",
-            "https://gitlab.example.com/oauth/authorize",
-        ),
-        (
-            "CODER_EXTERNAL_AUTH_1_TOKEN_URL",
-            "https://gitlab.example.com/oauth/token",
-        ),
-        ("CODER_EXTERNAL_AUTH_2_ID", "bb"),
-        ("CODER_EXTERNAL_AUTH_2_TYPE", "bitbucket-cloud"),
-        ("CODER_EXTERNAL_AUTH_2_CLIENT_ID", "bb-client"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let toml =
-        "[coder]\naccess_url = \"https://coder.example.com/\"\nexternal_auth_from_env = true\n";
-    let cfg = Config::from_toml_with_env(toml, &env).unwrap();
-    let ids: Vec<&str> = cfg.providers.iter().map(|p| p.id.as_str()).collect();
-    assert_eq!(ids, ["primary-github", "gl", "bb"]);
-    let git_user = |id: &str| {
-        cfg.provider(id)
-            .unwrap()
-            .routes
-            .iter()
-            .find_map(|r| match &r.inject {
-                Inject::BasicUsername(u) => Some(u.clone()),
-                _ => None,
-            })
-    };
-    // Coder's git usernames per type.
-    assert_eq!(
-        git_user("primary-github").as_deref(),
-        Some("x-access-token")
-    );
-    assert_eq!(git_user("gl").as_deref(), Some("oauth2"));
-    assert_eq!(git_user("bb").as_deref(), Some("x-token-auth"));
-    let gh = cfg.provider("primary-github").unwrap();
-    assert_eq!(
-        gh.client_secret.as_ref().unwrap().expose_secret(),
-        "gh-secret"
-    );
-    assert_eq!(
-        cfg.provider("gl").unwrap().token_url.as_str(),
-        "https://gitlab.example.com/oauth/token"
-    );
-    assert_eq!(
-        cfg.coder.as_ref().unwrap().login_url("gl").as_deref(),
-        Some("https://coder.example.com/external-auth/gl")
-    );
-
-    // A type without a preset needs its token URL; the error names the variable.
-    let mut odd = env.clone();
-    odd.push(("CODER_EXTERNAL_AUTH_3_ID".into(), "jfrog".into()));
-    odd.push(("CODER_EXTERNAL_AUTH_3_TYPE".into(), "jfrog".into()));
-    odd.push(("CODER_EXTERNAL_AUTH_3_CLIENT_ID".into(), "j".into()));
-    let e = Config::from_toml_with_env(toml, &odd)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("CODER_EXTERNAL_AUTH_3_TYPE") && !e.contains('\n'),
-        "{e}"
-    );
-
-    let slow = "[coder]\npoll_interval = \"5s\"\n";
-    let e = Config::from_toml_with_env(slow, &[])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("coder.poll_interval"), "{e}");
-    let e = Config::from_toml_with_env("[coder]\ndatabase_url = \"sqlite://x.db\"\n", &[])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("coder.database_url"), "{e}");
 }
 
 #[sqlx::test(migrations = false)]

@@ -366,3 +366,60 @@ async fn coderds_relink_and_delete_reach_every_replica_without_a_notify(pool: Pg
     })
     .await;
 }
+
+fn token_set(access: &str, refresh: &str) -> tokenproxy::store::TokenSet {
+    tokenproxy::store::TokenSet {
+        access_token: access.to_string().into(),
+        refresh_token: refresh.to_string().into(),
+        expiry: None,
+        extra: None,
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn writes_under_a_lease_coderd_took_over_do_not_apply(pool: PgPool) {
+    use tokenproxy::store::LeaseClaim;
+    coder_db(&pool).await;
+    let store = coder_store(&pool, CoderOptions::default()).await;
+    let user = Uuid::new_v4();
+    store
+        .put_link(P, user, &token_set("gho_old", "ghr_old"))
+        .await
+        .unwrap();
+    let link = store.get_link(P, user).await.unwrap().unwrap();
+    let claim = store
+        .claim_refresh_lease(P, user, &link.refresh_token_stored, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(claim, LeaseClaim::Acquired(_)), "{claim:?}");
+    // Our lease runs out (say the database was away) and coderd claims the row
+    // with its own function: it is now in the middle of its refresh.
+    sqlx::query(
+        "UPDATE external_auth_links SET refresh_lease_expires_at = now() - interval '1 second' \
+         WHERE provider_id = $1 AND user_id = $2",
+    )
+    .bind(P)
+    .bind(user)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT 1 FROM acquire_external_auth_link_refresh_lease($1, $2, 30000)")
+        .bind(P)
+        .bind(user)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // The token columns are still as we read them, so only coderd's lease fence
+    // keeps our late writes out of its refresh.
+    let new = token_set("gho_new", "ghr_new");
+    assert!(!store
+        .write_refreshed(P, user, &link.fence(), &new)
+        .await
+        .unwrap());
+    assert!(!store
+        .record_refresh_failure(P, user, &link.fence(), None, "invalid_grant")
+        .await
+        .unwrap());
+    let (refresh, reason) = row_refresh(&pool, user).await;
+    assert_eq!((refresh.as_str(), reason.as_str()), ("ghr_old", ""));
+}

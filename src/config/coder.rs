@@ -5,7 +5,8 @@
 //! configures both. That happens on the raw TOML, before presets are expanded:
 //! each Coder provider becomes a provider with the matching preset, whose
 //! routes and git username (GitHub `x-access-token`, GitLab `oauth2`,
-//! Bitbucket `x-token-auth`) the preset supplies.
+//! Bitbucket `x-token-auth`) the preset supplies. A provider's `REGEX` then
+//! narrows the forward-mode hosts its routes claim ([`restrict_hosts`]).
 
 use std::time::Duration;
 
@@ -143,17 +144,20 @@ const TYPES: &[(&str, &str, &str)] = &[
 /// coderd numbers them). A provider the file already defines (same id) is kept
 /// as written. The client secret stays an `env:` reference, so it is resolved
 /// like any other secret and never copied.
+///
+/// Returns the `REGEX` of each provider it added, for [`restrict_hosts`] once
+/// the presets have made their routes.
 pub(super) fn providers_from_env(
     table: &mut toml::Table,
     env: &[(String, String)],
-) -> Result<(), ConfigError> {
+) -> Result<Vec<HostRegex>, ConfigError> {
     let on = table
         .get("coder")
         .and_then(|c| c.get("external_auth_from_env"))
         .and_then(toml::Value::as_bool)
         .unwrap_or(false);
     if !on {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let get = |n: usize, k: &str| {
         let name = format!("CODER_EXTERNAL_AUTH_{n}_{k}");
@@ -162,9 +166,11 @@ pub(super) fn providers_from_env(
             .map(|(_, v)| v.clone())
     };
     let mut built = Vec::new();
+    let mut regexes = Vec::new();
     for n in 0.. {
         let Some(id) = get(n, "ID") else { break };
-        built.push(provider_from_env(n, id, &get)?);
+        let regex = host_regex(n, &id, &get)?;
+        built.push((provider_from_env(n, id, &get)?, regex));
     }
     let providers = table
         .entry("providers")
@@ -172,10 +178,108 @@ pub(super) fn providers_from_env(
     let Some(list) = providers.as_array_mut() else {
         return Err(ConfigError::new("providers", "must be an array of tables"));
     };
-    for p in built {
+    for (p, regex) in built {
         let id = p.get("id").cloned();
         if !list.iter().any(|q| q.get("id") == id.as_ref()) {
             list.push(toml::Value::Table(p));
+            regexes.extend(regex);
+        }
+    }
+    Ok(regexes)
+}
+
+/// A provider's `CODER_EXTERNAL_AUTH_<n>_REGEX`, compiled.
+pub(super) struct HostRegex {
+    /// The provider it belongs to.
+    id: String,
+    /// The variable it came from, for errors.
+    var: String,
+    regex: regex::Regex,
+}
+
+/// Compiles `REGEX` (coderd compiles it with Go's RE2 `regexp`, whose syntax the
+/// `regex` crate shares) and checks `VALIDATE_URL`, which tokenproxy does not
+/// call but refuses when coderd could not use it either.
+fn host_regex(
+    n: usize,
+    id: &str,
+    get: &dyn Fn(usize, &str) -> Option<String>,
+) -> Result<Option<HostRegex>, ConfigError> {
+    let var = |k: &str| format!("CODER_EXTERNAL_AUTH_{n}_{k}");
+    if let Some(u) = get(n, "VALIDATE_URL") {
+        Url::parse(&u)
+            .map_err(|e| e.to_string())
+            .and_then(|u| check_http_url(&u))
+            .map_err(|m| ConfigError::new(var("VALIDATE_URL"), format!("not a usable URL: {m}")))?;
+    }
+    let Some(text) = get(n, "REGEX") else {
+        return Ok(None);
+    };
+    let regex = regex::Regex::new(&text).map_err(|e| {
+        // The crate's message draws the pattern over several lines; keep its
+        // last line, the reason.
+        let reason = e.to_string();
+        let reason = reason.lines().last().unwrap_or_default().trim().to_string();
+        ConfigError::new(var("REGEX"), format!("does not compile: {reason}"))
+    })?;
+    Ok(Some(HostRegex {
+        id: id.to_owned(),
+        var: var("REGEX"),
+        regex,
+    }))
+}
+
+/// Applies each `REGEX` to its provider's forward-mode routes, after the presets
+/// made them. coderd matches the regex against a git remote URL to pick the
+/// provider serving it; tokenproxy picks a route by the target host before any
+/// path is seen, so a host stays claimed by the provider only when the regex
+/// matches `https://<host>` or `https://<host>/`. A route left without hosts
+/// keeps its reverse-mode prefix. A regex that keeps none of the provider's
+/// forward hosts is refused: the provider would silently serve nothing.
+pub(super) fn restrict_hosts(
+    table: &mut toml::Table,
+    regexes: &[HostRegex],
+) -> Result<(), ConfigError> {
+    let Some(list) = table.get_mut("providers").and_then(|p| p.as_array_mut()) else {
+        return Ok(());
+    };
+    for rx in regexes {
+        let Some(routes) = list
+            .iter_mut()
+            .find(|p| p.get("id").and_then(toml::Value::as_str) == Some(rx.id.as_str()))
+            .and_then(|p| p.get_mut("routes"))
+            .and_then(|r| r.as_array_mut())
+        else {
+            continue;
+        };
+        let (mut before, mut kept) = (Vec::new(), 0);
+        for route in routes.iter_mut().filter_map(|r| r.as_table_mut()) {
+            let Some(hosts) = route.get_mut("hosts").and_then(|h| h.as_array_mut()) else {
+                continue;
+            };
+            hosts.retain(|h| {
+                let Some(host) = h.as_str() else { return true };
+                before.push(host.to_owned());
+                let hit = [format!("https://{host}"), format!("https://{host}/")]
+                    .iter()
+                    .any(|u| rx.regex.is_match(u));
+                kept += usize::from(hit);
+                hit
+            });
+            if hosts.is_empty() {
+                route.remove("hosts");
+            }
+        }
+        if !before.is_empty() && kept == 0 {
+            return Err(ConfigError::new(
+                rx.var.clone(),
+                format!(
+                    "matches none of provider `{}`'s forward-mode hosts ({}); tokenproxy \
+                     routes by host, so the regex must match https://<host>/",
+                    rx.id,
+                    before.join(", ")
+                ),
+            ));
         }
     }
     Ok(())

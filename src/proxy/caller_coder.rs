@@ -6,15 +6,17 @@
 //! to: `Authorization: Bearer <token>`, or the password (failing that, the user
 //! name) of Basic credentials; in forward mode only `Proxy-Authorization`
 //! counts. The request then acts for the workspace owner, resolved from Coder's
-//! tables exactly as coderd does (latest build, deleted workspace or agent
+//! tables exactly as coderd does (latest build — or the start build just before
+//! a stop build still running, for shutdown scripts — deleted workspace or agent
 //! refused; see [`crate::store::coder::agent_owner`]).
 //!
 //! Verification is the proxy tokens' ([`CallerIdentity::verify`]) with a
 //! different store lookup: the same cache keyed by the token's SHA-256 (no agent
 //! token sits in memory), `callers.cache_ttl`, `callers.outage_grace`, the
 //! negative cache of unknown tokens and the cap on concurrent lookups. The
-//! time-to-live is how long a superseded build's or a deleted workspace's agent
-//! keeps working, as with revoked proxy tokens. With `coder.proxy_tokens`,
+//! time-to-live is how long a superseded build's (or a finished stop build's
+//! start agent's) or a deleted workspace's agent keeps working, as with revoked
+//! proxy tokens. With `coder.proxy_tokens`,
 //! a request without an agent token may present a `tpx_` token instead.
 
 use base64::Engine;

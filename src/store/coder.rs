@@ -3,8 +3,9 @@
 //! start-up checks that refuse a Coder database tokenproxy cannot share safely.
 //!
 //! Modelled on coder/coder (main, late 2026): the agent lookup is coderd's
-//! `GetWorkspaceAgentAndLatestBuildByAuthToken` (`coderd/database/queries/
-//! workspaceagents.sql`), reduced to the owner it resolves; the key checks follow
+//! `GetAuthenticatedWorkspaceAgentAndBuildByAuthToken` (`coderd/database/queries/
+//! workspaceagents.sql`, used by `coderd/httpmw/workspaceagent.go`), reduced to
+//! the owner it resolves; the key checks follow
 //! dbcrypt's rules (`dbcrypt_keys.test` holds the encryption of `coder`, a revoked
 //! primary key must not be used, every key id in use must be one we hold). Nothing
 //! here writes to Coder's tables.
@@ -19,31 +20,58 @@ use crate::crypto::{Keyring, ValueContext, CODER_TEST_VALUE};
 
 /// The owner of the workspace whose agent holds `auth_token`, resolved as coderd
 /// resolves it: the agent (not a deleted sub-agent) → its resource → the build
-/// of that resource's job, which must be the workspace's latest build (an agent
-/// of a superseded build is refused) → the workspace, which must not be deleted.
+/// of that resource's job → the workspace, which must not be deleted. The build
+/// must be the workspace's latest, with coderd's one exception for shutdown
+/// scripts: the agent of a `start` build whose job succeeded keeps working while
+/// the very next build — the latest — is a `stop` whose job is still pending or
+/// running. Once that stop job ends, or any later build exists, it is refused.
 /// `None` when any step fails, exactly when coderd answers 401.
 ///
-/// coderd joins the `workspace_build_with_user` view; it only adds the
-/// initiator's name to `workspace_builds`, so the plain table gives the same rows.
+/// Modelled on coderd's `GetAuthenticatedWorkspaceAgentAndBuildByAuthToken`
+/// (coder/coder `coderd/database/queries/workspaceagents.sql`, the version of
+/// PR #21538 "allow agent auth during workspace shutdown", fixing #19467, which
+/// renamed `GetWorkspaceAgentAndLatestBuildByAuthToken`), condition for
+/// condition. coderd joins the `workspace_build_with_user` view; it only adds
+/// the initiator's name to `workspace_builds`, so the plain table gives the
+/// same rows.
 pub async fn agent_owner(pool: &PgPool, auth_token: Uuid) -> Result<Option<Uuid>, StoreError> {
-    sqlx::query_scalar(
-        "SELECT workspaces.owner_id \
-         FROM workspace_agents \
-         JOIN workspace_resources ON workspace_agents.resource_id = workspace_resources.id \
-         JOIN workspace_builds ON workspace_resources.job_id = workspace_builds.job_id \
-         JOIN workspaces ON workspace_builds.workspace_id = workspaces.id \
-         WHERE workspace_agents.auth_token = $1 \
-           AND workspaces.deleted = FALSE \
-           AND workspace_agents.deleted = FALSE \
-           AND workspace_builds.build_number = ( \
-               SELECT MAX(build_number) FROM workspace_builds AS wb \
-               WHERE wb.workspace_id = workspace_builds.workspace_id)",
-    )
-    .bind(auth_token)
-    .fetch_optional(pool)
-    .await
-    .map_err(map_err)
+    sqlx::query_scalar(AGENT_OWNER)
+        .bind(auth_token)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)
 }
+
+/// The statement of [`agent_owner`]; the `CASE` is coderd's, short-circuiting on
+/// the common case (the agent's build is the latest) first.
+const AGENT_OWNER: &str = "\
+SELECT workspaces.owner_id
+FROM workspace_agents
+JOIN workspace_resources ON workspace_agents.resource_id = workspace_resources.id
+JOIN workspace_builds ON workspace_resources.job_id = workspace_builds.job_id
+JOIN workspaces ON workspace_builds.workspace_id = workspaces.id
+WHERE workspace_agents.auth_token = $1
+  AND workspaces.deleted = FALSE
+  AND workspace_agents.deleted = FALSE
+  AND CASE
+    WHEN workspace_builds.build_number = (
+        SELECT MAX(build_number) FROM workspace_builds AS wb
+        WHERE wb.workspace_id = workspace_builds.workspace_id) THEN TRUE
+    WHEN workspace_builds.transition = 'start'
+      AND (SELECT job_status FROM provisioner_jobs
+           WHERE id = workspace_builds.job_id) = 'succeeded'
+      AND EXISTS (
+        SELECT 1 FROM workspace_builds latest
+        JOIN provisioner_jobs pj ON pj.id = latest.job_id
+        WHERE latest.workspace_id = workspace_builds.workspace_id
+          AND latest.build_number = workspace_builds.build_number + 1
+          AND latest.build_number = (
+              SELECT MAX(build_number) FROM workspace_builds l2
+              WHERE l2.workspace_id = latest.workspace_id)
+          AND latest.transition = 'stop'
+          AND pj.job_status IN ('pending', 'running')) THEN TRUE
+    ELSE FALSE
+  END";
 
 /// Refuses a Coder database without Coder's refresh lease: without the column and
 /// the function, coderd and tokenproxy would not exclude each other and could

@@ -15,7 +15,11 @@
 //!   cut to 400 bytes, in `oauth_refresh_failure_reason`.
 //!
 //! tokenproxy's own compare-and-swap on the token columns stays on top of the
-//! lease fence, so a write can only ever replace the tokens it exchanged.
+//! lease fence, so a write can only ever replace the tokens it exchanged. The
+//! statements themselves are tokenproxy's own (`postgres::refresh`,
+//! `postgres::lease`) with the fence as a parameter ([`LeaseFence::Coder`]), so
+//! the two schemas' writes cannot drift apart; only the claim, which runs
+//! coderd's function, is Coder mode's own.
 
 use std::time::Duration;
 
@@ -23,12 +27,12 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::codec::{self, LinkRow};
-use super::postgres::{announced, expiry_to_db, map_err, PgStore};
+use super::codec::LinkRow;
+use super::postgres::lease as pg_lease;
+use super::postgres::refresh::{self, LeaseFence};
+use super::postgres::{map_err, PgStore};
 use super::rotation::RowSql;
-use super::{
-    Fence, Lease, LeaseClaim, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL, CLAIM_ATTEMPTS,
-};
+use super::{Fence, Lease, LeaseClaim, StoreError, StoredSecret, TokenSet, CLAIM_ATTEMPTS};
 
 use crate::crypto::{Keyring, Sealed};
 
@@ -92,16 +96,7 @@ pub(super) async fn claim(
                 return Ok(LeaseClaim::Changed);
             }
             Err(e) if is_active_lease(&e) => {
-                let row: Option<(String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
-                    "SELECT oauth_refresh_token, refresh_lease_expires_at, now() \
-                     FROM external_auth_links WHERE provider_id = $1 AND user_id = $2",
-                )
-                .bind(provider_id)
-                .bind(user_id)
-                .fetch_optional(pool)
-                .await
-                .map_err(map_err)?;
-                match row {
+                match pg_lease::lease_state(pool, provider_id, user_id).await? {
                     None => return Ok(LeaseClaim::Changed),
                     Some((stored, _, _)) if StoredSecret(stored.clone()) != *old_refresh => {
                         return Ok(LeaseClaim::Changed)
@@ -119,24 +114,11 @@ pub(super) async fn claim(
     Ok(LeaseClaim::Changed)
 }
 
-/// coderd's release: the lease back to NULL only while it is still `lease`.
-/// Announced on tokenproxy's channel so waiting tokenproxy replicas re-read.
+/// coderd's release: the lease back to NULL only while it is still `lease` —
+/// the statement tokenproxy's own schema uses, announced on tokenproxy's channel
+/// so waiting tokenproxy replicas re-read.
 pub(super) async fn release(pool: &PgPool, lease: &Lease) -> Result<(), StoreError> {
-    let sql = announced(
-        "UPDATE external_auth_links SET refresh_lease_expires_at = NULL \
-         WHERE provider_id = $1 AND user_id = $2 AND refresh_lease_expires_at = $3 \
-         RETURNING provider_id, user_id",
-        "$4",
-    );
-    sqlx::query_scalar::<_, String>(&sql)
-        .bind(&lease.provider_id)
-        .bind(lease.user_id)
-        .bind(lease.expires_at)
-        .bind(CHANGE_CHANNEL)
-        .fetch_all(pool)
-        .await
-        .map_err(map_err)?;
-    Ok(())
+    pg_lease::release(pool, lease).await
 }
 
 /// The writes after a refresh, fenced by the lease the holder claimed (`None`:
@@ -147,17 +129,6 @@ pub(super) struct Fenced<'a> {
     pub pg: &'a PgStore,
     /// The lease value this process holds on the row, if any.
     pub lease: Option<DateTime<Utc>>,
-}
-
-/// The lease condition every write of a holder carries. `$N` is the lease we
-/// hold: then exactly coderd's fence. Without one (our lease was lost while the
-/// database was away) a write applies only while nobody else holds a live lease:
-/// it would otherwise land in the middle of another holder's refresh.
-fn lease_fence(n: u8) -> String {
-    format!(
-        "(refresh_lease_expires_at = ${n} OR (${n}::timestamptz IS NULL AND \
-         (refresh_lease_expires_at IS NULL OR refresh_lease_expires_at < now())))"
-    )
 }
 
 #[async_trait::async_trait]
@@ -182,39 +153,17 @@ impl RowSql for Fenced<'_> {
         old_access: Option<&str>,
         new: &TokenSet,
     ) -> Result<bool, StoreError> {
-        let (access, refresh) = codec::seal_pair(self.keyring(), provider_id, user_id, new)?;
-        let sql = announced(
-            &format!(
-                "UPDATE external_auth_links SET \
-                   oauth_access_token = $3, oauth_access_token_key_id = $4, \
-                   oauth_refresh_token = $5, oauth_refresh_token_key_id = $6, \
-                   oauth_expiry = $7, oauth_extra = $8, \
-                   oauth_refresh_failure_reason = '', refresh_lease_expires_at = NULL, \
-                   updated_at = now() \
-                 WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $9 \
-                   AND ($11::text IS NULL OR oauth_access_token = $11) AND {} \
-                 RETURNING provider_id, user_id",
-                lease_fence(12)
-            ),
-            "$10",
-        );
-        let rows: Vec<String> = sqlx::query_scalar(&sql)
-            .bind(provider_id)
-            .bind(user_id)
-            .bind(&access.value)
-            .bind(&access.key_id)
-            .bind(&refresh.value)
-            .bind(&refresh.key_id)
-            .bind(expiry_to_db(new.expiry))
-            .bind(&new.extra)
-            .bind(old_refresh)
-            .bind(CHANGE_CHANNEL)
-            .bind(old_access)
-            .bind(self.lease)
-            .fetch_all(self.pg.pool())
-            .await
-            .map_err(map_err)?;
-        Ok(!rows.is_empty())
+        let fence = LeaseFence::Coder(self.lease);
+        refresh::cas_write(
+            self.pg,
+            provider_id,
+            user_id,
+            old_refresh,
+            old_access,
+            new,
+            fence,
+        )
+        .await
     }
 
     async fn cas_failure(
@@ -225,40 +174,8 @@ impl RowSql for Fenced<'_> {
         lease: Option<&Lease>,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        // coderd's convention, so its UI shows our failure and its refresher
-        // stops too: no refresh token (encrypted when encryption is on) plus
-        // the reason. The holder is done, so the lease goes in the same write.
-        let empty: Sealed = self
-            .keyring()
-            .seal_empty_as_coder()
-            .map_err(|e| StoreError::Other(format!("cannot encrypt oauth_refresh_token: {e}")))?;
-        let lease = lease.map(|l| l.expires_at).or(self.lease);
-        let sql = announced(
-            &format!(
-                "UPDATE external_auth_links SET oauth_refresh_token = $3, \
-                   oauth_refresh_token_key_id = $4, oauth_refresh_failure_reason = $5, \
-                   refresh_lease_expires_at = NULL, updated_at = now() \
-                 WHERE provider_id = $1 AND user_id = $2 AND oauth_refresh_token = $6 \
-                   AND oauth_access_token = $7 AND {} \
-                 RETURNING provider_id, user_id",
-                lease_fence(9)
-            ),
-            "$8",
-        );
-        let rows: Vec<String> = sqlx::query_scalar(&sql)
-            .bind(provider_id)
-            .bind(user_id)
-            .bind(&empty.value)
-            .bind(&empty.key_id)
-            .bind(truncate_reason(reason))
-            .bind(&read.refresh.0)
-            .bind(&read.access.0)
-            .bind(CHANGE_CHANNEL)
-            .bind(lease)
-            .fetch_all(self.pg.pool())
-            .await
-            .map_err(map_err)?;
-        Ok(!rows.is_empty())
+        let fence = LeaseFence::Coder(self.lease);
+        refresh::cas_failure(self.pg, provider_id, user_id, read, lease, reason, fence).await
     }
 
     async fn rows_after(&self, after: Option<&(String, Uuid)>) -> Result<Vec<LinkRow>, StoreError> {

@@ -12,9 +12,9 @@
 
 mod dbcrypt;
 mod feed;
-mod lease;
+pub(super) mod lease;
 mod login;
-mod refresh;
+pub(super) mod refresh;
 mod rotate;
 mod tokens;
 

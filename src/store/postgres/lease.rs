@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{announced, map_err};
-use crate::store::lease as shared;
+use crate::store::lease::{self as shared, Missed};
 use crate::store::{Lease, LeaseClaim, StoreError, StoredSecret, CHANGE_CHANNEL};
 
 /// Claims the lease; see [`LinkStore::claim_refresh_lease`](crate::store::LinkStore::claim_refresh_lease).
@@ -35,23 +35,33 @@ pub(super) async fn claim(
         .await
         .map_err(map_err)
     };
-    let reread = || async move {
-        sqlx::query_as(
-            "SELECT oauth_refresh_token, refresh_lease_expires_at, now() \
-             FROM external_auth_links WHERE provider_id = $1 AND user_id = $2",
-        )
-        .bind(provider_id)
-        .bind(user_id)
-        .fetch_optional(pool)
-        .await
-        .map_err(map_err)
-    };
+    let reread = || lease_state(pool, provider_id, user_id);
     let time = |t: &DateTime<Utc>| Ok(*t);
     shared::claim(provider_id, user_id, old_refresh, attempt, reread, time).await
 }
 
-/// Releases `lease` if it is still the row's, announcing it.
-pub(super) async fn release(pool: &PgPool, lease: &Lease) -> Result<(), StoreError> {
+/// The row's refresh token as stored, its lease and the database clock: what
+/// explains a claim that did not apply (here and in Coder mode).
+pub(in crate::store) async fn lease_state(
+    pool: &PgPool,
+    provider_id: &str,
+    user_id: Uuid,
+) -> Result<Missed<DateTime<Utc>>, StoreError> {
+    sqlx::query_as(
+        "SELECT oauth_refresh_token, refresh_lease_expires_at, now() \
+         FROM external_auth_links WHERE provider_id = $1 AND user_id = $2",
+    )
+    .bind(provider_id)
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)
+}
+
+/// Releases `lease` if it is still the row's, announcing it. It is also coderd's
+/// release (`SetExternalAuthLinkRefreshLease` to NULL, fenced by the old value),
+/// so Coder mode uses it unchanged.
+pub(in crate::store) async fn release(pool: &PgPool, lease: &Lease) -> Result<(), StoreError> {
     let sql = announced(
         "UPDATE external_auth_links SET refresh_lease_expires_at = NULL \
          WHERE provider_id = $1 AND user_id = $2 AND refresh_lease_expires_at = $3 \
