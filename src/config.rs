@@ -15,12 +15,14 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 mod coder;
+mod endpoint;
 mod forward;
 mod overrides;
 mod secrets;
 mod text;
 
 pub use coder::CoderConfig;
+pub use endpoint::{check_secret_endpoint, is_loopback};
 pub use forward::{ForwardConfig, HostPattern, Unrouted};
 
 pub use overrides::apply_env_overrides;
@@ -803,6 +805,7 @@ impl Config {
                 ));
             }
             check_http_url(&p.token_url).map_err(|m| ConfigError::new(at("token_url"), m))?;
+            check_secret_endpoints(p).map_err(|(key, m)| ConfigError::new(at(key), m))?;
             if p.timeout.is_zero() || p.timeout >= self.tokens.lease_timeout {
                 return Err(ConfigError::new(
                     at("timeout"),
@@ -961,6 +964,25 @@ fn check_http_url(u: &Url) -> Result<(), String> {
     }
     if !u.username().is_empty() || u.password().is_some() {
         return Err("must not embed credentials".into());
+    }
+    Ok(())
+}
+
+/// The endpoints of `p` that receive a secret, each checked by
+/// [`check_secret_endpoint`]; the error names the key. An `oidc` provider's
+/// `token_url` is only a placeholder until discovery, which checks what it finds.
+fn check_secret_endpoints(p: &ProviderConfig) -> Result<(), (&'static str, String)> {
+    let [token, device, revocation] = endpoint::SECRET_ENDPOINT_KEYS;
+    let urls = [
+        (token, (!p.needs_discovery).then_some(&p.token_url)),
+        (device, p.device_authorization_url.as_ref()),
+        (revocation, p.revocation_url.as_ref()),
+    ];
+    for (key, url) in urls {
+        if let Some(u) = url {
+            check_http_url(u).map_err(|m| (key, m))?;
+            check_secret_endpoint(u).map_err(|m| (key, m))?;
+        }
     }
     Ok(())
 }

@@ -140,6 +140,36 @@ fn non_http_upstream_is_named() {
 }
 
 #[test]
+fn plain_http_secret_endpoints_are_refused_unless_loopback() {
+    const GH_TOKEN_URL: &str = "token_url = \"https://github.com/login/oauth/access_token\"";
+    // Each endpoint that is sent the client secret or a token, over plain http to
+    // another host: refused with its key.
+    for key in ["token_url", "device_authorization_url", "revocation_url"] {
+        let line = format!("{key} = \"http://idp.example/oauth/x\"");
+        let endpoints = if key == "token_url" {
+            line
+        } else {
+            format!("{GH_TOKEN_URL}\n{line}")
+        };
+        let err = rejects(
+            &BASE.replace(GH_TOKEN_URL, &endpoints),
+            &[],
+            &format!("providers[0].{key}"),
+        );
+        assert!(err.contains("http://") && err.contains("loopback"), "{err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+    // The same keys to a loopback host (a local IdP, as the tests run): accepted.
+    let local = BASE.replace(
+        GH_TOKEN_URL,
+        "token_url = \"http://127.0.0.1:9/oauth/token\"\n\
+         device_authorization_url = \"http://[::1]:9/oauth/device\"\n\
+         revocation_url = \"http://localhost:9/oauth/revoke\"",
+    );
+    load(&local).unwrap();
+}
+
+#[test]
 fn upstream_with_credentials_is_named() {
     rejects(
         &BASE.replace("https://api.github.com", "https://u:pw@api.github.com"),

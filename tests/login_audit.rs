@@ -186,3 +186,74 @@ async fn sign_in_refusals_and_links_are_audited_without_secrets(pool: PgPool) {
         assert!(!text.contains(s.as_str()), "a secret in the log: {s:?}");
     }
 }
+
+/// Waits (bounded: 20 s) until the caller's device flow at `provider` reports `failed`.
+async fn wait_failed(proxy: &world::Replica, provider: &str, auth: &str) -> serde_json::Value {
+    let url = proxy.url(&format!("/_tokenproxy/device/{provider}"));
+    for _ in 0..400 {
+        let v = get(&url, &[("authorization", auth)]).await.json();
+        if v["status"] == "failed" {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the device flow never failed");
+}
+
+#[sqlx::test]
+async fn device_flow_refusals_are_audited_without_secrets(pool: PgPool) {
+    trail();
+    let idp = Arc::new(Idp::start(IdpOptions::default()).await);
+    let api = api_for(&idp).await;
+    let providers = oauth_provider("auddev", &idp, &api.url()).replace(
+        "timeout = \"2s\"",
+        &format!(
+            "timeout = \"2s\"\ndevice_authorization_url = \"{}/oauth/device\"",
+            idp.base_url()
+        ),
+    );
+    let proxy = replica(&pool, &providers, "").await;
+    let user = Uuid::new_v4();
+    let (_, token) = create_token(&*proxy.store, user, &[]).await;
+    let auth = format!("Bearer {token}");
+    let start = proxy.url("/_tokenproxy/device/auddev");
+    for (act, reason) in [("deny", "access_denied"), ("expire", "expired_token")] {
+        let a = harness::send(
+            http::Method::POST,
+            &start,
+            &[("authorization", &auth)],
+            bytes::Bytes::new(),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        let code = a.json()["user_code"].as_str().unwrap().to_string();
+        match act {
+            "deny" => idp.device_deny(&code),
+            _ => idp.device_expire(&code),
+        }
+        let v = wait_failed(&proxy, "auddev", &auth).await;
+        assert_eq!(v["reason"], reason, "{v}");
+    }
+    assert_eq!(link_rows(&pool).await, 0);
+
+    let events = audit_events("auddev");
+    let failed: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "link_login_failed")
+        .collect();
+    assert_eq!(failed.len(), 2, "{events:#?}");
+    for (e, reason) in failed.iter().zip(["access_denied", "expired_token"]) {
+        assert_eq!(e["reason"], reason, "{e}");
+        assert_eq!(e["flow"], "device", "{e}");
+        assert_eq!(e["source"], "device", "{e}");
+        assert_eq!(e["step"], "poll", "{e}");
+        assert_eq!(e["user"], user.to_string(), "{e}");
+    }
+    let text = String::from_utf8(trail().lock().unwrap().clone()).unwrap();
+    assert!(!text.contains(&token), "the proxy token in the log");
+    assert!(!text.contains("dc_"), "a device code in the log");
+    assert!(
+        !text.contains("test-secret"),
+        "the client secret in the log"
+    );
+}

@@ -318,6 +318,48 @@ async fn discovered_endpoints_do_not_override_explicit_ones() {
 }
 
 #[tokio::test]
+async fn discovered_plain_http_endpoints_off_loopback_are_dropped_or_refused() {
+    // The IdP runs on 127.0.0.1 (plain http there is allowed, as the test above
+    // shows); its document names device and revocation endpoints elsewhere.
+    let idp = Idp::start(IdpOptions {
+        discovery_overrides: vec![
+            (
+                "revocation_endpoint",
+                "http://idp.example/oauth/revoke".into(),
+            ),
+            (
+                "device_authorization_endpoint",
+                "http://idp.example/oauth/device".into(),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = oidc_config(&idp.base_url(), "");
+    presets::discover(&mut cfg).await.unwrap();
+    let p = &cfg.providers[0];
+    assert_eq!(p.token_url.as_str(), idp.token_url());
+    assert_eq!(p.revocation_url, None, "never sent a token in clear text");
+    assert_eq!(p.device_authorization_url, None);
+    assert!(Revoker::new(p).unwrap().is_none());
+
+    // A plain-http token endpoint elsewhere: the provider is refused.
+    let idp = Idp::start(IdpOptions {
+        discovery_overrides: vec![("token_endpoint", "http://idp.example/oauth/token".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = oidc_config(&idp.base_url(), "");
+    let e = presets::discover(&mut cfg).await.unwrap_err();
+    assert_eq!(e.key, "providers[0].issuer");
+    assert!(
+        e.message.contains("token_endpoint") && e.message.contains("loopback"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains('\n'), "{e}");
+}
+
+#[tokio::test]
 async fn oidc_explicit_token_url_skips_discovery() {
     let mut cfg = oidc_config("http://127.0.0.1:9", "token_url = \"https://t.example/t\"");
     assert!(!cfg.providers[0].needs_discovery);

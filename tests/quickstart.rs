@@ -6,9 +6,12 @@
 //! What the test changes, and why:
 //! - lines starting with `cargo ` (building and installing) are skipped; the
 //!   binary under test is first on PATH instead;
-//! - GitHub's URLs in the copied `config/quickstart.toml` point at a local test
-//!   upstream (and a dead local token endpoint: the linked token never expires,
-//!   so no refresh is attempted), since no test may leave 127.0.0.1;
+//! - GitHub's URLs in the copied `config/quickstart.toml` point at the test IdP
+//!   (token and device endpoints) and a local test upstream that accepts only
+//!   tokens the IdP issued, since no test may leave 127.0.0.1 (plain http there
+//!   is allowed for secret-bearing endpoints: it is loopback);
+//! - the user is played as a human would: when `link login` prints the
+//!   verification URL and the code, the test submits that code at the URL;
 //! - the ports 8080 and 9090 become free ones, in the script and the config, so
 //!   parallel tests cannot collide.
 
@@ -16,10 +19,12 @@ mod support;
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use support::idp::{Idp, IdpOptions};
 use support::net::free_port;
-use support::upstream::{tokens, CredentialForm, TestUpstream};
+use support::upstream::{CredentialForm, TestUpstream, TokenCheck};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenproxy");
 const MARKER: &str = "<!-- quickstart";
@@ -37,14 +42,6 @@ fn quickstart_block(readme: &str) -> String {
     after[start..start + len].to_string()
 }
 
-/// The value of `"access_token":"..."` in the script.
-fn linked_access_token(script: &str) -> String {
-    let key = r#""access_token":""#;
-    let start = script.find(key).expect("the script links a token") + key.len();
-    let len = script[start..].find('"').unwrap();
-    script[start..start + len].to_string()
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -60,8 +57,18 @@ async fn readme_quick_start_works_as_written() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
     let block = quickstart_block(&readme);
-    let access = linked_access_token(&block);
-    let upstream = TestUpstream::start(CredentialForm::Bearer, tokens(&[&access])).await;
+    // The OAuth app `config/quickstart.toml` and the block name.
+    let idp = Arc::new(
+        Idp::start(IdpOptions {
+            client_id: "Iv1.0123456789abcdef".into(),
+            client_secret: "changeme".into(),
+            ..IdpOptions::default()
+        })
+        .await,
+    );
+    let issued = idp.clone();
+    let check: TokenCheck = Arc::new(move |t: &str| issued.is_valid_access_token(t));
+    let upstream = TestUpstream::start(CredentialForm::Bearer, check).await;
 
     // A fresh checkout: README.md and config/, no ./data.
     let clone = tempfile::tempdir().unwrap();
@@ -77,7 +84,15 @@ async fn readme_quick_start_works_as_written() {
     let config = ports(&config)
         .replace(
             "https://github.com/login/oauth/access_token",
-            "http://127.0.0.1:9/login/oauth/access_token",
+            &idp.token_url(),
+        )
+        .replace(
+            "https://github.com/login/device/code",
+            &format!("{}/oauth/device", idp.base_url()),
+        )
+        .replace(
+            "https://github.com/login/oauth/authorize",
+            &format!("{}/oauth/authorize", idp.base_url()),
         )
         .replace("https://api.github.com", &upstream.url())
         .replace("https://github.com", &upstream.url());
@@ -95,7 +110,7 @@ async fn readme_quick_start_works_as_written() {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let child = tokio::process::Command::new("bash")
+    let mut child = tokio::process::Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
         .current_dir(clone.path())
         .env_clear()
@@ -112,6 +127,8 @@ async fn readme_quick_start_works_as_written() {
         .spawn()
         .expect("bash runs");
     let pgid = child.id().expect("running");
+    let stdout = child.stdout.take().expect("piped");
+    let approver = tokio::spawn(approve_printed_code(stdout));
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await;
     let _ = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pgid}")])
@@ -120,10 +137,8 @@ async fn readme_quick_start_works_as_written() {
     let out = out
         .expect("the quick start finishes within the bound")
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let (approved, stdout) = approver.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "quick start failed ({:?})\nscript:\n{script}\nstdout:\n{stdout}\nstderr:\n{stderr}",
@@ -134,9 +149,53 @@ async fn readme_quick_start_works_as_written() {
     let answer: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("curl printed")).unwrap();
     assert_eq!(answer["target"], "/user");
+    assert!(approved, "link login printed a URL and a code:\n{stdout}");
+    assert_eq!(
+        idp.device_authorizations(),
+        1,
+        "the block links by device flow"
+    );
     let seen = upstream.requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].status, 200);
-    assert_eq!(seen[0].token.as_deref(), Some(access.as_str()));
+    let token = seen[0].token.clone().unwrap();
+    assert!(
+        idp.is_valid_access_token(&token),
+        "the upstream got the token the device flow linked"
+    );
     assert!(clone.path().join("data/tokenproxy.db").is_file());
+}
+
+/// Reads the script's output; when `link login` has printed where to go and the
+/// code, enters the code there and approves, as the user at the browser would.
+/// Returns whether it did, and everything the script printed.
+async fn approve_printed_code(stdout: tokio::process::ChildStdout) -> (bool, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let (mut text, mut uri, mut approved) = (String::new(), None::<String>, false);
+    while let Ok(Some(line)) = lines.next_line().await {
+        text.push_str(&line);
+        text.push('\n');
+        if let Some(rest) = line.split("open ").nth(1).filter(|_| uri.is_none()) {
+            uri = Some(rest.trim().to_string());
+        }
+        if let (Some(code), Some(at), false) =
+            (line.split("enter the code: ").nth(1), &uri, approved)
+        {
+            let form = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs([
+                    ("user_code", code.trim()),
+                    ("account", &uuid::Uuid::new_v4().to_string()),
+                    ("decision", "approve"),
+                ])
+                .finish();
+            let status = tokio::process::Command::new("curl")
+                .args(["-fsS", "-o", "/dev/null", "--data", &form, at])
+                .status()
+                .await
+                .expect("curl runs");
+            approved = status.success();
+        }
+    }
+    (approved, text)
 }

@@ -116,3 +116,43 @@ async fn reserved_paths_need_a_caller_and_never_reach_a_route(pool: PgPool) {
         .assert_error(404, "no_route");
     proxy.shutdown().await;
 }
+
+#[sqlx::test]
+async fn in_coder_mode_login_urls_are_coders_external_auth_pages(pool: PgPool) {
+    let store: Arc<dyn LinkStore> =
+        Arc::new(PgStore::from_pool(pool.clone(), Keyring::plaintext()));
+    let me = Uuid::new_v4();
+    store
+        .put_link("gl", me, &set("glpat_SECRET", ""))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE external_auth_links SET oauth_refresh_failure_reason = 'invalid_grant'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // tokenproxy's own sign-in is configured too: Coder's page must still win,
+    // as it does in `link_missing` / `reauth_required` errors.
+    let config = format!(
+        "[server]\npublic_url = \"http://127.0.0.1:1\"\n\n[encryption]\nkeys = [\"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"]\n\n\
+         [coder]\naccess_url = \"https://coder.example.com/\"\n{CONFIG}"
+    );
+    let (_, token) = create_token(&*store, me, &["gh", "gl"]).await;
+    let proxy = Harness::start(harness::config(&config), store.clone(), FakeTokens::new()).await;
+    let (k, v) = bearer(&token);
+    let a = get(&proxy.url("/_tokenproxy/links"), &[(&k, &v)]).await;
+    let body = a.json();
+    let links = body["links"].as_array().unwrap();
+    assert_eq!(links[0]["provider"], "gh");
+    assert_eq!(links[0]["linked"], false);
+    assert_eq!(
+        links[0]["login_url"], "https://coder.example.com/external-auth/gh",
+        "{body}"
+    );
+    assert_eq!(links[1]["provider"], "gl");
+    assert_eq!(links[1]["relink_needed"], true);
+    assert_eq!(
+        links[1]["login_url"], "https://coder.example.com/external-auth/gl",
+        "{body}"
+    );
+    proxy.shutdown().await;
+}

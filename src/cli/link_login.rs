@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::links::{self, LinkStatus};
 use crate::oauth::device::{DeviceError, DeviceFlow};
+use crate::telemetry::audit::{self, Actor};
 
 /// Exit status when the user denied the request or the code expired.
 pub const EXIT_NOT_APPROVED: u8 = 1;
@@ -28,7 +29,13 @@ pub async fn login(cfg: &Config, provider: &str, user: Uuid) -> anyhow::Result<(
         ))
     })?;
     let store = super::open_store(&cfg)?;
-    let code = flow.start().await.map_err(device_failure)?;
+    let failed = |step: &'static str| {
+        move |e: DeviceError| {
+            audit::device_login_failed(Actor::Cli, provider, user, step, e.code());
+            device_failure(e)
+        }
+    };
+    let code = flow.start().await.map_err(failed("start"))?;
     println!(
         "To link your {provider} account, open {}",
         code.verification_uri
@@ -48,17 +55,14 @@ pub async fn login(cfg: &Config, provider: &str, user: Uuid) -> anyhow::Result<(
             on_interrupt.cancel();
         }
     });
-    let tokens = flow.poll(&code, &stop).await.map_err(device_failure)?;
+    let tokens = flow.poll(&code, &stop).await.map_err(failed("poll"))?;
     let tokens = links::device::token_set(tokens, Utc::now());
-    links::store_login(
-        store.as_ref(),
-        provider,
-        user,
-        &tokens,
-        crate::telemetry::audit::Actor::Cli,
-    )
-    .await
-    .context("storing the link")?;
+    links::store_login(store.as_ref(), provider, user, &tokens, Actor::Cli)
+        .await
+        .inspect_err(|_| {
+            audit::device_login_failed(Actor::Cli, provider, user, "store", "store_unavailable")
+        })
+        .context("storing the link")?;
     println!(
         "linked {provider}/{user} (expires {})",
         super::show_time(tokens.expiry, "never")

@@ -23,6 +23,7 @@ use crate::config::ProviderConfig;
 use crate::oauth::device::{DeviceCode, DeviceError, DeviceFlow};
 use crate::oauth::Refreshed;
 use crate::store::{LinkStore, TokenSet};
+use crate::telemetry::audit::{self, Actor};
 
 /// How long a finished flow's outcome stays available to `GET`.
 const KEEP_FINISHED: Duration = Duration::from_secs(3600);
@@ -188,7 +189,9 @@ impl DeviceLogins {
                 }
             }
         }
-        let code = flow.start().await?;
+        let code = flow.start().await.inspect_err(|e| {
+            audit::device_login_failed(Actor::Device, provider, user, "start", e.code());
+        })?;
         let view = pending_view(provider, &code, now);
         self.state.lock().insert(key.clone(), view.clone());
         let this = self.clone();
@@ -231,9 +234,15 @@ impl DeviceLogins {
     async fn finish(&self, key: (String, Uuid), outcome: Result<Refreshed, DeviceError>) {
         let (provider, user) = (&key.0, key.1);
         let result = match outcome {
-            Ok(tokens) => self.store_tokens(provider, user, tokens).await,
+            Ok(tokens) => self
+                .store_tokens(provider, user, tokens)
+                .await
+                .inspect_err(|r| {
+                    audit::device_login_failed(Actor::Device, provider, user, "store", r);
+                }),
             Err(e) => {
                 tracing::info!(provider = %provider, %user, reason = %e.reason(), "device flow ended without a link");
+                audit::device_login_failed(Actor::Device, provider, user, "poll", e.code());
                 Err(e.reason())
             }
         };
@@ -254,14 +263,8 @@ impl DeviceLogins {
         let tokens = token_set(r, Utc::now());
         let mut wait = Duration::from_millis(200);
         for attempt in 1..=STORE_ATTEMPTS {
-            match super::store_login(
-                self.store.as_ref(),
-                provider,
-                user,
-                &tokens,
-                crate::telemetry::audit::Actor::Device,
-            )
-            .await
+            match super::store_login(self.store.as_ref(), provider, user, &tokens, Actor::Device)
+                .await
             {
                 Ok(()) => {
                     if let Some(f) = &self.on_linked {

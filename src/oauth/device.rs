@@ -80,6 +80,18 @@ pub enum DeviceError {
 }
 
 impl DeviceError {
+    /// A stable code for the audit trail: `access_denied`, `expired_token`,
+    /// `provider_unavailable`, `provider_refused` or `shutdown`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Denied => "access_denied",
+            Self::Expired => "expired_token",
+            Self::Transient(_) => "provider_unavailable",
+            Self::Refused(_) => "provider_refused",
+            Self::Stopped => "shutdown",
+        }
+    }
+
     /// A short reason for status answers (`access_denied`, `expired_token`, …).
     pub fn reason(&self) -> String {
         match self {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{check_secret_endpoint, Config, ConfigError};
 
 /// One forge's defaults.
 #[derive(Debug, Clone, Copy)]
@@ -466,13 +466,32 @@ pub async fn discover(cfg: &mut Config) -> Result<(), ConfigError> {
         let token = doc
             .token_endpoint
             .ok_or_else(|| ConfigError::new(&key, format!("{doc_url}: no token_endpoint")))?;
+        // The token endpoint gets the client secret on every refresh: without a
+        // usable one there is no provider at all.
+        check_secret_endpoint(&token).map_err(|m| {
+            ConfigError::new(&key, format!("{doc_url}: token_endpoint `{token}`: {m}"))
+        })?;
         p.token_url = token;
         p.authorize_url = p.authorize_url.take().or(doc.authorization_endpoint);
-        p.device_authorization_url = p
-            .device_authorization_url
-            .take()
-            .or(doc.device_authorization_endpoint);
-        p.revocation_url = p.revocation_url.take().or(doc.revocation_endpoint);
+        // Device login and revocation are optional: a plain-http one is left out
+        // (that feature is off) rather than sent secrets in clear text.
+        let id = p.id.clone();
+        let optional = |what: &str, u: Option<Url>| {
+            u.filter(|u| match check_secret_endpoint(u) {
+                Ok(()) => true,
+                Err(m) => {
+                    tracing::warn!(provider = %id, endpoint = %u, "discovery document's {what} dropped: {m}");
+                    false
+                }
+            })
+        };
+        let device = optional(
+            "device_authorization_endpoint",
+            doc.device_authorization_endpoint,
+        );
+        let revocation = optional("revocation_endpoint", doc.revocation_endpoint);
+        p.device_authorization_url = p.device_authorization_url.take().or(device);
+        p.revocation_url = p.revocation_url.take().or(revocation);
         p.jwks_uri = p.jwks_uri.take().or(doc.jwks_uri);
         p.needs_discovery = false;
     }

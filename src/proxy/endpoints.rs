@@ -30,6 +30,8 @@ pub struct Endpoints {
     login: Option<super::login::Login>,
     /// Device-flow logins (`/_tokenproxy/device/{provider}`).
     device: Option<Arc<crate::links::device::DeviceLogins>>,
+    /// Coder mode: Coder's re-link pages (`<coder.access_url>/external-auth/`).
+    coder_login_base: Option<String>,
 }
 
 /// Whether `path` belongs to tokenproxy's own endpoints rather than a route.
@@ -45,6 +47,7 @@ impl Endpoints {
             providers,
             login: None,
             device: None,
+            coder_login_base: None,
         }
     }
 
@@ -60,6 +63,22 @@ impl Endpoints {
         self.login
             .as_ref()?
             .login_url(provider, user, super::login::ERROR_LOGIN_TTL)
+    }
+
+    /// In Coder mode, sends users who must link again to Coder's external-auth
+    /// page (`base` + provider id), as the pipeline's errors do.
+    pub fn with_coder_login_base(mut self, base: Option<String>) -> Self {
+        self.coder_login_base = base;
+        self
+    }
+
+    /// Where `user` links `provider` again: Coder's page beside Coder, else
+    /// tokenproxy's own sign-in ([`Self::login_url`]).
+    fn relink_url(&self, provider: &str, user: uuid::Uuid) -> Option<String> {
+        match &self.coder_login_base {
+            Some(base) => Some(format!("{base}{provider}")),
+            None => self.login_url(provider, user),
+        }
     }
 
     /// Serves `/_tokenproxy/device/{provider}` with these device logins.
@@ -125,14 +144,14 @@ impl Endpoints {
                                 .then_some(&l.refresh_failure_reason),
                             "relink_needed": !l.refresh_failure_reason.is_empty(),
                             "login_url": (!l.refresh_failure_reason.is_empty())
-                                .then(|| self.login_url(p, caller.user_id))
+                                .then(|| self.relink_url(p, caller.user_id))
                                 .flatten(),
                         }),
                         None => serde_json::json!({
                             "provider": p,
                             "linked": false,
                             "relink_needed": true,
-                            "login_url": self.login_url(p, caller.user_id),
+                            "login_url": self.relink_url(p, caller.user_id),
                         }),
                     })
                     .collect();

@@ -183,7 +183,8 @@ impl Pipeline {
                 login::Login::from_config(config, deps.store.clone())?
                     .map(|l| l.with_tokens(deps.tokens.clone())),
             )
-            .with_device(device_logins(deps)),
+            .with_device(device_logins(deps))
+            .with_coder_login_base(config.coder.as_ref().and_then(|c| c.login_url(""))),
             coder_login_base: config.coder.as_ref().and_then(|c| c.login_url("")),
             tokens: deps.tokens.clone(),
             upstreams,

@@ -112,8 +112,26 @@ pub fn link_login_failed(provider: &str, user: Option<Uuid>, step: &str, reason:
         target: AUDIT_TARGET,
         event = "link_login_failed",
         source = Actor::Browser.as_str(),
+        flow = "browser",
         provider,
         user = user.map(|u| u.to_string()),
+        step,
+        reason
+    );
+}
+
+/// Records a device-flow login that ended without a link, started by `actor`
+/// (`cli` for `link login`, `device` for `POST /_tokenproxy/device/...`): the
+/// `step` (`start`, `poll` or `store`) and a short reason code
+/// (`access_denied`, `expired_token`, …). Nothing was stored.
+pub fn device_login_failed(actor: Actor, provider: &str, user: Uuid, step: &str, reason: &str) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "link_login_failed",
+        source = actor.as_str(),
+        flow = "device",
+        provider,
+        user = %user,
         step,
         reason
     );

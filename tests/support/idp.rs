@@ -125,6 +125,9 @@ pub struct IdpOptions {
     pub refresh_token_expires_in: Option<u64>,
     /// The `issuer` its discovery document names; `None` = its own base URL.
     pub discovery_issuer: Option<String>,
+    /// Members of its discovery document replaced by these values (an endpoint
+    /// named elsewhere, e.g. on a plain-http host).
+    pub discovery_overrides: Vec<(&'static str, String)>,
     /// Time source for expiry.
     pub clock: Arc<dyn Clock>,
     /// Serve HTTPS with this acceptor (e.g. `TestCa::new().acceptor()`), else HTTP.
@@ -142,6 +145,7 @@ impl Default for IdpOptions {
             gitea_style: false,
             refresh_token_expires_in: None,
             discovery_issuer: None,
+            discovery_overrides: Vec::new(),
             clock: Arc::new(SystemClock),
             tls: None,
         }
@@ -694,9 +698,7 @@ async fn answer(
         };
         let base = format!("{scheme}://{host}");
         let issuer = s.opts.discovery_issuer.clone().unwrap_or(base.clone());
-        return json(
-            StatusCode::OK,
-            serde_json::json!({
+        let mut doc = serde_json::json!({
                 "issuer": issuer,
                 "authorization_endpoint": format!("{base}/oauth/authorize"),
                 "token_endpoint": format!("{base}/oauth/token"),
@@ -715,8 +717,11 @@ async fn answer(
                 ],
                 "code_challenge_methods_supported": ["S256"],
                 "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            }),
-        );
+        });
+        for (k, v) in &s.opts.discovery_overrides {
+            doc[*k] = v.clone().into();
+        }
+        return json(StatusCode::OK, doc);
     }
     let (parts, body) = req.into_parts();
     let body = body.collect().await.unwrap().to_bytes();

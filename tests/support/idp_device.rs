@@ -78,7 +78,8 @@ pub(super) fn serves(s: &Shared, parts: &http::request::Parts, body: &Bytes) -> 
         s.state.lock().device.received += 1;
     }
     let p = parts.uri.path();
-    poll || (parts.method == http::Method::POST && matches!(p, "/oauth/device" | "/oauth/revoke"))
+    poll || (parts.method == http::Method::POST
+        && matches!(p, "/oauth/device" | "/oauth/revoke" | "/device"))
         || (parts.method == http::Method::DELETE
             && p.ends_with("/grant")
             && p.contains("/applications/"))
@@ -100,6 +101,7 @@ pub(super) fn answer(
             Some(poll(s, parts, &form))
         }
         (&http::Method::POST, "/oauth/revoke") => Some(revoke(s, parts, &form)),
+        (&http::Method::POST, "/device") => Some(verify(s, &form)),
         (&http::Method::DELETE, p) if p.ends_with("/grant") && p.contains("/applications/") => {
             Some(github_grant(s, parts, body))
         }
@@ -269,6 +271,31 @@ fn poll(
         body["refresh_token_expires_in"] = r.into();
     }
     json(StatusCode::OK, body)
+}
+
+/// The verification page's form (`verification_uri`), as a signed-in user submits
+/// it: `user_code`, `account` and `decision=approve` (else denied). 404 for a code
+/// this IdP never issued.
+fn verify(s: &Shared, form: &HashMap<String, String>) -> Response<Full<Bytes>> {
+    let get = |k: &str| form.get(k).cloned().unwrap_or_default();
+    let account: uuid::Uuid = get("account")
+        .parse()
+        .unwrap_or_else(|_| uuid::Uuid::new_v4());
+    let mut st = s.state.lock();
+    let Some(code) = st
+        .device
+        .codes
+        .values_mut()
+        .find(|c| c.user_code == get("user_code") && c.grant == Grant::Pending)
+    else {
+        return error(StatusCode::NOT_FOUND, "unknown_user_code");
+    };
+    code.grant = if get("decision") == "approve" {
+        Grant::Approved(account)
+    } else {
+        Grant::Denied
+    };
+    json(StatusCode::OK, serde_json::json!({"done": true}))
 }
 
 /// Ends the grant of `user`: their refresh and access tokens stop working.
