@@ -320,3 +320,20 @@ fn absolute_target_text() -> impl Strategy<Value = String> {
     )
         .prop_map(|(s, u, h, p, path, q)| format!("{s}{u}{h}{p}{path}{q}"))
 }
+
+/// Regressions found by the long run (`FUZZ_CASES=1000000`): a stray bracket in
+/// a CONNECT host (`&[]:1` came out as the host `&[`) is refused; bracketed
+/// IPv6 literals and ordinary names still parse.
+#[test]
+fn connect_hosts_with_stray_brackets_are_refused() {
+    for bad in ["&[]:1", "a]:443", "x[y]:443", "[::1]]:443"] {
+        let Ok(uri) = Uri::from_str(bad) else {
+            continue;
+        };
+        assert!(connect_target(&uri).is_err(), "{bad} accepted");
+    }
+    for (good, host) in [("[::1]:443", "::1"), ("Example.COM.:443", "example.com")] {
+        let uri = Uri::from_str(good).unwrap();
+        assert_eq!(connect_target(&uri).unwrap(), (host.to_string(), 443));
+    }
+}

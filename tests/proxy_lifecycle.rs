@@ -354,27 +354,74 @@ async fn gated(pool: PgPool, server_toml: &str, workers: usize) -> (Gate, Harnes
     (gate, proxy, token)
 }
 
-/// Sends `n` requests at once through `proxy` to the gate and lets them through
-/// one at a time, each release only after the next waiting request has reached
-/// the gate; returns the gate's high-water mark once all were answered 200.
-/// A connection left waiting while a slot is free (stranded) fails the test
-/// when its request never arrives ([`support::gate::ARRIVAL_TIMEOUT`]).
-async fn through_the_gate(
+/// One caller on its own HTTP/2 (h2c) keep-alive connection: idle h2
+/// connections stay open until `idle_timeout` (300 s), so only an eviction for a
+/// newcomer closes one during a test.
+struct KeptConn {
+    /// The request's answer.
+    answer: JoinHandle<http::StatusCode>,
+    /// Ends when the proxy closes the connection.
+    conn: JoinHandle<()>,
+    _sender: hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+/// Opens `n` h2c connections to `proxy` at once, each sending one request to
+/// the gate, and lets the requests through one at a time, each release only
+/// after the next waiting request has reached the gate. The first `limit`
+/// are held `hold` first (longer than `header_read_timeout`: a busy connection
+/// closed for a newcomer would be cut off then). Returns the connections once
+/// every request was answered 200 (the clients keep them open).
+async fn keep_alive_burst(
     gate: &Gate,
     proxy: &Harness,
     token: &str,
     n: usize,
     limit: usize,
-) -> usize {
-    let calls: Vec<_> = (0..n)
-        .map(|_| {
-            let (url, auth) = (proxy.url("/gh/api/held"), format!("Bearer {token}"));
-            tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
-        })
-        .collect();
+    hold: std::time::Duration,
+) -> Vec<KeptConn> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::get(proxy.url("/gh/api/held"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let answer = sender.send_request(req);
+        let answer = tokio::spawn(async move {
+            let resp = answer.await.expect("the proxy answers, never resets");
+            let status = resp.status();
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap();
+            status
+        });
+        conns.push(KeptConn {
+            answer,
+            conn,
+            _sender: sender,
+        });
+    }
+    gate.arrived(limit).await;
+    tokio::time::sleep(hold).await;
+    assert_eq!(
+        gate.held(),
+        limit,
+        "every slot is busy, none was given away"
+    );
+    assert!(
+        conns.iter().take(limit).all(|c| !c.answer.is_finished()),
+        "a busy connection was cut for a newcomer"
+    );
     for released in 0..n {
-        // The slots fill (as far as requests remain); no more than the limit
-        // are ever held at the upstream.
         gate.arrived((released + limit).min(n)).await;
         assert!(
             gate.held() <= limit,
@@ -383,34 +430,61 @@ async fn through_the_gate(
         );
         gate.release(1);
     }
-    for call in calls {
-        assert_eq!(call.await.unwrap().status, 200);
+    for c in &mut conns {
+        assert_eq!((&mut c.answer).await.unwrap(), 200);
     }
-    gate.high_water()
+    assert_eq!(gate.high_water(), limit, "exactly max_connections at once");
+    conns
 }
 
-#[ignore = "conflicts with the idle-first eviction of src/proxy/slots.rs (a full proxy now closes its idlest connection instead of making a newcomer wait); to be rewritten for it"]
-#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
-async fn connections_beyond_the_limit_wait_for_a_free_slot(pool: PgPool) {
-    let (gate, proxy, token) = gated(pool, "max_connections = 2", 0).await;
-    let high = through_the_gate(&gate, &proxy, &token, 6, 2).await;
+/// After a burst: exactly one connection was closed per newcomer beyond the
+/// limit, `limit` stay open, and every slot comes back once the clients go.
+async fn every_slot_comes_back(proxy: &Harness, conns: Vec<KeptConn>, limit: usize) {
+    let open = || proxy.metrics.open_connections.get();
+    // A connection closed by the proxy ends its client task soon after.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let closed = |conns: &[KeptConn]| conns.iter().filter(|c| c.conn.is_finished()).count();
+    while closed(&conns) < conns.len() - limit && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
-        high, 2,
-        "exactly max_connections requests were served at once"
+        closed(&conns),
+        conns.len() - limit,
+        "one idle connection closed per newcomer, no more"
     );
+    assert_eq!(open(), limit as i64, "the proxy holds max_connections");
+    drop(conns);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(open(), 0, "every slot came back after the burst");
 }
 
-#[ignore = "conflicts with the idle-first eviction of src/proxy/slots.rs (a full proxy now closes its idlest connection instead of making a newcomer wait); to be rewritten for it"]
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn at_the_limit_idle_connections_make_room_and_busy_ones_are_never_cut(pool: PgPool) {
+    // Six callers on keep-alive connections, two slots: each newcomer is served
+    // by closing a connection whose request is done, never one still busy
+    // (held past header_read_timeout, when a closed busy one would be cut off),
+    // and never another newcomer whose request has not been read yet.
+    let (gate, proxy, token) =
+        gated(pool, "max_connections = 2\nheader_read_timeout = \"1s\"", 0).await;
+    let hold = std::time::Duration::from_millis(1500);
+    let conns = keep_alive_burst(&gate, &proxy, &token, 6, 2, hold).await;
+    every_slot_comes_back(&proxy, conns, 2).await;
+}
+
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
 async fn worker_threads_share_the_connection_limit_without_stranding_connections(pool: PgPool) {
-    // Two workers, one slot: a freed slot must go to a worker holding a waiting
-    // connection, never to one idling in accept while the other's queue waits.
-    // The kernel spreads the 40 connections over the two workers' sockets by a
-    // hash; whenever that split is uneven, a slot handed to a worker with an
-    // empty backlog strands the other's connections, which then never arrive.
-    let (gate, proxy, token) = gated(pool, "max_connections = 1", 2).await;
-    let high = through_the_gate(&gate, &proxy, &token, 40, 1).await;
-    assert_eq!(high, 1, "the two workers share one slot");
+    // Two workers, one slot, 40 keep-alive callers: whichever worker's accept
+    // loop holds the next newcomer must close the other's idle connection once
+    // its request is done. The kernel spreads the connections over the two
+    // workers' sockets by a hash; a newcomer left waiting while the slot's
+    // holder is idle is stranded, and its request never arrives.
+    let (gate, proxy, token) =
+        gated(pool, "max_connections = 1\nheader_read_timeout = \"1s\"", 2).await;
+    let conns = keep_alive_burst(&gate, &proxy, &token, 40, 1, std::time::Duration::ZERO).await;
+    every_slot_comes_back(&proxy, conns, 1).await;
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]

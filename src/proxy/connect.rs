@@ -190,16 +190,19 @@ pub fn connect_target(uri: &http::Uri) -> Result<(String, u16), ProxyError> {
         ));
     }
     let raw = authority.host();
-    let host = raw
-        .trim_start_matches('[')
-        .trim_end_matches(']')
+    // Brackets only enclose an IPv6 literal: `&[]:1` (found by tests/fuzz.rs)
+    // parses as a URI authority, and trimming its `]` left the host `&[`.
+    let inner = raw.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let bracketed = inner.is_some();
+    let host = inner
+        .unwrap_or(raw)
         .trim_end_matches('.')
         .to_ascii_lowercase();
     // A bracketed host must be an IPv6 literal; an empty or over-long name is no
     // host at all (DNS names end at 253 characters).
-    let bracketed = raw.starts_with('[');
     if host.is_empty()
         || host.len() > 253
+        || host.contains(['[', ']'])
         || (bracketed && host.parse::<std::net::Ipv6Addr>().is_err())
     {
         return Err(ProxyError::BadRequest("CONNECT needs host:port"));

@@ -12,6 +12,11 @@
 //! nothing. Connections with a request in flight are never closed for a
 //! newcomer; a source IP at its own limit is refused (the new connection is
 //! closed unanswered), since its idle connections are its own to close.
+//!
+//! A connection admitted a moment ago has not had its request read yet, so it
+//! looks idle: it is spared for [`ADMITTED_GRACE`], or a burst beyond the
+//! limit would have every newcomer close (reset, unanswered) the one admitted
+//! just before it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -22,6 +27,12 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// How long a connection that has not begun a request yet is spared when a
+/// newcomer needs its slot: far above the time a client that sent its request
+/// with the connection needs to have it read, far below `header_read_timeout`
+/// (which closes a connection that sends nothing anyway).
+pub const ADMITTED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A connection's requests in flight, and when that number last changed.
 #[derive(Debug, Clone, Copy)]
 pub struct Activity {
@@ -29,6 +40,8 @@ pub struct Activity {
     pub active: usize,
     /// When `active` last changed (or the connection was accepted).
     pub since: Instant,
+    /// Whether any request has begun on the connection.
+    pub used: bool,
 }
 
 /// The slots of one listener, shared by every worker serving its port.
@@ -152,43 +165,72 @@ impl Slots {
             // One eviction at a time: the evicted connection gives its slot back
             // as soon as it has closed, and that slot is ours unless another
             // worker's accept loop takes it first.
+            let mut spared_until = None;
             if pending.is_none_or(|id| !self.table.lock().conns.contains_key(&id)) {
-                pending = self.evict_idlest();
+                pending = match self.evict_idlest(Instant::now()) {
+                    Eviction::Evicted(id) => Some(id),
+                    Eviction::SparedUntil(at) => {
+                        spared_until = Some(at);
+                        None
+                    }
+                    Eviction::NoneIdle => None,
+                };
             }
+            let spared = async {
+                match spared_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 p = self.total.clone().acquire_owned() => {
                     return p.expect("the slot semaphore is never closed");
                 }
                 () = idle => {}
+                () = spared => {}
             }
         }
     }
 
-    /// Tells the connection idle longest to close; returns its id.
-    fn evict_idlest(&self) -> Option<u64> {
+    /// Tells the connection idle longest to close, sparing those admitted
+    /// less than [`ADMITTED_GRACE`] before `now` that have not begun a request.
+    fn evict_idlest(&self, now: Instant) -> Eviction {
         let table = self.table.lock();
-        let (id, listed) = table
+        let mut spared_until: Option<Instant> = None;
+        let idlest = table
             .conns
             .iter()
             .filter(|(_, l)| !l.evict.is_cancelled())
             .filter_map(|(id, l)| {
                 let a = *l.activity.borrow();
-                (a.active == 0).then_some((id, l, a.since))
+                if a.active > 0 {
+                    return None;
+                }
+                if !a.used && now < a.since + ADMITTED_GRACE {
+                    let at = a.since + ADMITTED_GRACE;
+                    spared_until = Some(spared_until.map_or(at, |s| s.min(at)));
+                    return None;
+                }
+                Some((id, l, a.since))
             })
             .min_by_key(|(_, _, since)| *since)
-            .map(|(id, l, _)| (*id, l))?;
+            .map(|(id, l, _)| (*id, l));
+        let Some((id, listed)) = idlest else {
+            return spared_until.map_or(Eviction::NoneIdle, Eviction::SparedUntil);
+        };
         tracing::debug!(
             connection = id,
             "all connection slots taken; closing the idlest"
         );
         listed.evict.cancel();
-        Some(id)
+        Eviction::Evicted(id)
     }
 
     fn list(self: &Arc<Self>) -> Listing {
         let (tx, rx) = watch::channel(Activity {
             active: 0,
             since: Instant::now(),
+            used: false,
         });
         let evict = CancellationToken::new();
         let mut table = self.table.lock();
@@ -223,6 +265,16 @@ impl Slots {
     }
 }
 
+/// What [`Slots::evict_idlest`] did.
+enum Eviction {
+    /// Told this connection to close.
+    Evicted(u64),
+    /// Every idle connection was admitted just now; the first can go then.
+    SparedUntil(Instant),
+    /// Every connection has a request in flight.
+    NoneIdle,
+}
+
 /// One connection counted against its source IP's limit, until dropped.
 struct IpPlace {
     slots: Arc<Slots>,
@@ -254,6 +306,7 @@ impl ActivityTx {
         self.tx.send_modify(|a| {
             a.active += 1;
             a.since = Instant::now();
+            a.used = true;
         });
         InFlight(self.clone())
     }
