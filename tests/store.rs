@@ -535,3 +535,62 @@ async fn sqlite_replicas_migrating_at_once_both_succeed() {
         store.ready().await.unwrap();
     }
 }
+
+/// The PostgreSQL count classifies in SQL where the columns decide and decrypts
+/// only the rest: with encryption on (where "no refresh token" is a ciphertext)
+/// it must agree with classifying every listed link, for every kind of row.
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn link_states_counted_in_the_database_agree_with_every_listed_link(pool: PgPool) {
+    use tokenproxy::store::{LinkState, LinkStates};
+    for format in [EncryptionFormat::Coder, EncryptionFormat::Native] {
+        sqlx::query("DELETE FROM external_auth_links")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let store = PgStore::from_pool(pool.clone(), keyring(format, &[KEY_A]));
+        let now = Utc::now();
+        let hours = |h: i64| Some(now + chrono::Duration::hours(h));
+        // (refresh token, expiry, failure): every branch of LinkState::of.
+        let rows = [
+            ("r", hours(-1), ""),   // ok: expired but refreshable
+            ("r", hours(1), ""),    // ok
+            ("r", None, ""),        // ok: never expires
+            ("", None, ""),         // ok: no refresh token, never expires
+            ("", hours(48), ""),    // ok: no refresh token, far from expiry
+            ("", hours(1), ""),     // expiring_soon
+            ("", hours(-1), ""),    // reauth_required: expired, nothing to refresh with
+            ("r", hours(1), "bad"), // reauth_required: recorded failure
+        ];
+        for (refresh, expiry, failure) in rows {
+            let user = Uuid::new_v4();
+            let mut set = tokens("a", refresh);
+            set.expiry = expiry;
+            store.put_link("p", user, &set).await.unwrap();
+            sqlx::query("UPDATE external_auth_links SET oauth_refresh_failure_reason = $1 WHERE user_id = $2")
+                .bind(failure)
+                .bind(user)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let mut listed = LinkStates::default();
+        for link in store.list_links(None).await.unwrap() {
+            match LinkState::of(&link, now) {
+                LinkState::Ok => listed.ok += 1,
+                LinkState::ExpiringSoon => listed.expiring_soon += 1,
+                LinkState::ReauthRequired => listed.reauth_required += 1,
+            }
+        }
+        let expected = LinkStates {
+            ok: 5,
+            expiring_soon: 1,
+            reauth_required: 2,
+        };
+        assert_eq!(listed, expected, "{format:?}: the listing itself");
+        assert_eq!(
+            store.count_link_states(now).await.unwrap(),
+            expected,
+            "{format:?}"
+        );
+    }
+}

