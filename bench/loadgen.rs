@@ -11,7 +11,11 @@
 //! finds the executable with `cargo bench --bench loadgen --no-run`.
 //!
 //! Usage (prints one JSON object on stdout):
-//!   loadgen rate  --rate R --duration SECS --connections C [-H 'Name: value']... URL
+//!   loadgen rate  --rate R --duration SECS --connections C [-H 'Name: value']...
+//!                 [--tokens FILE] [--source IP] URL
+//!                 (--tokens: request k sends token k mod n of FILE as Bearer;
+//!                 --source: connect from that local address, e.g. 127.0.0.2, so a
+//!                 flood is another client to per-source limits)
 //!   loadgen storm --n N [-H 'Name: value']... URL [URL...]
 //!   loadgen warm  --tokens FILE --concurrency C URL
 //!   loadgen sink  --listen ADDR      (an upstream that reads and discards bodies)
@@ -103,8 +107,27 @@ impl Opts {
 
 /// One HTTP/1.1 keep-alive connection to `uri`'s authority.
 async fn connect(uri: &Uri) -> std::io::Result<SendRequest<Empty<Bytes>>> {
+    connect_from(uri, None).await
+}
+
+/// [`connect`] from the local address `source` when given.
+async fn connect_from(
+    uri: &Uri,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<SendRequest<Empty<Bytes>>> {
     let authority = uri.authority().expect("URL has host:port").as_str();
-    let stream = TcpStream::connect(authority).await?;
+    let stream = match source {
+        None => TcpStream::connect(authority).await?,
+        Some(ip) => {
+            let addr = tokio::net::lookup_host(authority)
+                .await?
+                .next()
+                .ok_or_else(|| std::io::Error::other("no address"))?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -156,17 +179,34 @@ async fn rate(o: &Opts) {
     let conns = o.num("connections", 16.0) as usize;
     let uri = o.urls.first().expect("a URL").clone();
     let headers = Arc::new(o.headers.clone());
+    let tokens: Arc<Vec<String>> = Arc::new(match o.get("tokens") {
+        Some(file) => std::fs::read_to_string(file)
+            .expect("read --tokens")
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        None => Vec::new(),
+    });
+    let source = o.get("source").map(|s| s.parse().expect("--source IP"));
     let interval = Duration::from_secs_f64(conns as f64 / rate);
     let start = Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::new();
     for c in 0..conns {
-        let mut sender = connect(&uri).await.expect("connect");
-        let (uri, headers) = (uri.clone(), headers.clone());
+        let mut sender = connect_from(&uri, source).await.expect("connect");
+        let (uri, headers, tokens) = (uri.clone(), headers.clone(), tokens.clone());
         let offset = Duration::from_secs_f64(c as f64 / rate);
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut non2xx, mut errors) = (Vec::new(), 0u64, 0u64);
             let mut due = start + offset;
+            let mut k = c;
             while due < start + duration {
+                let mut req = request(&uri, &headers);
+                if !tokens.is_empty() {
+                    let bearer = format!("Bearer {}", tokens[k % tokens.len()]);
+                    req.headers_mut()
+                        .insert(http::header::AUTHORIZATION, bearer.parse().expect("token"));
+                    k += conns;
+                }
                 // If the previous answer came after this request was due, the wait
                 // counts (no coordinated omission): measure from `due`. Otherwise
                 // measure from the actual send, so the timer's ~1 ms granularity is
@@ -174,8 +214,15 @@ async fn rate(o: &Opts) {
                 let late = Instant::now() >= due;
                 tokio::time::sleep_until(due).await;
                 let t0 = if late { due } else { Instant::now() };
-                let status = send(&mut sender, request(&uri, &headers)).await;
+                let status = send(&mut sender, req).await;
                 lat.push(t0.elapsed().as_micros() as u64);
+                if status == 0 {
+                    // A closed connection (a flood answered and dropped): reopen it,
+                    // so the offered rate holds.
+                    if let Ok(s) = connect_from(&uri, source).await {
+                        sender = s;
+                    }
+                }
                 match status {
                     0 => errors += 1,
                     200..=299 => {}
