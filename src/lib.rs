@@ -3,12 +3,13 @@
 //! threads and replicas want it at the same moment.
 //!
 //! Modules follow the request, top to bottom; nothing low imports from higher up:
-//! `cli` → `proxy`/`admin` → `links` → `tokens` → `oauth`/`store` → `crypto`, with
+//! `cli` → `app` (the wiring) → `proxy`/`admin` → `links` → `tokens` → `oauth`/`store` → `crypto`, with
 //! `config`, `telemetry` and `tls` usable everywhere.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod crypto;

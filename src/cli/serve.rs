@@ -1,5 +1,5 @@
 //! `tokenproxy serve`: validates the config (already done by the caller, before any
-//! port is bound), then hands off to [`crate::proxy::serve`], which prepares the
+//! port is bound), then hands off to [`crate::app::serve`], which prepares the
 //! database, starts the token source and runs both listeners until SIGTERM/SIGINT.
 
 use crate::config::Config;
@@ -18,7 +18,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.encryption.keys.is_empty() {
         tracing::warn!("encryption.keys is empty: tokens are stored in plain text");
     }
-    crate::proxy::serve(cfg).await?;
+    crate::app::serve(cfg).await?;
     tracing::info!("shut down");
     Ok(())
 }

@@ -13,70 +13,22 @@
 //! credentials).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::ca::{CaError, CertAuthority};
 use super::error::ProxyError;
-use super::pipeline::{authorize, upstream_authority, ConnInfo, Entry, Outcome, Pipeline, Tunnel};
-use super::server::{self, ConnContext, Limits};
+use super::pipeline::{authorize, upstream_authority, Outcome, Pipeline};
+use super::server::{ConnContext, ConnInfo};
+use super::tunnel::{Entry, Tunnel};
 use super::ProxyBody;
-use crate::config::{ConfigError, ForwardConfig, ServerConfig, Unrouted};
-use crate::telemetry::Metrics;
-
-/// Forward mode's state: the CA, the unrouted-host policy and the limits
-/// tunnels inherit from the listener.
-pub struct ForwardMode {
-    /// Mints and caches leaf certificates.
-    pub ca: CertAuthority,
-    unrouted: Unrouted,
-    builder: auto::Builder<TokioExecutor>,
-    handshake_timeout: Duration,
-    connect_timeout: Duration,
-    /// New leaves per caller (`forward.leaf_mint_limit`).
-    mints: super::abuse::LeafMints,
-}
-
-impl ForwardMode {
-    /// Loads the CA named by `forward`.
-    pub fn new(
-        forward: &ForwardConfig,
-        server: &ServerConfig,
-        metrics: &Metrics,
-    ) -> anyhow::Result<Self> {
-        let ca = CertAuthority::load(
-            &forward.ca_cert,
-            &forward.ca_key,
-            metrics.leaves_minted.clone(),
-        )
-        .map_err(|e| match e {
-            // A CA file that is missing or wrong is a config mistake (exit 64).
-            CaError::File { key, path, message } => {
-                anyhow::Error::new(ConfigError::new(key, format!("{path}: {message}")))
-            }
-            other => other.into(),
-        })?;
-        let limits = Limits::from_config(server);
-        Ok(Self {
-            ca,
-            unrouted: forward.unrouted,
-            builder: server::http_builder(&limits),
-            handshake_timeout: server.header_read_timeout,
-            connect_timeout: server.connect_timeout,
-            mints: super::abuse::LeafMints::new(forward.leaf_mint_limit, forward.leaf_mint_window),
-        })
-    }
-}
+use crate::config::Unrouted;
 
 /// What a CONNECT was answered with, before its tunnel starts.
 enum Opened {
@@ -103,7 +55,7 @@ pub async fn handle(
                         let io = TokioIo::new(upgraded);
                         match opened {
                             Opened::Intercept(tunnel, host) => {
-                                intercept(pipeline, io, tunnel, host, conn.remote, context).await;
+                                intercept(pipeline, io, tunnel, host, conn, context).await;
                             }
                             Opened::Relay(upstream) => relay(io, upstream, context).await,
                         }
@@ -228,9 +180,10 @@ async fn intercept(
     io: TokioIo<hyper::upgrade::Upgraded>,
     tunnel: Arc<Tunnel>,
     host: String,
-    remote: SocketAddr,
+    conn: ConnInfo,
     context: Option<ConnContext>,
 ) {
+    let remote = conn.remote;
     let Some(forward) = pipeline.forward.as_ref() else {
         return;
     };
@@ -259,7 +212,7 @@ async fn intercept(
         tracing::debug!(%remote, "TLS handshake in the tunnel failed");
         return;
     };
-    let info = ConnInfo { remote, tls: true };
+    let info = ConnInfo { tls: true, ..conn };
     let builder = forward.builder.clone();
     let handler = pipeline.clone();
     let service = hyper::service::service_fn(move |req| {

@@ -6,7 +6,6 @@
 //! [`Entry`] the request came through. [`Pipeline::handle_entry`] strings them
 //! together and writes the one log line and the metrics of the request.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,6 +23,8 @@ use super::error::ProxyError;
 use super::headers::{self, Forwarded, ERROR_HEADER};
 use super::inject::inject_credential;
 use super::route::{Route, Router};
+use super::server::ConnInfo;
+use super::tunnel::{Entry, ForwardMode, Tunnel};
 use super::upstream::Upstreams;
 use super::{ProxyBody, TokenLookup};
 use crate::telemetry::{Metrics, ProviderLabels, RequestLabels};
@@ -32,38 +33,6 @@ use crate::tokens::{AccessToken, TokenError};
 /// Request bodies up to this size are buffered so a request rejected with 401
 /// can be retried once with a refreshed token; larger bodies stream.
 pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
-
-/// What a connection knows about its caller.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    /// The caller's address.
-    pub remote: SocketAddr,
-    /// Whether the caller connected over TLS.
-    pub tls: bool,
-}
-
-/// How a request reached the pipeline. It decides how the caller is identified
-/// and how the route is found; every later phase is shared.
-pub enum Entry {
-    /// Reverse mode: the path picks the route.
-    Reverse,
-    /// Forward mode: an absolute-form request (`GET http://host/path`) on the
-    /// listener; its host picks the route.
-    Absolute,
-    /// Forward mode: a request inside an intercepted CONNECT tunnel.
-    Tunnel(Arc<Tunnel>),
-}
-
-/// What a CONNECT established for the requests inside its tunnel.
-pub struct Tunnel {
-    /// The CONNECT's `Proxy-Authorization`, checked again (from the caller
-    /// cache) for every request so a revoked token stops long-lived tunnels too.
-    pub credentials: HeaderMap,
-    /// The route of the CONNECT's host.
-    pub route: Arc<Route>,
-    /// `host[:port]` the client connected to; where every request goes.
-    pub authority: Authority,
-}
 
 /// Everything the request phases need, shared by all connections.
 pub struct Pipeline {
@@ -89,7 +58,7 @@ pub struct Pipeline {
     /// Failed authentications per source and per credential.
     pub auth_failures: super::abuse::AuthFailures,
     /// Forward mode (CONNECT, absolute-form), when `[forward]` is configured.
-    pub forward: Option<super::connect::ForwardMode>,
+    pub forward: Option<ForwardMode>,
     /// tokenproxy's own endpoints under `/_tokenproxy/`.
     pub endpoints: super::endpoints::Endpoints,
     /// Coder mode: where users link again (`<coder.access_url>/external-auth/`).
@@ -132,6 +101,8 @@ struct Prepared {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// The worker whose upstream clients send it.
+    worker: usize,
 }
 
 impl Pipeline {
@@ -216,7 +187,9 @@ impl Pipeline {
         outcome.route = Some(route.clone());
         route.check_method(req.method())?;
         authorize(&caller, &route)?;
-        let token = self.token_or_prewarm(&route, &caller, &uri).await?;
+        let token = self
+            .token_or_prewarm(&route, &caller, &uri, conn.worker)
+            .await?;
         outcome.token = "served";
         let host = match entry {
             Entry::Reverse => route.host.clone(),
@@ -345,12 +318,13 @@ impl Pipeline {
         route: &Route,
         caller: &Caller,
         uri: &Uri,
+        worker: usize,
     ) -> Result<AccessToken, ProxyError> {
         let mut lookup = std::pin::pin!(self.token(route, caller));
         if let std::task::Poll::Ready(done) = futures_util::poll!(lookup.as_mut()) {
             return done;
         }
-        self.upstreams.prewarm(route.client_key(), uri);
+        self.upstreams.prewarm(worker, route.client_key(), uri);
         lookup.await
     }
 
@@ -399,6 +373,7 @@ impl Pipeline {
             method: parts.method,
             uri,
             headers,
+            worker: conn.worker,
         }
     }
 
@@ -491,7 +466,10 @@ impl Pipeline {
         *req.headers_mut() = headers;
         let started = Instant::now();
         outcome.attempts += 1;
-        let result = self.upstreams.send(route.client_key(), req, body_end).await;
+        let result = self
+            .upstreams
+            .send(prepared.worker, route.client_key(), req, body_end)
+            .await;
         let took = started.elapsed();
         outcome.upstream = Some(outcome.upstream.unwrap_or_default() + took);
         self.metrics.upstream_duration.observe(took.as_secs_f64());

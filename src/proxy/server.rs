@@ -128,9 +128,50 @@ pub trait Handler: Send + Sync + 'static {
     fn call(
         self: Arc<Self>,
         req: Request<Incoming>,
-        remote: SocketAddr,
-        tls: bool,
+        conn: ConnInfo,
     ) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
+
+/// What a connection knows about its caller, and which worker serves it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The caller's address.
+    pub remote: SocketAddr,
+    /// Whether the caller connected over TLS.
+    pub tls: bool,
+    /// The worker thread the connection was accepted on (0 off the workers): it
+    /// picks that worker's upstream clients, so pooled connections stay on the
+    /// thread of the requests they serve.
+    pub worker: usize,
+}
+
+/// What every listener of one port serves with (one listener per worker).
+pub struct Shared<H> {
+    /// The request handler.
+    pub handler: Arc<H>,
+    /// The listener's limits.
+    pub limits: Limits,
+    /// The connection slots, shared by all listeners of the port.
+    pub permits: Arc<Slots>,
+    /// TLS for callers, when configured.
+    pub tls: Option<TlsAcceptor>,
+    /// Counters (open connections); `None` for the admin listener.
+    pub metrics: Option<Arc<Metrics>>,
+    /// Fires when shutdown begins.
+    pub shutdown: ShutdownSignal,
+}
+
+impl<H> Clone for Shared<H> {
+    fn clone(&self) -> Self {
+        Self {
+            handler: self.handler.clone(),
+            limits: self.limits.clone(),
+            permits: self.permits.clone(),
+            tls: self.tls.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
 }
 
 /// Builds the TLS acceptor for `[server.tls]`, offering HTTP/2 and HTTP/1.1.
@@ -169,8 +210,15 @@ pub async fn serve<H: Handler>(
     metrics: Option<Arc<Metrics>>,
     shutdown: ShutdownSignal,
 ) {
-    let slots = connection_slots(&limits);
-    serve_shared(listener, handler, limits, tls, metrics, shutdown, slots).await;
+    let shared = Shared {
+        handler,
+        permits: connection_slots(&limits),
+        limits,
+        tls,
+        metrics,
+        shutdown,
+    };
+    serve_shared(listener, shared, 0).await;
 }
 
 /// The connection slots of `limits`, to share between listeners that serve the
@@ -179,17 +227,17 @@ pub fn connection_slots(limits: &Limits) -> Arc<Slots> {
     Slots::new(limits.max_connections, limits.max_connections_per_ip)
 }
 
-/// [`serve`], taking connection slots from `slots`, which other listeners of
-/// the same port (one per worker thread) share.
-pub async fn serve_shared<H: Handler>(
-    listener: TcpListener,
-    handler: Arc<H>,
-    limits: Limits,
-    tls: Option<TlsAcceptor>,
-    metrics: Option<Arc<Metrics>>,
-    mut shutdown: ShutdownSignal,
-    slots: Arc<Slots>,
-) {
+/// [`serve`] as worker `worker`, taking connection slots from `shared.permits`,
+/// which the other listeners of the same port (one per worker thread) share.
+pub async fn serve_shared<H: Handler>(listener: TcpListener, shared: Shared<H>, worker: usize) {
+    let Shared {
+        handler,
+        limits,
+        permits: slots,
+        tls,
+        metrics,
+        mut shutdown,
+    } = shared;
     let builder = Arc::new(http_builder(&limits));
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(5);
@@ -237,6 +285,7 @@ pub async fn serve_shared<H: Handler>(
             tls: tls.clone(),
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
+            worker,
             listing,
             context: ConnContext {
                 _slot: slot,
@@ -293,6 +342,7 @@ struct Connection<H> {
     tls: Option<TlsAcceptor>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    worker: usize,
     listing: Listing,
     context: ConnContext,
 }
@@ -349,6 +399,11 @@ impl<H: Handler> Connection<H> {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
+        let info = ConnInfo {
+            remote,
+            tls: is_tls,
+            worker: self.worker,
+        };
         let handler = self.handler;
         let context = self.context;
         let mut signal = context.shutdown.clone();
@@ -365,7 +420,7 @@ impl<H: Handler> Connection<H> {
                 req.extensions_mut().insert(context.clone());
             }
             async move {
-                let resp = handler.call(req, remote, is_tls).await;
+                let resp = handler.call(req, info).await;
                 Ok::<_, Infallible>(resp.map(|b| InFlightBody::wrap(b, in_flight)))
             }
         });

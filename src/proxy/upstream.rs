@@ -58,17 +58,6 @@ pub struct Upstreams {
     response_timeout: Duration,
 }
 
-thread_local! {
-    /// Which client set this thread uses; proxy worker threads set it at start,
-    /// every other thread uses the first set.
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Makes the calling thread use client set `index` (see [`Upstreams::new`]).
-pub fn set_worker_index(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
-
 /// The TCP connector: dials the URI's host, or always `connect_to` when set.
 #[derive(Clone)]
 pub struct ConnectTo {
@@ -130,19 +119,25 @@ impl Upstreams {
 
     /// Starts opening a connection for a request to `uri` that is about to wait
     /// (for its token), so the handshake overlaps the wait.
-    pub fn prewarm(&self, key: &ClientKey, uri: &Uri) {
-        if let Some((_, connector)) = self.clients().get(key) {
+    pub fn prewarm(&self, worker: usize, key: &ClientKey, uri: &Uri) {
+        if let Some((_, connector)) = self.clients(worker).get(key) {
             connector.prewarm(uri);
         }
     }
 
-    /// The calling worker thread's client set.
-    fn clients(&self) -> &ClientSet {
-        let index = WORKER.with(std::cell::Cell::get);
-        self.per_worker.get(index).unwrap_or(&self.per_worker[0])
+    /// Worker `worker`'s client set ([`super::server::ConnInfo::worker`]).
+    fn clients(&self, worker: usize) -> &ClientSet {
+        debug_assert!(
+            worker < self.per_worker.len(),
+            "worker {worker} has no clients"
+        );
+        // Never out of range when built with the worker count; a wrong index
+        // still gets a working (if cross-thread) client rather than a panic.
+        &self.per_worker[worker % self.per_worker.len()]
     }
 
-    /// Sends `req` with the client for `key` and waits for the response head.
+    /// Sends `req` with worker `worker`'s client for `key` and waits for the
+    /// response head.
     ///
     /// With `body_end` (a streamed request body), `upstream_timeout` starts when
     /// the body is complete: an upload may take as long as it keeps moving (its
@@ -151,12 +146,13 @@ impl Upstreams {
     /// client's fault (400), not the upstream's.
     pub async fn send(
         &self,
+        worker: usize,
         key: &ClientKey,
         req: Request<ProxyBody>,
         body_end: Option<oneshot::Receiver<BodyEnd>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (client, _) = self
-            .clients()
+            .clients(worker)
             .get(key)
             .ok_or(ProxyError::UpstreamUnavailable)?;
         let mut request = std::pin::pin!(client.request(req));

@@ -15,15 +15,12 @@
 //! registered with its runtime and must keep working until then.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
 use tokio::sync::oneshot;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::server::{self, Handler, Limits, ShutdownSignal};
-use crate::telemetry::Metrics;
+use super::server::{self, Handler, Shared};
 
 /// Backlog of each worker's listening socket.
 const BACKLOG: i32 = 1024;
@@ -67,35 +64,6 @@ pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpList
     Ok(listeners)
 }
 
-/// What every worker serves with.
-pub struct Shared<H> {
-    /// The request handler.
-    pub handler: Arc<H>,
-    /// The listener's limits.
-    pub limits: Limits,
-    /// The connection slots, shared by all workers.
-    pub permits: Arc<super::slots::Slots>,
-    /// TLS for callers, when configured.
-    pub tls: Option<TlsAcceptor>,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// Fires when shutdown begins.
-    pub shutdown: ShutdownSignal,
-}
-
-impl<H> Clone for Shared<H> {
-    fn clone(&self) -> Self {
-        Self {
-            handler: self.handler.clone(),
-            limits: self.limits.clone(),
-            permits: self.permits.clone(),
-            tls: self.tls.clone(),
-            metrics: self.metrics.clone(),
-            shutdown: self.shutdown.clone(),
-        }
-    }
-}
-
 /// The running worker threads.
 pub struct Workers {
     drained: Vec<oneshot::Receiver<()>>,
@@ -124,21 +92,9 @@ pub fn spawn<H: Handler>(
         let thread = std::thread::Builder::new()
             .name(format!("tokenproxy-worker-{index}"))
             .spawn(move || {
-                super::upstream::set_worker_index(index);
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            server::serve_shared(
-                                listener,
-                                shared.handler,
-                                shared.limits,
-                                shared.tls,
-                                Some(shared.metrics),
-                                shared.shutdown,
-                                shared.permits,
-                            )
-                            .await;
-                        }
+                        Ok(listener) => server::serve_shared(listener, shared, index).await,
                         Err(e) => {
                             tracing::error!(worker = index, error = %e, "worker cannot listen")
                         }

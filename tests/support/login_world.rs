@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokenproxy::config::Config;
 use tokenproxy::crypto::Keyring;
-use tokenproxy::proxy::{self, Deps};
+use tokenproxy::proxy::Deps;
 use tokenproxy::store::postgres::PgStore;
 use tokenproxy::store::LinkStore;
 use tokenproxy::telemetry::Metrics;
@@ -170,7 +170,7 @@ async fn replica_with(
         metrics: Metrics::new(),
     };
     let shutdown = stop.clone();
-    let task = tokio::spawn(proxy::run(listener, admin, deps, async move {
+    let task = tokio::spawn(tokenproxy::app::run(listener, admin, deps, async move {
         shutdown.cancelled().await
     }));
     Replica {

@@ -68,7 +68,7 @@ impl Harness {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         Self::start_on(config, store, tokens, addr, move |admin, deps, stop| {
-            tokio::spawn(proxy::run(listener, admin, deps, stop))
+            tokio::spawn(tokenproxy::app::run(listener, admin, deps, stop))
         })
         .await
     }
@@ -101,7 +101,7 @@ impl Harness {
         let listeners = proxy::workers::bind(any, workers).unwrap();
         let addr = listeners[0].local_addr().unwrap();
         Self::start_on(config, store, tokens, addr, move |admin, deps, stop| {
-            tokio::spawn(proxy::run_workers(listeners, admin, deps, stop))
+            tokio::spawn(tokenproxy::app::run_workers(listeners, admin, deps, stop))
         })
         .await
     }
