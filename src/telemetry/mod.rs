@@ -11,6 +11,7 @@ use crate::config::{AuditDestination, LogFormat, LoggingConfig};
 
 pub mod audit;
 pub mod metrics;
+pub mod sharded;
 
 pub use audit::AUDIT_TARGET;
 pub use metrics::*;
