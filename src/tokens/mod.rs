@@ -429,6 +429,22 @@ impl TokenSource {
         background::spawn(self.inner.clone(), shutdown)
     }
 
+    /// The cached token for `user` at `provider` when it can be served as is:
+    /// the cache-hit path of [`TokenSource::get`], synchronous, so a caller on the
+    /// hot path needs no future for it. `None`: call `get`.
+    pub fn get_cached(&self, provider: &str, user: Uuid) -> Option<AccessToken> {
+        let inner = &self.inner;
+        let &pidx = inner.index.get(provider)?;
+        let now = inner.clock.now();
+        let e = inner.cached((pidx, user))?;
+        if !inner.servable(&e, now) {
+            return None;
+        }
+        e.touch(now);
+        inner.hit.inc();
+        Some(e.token.clone())
+    }
+
     /// A usable access token for `user` at `provider`.
     pub async fn get(&self, provider: &str, user: Uuid) -> Result<AccessToken, TokenError> {
         let inner = &self.inner;
