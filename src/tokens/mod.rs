@@ -87,12 +87,37 @@ pub struct AccessToken(Arc<TokenValue>);
 struct TokenValue {
     secret: SecretString,
     expiry: Option<DateTime<Utc>>,
+    /// `Bearer <token>` and the bare token as header values, built on first use:
+    /// every request served from the cache injects the same value.
+    headers: [std::sync::OnceLock<Option<http::HeaderValue>>; 2],
 }
 
 impl AccessToken {
     /// Wraps a token value.
     pub fn new(secret: SecretString, expiry: Option<DateTime<Utc>>) -> Self {
-        Self(Arc::new(TokenValue { secret, expiry }))
+        Self(Arc::new(TokenValue {
+            secret,
+            expiry,
+            headers: Default::default(),
+        }))
+    }
+    /// The token as a sensitive header value — `Bearer <token>` when `bearer`,
+    /// else the bare token — built once per token version. `None`: the token
+    /// cannot be a header value.
+    pub fn header_value(&self, bearer: bool) -> Option<http::HeaderValue> {
+        self.0.headers[usize::from(bearer)]
+            .get_or_init(|| {
+                let secret = self.expose_secret();
+                let mut value = if bearer {
+                    http::HeaderValue::from_str(&format!("Bearer {secret}"))
+                } else {
+                    http::HeaderValue::from_str(secret)
+                }
+                .ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            })
+            .clone()
     }
     /// The token itself, for injection only.
     pub fn expose_secret(&self) -> &str {
@@ -104,7 +129,8 @@ impl AccessToken {
     }
     /// Whether two handles are the same token version (same cache entry).
     pub fn same_version(&self, other: &AccessToken) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.expose_secret() == other.expose_secret()
+        Arc::ptr_eq(&self.0, &other.0)
+            || crate::crypto::same_text(self.expose_secret(), other.expose_secret())
     }
 }
 
