@@ -24,15 +24,16 @@ pub fn inject_credential(
     // login can fix it. The error text never includes the value.
     let unusable = || ProxyError::Token(TokenError::ReauthRequired);
     let (name, value) = match inject {
-        // Built once per token version (see `AccessToken::header_value`).
+        // Built once per token version (see `AccessToken::bearer_header`).
         Inject::Bearer => (
             header::AUTHORIZATION,
-            token.header_value(true).ok_or_else(unusable)?,
+            token.bearer_header().ok_or_else(unusable)?,
         ),
-        Inject::Header(name) => (
-            name.clone(),
-            token.header_value(false).ok_or_else(unusable)?,
-        ),
+        Inject::Header(name) => {
+            let mut value = HeaderValue::from_str(token.expose_secret()).map_err(|_| unusable())?;
+            value.set_sensitive(true);
+            (name.clone(), value)
+        }
         Inject::BasicUsername(user) => {
             let pair = format!("{user}:{}", token.expose_secret());
             let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
@@ -85,10 +86,9 @@ mod tests {
         assert!(vb.is_sensitive());
         // The same bytes, shared: built once, not per request.
         assert_eq!(va.as_bytes().as_ptr(), vb.as_bytes().as_ptr());
-        // Each form has its own value; a new version its own.
-        assert_eq!(t.header_value(false).unwrap(), "gho_memo");
+        // A new version has its own.
         assert_eq!(
-            token("gho_next").header_value(true).unwrap(),
+            token("gho_next").bearer_header().unwrap(),
             "Bearer gho_next"
         );
     }

@@ -87,9 +87,10 @@ pub struct AccessToken(Arc<TokenValue>);
 struct TokenValue {
     secret: SecretString,
     expiry: Option<DateTime<Utc>>,
-    /// `Bearer <token>` and the bare token as header values, built on first use:
-    /// every request served from the cache injects the same value.
-    headers: [std::sync::OnceLock<Option<http::HeaderValue>>; 2],
+    /// `Bearer <token>` as a header value, built on first use: every request
+    /// served from the cache injects the same value. One slot, not one per
+    /// form: it is ~100 bytes per cached link, and Bearer is what most routes use.
+    bearer: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
 
 impl AccessToken {
@@ -98,22 +99,17 @@ impl AccessToken {
         Self(Arc::new(TokenValue {
             secret,
             expiry,
-            headers: Default::default(),
+            bearer: std::sync::OnceLock::new(),
         }))
     }
-    /// The token as a sensitive header value — `Bearer <token>` when `bearer`,
-    /// else the bare token — built once per token version. `None`: the token
-    /// cannot be a header value.
-    pub fn header_value(&self, bearer: bool) -> Option<http::HeaderValue> {
-        self.0.headers[usize::from(bearer)]
+    /// `Bearer <token>` as a sensitive header value, built once per token
+    /// version. `None`: the token cannot be a header value.
+    pub fn bearer_header(&self) -> Option<http::HeaderValue> {
+        self.0
+            .bearer
             .get_or_init(|| {
-                let secret = self.expose_secret();
-                let mut value = if bearer {
-                    http::HeaderValue::from_str(&format!("Bearer {secret}"))
-                } else {
-                    http::HeaderValue::from_str(secret)
-                }
-                .ok()?;
+                let text = format!("Bearer {}", self.expose_secret());
+                let mut value = http::HeaderValue::from_str(&text).ok()?;
                 value.set_sensitive(true);
                 Some(value)
             })
