@@ -219,6 +219,31 @@ impl PgStore {
     }
 }
 
+/// A link write's `RETURNING provider_id, user_id` query.
+type LinkWrite<'q> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>;
+
+/// Binds `$1`–`$8` of a link write — the key, the sealed pair with their key
+/// ids, expiry and extra — in the column order the upsert and the refresh CAS
+/// share, so the two cannot drift apart.
+pub(super) fn bind_link<'q>(
+    sql: &'q str,
+    provider_id: &'q str,
+    user_id: Uuid,
+    (access, refresh): &'q (Sealed, Sealed),
+    tokens: &'q TokenSet,
+) -> LinkWrite<'q> {
+    sqlx::query_scalar::<_, String>(sql)
+        .bind(provider_id)
+        .bind(user_id)
+        .bind(&access.value)
+        .bind(&access.key_id)
+        .bind(&refresh.value)
+        .bind(&refresh.key_id)
+        .bind(expiry_to_db(tokens.expiry))
+        .bind(&tokens.extra)
+}
+
 #[async_trait::async_trait]
 impl LinkStore for PgStore {
     fn login_store(&self) -> Option<&dyn super::login::LoginStore> {
@@ -239,7 +264,7 @@ impl LinkStore for PgStore {
         tokens: &TokenSet,
     ) -> Result<(), StoreError> {
         self.ensure_key_registered().await?;
-        let (access, refresh) = self.seal_pair(provider_id, user_id, tokens)?;
+        let sealed = self.seal_pair(provider_id, user_id, tokens)?;
         let sql = announced(
             "INSERT INTO external_auth_links (provider_id, user_id, created_at, updated_at, \
                oauth_access_token, oauth_access_token_key_id, oauth_refresh_token, \
@@ -257,15 +282,7 @@ impl LinkStore for PgStore {
              RETURNING provider_id, user_id",
             "$9",
         );
-        sqlx::query_scalar::<_, String>(&sql)
-            .bind(provider_id)
-            .bind(user_id)
-            .bind(&access.value)
-            .bind(&access.key_id)
-            .bind(&refresh.value)
-            .bind(&refresh.key_id)
-            .bind(expiry_to_db(tokens.expiry))
-            .bind(&tokens.extra)
+        bind_link(&sql, provider_id, user_id, &sealed, tokens)
             .bind(CHANGE_CHANNEL)
             .fetch_all(&self.pool)
             .await

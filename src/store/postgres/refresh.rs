@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{announced, expiry_to_db, map_err, rotate, PgStore};
+use super::{announced, bind_link, map_err, rotate, PgStore};
 use crate::crypto::{Keyring, Sealed};
 use crate::store::codec::{LinkRow, LINK_COLUMNS};
 use crate::store::coder_lease::truncate_reason;
@@ -134,7 +134,7 @@ pub(crate) async fn cas_write(
     new: &TokenSet,
     fence: LeaseFence,
 ) -> Result<bool, StoreError> {
-    let (access, refresh) = pg.seal_pair(provider_id, user_id, new)?;
+    let sealed = pg.seal_pair(provider_id, user_id, new)?;
     let sql = announced(
         &format!(
             "UPDATE external_auth_links SET \
@@ -150,15 +150,7 @@ pub(crate) async fn cas_write(
         ),
         "$10",
     );
-    let mut query = sqlx::query_scalar::<_, String>(&sql)
-        .bind(provider_id)
-        .bind(user_id)
-        .bind(&access.value)
-        .bind(&access.key_id)
-        .bind(&refresh.value)
-        .bind(&refresh.key_id)
-        .bind(expiry_to_db(new.expiry))
-        .bind(&new.extra)
+    let mut query = bind_link(&sql, provider_id, user_id, &sealed, new)
         .bind(old_refresh)
         .bind(CHANGE_CHANNEL)
         .bind(old_access);
