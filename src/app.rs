@@ -26,6 +26,10 @@ use crate::store::LinkStore;
 use crate::telemetry::Metrics;
 use crate::tokens::{TokenError, TokenSource};
 
+/// The target of the lifecycle lines (`listening`, `stopped`, signals): the
+/// README documents `tokenproxy::proxy`, and log filters rely on it.
+const LOG_TARGET: &str = "tokenproxy::proxy";
+
 /// The admin API's "refresh now", through the token lookup's flight.
 struct AdminRefresh(Arc<dyn TokenLookup>);
 
@@ -138,7 +142,7 @@ async fn run_on(
         None,
         signal.clone(),
     ));
-    tracing::info!(%addr, admin = %admin_addr, tls = tls.is_some(), workers = worker_count, "listening");
+    tracing::info!(target: LOG_TARGET, %addr, admin = %admin_addr, tls = tls.is_some(), workers = worker_count, "listening");
     let workers = match proxy {
         ProxyListener::Here(listener) => {
             let metrics = Some(deps.metrics.clone());
@@ -161,7 +165,7 @@ async fn run_on(
         }
     };
     admin_task.await.context("admin listener task")?;
-    tracing::info!("stopped");
+    tracing::info!(target: LOG_TARGET, "stopped");
     Ok(workers)
 }
 
@@ -246,7 +250,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokens.drain(lease_timeout) => {}
             () = &mut second => {
-                tracing::warn!("second shutdown signal: not waiting for token exchanges");
+                tracing::warn!(target: LOG_TARGET, "second shutdown signal: not waiting for token exchanges");
             }
         }
     }
@@ -301,10 +305,10 @@ impl Signals {
         let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             self.next().await;
-            tracing::info!("shutdown signal received; draining (signal again to stop now)");
+            tracing::info!(target: LOG_TARGET, "shutdown signal received; draining (signal again to stop now)");
             let _ = first_tx.send(());
             self.next().await;
-            tracing::warn!("second shutdown signal received; stopping now");
+            tracing::warn!(target: LOG_TARGET, "second shutdown signal received; stopping now");
             let _ = second_tx.send(());
         });
         let first = async move {

@@ -267,12 +267,22 @@ async fn expiry_follows_the_injected_clock(pool: PgPool) {
     let set = idp.seed_with_expiry(user, Some(clock.now() + chrono::Duration::seconds(120)));
     st.put_link(P, user, &set).await.unwrap();
     let r = replica(&pool, &[idp.provider(P)], &tokens_cfg(), clock.clone()).await;
+    // The change feed's first resync would retire what the first lookup cached.
+    r.synced().await;
+    // The synchronous hit path answers only from the cache.
+    assert!(r.source.get_cached(P, user).is_none(), "nothing cached yet");
     let t0 = r.source.get(P, user).await.unwrap();
     assert_eq!(t0.expose_secret(), set.access_token.expose_secret());
+    assert!(r.source.get_cached(P, user).unwrap().same_version(&t0));
     clock.advance(Duration::from_secs(59)); // 61 s left > 60 s skew: usable
+    assert!(r.source.get_cached(P, user).unwrap().same_version(&t0));
     assert!(r.source.get(P, user).await.unwrap().same_version(&t0));
     assert_eq!(idp.attempts(), 0);
     clock.advance(Duration::from_secs(1)); // 60 s left: inside the skew
+    assert!(
+        r.source.get_cached(P, user).is_none(),
+        "a token inside the skew is not served from the hit path"
+    );
     let t1 = r.source.get(P, user).await.unwrap();
     assert!(!t1.same_version(&t0));
     idp.assert_grants(1, 1, 0);

@@ -173,6 +173,12 @@ async fn background_refreshes_never_exceed_the_concurrency_bound(pool: PgPool) {
     );
     let g = idp.grants();
     assert_eq!((g.attempts, g.successes, g.reuse), (12, 12, 0));
+    // The IdP counts a grant when it answers; the last flights may still be
+    // writing it. Their end is the event to wait for, not a guess at its time.
+    assert!(
+        r.source.drain(Duration::from_secs(15)).await,
+        "background flights finished their writes"
+    );
     for u in &users {
         assert_link_intact(&idp, &st, *u).await;
     }

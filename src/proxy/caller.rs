@@ -21,11 +21,11 @@ use http::header::{self, HeaderMap};
 use quick_cache::sync::{EntryAction, EntryResult};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::error::ProxyError;
 use crate::config::{CallerMode, CallersConfig};
+use crate::crypto::{same_bytes, same_text};
 use crate::store::{LinkStore, ProxyTokenInfo, StoreError};
 
 /// Prefix of every proxy token.
@@ -122,13 +122,7 @@ pub fn has_two_proxy_tokens(headers: &HeaderMap) -> bool {
     let Some(first) = found.next() else {
         return false;
     };
-    found.any(|t| {
-        !bool::from(
-            t.expose_secret()
-                .as_bytes()
-                .ct_eq(first.expose_secret().as_bytes()),
-        )
-    })
+    found.any(|t| !same_text(t.expose_secret(), first.expose_secret()))
 }
 
 /// Parses one credential header value for a proxy token.
@@ -192,7 +186,7 @@ pub fn is_well_formed(token: &str) -> bool {
     match token.len() {
         CHECKSUMMED_LEN => {
             let (random, sum) = body.as_bytes().split_at(RANDOM_LEN);
-            random.iter().all(u8::is_ascii_alphanumeric) && bool::from(sum.ct_eq(&checksum(random)))
+            random.iter().all(u8::is_ascii_alphanumeric) && same_bytes(sum, &checksum(random))
         }
         // Tokens issued before the checksum existed keep working. The decoder
         // refuses non-canonical trailing bits, so only 2^256 strings pass.
@@ -503,7 +497,7 @@ impl CallerIdentity {
         };
         // The map lookup compared hashes already; compare again in constant time
         // so no code path depends on a variable-time comparison of caller secrets.
-        if !bool::from(verified.hash.ct_eq(&hash)) {
+        if !same_bytes(&verified.hash, &hash) {
             return Err(ProxyError::Unauthenticated);
         }
         if verified.revoked {

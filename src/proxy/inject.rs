@@ -20,23 +20,29 @@ pub fn inject_credential(
     token: &AccessToken,
 ) -> Result<(), ProxyError> {
     headers.remove(header::AUTHORIZATION);
-    let (name, text) = match inject {
+    // A token that cannot be a header value is unusable as stored; only a new
+    // login can fix it. The error text never includes the value.
+    let unusable = || ProxyError::Token(TokenError::ReauthRequired);
+    let (name, value) = match inject {
+        // Built once per token version (see `AccessToken::bearer_header`).
         Inject::Bearer => (
             header::AUTHORIZATION,
-            format!("Bearer {}", token.expose_secret()),
+            token.bearer_header().ok_or_else(unusable)?,
         ),
+        Inject::Header(name) => {
+            let mut value = HeaderValue::from_str(token.expose_secret()).map_err(|_| unusable())?;
+            value.set_sensitive(true);
+            (name.clone(), value)
+        }
         Inject::BasicUsername(user) => {
             let pair = format!("{user}:{}", token.expose_secret());
             let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-            (header::AUTHORIZATION, format!("Basic {encoded}"))
+            let mut value =
+                HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| unusable())?;
+            value.set_sensitive(true);
+            (header::AUTHORIZATION, value)
         }
-        Inject::Header(name) => (name.clone(), token.expose_secret().to_string()),
     };
-    // A token that cannot be a header value is unusable as stored; only a new
-    // login can fix it. The error text never includes the value.
-    let mut value =
-        HeaderValue::from_str(&text).map_err(|_| ProxyError::Token(TokenError::ReauthRequired))?;
-    value.set_sensitive(true);
     headers.insert(name, value);
     Ok(())
 }
@@ -67,6 +73,24 @@ mod tests {
         let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
         assert_eq!(all, ["Bearer gho_1"]);
         assert!(all[0].is_sensitive());
+    }
+
+    #[test]
+    fn a_token_version_builds_its_header_value_once() {
+        let t = token("gho_memo");
+        let (mut a, mut b) = (caller_headers(), caller_headers());
+        inject_credential(&mut a, &Inject::Bearer, &t).unwrap();
+        inject_credential(&mut b, &Inject::Bearer, &t.clone()).unwrap();
+        let (va, vb) = (&a[header::AUTHORIZATION], &b[header::AUTHORIZATION]);
+        assert_eq!(va, "Bearer gho_memo");
+        assert!(vb.is_sensitive());
+        // The same bytes, shared: built once, not per request.
+        assert_eq!(va.as_bytes().as_ptr(), vb.as_bytes().as_ptr());
+        // A new version has its own.
+        assert_eq!(
+            token("gho_next").bearer_header().unwrap(),
+            "Bearer gho_next"
+        );
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>
 pub trait TokenLookup: Send + Sync + 'static {
     /// A usable access token for `user` at `provider`.
     async fn get(&self, provider: &str, user: Uuid) -> Result<AccessToken, TokenError>;
+    /// The token when it is at hand (a cache hit), without a future; `None`
+    /// means "call [`TokenLookup::get`]", never "no token".
+    fn get_cached(&self, _provider: &str, _user: Uuid) -> Option<AccessToken> {
+        None
+    }
     /// A replacement for a token the upstream rejected (see
     /// [`TokenSource::refresh_rejected`]).
     async fn refresh_rejected(
@@ -104,6 +109,9 @@ pub trait TokenLookup: Send + Sync + 'static {
 impl TokenLookup for TokenSource {
     async fn get(&self, provider: &str, user: Uuid) -> Result<AccessToken, TokenError> {
         TokenSource::get(self, provider, user).await
+    }
+    fn get_cached(&self, provider: &str, user: Uuid) -> Option<AccessToken> {
+        TokenSource::get_cached(self, provider, user)
     }
     async fn refresh_rejected(
         &self,

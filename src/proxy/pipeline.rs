@@ -320,6 +320,10 @@ impl Pipeline {
         uri: &Uri,
         worker: usize,
     ) -> Result<AccessToken, ProxyError> {
+        // A cache hit: no boxed future, no poll.
+        if let Some(token) = self.tokens.get_cached(&route.provider, caller.user_id) {
+            return Ok(token);
+        }
         let mut lookup = std::pin::pin!(self.token(route, caller));
         if let std::task::Poll::Ready(done) = futures_util::poll!(lookup.as_mut()) {
             return done;

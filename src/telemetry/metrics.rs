@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 use uuid::Uuid;
 
 use super::audit::Trail;
+use super::sharded::ShardedHistogram;
 
 /// Labels of `tokenproxy_requests_total`. Shared strings (the route's own), so
 /// counting a request allocates nothing.
@@ -135,10 +136,10 @@ pub struct Metrics {
     registry: Registry,
     /// `tokenproxy_requests_total{provider,route,status}`.
     pub requests: Family<RequestLabels, Counter>,
-    /// `tokenproxy_request_duration_seconds`.
-    pub request_duration: Histogram,
+    /// `tokenproxy_request_duration_seconds` (sharded: observed on every request).
+    pub request_duration: ShardedHistogram,
     /// `tokenproxy_upstream_duration_seconds`: time until the upstream's response head.
-    pub upstream_duration: Histogram,
+    pub upstream_duration: ShardedHistogram,
     /// `tokenproxy_token_lookups_total{result}`.
     pub token_lookups: Family<LookupLabels, Counter>,
     /// `tokenproxy_refresh_total{provider,outcome}`.
@@ -205,13 +206,13 @@ impl Metrics {
             "Requests answered, by provider, route and status",
             requests.clone(),
         );
-        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let request_duration = ShardedHistogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "request_duration_seconds",
             "Time from request head to response head",
             request_duration.clone(),
         );
-        let upstream_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let upstream_duration = ShardedHistogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "upstream_duration_seconds",
             "Time the upstream took to send its response head",

@@ -9,6 +9,7 @@
 pub mod audit;
 mod logging;
 pub mod metrics;
+pub mod sharded;
 
 pub use audit::AUDIT_TARGET;
 pub use logging::{init_logging, init_tracing, log_lines_dropped, LogGuard, BUFFER_ENV};

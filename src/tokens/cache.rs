@@ -59,6 +59,9 @@ pub(crate) type TokenCache = quick_cache::sync::Cache<
     CountEvictions,
 >;
 
+/// How stale an entry's last use may be recorded (see [`Entry::touch`]).
+const TOUCH_GRANULARITY_MS: i64 = 100;
+
 /// One cached link.
 pub(crate) struct Entry {
     /// The token served on hits.
@@ -105,10 +108,15 @@ impl Entry {
         }
     }
 
-    /// Records a use (a relaxed store: hits stay lock-free).
+    /// Records a use (relaxed: hits stay lock-free). Stored at most once per
+    /// [`TOUCH_GRANULARITY_MS`]: a hot link is hit from every worker thread, and
+    /// a store on each hit would bounce the entry's cache line between cores,
+    /// while a load keeps it shared. `used_within` is off by at most that much.
     pub fn touch(&self, now: DateTime<Utc>) {
-        self.last_used_ms
-            .store(now.timestamp_millis(), Ordering::Relaxed);
+        let now = now.timestamp_millis();
+        if now.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)) >= TOUCH_GRANULARITY_MS {
+            self.last_used_ms.store(now, Ordering::Relaxed);
+        }
     }
 
     /// Whether it was cached at least `max_age` before `now`, so the hit path

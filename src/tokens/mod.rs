@@ -87,12 +87,33 @@ pub struct AccessToken(Arc<TokenValue>);
 struct TokenValue {
     secret: SecretString,
     expiry: Option<DateTime<Utc>>,
+    /// `Bearer <token>` as a header value, built on first use: every request
+    /// served from the cache injects the same value. One slot, not one per
+    /// form: it is ~100 bytes per cached link, and Bearer is what most routes use.
+    bearer: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
 
 impl AccessToken {
     /// Wraps a token value.
     pub fn new(secret: SecretString, expiry: Option<DateTime<Utc>>) -> Self {
-        Self(Arc::new(TokenValue { secret, expiry }))
+        Self(Arc::new(TokenValue {
+            secret,
+            expiry,
+            bearer: std::sync::OnceLock::new(),
+        }))
+    }
+    /// `Bearer <token>` as a sensitive header value, built once per token
+    /// version. `None`: the token cannot be a header value.
+    pub fn bearer_header(&self) -> Option<http::HeaderValue> {
+        self.0
+            .bearer
+            .get_or_init(|| {
+                let text = format!("Bearer {}", self.expose_secret());
+                let mut value = http::HeaderValue::from_str(&text).ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            })
+            .clone()
     }
     /// The token itself, for injection only.
     pub fn expose_secret(&self) -> &str {
@@ -104,7 +125,8 @@ impl AccessToken {
     }
     /// Whether two handles are the same token version (same cache entry).
     pub fn same_version(&self, other: &AccessToken) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.expose_secret() == other.expose_secret()
+        Arc::ptr_eq(&self.0, &other.0)
+            || crate::crypto::same_text(self.expose_secret(), other.expose_secret())
     }
 }
 
@@ -427,6 +449,22 @@ impl TokenSource {
     /// stop when `shutdown` is cancelled; the returned handle completes then.
     pub fn spawn_background(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         background::spawn(self.inner.clone(), shutdown)
+    }
+
+    /// The cached token for `user` at `provider` when it can be served as is:
+    /// the cache-hit path of [`TokenSource::get`], synchronous, so a caller on the
+    /// hot path needs no future for it. `None`: call `get`.
+    pub fn get_cached(&self, provider: &str, user: Uuid) -> Option<AccessToken> {
+        let inner = &self.inner;
+        let &pidx = inner.index.get(provider)?;
+        let now = inner.clock.now();
+        let e = inner.cached((pidx, user))?;
+        if !inner.servable(&e, now) {
+            return None;
+        }
+        e.touch(now);
+        inner.hit.inc();
+        Some(e.token.clone())
     }
 
     /// A usable access token for `user` at `provider`.
