@@ -143,10 +143,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         command => {
             let cfg = Config::load(&path)?;
-            if matches!(command, Command::Link(_) | Command::Token(_)) {
-                // Their changes belong in the audit trail; their stderr stays theirs.
-                crate::telemetry::init_logging(&cfg.logging, false)?;
-            }
+            // Their changes belong in the audit trail; their stderr stays theirs
+            // (no ordinary log, so the guard holds no writer thread).
+            let _audit = matches!(command, Command::Link(_) | Command::Token(_))
+                .then(|| crate::telemetry::init_logging(&cfg.logging, false))
+                .transpose()?;
             match command {
                 Command::Serve => serve::run(cfg).await,
                 Command::Migrate => migrate::run(&cfg).await,

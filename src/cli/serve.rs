@@ -7,7 +7,9 @@ use crate::telemetry;
 
 /// Runs the server until a shutdown signal.
 pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
-    telemetry::init_logging(&cfg.logging, true)?;
+    // Held to the end, whichever way `serve` ends: dropping it writes out the
+    // buffered log, so `shut down` and the lines before an error exit are kept.
+    let _log = telemetry::init_logging(&cfg.logging, true)?;
     // OIDC endpoints come from the issuer; refuse to start without them.
     crate::oauth::presets::discover(&mut cfg).await?;
     if cfg.providers.iter().all(|p| p.routes.is_empty()) {

@@ -287,6 +287,7 @@ impl Metrics {
             links_refresh_expiring.clone(),
         );
         let ops = OpsMetrics::register(&mut registry);
+        registry.register_collector(Box::new(super::logging::DroppedLines));
         Arc::new(Self {
             links_refresh_expiring,
             registry,

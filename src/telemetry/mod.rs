@@ -3,17 +3,16 @@
 //! Metrics live in one [`Metrics`] value holding its own registry ([`metrics`]).
 //! It is passed down explicitly (never a global), so tests can run several
 //! "replicas" in one process, each with its own counters. The audit trail
-//! ([`audit`]) is a tracing target of its own with one function per event.
-
-use std::sync::Arc;
-
-use crate::config::{AuditDestination, LogFormat, LoggingConfig};
+//! ([`audit`]) is a tracing target of its own with one function per event. The
+//! subscriber that writes both is set up once per process ([`init_logging`]).
 
 pub mod audit;
+mod logging;
 pub mod metrics;
 pub mod sharded;
 
 pub use audit::AUDIT_TARGET;
+pub use logging::{init_logging, init_tracing, log_lines_dropped, LogGuard, BUFFER_ENV};
 pub use metrics::*;
 
 /// Rewrites OpenMetrics text (what `prometheus-client` writes) as the Prometheus
@@ -52,81 +51,6 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// Installs the global tracing subscriber: filter from `RUST_LOG` (default `info`),
-/// text or JSON lines on stderr, no audit trail. Safe to call twice (the second
-/// call does nothing).
-pub fn init_tracing(format: LogFormat) {
-    let _ = init_logging(
-        &LoggingConfig {
-            format,
-            audit: AuditDestination::Off,
-        },
-        true,
-    );
-}
-
-/// Installs the global subscriber for `cfg`: the ordinary log on stderr (when
-/// `with_log`; the short CLI commands keep their stderr for their own messages)
-/// and the audit trail at its destination, at `info` whatever `RUST_LOG` says.
-/// Fails only when the audit file cannot be opened. A second call does nothing.
-pub fn init_logging(cfg: &LoggingConfig, with_log: bool) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    use tracing_subscriber::filter::filter_fn;
-    use tracing_subscriber::fmt::writer::BoxMakeWriter;
-    use tracing_subscriber::prelude::*;
-    use tracing_subscriber::EnvFilter;
-
-    let log = with_log.then(|| {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        // Colour codes only for a person at a terminal: a log file, a pipe or
-        // `kubectl logs` would otherwise get raw escape sequences.
-        let layer = tracing_subscriber::fmt::layer()
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr);
-        let layer = match cfg.format {
-            LogFormat::Json => layer.json().flatten_event(true).boxed(),
-            LogFormat::Text => layer.boxed(),
-        };
-        layer
-            .with_filter(filter_fn(|m| m.target() != AUDIT_TARGET))
-            .with_filter(filter)
-    });
-    let writer = match &cfg.audit {
-        AuditDestination::Off => None,
-        AuditDestination::Stderr => Some(BoxMakeWriter::new(std::io::stderr)),
-        AuditDestination::File(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "logging.audit: cannot open {}: {}",
-                        path.display(),
-                        e.kind()
-                    )
-                })?;
-            Some(BoxMakeWriter::new(Arc::new(file)))
-        }
-    };
-    let audit = writer.map(|w| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_writer(w)
-            .with_filter(filter_fn(|m| {
-                m.target() == AUDIT_TARGET && *m.level() <= tracing::Level::INFO
-            }))
-    });
-    let _ = tracing_subscriber::registry()
-        .with(log)
-        .with(audit)
-        .try_init();
-    Ok(())
 }
 
 /// An error and each of its sources, joined by ": " (hyper's and rustls' top-level
