@@ -82,3 +82,16 @@ pub async fn wait_listening(
     .await
     .unwrap()
 }
+
+/// The addresses of the first `listening` line in the log file `path` after byte
+/// `from` (its length before the child started): for a child whose stderr goes
+/// to a file that its earlier processes wrote too. `None` while there is none.
+pub fn listening_in_log(path: &std::path::Path, from: u64) -> Option<(SocketAddr, SocketAddr)> {
+    let text = std::fs::read(path).ok()?;
+    let from = usize::try_from(from).ok()?.min(text.len());
+    // Only whole lines: one still being written could end inside a port number.
+    let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    String::from_utf8_lossy(&text[from.min(end)..end])
+        .lines()
+        .find_map(listening_addrs)
+}
