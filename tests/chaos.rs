@@ -92,13 +92,14 @@ fn settings() -> (u64, f64) {
     (seed, minutes)
 }
 
-fn replica_config(idx: usize, addr: SocketAddr, admin: SocketAddr, env: &Env) -> String {
+fn replica_config(idx: usize, env: &Env) -> String {
     // Skew 1 s against 10 s tokens: a token is refreshed (ahead, or on the request
     // path) every ~8 s per user. The `replica=N` query tags each grant at the IdP.
+    // Port 0: each process announces the ports it bound (see `Replica::start`).
     format!(
         r#"[server]
-listen = "{addr}"
-admin_listen = "{admin}"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 
 [database]
@@ -205,7 +206,7 @@ async fn setup(seed: u64) -> Env {
 
 fn start_traffic(
     env: &Env,
-    addrs: &[SocketAddr],
+    addrs: &[chaos_support::replica::Current],
     seed: u64,
 ) -> (Arc<Traffic>, Vec<tokio::task::JoinHandle<()>>) {
     let traffic = Arc::new(Traffic::default());
@@ -217,7 +218,8 @@ fn start_traffic(
                 let client = client();
                 while !traffic.stop.load(Ordering::SeqCst) {
                     let u = rng.random_range(0..users.len());
-                    let addr = addrs[rng.random_range(0..addrs.len())];
+                    // Read at each request: a restarted replica listens elsewhere.
+                    let addr = *addrs[rng.random_range(0..addrs.len())].read();
                     let url = format!("http://{addr}/api/user");
                     let outcome = call(&client, &url, &users[u].token, REQUEST_BOUND).await;
                     if outcome == "403 reauth_required" {
@@ -277,11 +279,7 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
     }
     let key_env = vec![("TOKENPROXY_KEY".to_string(), KEY.to_string())];
     let mut replicas: Vec<Replica> = (0..REPLICAS)
-        .map(|i| {
-            Replica::new(i, dir.path(), key_env.clone(), |a, b| {
-                replica_config(i, a, b, &env)
-            })
-        })
+        .map(|i| Replica::new(i, dir.path(), key_env.clone(), &replica_config(i, &env)))
         .collect();
     for r in &mut replicas {
         r.start().await;
@@ -292,8 +290,8 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
             .map(|r| AtomicU32::new(r.pid().unwrap()))
             .collect(),
     );
-    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
-    let (traffic, workers) = start_traffic(&env, &addrs, seed);
+    let handles: Vec<_> = replicas.iter().map(Replica::proxy_handle).collect();
+    let (traffic, workers) = start_traffic(&env, &handles, seed);
     let rss_stop = Arc::new(AtomicBool::new(false));
     let rss = start_rss_sampler(pids.clone(), rss_stop.clone());
     let log = Mutex::new(Vec::new());
@@ -334,6 +332,8 @@ async fn links_survive_restarts_crashes_outages_and_slow_databases() {
     let log = log.into_inner();
     let logs: Vec<std::path::PathBuf> = replicas.iter().map(|r| r.log_path().to_owned()).collect();
     let lost = classify(&env, &log, &logs).await;
+    // Every replica is running (healed), on the ports its last start announced.
+    let addrs: Vec<SocketAddr> = replicas.iter().map(Replica::addr).collect();
     let refreshed = force_refresh_all(&env, &addrs, &lost).await;
     let report = Report {
         seed,

@@ -12,8 +12,11 @@
 //!   is allowed for secret-bearing endpoints: it is loopback);
 //! - the user is played as a human would: when `link login` prints the
 //!   verification URL and the code, the test submits that code at the URL;
-//! - the ports 8080 and 9090 become free ones, in the script and the config, so
-//!   parallel tests cannot collide.
+//! - the config's listeners bind port 0 (no fixed port to collide on, none picked
+//!   and released beforehand); the script's stderr is also copied to a log in
+//!   which `serve`'s `listening` line names the bound addresses, and the block's
+//!   `127.0.0.1:8080` and its `healthcheck` (which would read port 0 from the
+//!   config) take them from there ([`PREAMBLE`]).
 
 mod support;
 
@@ -23,11 +26,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::idp::{Idp, IdpOptions};
-use support::net::free_port;
 use support::upstream::{CredentialForm, TestUpstream, TokenCheck};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenproxy");
 const MARKER: &str = "<!-- quickstart";
+/// Run before the block: copies the script's stderr (which `serve &` inherits)
+/// to `.serve.log`, and defines `listening addr|admin`, the address of that
+/// name in `serve`'s `listening` line (fails while there is none, so the
+/// block's `until tokenproxy healthcheck` loop waits for it).
+const PREAMBLE: &str = r#"exec 2> >(tee -a .serve.log >&2)
+listening() { grep -m1 ' listening ' .serve.log 2>/dev/null | grep -o " $1=[^ ]*" | cut -d= -f2; }
+"#;
+/// The proxy address the block names, and what the script asks instead.
+const PROXY: (&str, &str) = ("127.0.0.1:8080", "$(listening addr)");
+/// The block's readiness check, and the same with the announced admin address.
+const HEALTHCHECK: (&str, &str) = (
+    "tokenproxy healthcheck",
+    r#"tokenproxy healthcheck --addr "$(listening admin)""#,
+);
 
 /// The first ```sh block after the marker.
 fn quickstart_block(readme: &str) -> String {
@@ -74,14 +90,18 @@ async fn readme_quick_start_works_as_written() {
     let clone = tempfile::tempdir().unwrap();
     std::fs::copy(repo.join("README.md"), clone.path().join("README.md")).unwrap();
     copy_dir(&repo.join("config"), &clone.path().join("config"));
-    let (proxy_port, admin_port) = (free_port(), free_port());
-    let ports = |s: &str| {
-        s.replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy_port}"))
-            .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin_port}"))
-    };
     let config_path = clone.path().join("config/quickstart.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
-    let config = ports(&config)
+    let bind_any = |s: &str, key: &str, addr: &str| {
+        let (from, to) = (
+            format!("{key} = \"{addr}\""),
+            format!("{key} = \"127.0.0.1:0\""),
+        );
+        assert!(s.contains(&from), "the config has {from}");
+        s.replace(&from, &to)
+    };
+    let config = bind_any(&config, "listen", "127.0.0.1:8080");
+    let config = bind_any(&config, "admin_listen", "127.0.0.1:9090")
         .replace(
             "https://github.com/login/oauth/access_token",
             &idp.token_url(),
@@ -98,11 +118,17 @@ async fn readme_quick_start_works_as_written() {
         .replace("https://github.com", &upstream.url());
     assert!(!config.contains("github.com"), "every GitHub URL replaced");
     std::fs::write(&config_path, config).unwrap();
-    let script: String = ports(&block)
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("cargo "))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    for (named, _) in [PROXY, HEALTHCHECK] {
+        assert!(block.contains(named), "the block has `{named}`:\n{block}");
+    }
+    let script: String = PREAMBLE.to_string()
+        + &block
+            .replace(PROXY.0, PROXY.1)
+            .replace(HEALTHCHECK.0, HEALTHCHECK.1)
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("cargo "))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
 
     let bin_dir = Path::new(BIN).parent().unwrap();
     let path = format!(
@@ -116,7 +142,8 @@ async fn readme_quick_start_works_as_written() {
         .env_clear()
         .env("PATH", path)
         .env("HOME", clone.path())
-        .env("RUST_LOG", "warn")
+        // Info for the `listening` line the preamble reads.
+        .env("RUST_LOG", support::child::log_filter("warn"))
         // Its own process group, so the background `serve` can be stopped even
         // if the script fails before its `kill`.
         .process_group(0)
@@ -129,20 +156,30 @@ async fn readme_quick_start_works_as_written() {
     let pgid = child.id().expect("running");
     let stdout = child.stdout.take().expect("piped");
     let approver = tokio::spawn(approve_printed_code(stdout));
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await;
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    // Bash's own exit, not the end of its output: the background `serve` (and
+    // the preamble's `tee`) hold the pipes open after a failing command ends the
+    // script, which would turn every failure into the 60 s timeout.
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
     let _ = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pgid}")])
         .stderr(Stdio::null())
         .status();
-    let out = out
-        .expect("the quick start finishes within the bound")
-        .unwrap();
     let (approved, stdout) = approver.await.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = errors.await.unwrap();
+    let status = match status {
+        Ok(exit) => exit.unwrap(),
+        Err(_) => panic!("the quick start did not end within 60 s\nscript:\n{script}\nstdout:\n{stdout}\nstderr:\n{stderr}"),
+    };
     assert!(
-        out.status.success(),
-        "quick start failed ({:?})\nscript:\n{script}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
+        status.success(),
+        "quick start failed ({status})\nscript:\n{script}\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
 
     // The last command printed the upstream's answer to GET /user.

@@ -2,7 +2,8 @@
 //! under the replicas without disturbing any other test's database.
 //!
 //! Built with Debian's `initdb`/`pg_ctl` (from `PATH` or `/usr/lib/postgresql/*/bin`)
-//! in a temporary directory, on a free loopback port with trust auth, as
+//! in a temporary directory, on a free loopback port (the suite's one port picked
+//! by bind-and-release; see [`PgCluster::start`]) with trust auth, as
 //! `scripts/test`'s `start_cluster` does; PostgreSQL refuses to run as root, so
 //! as root every command runs as the `postgres` account through `runuser`.
 
@@ -76,7 +77,11 @@ impl PgCluster {
                 dir.path().display()
             );
         }
-        let port = super::free_port();
+        // The one port of the suite picked and released beforehand: `pg_ctl`
+        // needs `-p` up front and a postmaster on port 0 would not say (in any
+        // line its log promises) which port it got. The window is short (initdb
+        // runs next), and a port taken in between fails `pg_ctl start` loudly.
+        let port = crate::support::net::free_port();
         let me = Self {
             bin,
             dir,

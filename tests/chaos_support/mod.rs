@@ -17,15 +17,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The HTTP client of the traffic: pooled keep-alive connections, as a real
 /// caller would hold them (a replica's restart cuts them).
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;

@@ -1,23 +1,32 @@
 //! One `tokenproxy serve` replica as a child process: the real binary with the
-//! real signal handling, started again on the same ports after every stop, so
-//! the traffic keeps addressing it by index.
+//! real signal handling, started again after every stop. Each process binds
+//! port 0 for both listeners and the replica reads the addresses it got from the
+//! `listening` line it logs, so a restart moves it to new ports, as a restarted
+//! Kubernetes pod gets a new IP: the traffic reads the current address at each
+//! request ([`Replica::proxy_handle`]), and no port is picked and released
+//! beforehand for another process to take.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use parking_lot::RwLock;
 use tokio::process::{Child, Command};
 
-/// A replica: its ports and config stay, its process comes and goes.
+use crate::support::child::{listening_in_log, log_filter};
+
+/// An address that moves on every restart, shared with whoever addresses the
+/// replica.
+pub type Current = Arc<RwLock<SocketAddr>>;
+
+/// A replica: its config and log stay, its process (and its ports) come and go.
 pub struct Replica {
     /// Index among the replicas (0-based), also its tag at the IdP.
     pub idx: usize,
-    /// The proxy listener.
-    pub addr: SocketAddr,
-    /// The admin listener.
-    pub admin: SocketAddr,
+    proxy: Current,
+    admin: Current,
     config: PathBuf,
     log: PathBuf,
     env: Vec<(String, String)>,
@@ -31,21 +40,26 @@ pub struct Replica {
 const START_BOUND: Duration = Duration::from_secs(60);
 
 impl Replica {
-    /// Writes the config (`config(addr, admin)`) into `dir`; starts nothing yet.
+    /// Writes `config` (whose listeners are `127.0.0.1:0`) into `dir`; starts
+    /// nothing yet.
     pub fn new(
         idx: usize,
         dir: &std::path::Path,
         env: Vec<(String, String)>,
-        config: impl Fn(SocketAddr, SocketAddr) -> String,
+        config: &str,
     ) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        assert!(
+            config.contains("listen = \"127.0.0.1:0\"")
+                && config.contains("admin_listen = \"127.0.0.1:0\""),
+            "a replica binds port 0 and announces where it listens"
+        );
         let path = dir.join(format!("replica{idx}.toml"));
-        std::fs::write(&path, config(addr, admin)).unwrap();
+        std::fs::write(&path, config).unwrap();
+        let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
         Self {
             idx,
-            addr,
-            admin,
+            proxy: Arc::new(RwLock::new(unbound)),
+            admin: Arc::new(RwLock::new(unbound)),
             config: path,
             log: dir.join(format!("replica{idx}.log")),
             env,
@@ -54,8 +68,24 @@ impl Replica {
         }
     }
 
-    /// Starts the process and returns once its proxy listener accepts. A start
-    /// that exits at once (say, a port still held) is tried again.
+    /// The proxy listener of the current (or last) process.
+    pub fn addr(&self) -> SocketAddr {
+        *self.proxy.read()
+    }
+
+    /// The admin listener of the current (or last) process.
+    pub fn admin(&self) -> SocketAddr {
+        *self.admin.read()
+    }
+
+    /// The proxy address as the traffic holds it: updated by every restart.
+    pub fn proxy_handle(&self) -> Current {
+        self.proxy.clone()
+    }
+
+    /// Starts the process and returns once its `listening` line names the
+    /// addresses it bound (both listeners accept from then on). A start that
+    /// exits at once (say, its database unreachable) is tried again.
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "replica {} already runs", self.idx);
         let deadline = tokio::time::Instant::now() + START_BOUND;
@@ -65,16 +95,16 @@ impl Replica {
                 .append(true)
                 .open(&self.log)
                 .unwrap();
+            // Earlier processes' lines (their `listening` too) end here.
+            let from = log.metadata().unwrap().len();
+            // The exchange's info lines say when a token was stored, which tells
+            // a kill before the write from one after.
+            let base = std::env::var("CHAOS_LOG")
+                .unwrap_or_else(|_| "warn,tokenproxy::tokens::exchange=info".into());
             let mut child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
                 .env_clear()
                 .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-                .env(
-                    "RUST_LOG",
-                    std::env::var("CHAOS_LOG")
-                        // The exchange's info lines say when a token was stored,
-                        // which tells a kill before the write from one after.
-                        .unwrap_or_else(|_| "warn,tokenproxy::tokens::exchange=info".into()),
-                )
+                .env("RUST_LOG", log_filter(&base))
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .arg("--config")
                 .arg(&self.config)
@@ -87,7 +117,9 @@ impl Replica {
                 .expect("spawn tokenproxy serve");
             self.starts += 1;
             loop {
-                if TcpStream::connect(self.addr).await.is_ok() {
+                if let Some((proxy, admin)) = listening_in_log(&self.log, from) {
+                    *self.proxy.write() = proxy;
+                    *self.admin.write() = admin;
                     self.child = Some(child);
                     return;
                 }
@@ -104,7 +136,8 @@ impl Replica {
                     self.idx,
                     self.log_tail(30)
                 );
-                // Readiness polling (bounded above), not a timing assumption.
+                // Its stderr is a file, which gives no event to wait for:
+                // polling, bounded above, not a timing assumption.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             assert!(
@@ -147,7 +180,7 @@ impl Replica {
 
     /// Whether `/readyz` answers 200 (the store answers).
     pub async fn ready(&self) -> bool {
-        let url = format!("http://{}/readyz", self.admin);
+        let url = format!("http://{}/readyz", self.admin());
         super::http_status(&url).await == Some(200)
     }
 

@@ -1,8 +1,8 @@
 //! Where a `tokenproxy serve` child listens, read from its own log.
 //!
 //! With `listen = "127.0.0.1:0"` (and the same for `admin_listen`) the kernel
-//! picks the ports, and the `listening` line (info, target `tokenproxy::proxy`,
-//! see README "Logs") names both bound addresses. No port is picked and released
+//! picks the ports, and the `listening` line (info, see README "Logs") names both
+//! bound addresses. No port is picked and released
 //! beforehand, so no other process can take it in between, and the line is an
 //! event to wait for instead of a connect-and-retry loop.
 
@@ -18,9 +18,12 @@ use std::time::Duration;
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `RUST_LOG` a child needs so that its `listening` line is written: `base`
-/// (e.g. `warn`) plus info for the proxy module (the access log has its own target).
+/// (e.g. `warn`) plus info for the module that logs it (the access log has its
+/// own target). The line moved from `tokenproxy::proxy` (README) to
+/// `tokenproxy::app` with the serve path; both are enabled so the children start
+/// whichever of the two the binary uses.
 pub fn log_filter(base: &str) -> String {
-    format!("{base},tokenproxy::proxy=info")
+    format!("{base},tokenproxy::proxy=info,tokenproxy::app=info")
 }
 
 /// The proxy and admin addresses of a `listening` line, in the text
@@ -78,4 +81,17 @@ pub async fn wait_listening(
     })
     .await
     .unwrap()
+}
+
+/// The addresses of the first `listening` line in the log file `path` after byte
+/// `from` (its length before the child started): for a child whose stderr goes
+/// to a file that its earlier processes wrote too. `None` while there is none.
+pub fn listening_in_log(path: &std::path::Path, from: u64) -> Option<(SocketAddr, SocketAddr)> {
+    let text = std::fs::read(path).ok()?;
+    let from = usize::try_from(from).ok()?.min(text.len());
+    // Only whole lines: one still being written could end inside a port number.
+    let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    String::from_utf8_lossy(&text[from.min(end)..end])
+        .lines()
+        .find_map(listening_addrs)
 }

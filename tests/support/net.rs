@@ -3,8 +3,8 @@
 //! tokenproxy itself binds port 0 and names the bound addresses in its
 //! `listening` log line (see [`crate::support::child`]); third-party programs
 //! that announce the port they bound (Prometheus, chromedriver) are read with
-//! [`announced_port`]; only what cannot (the README's script with its fixed
-//! URLs, a replica restarted on the address it had) still gets a port picked here.
+//! [`announced_port`]; only what cannot (the chaos suite's PostgreSQL cluster)
+//! still gets a port picked here.
 
 /// A loopback port that was free a moment ago (bound, then released): another
 /// process may take it before the child binds it, so use it only where the child
