@@ -8,22 +8,27 @@
 //! `env:VAR` or `file:PATH` are resolved here and wrapped in [`SecretString`] at once.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+mod callers;
 mod coder;
 mod endpoint;
 mod forward;
+mod logging;
 mod overrides;
 mod secrets;
+mod server;
 mod text;
 
+pub use callers::{CallerMode, CallersConfig};
 pub use coder::CoderConfig;
 pub use endpoint::{check_secret_endpoint, is_loopback};
 pub use forward::{ForwardConfig, HostPattern, Unrouted};
+pub use logging::{AuditDestination, LogFormat, LoggingConfig};
+pub use server::{AdminConfig, ServerConfig, TlsConfig};
 
 pub use overrides::apply_env_overrides;
 use overrides::{blame_override, override_table};
@@ -31,7 +36,6 @@ pub use secrets::resolve_secret;
 use secrets::{secret_list, secret_map, secret_opt, secret_plain, SECRET_ENV};
 use serde::Deserialize;
 use url::Url;
-use uuid::Uuid;
 
 /// Environment variable naming the config file when `--config` is absent.
 pub const CONFIG_ENV: &str = "TOKENPROXY_CONFIG";
@@ -98,108 +102,6 @@ pub struct Config {
     /// The admin listener's link API (`[admin]`).
     #[serde(default)]
     pub admin: AdminConfig,
-}
-
-/// `[admin]`: the operator link API on the admin listener.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Bearer token the link API (`/links…`) requires; unset = the link API is
-    /// off (`/healthz`, `/readyz`, `/metrics` never need it).
-    #[serde(deserialize_with = "secret_opt")]
-    pub token: Option<SecretString>,
-}
-
-/// `[server]`: listeners and resource bounds.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// The proxy listener.
-    pub listen: SocketAddr,
-    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
-    pub admin_listen: SocketAddr,
-    /// Most simultaneous client connections on the proxy listener.
-    pub max_connections: usize,
-    /// Largest request head (request line + headers) accepted, in bytes.
-    pub max_header_bytes: usize,
-    /// Time a client has to send its request head.
-    #[serde(with = "duration_str")]
-    pub header_read_timeout: Duration,
-    /// Time the upstream has to start answering.
-    #[serde(with = "duration_str")]
-    pub upstream_timeout: Duration,
-    /// Time allowed to connect (TCP + TLS) to an upstream.
-    #[serde(with = "duration_str")]
-    pub connect_timeout: Duration,
-    /// How long in-flight requests may run after SIGTERM before the server closes.
-    #[serde(with = "duration_str")]
-    pub shutdown_grace: Duration,
-    /// Add `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via` upstream.
-    pub forwarded_headers: bool,
-    /// Optional TLS on the proxy listener.
-    pub tls: Option<TlsConfig>,
-    /// Longest a request or response body may deliver nothing before it is cut.
-    #[serde(with = "duration_str")]
-    pub body_idle_timeout: Duration,
-    /// The URL browsers reach this proxy listener at: the base of the OAuth
-    /// redirect URI and of login URLs (browser sign-in needs it).
-    pub public_url: Option<Url>,
-    /// Most simultaneous connections from one source IP (0 = no limit).
-    pub max_connections_per_ip: usize,
-    /// A connection with no request in flight this long is closed (HTTP/1
-    /// keep-alive connections already close after `header_read_timeout`).
-    #[serde(with = "duration_str")]
-    pub idle_timeout: Duration,
-    /// HTTP/2: ping a connection that has been silent this long.
-    #[serde(with = "duration_str")]
-    pub http2_keepalive_interval: Duration,
-    /// HTTP/2: close a connection whose ping is not answered within this.
-    #[serde(with = "duration_str")]
-    pub http2_keepalive_timeout: Duration,
-    /// HTTP/2: most concurrent streams (requests) per connection.
-    pub http2_max_concurrent_streams: u32,
-    /// Total bytes of request bodies held at once so a request rejected with
-    /// 401 can be retried; beyond it requests are sent without retry.
-    pub retry_buffer_budget: u64,
-    /// This replica's name in the audit trail; `None` = the host name
-    /// (`$HOSTNAME`, a Kubernetes pod's name).
-    pub replica_id: Option<String>,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-            max_connections: 10_000,
-            max_header_bytes: 64 * 1024,
-            header_read_timeout: Duration::from_secs(10),
-            upstream_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(30),
-            forwarded_headers: false,
-            tls: None,
-            body_idle_timeout: Duration::from_secs(60),
-            public_url: None,
-            max_connections_per_ip: 1000,
-            idle_timeout: Duration::from_secs(300),
-            http2_keepalive_interval: Duration::from_secs(30),
-            http2_keepalive_timeout: Duration::from_secs(10),
-            http2_max_concurrent_streams: 100,
-            retry_buffer_budget: 64 * 1024 * 1024,
-            replica_id: None,
-        }
-    }
-}
-
-/// `[server.tls]`: serve the proxy listener over TLS.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
 }
 
 /// `[database]`.
@@ -338,117 +240,6 @@ fn check_write_reserve(cfg: &Config) -> Result<(), ConfigError> {
     }
     Ok(())
 }
-
-/// How callers are identified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum CallerMode {
-    /// Callers present `tpx_` proxy tokens.
-    #[default]
-    Token,
-    /// Every request is one fixed user (sidecar); loopback listeners only.
-    Static,
-    /// Callers are Coder workspace agents presenting their agent token; the
-    /// request acts for the workspace owner (see `proxy::caller_coder`).
-    #[serde(rename = "coder_agent")]
-    CoderAgent,
-}
-
-/// `[callers]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CallersConfig {
-    /// `token`, `static` or `coder_agent`.
-    pub mode: CallerMode,
-    /// The user served in `static` mode.
-    pub static_user: Option<Uuid>,
-    /// How long a verified proxy token is trusted without asking the database;
-    /// a revocation takes effect within this time.
-    #[serde(with = "duration_str")]
-    pub cache_ttl: Duration,
-    /// A proxy token's `last_used_at` is written at most once per this interval.
-    #[serde(with = "duration_str")]
-    pub touch_interval: Duration,
-    /// While the store is unreachable, a verified token keeps being served for
-    /// at most this long after its `cache_ttl` ran out (0 = not at all).
-    #[serde(with = "duration_str")]
-    pub outage_grace: Duration,
-    /// Most store lookups of not-yet-verified tokens at once (> 0).
-    pub max_concurrent_lookups: usize,
-    /// How long a lookup waits for one of those slots before answering 503.
-    #[serde(with = "duration_str")]
-    pub lookup_wait: Duration,
-    /// Failed authentications (with a credential presented) allowed per source
-    /// IP and per credential within `auth_failure_window`; beyond, 429 (0 = no limit).
-    pub auth_failure_limit: u32,
-    /// The window `auth_failure_limit` counts in.
-    #[serde(with = "duration_str")]
-    pub auth_failure_window: Duration,
-}
-
-impl Default for CallersConfig {
-    fn default() -> Self {
-        Self {
-            mode: CallerMode::Token,
-            static_user: None,
-            cache_ttl: Duration::from_secs(10),
-            touch_interval: Duration::from_secs(60),
-            outage_grace: Duration::from_secs(3600),
-            max_concurrent_lookups: 8,
-            lookup_wait: Duration::from_secs(1),
-            auth_failure_limit: 20,
-            auth_failure_window: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// `[logging]`. The filter itself comes from `RUST_LOG` (default `info`).
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoggingConfig {
-    /// `text` or `json`.
-    pub format: LogFormat,
-    /// Where the audit trail (`tokenproxy::audit`, JSON lines) goes.
-    pub audit: AuditDestination,
-}
-
-/// `[logging] audit`: `"stderr"`, `"off"` (the default) or a file path (appended to).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
-#[serde(try_from = "String")]
-pub enum AuditDestination {
-    /// No audit trail.
-    #[default]
-    Off,
-    /// JSON lines on stderr, beside the other logs.
-    Stderr,
-    /// JSON lines appended to this file.
-    File(std::path::PathBuf),
-}
-
-impl TryFrom<String> for AuditDestination {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        match s.as_str() {
-            "off" => Ok(Self::Off),
-            "stderr" => Ok(Self::Stderr),
-            "" => Err("must be \"stderr\", \"off\" or a file path".into()),
-            path => Ok(Self::File(path.into())),
-        }
-    }
-}
-
 /// How the client authenticates itself at the token endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -676,39 +467,9 @@ impl Config {
 
     /// Checks rules that span keys or values serde cannot check.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.callers.mode == CallerMode::Static {
-            if self.callers.static_user.is_none() {
-                return Err(ConfigError::new(
-                    "callers.static_user",
-                    "required when callers.mode = \"static\"",
-                ));
-            }
-            if !self.server.listen.ip().is_loopback() {
-                return Err(ConfigError::new(
-                    "server.listen",
-                    "static caller mode serves one fixed user and may only listen on loopback",
-                ));
-            }
-        }
-        // Zero would not mean "no limit": every connection, request or pool
-        // checkout would fail at once.
-        for (key, d) in [
-            (
-                "server.header_read_timeout",
-                self.server.header_read_timeout,
-            ),
-            ("server.upstream_timeout", self.server.upstream_timeout),
-            ("server.connect_timeout", self.server.connect_timeout),
-            ("server.body_idle_timeout", self.server.body_idle_timeout),
-            ("server.idle_timeout", self.server.idle_timeout),
-            (
-                "server.http2_keepalive_interval",
-                self.server.http2_keepalive_interval,
-            ),
-            (
-                "server.http2_keepalive_timeout",
-                self.server.http2_keepalive_timeout,
-            ),
+        self.callers.validate(&self.server)?;
+        self.server.validate()?;
+        refuse_zero(&[
             ("database.acquire_timeout", self.database.acquire_timeout),
             (
                 "database.listen_check_interval",
@@ -719,44 +480,8 @@ impl Config {
                 "tokens.keepalive_refresh",
                 self.tokens.keepalive_refresh.unwrap_or(Duration::MAX),
             ),
-            (
-                "callers.auth_failure_window",
-                self.callers.auth_failure_window,
-            ),
-        ] {
-            if d.is_zero() {
-                return Err(ConfigError::new(key, "must be above zero"));
-            }
-        }
-        if self.server.http2_max_concurrent_streams == 0 {
-            return Err(ConfigError::new(
-                "server.http2_max_concurrent_streams",
-                "must be above zero",
-            ));
-        }
-        if let Some(id) = &self.server.replica_id {
-            let fits = !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-            if !fits {
-                return Err(ConfigError::new(
-                    "server.replica_id",
-                    "must be 1 to 64 characters of letters, digits, '-', '_', '.' or ':'",
-                ));
-            }
-        }
-        if self.callers.max_concurrent_lookups == 0 {
-            return Err(ConfigError::new(
-                "callers.max_concurrent_lookups",
-                "must be above zero",
-            ));
-        }
+        ])?;
         check_database_url(&self.database.url)?;
-        if let Some(u) = &self.server.public_url {
-            check_public_url(u).map_err(|m| ConfigError::new("server.public_url", m))?;
-        }
         let t = &self.tokens;
         if !(t.refresh_ahead_remaining > 0.0 && t.refresh_ahead_remaining < 1.0) {
             return Err(ConfigError::new(
@@ -913,6 +638,17 @@ impl Config {
     }
 }
 
+/// Refuses a zero among these `(key, duration)` pairs: zero would not mean "no
+/// limit", every connection, request or pool checkout would fail at once.
+fn refuse_zero(durations: &[(&str, Duration)]) -> Result<(), ConfigError> {
+    for (key, d) in durations {
+        if d.is_zero() {
+            return Err(ConfigError::new(*key, "must be above zero"));
+        }
+    }
+    Ok(())
+}
+
 /// Resolves the config path: `--config`, then `$TOKENPROXY_CONFIG`, then `tokenproxy.toml`.
 pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
     if let Some(p) = flag {
@@ -983,16 +719,6 @@ fn check_secret_endpoints(p: &ProviderConfig) -> Result<(), (&'static str, Strin
             check_http_url(u).map_err(|m| (key, m))?;
             check_secret_endpoint(u).map_err(|m| (key, m))?;
         }
-    }
-    Ok(())
-}
-
-/// `server.public_url`: an http(s) origin, optionally with a path prefix (a
-/// reverse proxy in front), without credentials, query or fragment.
-fn check_public_url(u: &Url) -> Result<(), String> {
-    check_http_url(u)?;
-    if u.query().is_some() || u.fragment().is_some() {
-        return Err("must not have a query or fragment".into());
     }
     Ok(())
 }
