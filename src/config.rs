@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 mod callers;
 mod coder;
+mod database;
 mod endpoint;
 mod forward;
 mod logging;
@@ -22,18 +23,22 @@ mod overrides;
 mod secrets;
 mod server;
 mod text;
+mod tokens;
 
 pub use callers::{CallerMode, CallersConfig};
 pub use coder::CoderConfig;
+use database::decode_key;
+pub use database::{DatabaseConfig, EncryptionConfig, EncryptionFormat};
 pub use endpoint::{check_secret_endpoint, is_loopback};
 pub use forward::{ForwardConfig, HostPattern, Unrouted};
 pub use logging::{AuditDestination, LogFormat, LoggingConfig};
 pub use server::{AdminConfig, ServerConfig, TlsConfig};
+pub use tokens::TokensConfig;
 
 pub use overrides::apply_env_overrides;
 use overrides::{blame_override, override_table};
 pub use secrets::resolve_secret;
-use secrets::{secret_list, secret_map, secret_opt, secret_plain, SECRET_ENV};
+use secrets::{secret_map, secret_opt, SECRET_ENV};
 use serde::Deserialize;
 use url::Url;
 
@@ -104,142 +109,6 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// `[database]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseConfig {
-    /// Connection URL (may hold a password, hence secret). `DATABASE_URL` overrides it.
-    #[serde(deserialize_with = "secret_plain")]
-    pub url: SecretString,
-    /// Apply migrations when `serve` starts.
-    pub migrate_on_start: bool,
-    /// Pool size.
-    pub max_connections: u32,
-    /// How long to wait for a pooled connection before answering `store_unavailable`.
-    #[serde(with = "duration_str")]
-    pub acquire_timeout: Duration,
-    /// How often the Postgres change feed checks that its LISTEN connection
-    /// still hears; a missed check reconnects and resyncs every cache.
-    #[serde(with = "duration_str")]
-    pub listen_check_interval: Duration,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: SecretString::from("postgres://postgres@127.0.0.1:5432/tokenproxy"),
-            migrate_on_start: true,
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(5),
-            listen_check_interval: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Which at-rest format new values are written in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum EncryptionFormat {
-    /// tokenproxy's own: AES-256-GCM bound to (provider, user, column), 16-hex key ids.
-    #[default]
-    Native,
-    /// Coder's dbcrypt: AES-256-GCM, no associated data, 7-hex key ids.
-    Coder,
-}
-
-/// `[encryption]`.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct EncryptionConfig {
-    /// Base64 32-byte keys (`env:`/`file:` allowed); the first encrypts, all decrypt.
-    /// Decoded and length-checked during validation.
-    #[serde(deserialize_with = "secret_list")]
-    pub keys: Vec<SecretString>,
-    /// Format of newly written values.
-    pub format: EncryptionFormat,
-}
-
-/// `[tokens]`: the token source.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TokensConfig {
-    /// A token counts as expired this long before its expiry.
-    #[serde(with = "duration_str")]
-    pub refresh_skew: Duration,
-    /// Most links held in memory.
-    pub cache_capacity: u64,
-    /// Refresh links in use before they expire, in the background.
-    pub refresh_ahead: bool,
-    /// Links used within this window are refreshed ahead.
-    #[serde(with = "duration_str")]
-    pub refresh_ahead_used_within: Duration,
-    /// Refresh ahead once this fraction of a token's lifetime remains.
-    pub refresh_ahead_remaining: f64,
-    /// Most background (refresh-ahead) refreshes running at once, per replica.
-    pub refresh_ahead_concurrency: usize,
-    /// How long one replica may hold the cross-replica refresh lease.
-    #[serde(with = "duration_str")]
-    pub lease_timeout: Duration,
-    /// Longest a cached link is served without reading it again, so a change
-    /// whose notification was lost still reaches the cache.
-    #[serde(with = "duration_str")]
-    pub cache_max_age: Duration,
-    /// After an upstream 401 forced a refresh of a link, further 401s for that link
-    /// pass through untouched for this long (whatever token version they carried).
-    #[serde(with = "duration_str")]
-    pub reject_cooldown: Duration,
-    /// Refresh (through the flight and lease) every link whose last refresh is
-    /// older than this, so refresh tokens that die unused stay alive; `None` = off.
-    #[serde(with = "duration_str::option")]
-    pub keepalive_refresh: Option<Duration>,
-}
-
-impl Default for TokensConfig {
-    fn default() -> Self {
-        Self {
-            refresh_skew: Duration::from_secs(60),
-            cache_capacity: 100_000,
-            refresh_ahead: true,
-            refresh_ahead_used_within: Duration::from_secs(600),
-            refresh_ahead_remaining: 0.2,
-            refresh_ahead_concurrency: 8,
-            lease_timeout: Duration::from_secs(30),
-            cache_max_age: Duration::from_secs(300),
-            reject_cooldown: Duration::from_secs(30),
-            keepalive_refresh: None,
-        }
-    }
-}
-
-impl TokensConfig {
-    /// The end of a refresh lease kept for storing a rotated token: no provider
-    /// call may still be running inside it.
-    pub fn write_reserve(&self) -> Duration {
-        (self.lease_timeout / 4).min(Duration::from_secs(5))
-    }
-}
-
-/// The write reserve at the end of a lease must hold the first write after a
-/// provider's answer, which may wait `database.acquire_timeout` for a pooled
-/// connection: a write that could still be waiting when the lease runs out would
-/// let another replica claim the row and present the spent refresh token (later
-/// writes run under extensions of the lease).
-fn check_write_reserve(cfg: &Config) -> Result<(), ConfigError> {
-    let reserve = cfg.tokens.write_reserve();
-    let acquire = cfg.database.acquire_timeout;
-    if acquire > reserve {
-        return Err(ConfigError::new(
-            "database.acquire_timeout",
-            format!(
-                "({acquire:?}) must not exceed the write reserve of tokens.lease_timeout \
-                 ({reserve:?}: a quarter of the lease, at most 5s), or a refreshed token's \
-                 first write could outlast the lease; lower database.acquire_timeout or \
-                 raise tokens.lease_timeout"
-            ),
-        ));
-    }
-    Ok(())
-}
 /// How the client authenticates itself at the token endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -469,45 +338,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.callers.validate(&self.server)?;
         self.server.validate()?;
-        refuse_zero(&[
-            ("database.acquire_timeout", self.database.acquire_timeout),
-            (
-                "database.listen_check_interval",
-                self.database.listen_check_interval,
-            ),
-            ("tokens.cache_max_age", self.tokens.cache_max_age),
-            (
-                "tokens.keepalive_refresh",
-                self.tokens.keepalive_refresh.unwrap_or(Duration::MAX),
-            ),
-        ])?;
-        check_database_url(&self.database.url)?;
-        let t = &self.tokens;
-        if !(t.refresh_ahead_remaining > 0.0 && t.refresh_ahead_remaining < 1.0) {
-            return Err(ConfigError::new(
-                "tokens.refresh_ahead_remaining",
-                "must be a fraction between 0 and 1",
-            ));
-        }
-        if t.refresh_ahead_concurrency == 0 {
-            return Err(ConfigError::new(
-                "tokens.refresh_ahead_concurrency",
-                "must be at least 1",
-            ));
-        }
-        if t.cache_capacity == 0 {
-            return Err(ConfigError::new(
-                "tokens.cache_capacity",
-                "must be at least 1",
-            ));
-        }
-        for (i, key) in self.encryption.keys.iter().enumerate() {
-            decode_key(key).map_err(|m| ConfigError::new(format!("encryption.keys[{i}]"), m))?;
-        }
+        self.database.validate()?;
+        self.tokens.validate()?;
+        self.encryption.validate()?;
         if let Some(coder) = &self.coder {
             coder.validate(self)?;
         }
-        check_write_reserve(self)?;
+        self.tokens
+            .check_write_reserve(self.database.acquire_timeout)?;
         let mut ids = HashSet::new();
         let mut prefixes = HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
@@ -660,15 +498,6 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
     }
 }
 
-fn decode_key(key: &SecretString) -> Result<[u8; 32], String> {
-    use base64::Engine;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(key.expose_secret().trim())
-        .map_err(|_| "is not valid base64".to_string())?;
-    <[u8; 32]>::try_from(raw.as_slice())
-        .map_err(|_| format!("must decode to 32 bytes, got {}", raw.len()))
-}
-
 /// A route's `methods`: request-method tokens in upper case, never one
 /// tokenproxy refuses anyway.
 fn check_methods(methods: &[String]) -> Result<(), String> {
@@ -719,33 +548,6 @@ fn check_secret_endpoints(p: &ProviderConfig) -> Result<(), (&'static str, Strin
             check_http_url(u).map_err(|m| (key, m))?;
             check_secret_endpoint(u).map_err(|m| (key, m))?;
         }
-    }
-    Ok(())
-}
-
-/// Checks the database URL without ever echoing it (it may hold a password).
-fn check_database_url(url: &SecretString) -> Result<(), ConfigError> {
-    let url = url.expose_secret();
-    // `sqlite://PATH` (or `sqlite:PATH`) names a file, which is not a URL path:
-    // `sqlite://./data/x.db` is relative, `sqlite:///var/x.db` absolute.
-    if let Some(path) = url.strip_prefix("sqlite:") {
-        let path = path.strip_prefix("//").unwrap_or(path);
-        let file = path.split('?').next().unwrap_or_default();
-        if file.is_empty() {
-            return Err(ConfigError::new(
-                "database.url",
-                "sqlite:// must name a file, e.g. sqlite://./data/tokenproxy.db",
-            ));
-        }
-        return Ok(());
-    }
-    let parsed = Url::parse(url)
-        .map_err(|e| ConfigError::new("database.url", format!("is not a valid URL ({e})")))?;
-    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-        return Err(ConfigError::new(
-            "database.url",
-            "scheme must be postgres://, postgresql:// or sqlite://",
-        ));
     }
     Ok(())
 }
