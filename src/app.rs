@@ -1,7 +1,7 @@
 //! The application: `tokenproxy serve` from a validated config to the listeners
 //! and back. [`serve`] opens the store (migrating when asked), builds the token
 //! source and its background work, binds the proxy's worker sockets and the
-//! admin listener, and hands them to [`run_on`]; on SIGTERM/SIGINT the listeners
+//! admin listener, and hands them to `run_on`; on SIGTERM/SIGINT the listeners
 //! drain, background work stops and in-flight token exchanges get a lease to
 //! finish. [`run`] and [`run_workers`] take already-bound listeners, so tests
 //! serve the real thing on port 0.

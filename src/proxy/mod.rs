@@ -144,7 +144,7 @@ impl TokenLookup for TokenSource {
     }
 }
 
-/// What [`run`] serves with.
+/// What the proxy serves with (`crate::app::run` takes it).
 #[derive(Clone)]
 pub struct Deps {
     /// The validated configuration.
