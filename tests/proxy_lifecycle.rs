@@ -25,6 +25,7 @@ struct World {
     api: TestUpstream,
     proxy: Harness,
     token: String,
+    fake: Arc<FakeTokens>,
 }
 
 async fn world(pool: PgPool, server_toml: &str) -> World {
@@ -56,10 +57,15 @@ token_url = "http://127.0.0.1:9/token"
         api.url()
     ));
     let proxy = match workers {
-        0 => Harness::start(config, store, fake).await,
-        n => Harness::start_workers(config, store, fake, n).await,
+        0 => Harness::start(config, store, fake.clone()).await,
+        n => Harness::start_workers(config, store, fake.clone(), n).await,
     };
-    World { api, proxy, token }
+    World {
+        api,
+        proxy,
+        token,
+        fake,
+    }
 }
 
 #[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
@@ -523,5 +529,114 @@ fn listening_lines_of_both_log_formats_name_the_addresses() {
     assert_eq!(
         support::child::listening_addrs("INFO stopped accepting; draining"),
         None
+    );
+}
+
+/// The sum of every sample of `name` whose labels contain each of `labels`.
+fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let base = series.split('{').next()?;
+            (base == name && labels.iter().all(|want| series.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+#[sqlx::test(migrator = "tokenproxy::store::postgres::MIGRATOR")]
+async fn metrics_from_every_worker_add_up_exactly(pool: PgPool) {
+    // Callers, each on its own connection: the kernel spreads connections over
+    // the workers' `SO_REUSEPORT` sockets by a hash of the addresses, so 64 of
+    // them reach every worker (the chance that all land on fewer is negligible).
+    const WORKERS: usize = 4;
+    const CALLERS: usize = 64;
+    const ROUTED: usize = 5;
+    const UNROUTED: usize = 2;
+    let w = world_on(pool, "", WORKERS).await;
+    let (api, fake, token) = (&w.api, &w.fake, &w.token);
+    let addr = w.proxy.addr;
+    let auth = Arc::new(format!("Bearer {token}"));
+
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                for j in 0..ROUTED + UNROUTED {
+                    // Each `get` is a fresh connection, so a caller's requests
+                    // land on several workers too.
+                    let path = if j < ROUTED {
+                        format!("/gh/api/user/{i}/{j}")
+                    } else {
+                        format!("/nowhere/{i}/{j}")
+                    };
+                    let a = get(&format!("http://{addr}{path}"), &[("authorization", &auth)]).await;
+                    let want = if j < ROUTED { 200 } else { 404 };
+                    assert_eq!(a.status, want, "{path}");
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.unwrap();
+    }
+
+    let routed = (CALLERS * ROUTED) as f64;
+    let unrouted = (CALLERS * UNROUTED) as f64;
+    assert_eq!(
+        api.count(),
+        CALLERS * ROUTED,
+        "the upstream saw every routed request"
+    );
+    let m = get(&format!("http://{}/metrics", w.proxy.admin), &[]).await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8_lossy(&m.body);
+    assert_eq!(
+        sum(
+            &text,
+            "tokenproxy_requests_total",
+            &[
+                r#"provider="github""#,
+                r#"route="/gh/api""#,
+                r#"status="200""#
+            ]
+        ),
+        routed,
+        "{text}"
+    );
+    assert_eq!(
+        sum(&text, "tokenproxy_requests_total", &[r#"status="404""#]),
+        unrouted
+    );
+    assert_eq!(
+        sum(&text, "tokenproxy_requests_total", &[]),
+        routed + unrouted,
+        "no request counted twice or in another series"
+    );
+    assert_eq!(
+        sum(&text, "tokenproxy_request_duration_seconds_count", &[]),
+        routed + unrouted
+    );
+    assert_eq!(
+        sum(&text, "tokenproxy_upstream_duration_seconds_count", &[]),
+        routed,
+        "one upstream attempt per routed request"
+    );
+    let le_inf = sum(
+        &text,
+        "tokenproxy_request_duration_seconds_bucket",
+        &[r#"le="+Inf""#],
+    );
+    assert_eq!(
+        le_inf,
+        routed + unrouted,
+        "the +Inf bucket holds every request"
+    );
+    assert_eq!(
+        fake.gets.load(std::sync::atomic::Ordering::SeqCst),
+        CALLERS * ROUTED,
+        "one token lookup per routed request"
     );
 }

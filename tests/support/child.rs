@@ -19,11 +19,10 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `RUST_LOG` a child needs so that its `listening` line is written: `base`
 /// (e.g. `warn`) plus info for the module that logs it (the access log has its
-/// own target). The line moved from `tokenproxy::proxy` (README) to
-/// `tokenproxy::app` with the serve path; both are enabled so the children start
-/// whichever of the two the binary uses.
+/// own target). `tokenproxy::app` logs its lifecycle lines under the README's
+/// `tokenproxy::proxy`.
 pub fn log_filter(base: &str) -> String {
-    format!("{base},tokenproxy::proxy=info,tokenproxy::app=info")
+    format!("{base},tokenproxy::proxy=info")
 }
 
 /// The proxy and admin addresses of a `listening` line, in the text
