@@ -441,7 +441,7 @@ impl<H: Handler> Connection<H> {
             }
         };
         let evict = self.listing.evict.clone();
-        let idle = slots::idle_for(self.listing.watch(), self.idle_timeout);
+        let idle = slots::idle_for(self.listing.activity.clone(), self.idle_timeout);
         let closing = tokio::select! {
             ended = conn.as_mut() => {
                 if let Err(e) = ended {

@@ -20,10 +20,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -50,8 +51,14 @@ pub struct Slots {
     max: usize,
     per_ip: usize,
     table: Mutex<Table>,
-    /// Woken whenever a connection's last request in flight finishes.
+    /// Woken when a connection's last request in flight finishes while
+    /// [`Slots::make_room`] waits (`waiting` > 0).
     became_idle: Notify,
+    /// Accept loops waiting in [`Slots::make_room`]: a finished request only
+    /// touches the shared `became_idle` when somebody waits for it.
+    waiting: AtomicUsize,
+    /// What [`ActivityState::since`] counts from.
+    epoch: Instant,
 }
 
 #[derive(Default)]
@@ -64,7 +71,7 @@ struct Table {
 }
 
 struct Listed {
-    activity: watch::Receiver<Activity>,
+    activity: Arc<ActivityTx>,
     evict: CancellationToken,
 }
 
@@ -84,9 +91,16 @@ pub struct Listing {
     pub activity: Arc<ActivityTx>,
 }
 
-/// The sending side of a connection's [`Activity`].
+/// A connection's [`Activity`], kept in atomics: starting and finishing a
+/// request are a few stores on the connection's own cache lines, with no
+/// wake-up of any task (the idle timer and the eviction scan read them when
+/// they need to).
 pub struct ActivityTx {
-    tx: watch::Sender<Activity>,
+    active: AtomicUsize,
+    /// When `active` last fell to 0 (or the connection was accepted), in
+    /// nanoseconds since [`Slots::epoch`].
+    since: AtomicU64,
+    used: AtomicBool,
     slots: Arc<Slots>,
 }
 
@@ -110,6 +124,8 @@ impl Slots {
             per_ip,
             table: Mutex::new(Table::default()),
             became_idle: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            epoch: Instant::now(),
         })
     }
 
@@ -157,6 +173,11 @@ impl Slots {
 
     /// Evicts idle connections, one at a time, until a permit is free.
     async fn make_room(&self) -> OwnedSemaphorePermit {
+        // Announced before the first scan: a request finishing after the scan
+        // read its connection as busy sees `waiting` and wakes this loop
+        // (both sides use SeqCst, so one of them sees the other).
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = WaitingGuard(&self.waiting);
         let mut pending: Option<u64> = None;
         loop {
             let idle = self.became_idle.notified();
@@ -202,7 +223,7 @@ impl Slots {
             .iter()
             .filter(|(_, l)| !l.evict.is_cancelled())
             .filter_map(|(id, l)| {
-                let a = *l.activity.borrow();
+                let a = l.activity.snapshot();
                 if a.active > 0 {
                     return None;
                 }
@@ -227,10 +248,11 @@ impl Slots {
     }
 
     fn list(self: &Arc<Self>) -> Listing {
-        let (tx, rx) = watch::channel(Activity {
-            active: 0,
-            since: Instant::now(),
-            used: false,
+        let activity = Arc::new(ActivityTx {
+            active: AtomicUsize::new(0),
+            since: AtomicU64::new(self.nanos(Instant::now())),
+            used: AtomicBool::new(false),
+            slots: self.clone(),
         });
         let evict = CancellationToken::new();
         let mut table = self.table.lock();
@@ -239,7 +261,7 @@ impl Slots {
         table.conns.insert(
             id,
             Listed {
-                activity: rx,
+                activity: activity.clone(),
                 evict: evict.clone(),
             },
         );
@@ -247,11 +269,13 @@ impl Slots {
             slots: self.clone(),
             id,
             evict,
-            activity: Arc::new(ActivityTx {
-                tx,
-                slots: self.clone(),
-            }),
+            activity,
         }
+    }
+
+    /// `at` as nanoseconds since [`Slots::epoch`].
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn release_ip(&self, ip: IpAddr) {
@@ -293,49 +317,73 @@ impl Drop for Listing {
     }
 }
 
-impl Listing {
-    /// A receiver of this connection's activity.
-    pub fn watch(&self) -> watch::Receiver<Activity> {
-        self.activity.tx.subscribe()
+/// Decrements [`Slots::waiting`] when a [`Slots::make_room`] ends (or is dropped).
+struct WaitingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl ActivityTx {
     /// Counts a request as in flight until the returned guard drops.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.tx.send_modify(|a| {
-            a.active += 1;
-            a.since = Instant::now();
-            a.used = true;
-        });
+        self.used.store(true, Ordering::Relaxed);
+        // `since` only matters while nothing is in flight: set when the count
+        // falls back to 0.
+        self.active.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
+    }
+
+    /// The activity now.
+    pub fn snapshot(&self) -> Activity {
+        let active = self.active.load(Ordering::SeqCst);
+        let since =
+            self.slots.epoch + std::time::Duration::from_nanos(self.since.load(Ordering::Acquire));
+        Activity {
+            active,
+            since,
+            used: self.used.load(Ordering::Relaxed),
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut idle = false;
-        self.0.tx.send_modify(|a| {
-            a.active = a.active.saturating_sub(1);
-            a.since = Instant::now();
-            idle = a.active == 0;
-        });
-        if idle {
-            self.0.slots.became_idle.notify_waiters();
+        let slots = &self.0.slots;
+        // `since` first: whoever reads `active` == 0 then reads this request's end.
+        self.0
+            .since
+            .store(slots.nanos(Instant::now()), Ordering::Release);
+        let was = self.0.active.fetch_sub(1, Ordering::SeqCst);
+        if was == 1 && slots.waiting.load(Ordering::SeqCst) > 0 {
+            slots.became_idle.notify_waiters();
         }
     }
 }
 
 /// Resolves once the connection has had no request in flight for `idle`.
-pub async fn idle_for(mut activity: watch::Receiver<Activity>, idle: std::time::Duration) {
+///
+/// It sleeps rather than watching every request: when the timer fires with a
+/// request in flight, the connection cannot become idle for long enough before
+/// `idle` from now, so that is when it looks again; with none in flight, the
+/// deadline is exactly the last request's end + `idle`.
+pub async fn idle_for(activity: Arc<ActivityTx>, idle: std::time::Duration) {
+    let mut deadline = activity.snapshot().since + idle;
     loop {
-        if activity.wait_for(|a| a.active == 0).await.is_err() {
-            return std::future::pending().await;
-        }
-        let since = activity.borrow().since;
-        let busy = activity.wait_for(|a| a.active > 0);
-        if tokio::time::timeout_at(since + idle, busy).await.is_err() {
-            return;
+        tokio::time::sleep_until(deadline).await;
+        let now = Instant::now();
+        let a = activity.snapshot();
+        deadline = a.since + idle;
+        if a.active > 0 {
+            deadline = now + idle;
+        } else if now >= deadline {
+            // A request may have begun between the two loads of the snapshot.
+            if activity.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            deadline = now + idle;
         }
     }
 }
@@ -380,5 +428,33 @@ mod tests {
         drop((old_slot, old_idle));
         waiting.await.unwrap().unwrap();
         drop((busy_slot, new_slot));
+    }
+
+    #[tokio::test]
+    async fn idle_for_counts_from_the_last_request_end_and_never_while_one_runs() {
+        let slots = Slots::new(3, 0);
+        let (_slot, listing) = slots.acquire(A).await.unwrap();
+        let idle = Duration::from_millis(200);
+        let timer = tokio::spawn(idle_for(listing.activity.clone(), idle));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // A request longer than `idle`: the timer fires while it runs (at 200
+        // and 400 ms) and must not resolve.
+        let req = listing.activity.start_request();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!timer.is_finished(), "resolved with a request in flight");
+        drop(req);
+        let ended = Instant::now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !timer.is_finished(),
+            "resolved before the request's end + idle"
+        );
+        timer.await.unwrap();
+        let after = ended.elapsed();
+        assert!(after >= idle, "resolved {after:?} after the end");
+        assert!(
+            after < idle * 2,
+            "resolved {after:?} after the end, not at end + idle"
+        );
     }
 }
