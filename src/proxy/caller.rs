@@ -165,9 +165,13 @@ pub const CHECKSUMMED_LEN: usize = TOKEN_PREFIX.len() + RANDOM_LEN + CHECKSUM_LE
 /// Length of a token of the first format: `tpx_` + 32 bytes in base64url.
 const LEGACY_LEN: usize = TOKEN_PREFIX.len() + 43;
 
+/// The CRC-32 of the checksum, its table built once at compile time (built per
+/// call, the table cost more than the rest of a cache-hit's caller check).
+static CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+
 /// CRC-32 (ISO-HDLC, the zlib/GitHub one) of the random part, in fixed-width base62.
 fn checksum(random: &[u8]) -> [u8; CHECKSUM_LEN] {
-    let mut n = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(random);
+    let mut n = CRC32.checksum(random);
     let mut out = [b'0'; CHECKSUM_LEN];
     for c in out.iter_mut().rev() {
         *c = BASE62[(n % 62) as usize];
