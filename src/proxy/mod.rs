@@ -35,6 +35,7 @@ pub mod connect;
 mod device;
 pub mod endpoints;
 pub mod error;
+pub mod h1pool;
 pub mod headers;
 pub mod inject;
 pub mod login;

@@ -7,6 +7,10 @@
 //! deadlines turn into the `upstream_unavailable` / `upstream_timeout` errors; the
 //! response body itself streams for as long as it takes (a large git clone).
 //!
+//! HTTP/1.1 requests skip hyper-util's pool: each worker keeps its own idle
+//! connections ([`super::h1pool`]); the hyper-util client is there for HTTP/2
+//! upstreams.
+//!
 //! A route's `connect_to` gets a client of its own whose connector dials that
 //! address whatever the URI says, while TLS (SNI and verification) and the pool
 //! key still use the URI's host: the credential only goes to a peer proving it is
@@ -33,6 +37,7 @@ use tokio::sync::oneshot;
 
 use super::body::BodyEnd;
 use super::error::ProxyError;
+use super::h1pool::{Failure, H1Pool, Sent};
 use super::prewarm::Prewarm;
 use super::route::ClientKey;
 use super::ProxyBody;
@@ -47,8 +52,17 @@ pub type UpstreamConnector = Prewarm<HttpsConnector<ConnectTo>>;
 /// The pooled client type used for every upstream.
 pub type UpstreamClient = Client<UpstreamConnector, ProxyBody>;
 
-/// One upstream client with the connector that pre-opens its connections.
-type ClientSet = HashMap<ClientKey, (UpstreamClient, UpstreamConnector)>;
+/// One worker's way to one kind of upstream (trust and `connect_to`).
+struct Clients {
+    /// HTTP/2 upstreams (and the first request to one).
+    http2: UpstreamClient,
+    /// The connector, which pre-opens connections.
+    connector: UpstreamConnector,
+    /// HTTP/1.1 upstreams.
+    http1: H1Pool,
+}
+
+type ClientSet = HashMap<ClientKey, Clients>;
 
 /// The upstream clients, keyed by the extra CA they trust and `connect_to`: one
 /// set per proxy worker thread, so a pooled connection's task runs on the thread
@@ -120,8 +134,8 @@ impl Upstreams {
     /// Starts opening a connection for a request to `uri` that is about to wait
     /// (for its token), so the handshake overlaps the wait.
     pub fn prewarm(&self, worker: usize, key: &ClientKey, uri: &Uri) {
-        if let Some((_, connector)) = self.clients(worker).get(key) {
-            connector.prewarm(uri);
+        if let Some(clients) = self.clients(worker).get(key) {
+            clients.connector.prewarm(uri);
         }
     }
 
@@ -151,11 +165,11 @@ impl Upstreams {
         req: Request<ProxyBody>,
         body_end: Option<oneshot::Receiver<BodyEnd>>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let (client, _) = self
+        let clients = self
             .clients(worker)
             .get(key)
             .ok_or(ProxyError::UpstreamUnavailable)?;
-        let mut request = std::pin::pin!(client.request(req));
+        let mut request = std::pin::pin!(dispatch(clients, req));
         let mut failed = None;
         if let Some(mut end) = body_end {
             let early = tokio::select! {
@@ -179,9 +193,24 @@ impl Upstreams {
     }
 }
 
+/// Sends on this worker's HTTP/1.1 connections, or with the HTTP/2 client when
+/// the upstream chose HTTP/2.
+async fn dispatch(
+    clients: &Clients,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, Failure> {
+    match clients.http1.send(&clients.connector, req).await? {
+        Sent::Response(resp) => Ok(resp),
+        Sent::Http2(req) => clients.http2.request(req).await.map_err(|e| Failure {
+            connect: e.is_connect(),
+            error: Box::new(e),
+        }),
+    }
+}
+
 /// The upstream's answer, or the error for the side that failed.
 fn answer(
-    answered: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    answered: Result<Response<Incoming>, Failure>,
     body_failed: Option<BodyEnd>,
 ) -> Result<Response<Incoming>, ProxyError> {
     match (answered, body_failed) {
@@ -194,7 +223,7 @@ fn answer(
         )),
         (Err(e), None) => {
             // hyper's errors describe the connection, never header values.
-            tracing::debug!(error = %crate::telemetry::error_chain(&e), connect = e.is_connect(), "upstream request failed");
+            tracing::debug!(error = %crate::telemetry::error_chain(&*e.error), connect = e.connect, "upstream request failed");
             Err(ProxyError::UpstreamUnavailable)
         }
     }
@@ -226,7 +255,7 @@ fn build_client(
     server: &ServerConfig,
     extra_ca: Option<&Path>,
     connect_to: Option<&str>,
-) -> Result<(UpstreamClient, UpstreamConnector), ClientSetupError> {
+) -> Result<Clients, ClientSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -257,5 +286,9 @@ fn build_client(
         .timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .build(connector.clone());
-    Ok((client, connector))
+    Ok(Clients {
+        http2: client,
+        connector,
+        http1: H1Pool::new(POOL_IDLE_TIMEOUT),
+    })
 }
