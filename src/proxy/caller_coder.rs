@@ -10,7 +10,7 @@
 //! a stop build still running, for shutdown scripts — deleted workspace or agent
 //! refused; see [`crate::store::coder::agent_owner`]).
 //!
-//! Verification is the proxy tokens' ([`CallerIdentity::verify`]) with a
+//! Verification is the proxy tokens' (`CallerIdentity::verify`) with a
 //! different store lookup: the same cache keyed by the token's SHA-256 (no agent
 //! token sits in memory), `callers.cache_ttl`, `callers.outage_grace`, the
 //! negative cache of unknown tokens and the cap on concurrent lookups. The

@@ -6,7 +6,7 @@
 //! `GET /_tokenproxy/links`: the caller's own links, identified by its proxy
 //! token, without any token value (with a `login_url` where relinking is
 //! needed), browser sign-in under `oauth/` ([`super::login`]) and the device flow
-//! (`/_tokenproxy/device/{provider}`, see [`super::device`]).
+//! (`/_tokenproxy/device/{provider}`, see `proxy::device`).
 
 use std::sync::Arc;
 

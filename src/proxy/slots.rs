@@ -87,7 +87,7 @@ pub struct Listing {
     id: u64,
     /// Fires when the accept loop wants this connection closed to make room.
     pub evict: CancellationToken,
-    /// The connection's activity, updated through [`Listing::start_request`].
+    /// The connection's activity, updated through [`ActivityTx::start_request`].
     pub activity: Arc<ActivityTx>,
 }
 

@@ -4,8 +4,8 @@
 //! changes what must follow coderd rather than tokenproxy's native rules:
 //!
 //! - the refresh lease is claimed, fenced and released as coderd does it, and
-//!   permanent failures are recorded coderd's way ([`super::coder_lease`]);
-//! - coderd's writes are seen by polling `updated_at` ([`super::coder_poll`]),
+//!   permanent failures are recorded coderd's way (`store::coder_lease`);
+//! - coderd's writes are seen by polling `updated_at` (`store::coder_poll`),
 //!   or, with `coder.install_trigger`, by a NOTIFY trigger the operator allowed;
 //! - tokenproxy's own tables live in schema `tokenproxy` (`migrations-coder/`):
 //!   every connection's `search_path` is `tokenproxy, public`, so unqualified

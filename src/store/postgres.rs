@@ -1,4 +1,4 @@
-//! The Postgres backend of [`LinkStore`](super::LinkStore).
+//! The Postgres backend of [`LinkStore`].
 //!
 //! Every statement that changes a link announces it with `pg_notify` in the same
 //! statement (a data-modifying CTE), so a notification is sent exactly when the

@@ -1,10 +1,10 @@
-//! The SQLite backend of [`LinkStore`](super::LinkStore): one file, no server.
+//! The SQLite backend of [`LinkStore`]: one file, no server.
 //!
 //! It exists so that tokenproxy runs on a laptop, or as a self-contained
 //! sidecar, without Postgres. The tables and column names are Postgres's (see
 //! `migrations-sqlite/`), with types adapted: uuids and timestamps are text.
 //! Every timestamp has one shape, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so text
-//! comparison is time comparison, and [`NOW`] (SQLite's own clock) writes it too:
+//! comparison is time comparison, and `NOW` (SQLite's own clock) writes it too:
 //! leases use that clock only, as the Postgres backend uses `now()`.
 //!
 //! Every conditional write — compare-and-swap, lease claim, fenced release — is a

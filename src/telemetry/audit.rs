@@ -234,7 +234,7 @@ impl Trail {
     }
 
     /// Records a proxy token's use from `address` the first time this replica
-    /// sees that pair (within [`SEEN_FOR`]).
+    /// sees that pair (within `SEEN_FOR`, 24 h).
     pub fn proxy_token_used(&self, token_id: Uuid, user: Uuid, address: IpAddr) {
         let key = (token_id, address);
         if !self.seen_sources.first(&key) {

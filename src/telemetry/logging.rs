@@ -36,7 +36,7 @@ const BUFFERED_LINES: usize = 8 * 1024;
 /// is never split by another writer's (the audit trail on stderr).
 const WRITE_BYTES: usize = 4096;
 
-/// Overrides [`BUFFERED_LINES`] (a positive integer): for tests that need the
+/// Overrides the default of 8,192 lines (a positive integer): for tests that need the
 /// buffer to fill, and for operators who would rather spend memory than lines.
 pub const BUFFER_ENV: &str = "TOKENPROXY_LOG_BUFFER_LINES";
 
