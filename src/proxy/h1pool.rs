@@ -24,9 +24,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use http::header::HOST;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::Connection as _;
@@ -56,6 +55,16 @@ pub struct Failure {
     pub connect: bool,
     /// What went wrong (never holds header values).
     pub error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// What [`H1Pool::take`] found for an upstream.
+enum Taken {
+    /// It speaks HTTP/2: not ours.
+    Http2,
+    /// A ready idle connection.
+    Idle(http1::SendRequest<ProxyBody>),
+    /// Nothing ready: dial.
+    None,
 }
 
 struct Idle {
@@ -97,16 +106,17 @@ impl H1Pool {
                 error: "the upstream URI has no scheme or authority".into(),
             });
         };
-        if self.state.lock().h2.contains(&dest) {
-            return Ok(Sent::Http2(req));
-        }
+        // `Host` is the pipeline's (the route's upstream authority).
         let target = req.uri().clone();
-        set_host(&mut req, &target);
         *req.uri_mut() = origin_form(&target);
         loop {
             let (mut sender, reused) = match self.take(&dest) {
-                Some(sender) => (sender, true),
-                None => match self.dial(connector, &dest, &target).await? {
+                Taken::Http2 => {
+                    *req.uri_mut() = target;
+                    return Ok(Sent::Http2(req));
+                }
+                Taken::Idle(sender) => (sender, true),
+                Taken::None => match self.dial(connector, &dest, &target).await? {
                     Some(sender) => (sender, false),
                     None => {
                         *req.uri_mut() = target;
@@ -143,11 +153,17 @@ impl H1Pool {
         }
     }
 
-    /// The newest ready idle connection to `dest`, dropping closed and expired ones.
-    fn take(&self, dest: &Dest) -> Option<http1::SendRequest<ProxyBody>> {
+    /// The newest ready idle connection to `dest`, dropping closed and expired
+    /// ones; one lock for this and the HTTP/2 check.
+    fn take(&self, dest: &Dest) -> Taken {
         let now = Instant::now();
         let mut state = self.state.lock();
-        let list = state.idle.get_mut(dest)?;
+        if state.h2.contains(dest) {
+            return Taken::Http2;
+        }
+        let Some(list) = state.idle.get_mut(dest) else {
+            return Taken::None;
+        };
         let mut i = list.len();
         while i > 0 {
             i -= 1;
@@ -155,11 +171,11 @@ impl H1Pool {
             if idle.sender.is_closed() || now.duration_since(idle.since) >= self.idle_timeout {
                 list.swap_remove(i);
             } else if idle.sender.is_ready() {
-                return Some(list.swap_remove(i).sender);
+                return Taken::Idle(list.swap_remove(i).sender);
             }
             // Otherwise still busy with its response body: left for later.
         }
-        None
+        Taken::None
     }
 
     /// Puts a connection back (it is taken again once ready), and sweeps now and then.
@@ -224,27 +240,6 @@ fn dest(uri: &Uri) -> Option<Dest> {
     Some((uri.scheme()?.clone(), uri.authority()?.clone()))
 }
 
-/// `Host` from the URI when the request has none, the port only when not the
-/// scheme's default (as hyper-util's client does).
-fn set_host(req: &mut Request<ProxyBody>, uri: &Uri) {
-    if req.headers().contains_key(HOST) {
-        return;
-    }
-    let Some(host) = uri.host() else { return };
-    let default = matches!(
-        (uri.scheme_str(), uri.port_u16()),
-        (Some("https"), Some(443)) | (Some("http"), Some(80)) | (_, None)
-    );
-    let value = if default {
-        HeaderValue::from_str(host)
-    } else {
-        HeaderValue::from_str(&format!("{host}:{}", uri.port_u16().unwrap_or_default()))
-    };
-    if let Ok(value) = value {
-        req.headers_mut().insert(HOST, value);
-    }
-}
-
 /// The request target an HTTP/1.1 origin server expects: path and query only.
 fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {
@@ -260,7 +255,6 @@ fn origin_form(uri: &Uri) -> Uri {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt as _;
 
     #[test]
     fn origin_form_keeps_path_and_query_only() {
@@ -268,21 +262,5 @@ mod tests {
         assert_eq!(origin_form(&uri).to_string(), "/a/b?x=1");
         let root: Uri = "https://u.example".parse().unwrap();
         assert_eq!(origin_form(&root).to_string(), "/");
-    }
-
-    #[test]
-    fn host_names_the_port_only_when_not_the_default() {
-        let host = |u: &str| {
-            let uri: Uri = u.parse().unwrap();
-            let mut req: Request<ProxyBody> = Request::new(http_body_util::BodyExt::boxed_unsync(
-                http_body_util::Empty::new().map_err(|e: std::convert::Infallible| match e {}),
-            ));
-            set_host(&mut req, &uri);
-            req.headers()[HOST].to_str().unwrap().to_string()
-        };
-        assert_eq!(host("https://u.example:443/x"), "u.example");
-        assert_eq!(host("http://u.example/x"), "u.example");
-        assert_eq!(host("http://u.example:8080/x"), "u.example:8080");
-        assert_eq!(host("https://u.example:80/x"), "u.example:80");
     }
 }
