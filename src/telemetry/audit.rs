@@ -180,7 +180,12 @@ struct Failures {
 /// The server's audit state: its replica name and what it has already recorded.
 pub struct Trail {
     replica: Arc<str>,
-    seen_sources: Seen<(Uuid, IpAddr)>,
+    /// (token, address) pairs by a keyed 64-bit fingerprint: one per caller in
+    /// use, and 8 bytes instead of 33 per key (~2.4 MiB per 100,000 callers). Two
+    /// pairs sharing one fingerprint (odds ~10^-9 at 100,000 pairs) lose one line.
+    seen_sources: Seen<u64>,
+    /// The fingerprint's key, random per process.
+    fingerprint: quick_cache::DefaultHashBuilder,
     seen_expired: Seen<Uuid>,
     seen_hosts: Seen<String>,
     failures: parking_lot::Mutex<Failures>,
@@ -192,6 +197,7 @@ impl Trail {
         Self {
             replica: Arc::from(replica),
             seen_sources: Seen::new(),
+            fingerprint: quick_cache::DefaultHashBuilder::default(),
             seen_expired: Seen::new(),
             seen_hosts: Seen::new(),
             failures: parking_lot::Mutex::new(Failures {
@@ -236,7 +242,7 @@ impl Trail {
     /// Records a proxy token's use from `address` the first time this replica
     /// sees that pair (within `SEEN_FOR`, 24 h).
     pub fn proxy_token_used(&self, token_id: Uuid, user: Uuid, address: IpAddr) {
-        let key = (token_id, address);
+        let key = std::hash::BuildHasher::hash_one(&self.fingerprint, (token_id, address));
         if !self.seen_sources.first(&key) {
             return;
         }

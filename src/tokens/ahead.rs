@@ -111,7 +111,7 @@ pub(crate) fn pass(inner: &Arc<Inner>) -> Pass {
         if entry.generation != inner.generation() || entry.ahead_started.load(Ordering::Acquire) {
             continue;
         }
-        let due = entry.ahead_at.is_some_and(|at| now >= at);
+        let due = entry.ahead_due(now);
         if !due || !entry.used_within(now, window) {
             continue;
         }

@@ -62,12 +62,15 @@ pub(crate) type TokenCache = quick_cache::sync::Cache<
 /// How stale an entry's last use may be recorded (see [`Entry::touch`]).
 const TOUCH_GRANULARITY_MS: i64 = 100;
 
-/// One cached link.
+/// One cached link. Times are unix milliseconds rather than `DateTime`s: one
+/// entry per cached link, and this way it fits the allocator's 64-byte class
+/// (80 before).
 pub(crate) struct Entry {
     /// The token served on hits.
     pub token: AccessToken,
-    /// When refresh-ahead should replace it (None: never, e.g. no expiry).
-    pub ahead_at: Option<DateTime<Utc>>,
+    /// When refresh-ahead should replace it, unix milliseconds on the injected
+    /// clock (`i64::MAX`: never, e.g. no expiry).
+    ahead_at_ms: i64,
     /// Last `get()` that served it, unix milliseconds on the injected clock.
     last_used_ms: AtomicI64,
     /// A refresh-ahead was already started for this version.
@@ -76,10 +79,11 @@ pub(crate) struct Entry {
     /// last resync are not served on the hit path (they may have missed a change),
     /// but remain a last resort while the store is unreachable.
     pub generation: u64,
-    /// When the token was read from the store or the provider (injected clock).
-    /// Past `tokens.cache_max_age` the entry is read again once, so a change
-    /// whose notification was lost still arrives; it stays the outage fallback.
-    pub cached_at: DateTime<Utc>,
+    /// When the token was read from the store or the provider (unix milliseconds,
+    /// injected clock). Past `tokens.cache_max_age` the entry is read again once,
+    /// so a change whose notification was lost still arrives; it stays the
+    /// outage fallback.
+    cached_at_ms: i64,
 }
 
 impl Entry {
@@ -100,11 +104,11 @@ impl Entry {
         };
         Self {
             token,
-            ahead_at,
+            ahead_at_ms: ahead_at.map_or(i64::MAX, |t| t.timestamp_millis()),
             last_used_ms: AtomicI64::new(now.timestamp_millis()),
             ahead_started: AtomicBool::new(false),
             generation: 0,
-            cached_at: now,
+            cached_at_ms: now.timestamp_millis(),
         }
     }
 
@@ -122,7 +126,13 @@ impl Entry {
     /// Whether it was cached at least `max_age` before `now`, so the hit path
     /// reads it again.
     pub fn aged(&self, now: DateTime<Utc>, max_age: Duration) -> bool {
-        now - self.cached_at >= to_chrono(max_age)
+        let max_age = i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+        now.timestamp_millis().saturating_sub(self.cached_at_ms) >= max_age
+    }
+
+    /// Whether refresh-ahead should replace it at `now`.
+    pub fn ahead_due(&self, now: DateTime<Utc>) -> bool {
+        now.timestamp_millis() >= self.ahead_at_ms
     }
 
     /// Whether it was served within `window` of `now`.
@@ -198,5 +208,25 @@ mod tests {
         assert!(e.aged(t(300), max));
         // A clock that went backwards does not make an entry older.
         assert!(!e.aged(t(-5), max));
+    }
+
+    #[test]
+    fn refresh_ahead_is_due_from_its_time_and_never_without_one() {
+        let skew = Duration::from_secs(10);
+        let life = Some(chrono::Duration::seconds(1000));
+        let token = AccessToken::new(secrecy::SecretString::from("a"), Some(t(1000)));
+        let e = Entry::new(token, life, 0.2, skew, t(0));
+        // Jitter moves it earlier by up to a quarter of the lead: 750..=800 s.
+        assert!(!e.ahead_due(t(749)));
+        assert!(e.ahead_due(t(800)));
+        let never = AccessToken::new(secrecy::SecretString::from("a"), None);
+        let e = Entry::new(never, life, 0.2, skew, t(0));
+        assert!(!e.ahead_due(t(1_000_000)));
+    }
+
+    #[test]
+    fn an_entry_fits_the_64_byte_class() {
+        // An `Arc` adds two counters (16 bytes) to the entry it holds.
+        assert!(std::mem::size_of::<Entry>() + 16 <= 64);
     }
 }

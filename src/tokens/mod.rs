@@ -85,39 +85,60 @@ pub enum TokenError {
 pub struct AccessToken(Arc<TokenValue>);
 
 struct TokenValue {
-    secret: SecretString,
+    secret: Secret,
     expiry: Option<DateTime<Utc>>,
-    /// `Bearer <token>` as a header value, built on first use: every request
-    /// served from the cache injects the same value. One slot, not one per
-    /// form: it is ~100 bytes per cached link, and Bearer is what most routes use.
-    bearer: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
+
+/// How a token is held. Most are visible ASCII and most routes inject
+/// `Authorization: Bearer <token>`, so such a token is held as that header
+/// value (marked sensitive, redacted in `Debug`) and the token is its tail: one
+/// allocation per cached link instead of a secret plus a header built from it
+/// (~6 MiB per 100,000 links). Neither form is printed by `Debug`.
+enum Secret {
+    /// `Bearer <token>`.
+    Bearer(http::HeaderValue),
+    /// A token that cannot be a header value: nothing can be injected from it
+    /// as such, but the other forms may still encode it.
+    Raw(SecretString),
+}
+
+/// What precedes the token in [`Secret::Bearer`].
+const BEARER: &str = "Bearer ";
 
 impl AccessToken {
     /// Wraps a token value.
     pub fn new(secret: SecretString, expiry: Option<DateTime<Utc>>) -> Self {
-        Self(Arc::new(TokenValue {
-            secret,
-            expiry,
-            bearer: std::sync::OnceLock::new(),
-        }))
+        // A secret itself, so the copy is cleared when dropped.
+        let text = SecretString::from(format!("{BEARER}{}", secret.expose_secret()));
+        let secret = match http::HeaderValue::from_str(text.expose_secret()) {
+            // `to_str` holds for every visible-ASCII value, so the tail is the
+            // token itself whenever it is read back.
+            Ok(mut value) if value.to_str().is_ok() => {
+                value.set_sensitive(true);
+                Secret::Bearer(value)
+            }
+            _ => Secret::Raw(secret),
+        };
+        Self(Arc::new(TokenValue { secret, expiry }))
     }
     /// `Bearer <token>` as a sensitive header value, built once per token
     /// version. `None`: the token cannot be a header value.
     pub fn bearer_header(&self) -> Option<http::HeaderValue> {
-        self.0
-            .bearer
-            .get_or_init(|| {
-                let text = format!("Bearer {}", self.expose_secret());
-                let mut value = http::HeaderValue::from_str(&text).ok()?;
-                value.set_sensitive(true);
-                Some(value)
-            })
-            .clone()
+        match &self.0.secret {
+            Secret::Bearer(value) => Some(value.clone()),
+            Secret::Raw(_) => None,
+        }
     }
     /// The token itself, for injection only.
     pub fn expose_secret(&self) -> &str {
-        self.0.secret.expose_secret()
+        match &self.0.secret {
+            Secret::Bearer(value) => value
+                .to_str()
+                .ok()
+                .and_then(|text| text.get(BEARER.len()..))
+                .unwrap_or_default(),
+            Secret::Raw(secret) => secret.expose_secret(),
+        }
     }
     /// When it expires; `None` = never.
     pub fn expiry(&self) -> Option<DateTime<Utc>> {
@@ -637,7 +658,33 @@ impl TokenSource {
 
 #[cfg(test)]
 mod tests {
-    use super::bounded_cache;
+    use super::{bounded_cache, AccessToken};
+    use secrecy::SecretString;
+
+    #[test]
+    fn a_token_is_held_as_its_bearer_header_and_read_back_whole() {
+        let token = AccessToken::new(SecretString::from("gho_abc.DEF-123"), None);
+        assert_eq!(token.expose_secret(), "gho_abc.DEF-123");
+        let header = token.bearer_header().unwrap();
+        assert_eq!(header.as_bytes(), b"Bearer gho_abc.DEF-123");
+        assert!(header.is_sensitive());
+        assert!(!format!("{token:?}").contains("gho_abc"));
+        // An empty token reads back empty, not as part of the prefix.
+        assert_eq!(
+            AccessToken::new(SecretString::from(""), None).expose_secret(),
+            ""
+        );
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_a_header_is_kept_raw() {
+        for raw in ["t\u{f6}ken", "line\nbreak", "nul\0"] {
+            let token = AccessToken::new(SecretString::from(raw), None);
+            assert_eq!(token.expose_secret(), raw);
+            assert!(token.bearer_header().is_none());
+            assert!(!format!("{token:?}").contains(raw));
+        }
+    }
 
     #[test]
     fn a_bounded_cache_holds_its_capacity() {
