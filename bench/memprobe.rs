@@ -25,24 +25,26 @@ fn rss_kib() -> u64 {
 #[allow(dead_code)]
 struct Entry {
     token: Arc<(String, Option<i64>)>,
-    ahead_at: Option<i64>,
+    ahead_at_ms: i64,
     last_used_ms: i64,
     flags: [bool; 2],
     generation: u64,
+    cached_at_ms: i64,
 }
 
-/// Stand-in for a verified caller as cached now: hash plus what the request path
-/// reads, and the last-use throttle's timestamp.
+/// Stand-in for a verified caller as cached now: what the request path reads (the
+/// hash is the key), two monotonic ticks and the last-use throttle's timestamp.
 #[allow(dead_code)]
 struct Verified {
-    hash: [u8; 32],
     token_id: Uuid,
     user_id: Uuid,
     providers: Arc<[String]>,
     expires_at: Option<i64>,
     revoked: bool,
-    loaded: std::time::Instant,
+    loaded: u64,
+    fresh_until: u64,
     touched_ms: std::sync::atomic::AtomicI64,
+    first_source: Option<std::net::IpAddr>,
 }
 
 /// Stand-in for a verified caller as cached before: hash plus the whole record.
@@ -59,23 +61,25 @@ struct VerifiedBefore {
 fn entry(i: u64) -> Arc<Entry> {
     Arc::new(Entry {
         token: Arc::new((format!("gho_{i:036}"), Some(0))),
-        ahead_at: None,
+        ahead_at_ms: i64::MAX,
         last_used_ms: 0,
         flags: [false; 2],
         generation: 0,
+        cached_at_ms: 0,
     })
 }
 
 fn verified(i: u64, empty: &Arc<[String]>) -> Arc<Verified> {
     Arc::new(Verified {
-        hash: [i as u8; 32],
         token_id: Uuid::from_u128(i as u128),
         user_id: Uuid::from_u128(i as u128),
         providers: empty.clone(),
         expires_at: None,
         revoked: false,
-        loaded: std::time::Instant::now(),
+        loaded: 0,
+        fresh_until: 0,
         touched_ms: std::sync::atomic::AtomicI64::new(0),
+        first_source: None,
     })
 }
 
