@@ -344,7 +344,7 @@ pub struct CallerIdentity {
     /// When a lookup of a token last failed, by hash: callers that waited on a
     /// lookup of the same token share its failure instead of retrying one after
     /// another. Per token, so one token's failure never fails another's lookup.
-    failed: moka::sync::Cache<[u8; 32], Instant>,
+    failed: moka::sync::Cache<[u8; 32], Tick>,
     /// How long past `ttl` a verified record is served while the store fails.
     outage_grace: Duration,
     /// Slots for store lookups of tokens not verified yet: a flood of unknown
@@ -555,7 +555,7 @@ impl CallerIdentity {
         credential: Credential,
         remote: Option<IpAddr>,
     ) -> Result<Arc<Verified>, ProxyError> {
-        let started = Instant::now();
+        let started = Tick::now();
         let (guard, stale) = match self
             .verified
             .entry_async(&hash, |_, v| {
@@ -593,7 +593,7 @@ impl CallerIdentity {
                 Ok(Ok(slot)) => Some(slot),
                 _ => {
                     tracing::debug!("proxy token lookups at their limit");
-                    self.failed.insert(hash, Instant::now());
+                    self.failed.insert(hash, Tick::now());
                     return Err(ProxyError::StoreUnavailable);
                 }
             },
@@ -615,14 +615,13 @@ impl CallerIdentity {
             }
             Err(e) => {
                 log_store_error(&e);
-                let now = Instant::now();
-                let tick = Tick::now();
+                let now = Tick::now();
                 let grace_ends = stale
                     .as_ref()
                     .map(|old| old.loaded.after(self.ttl + self.outage_grace));
                 if let (Some(old), Some(ends)) = (stale, grace_ends) {
-                    if tick < ends {
-                        let v = Arc::new(old.kept_until(tick.after(self.ttl).min(ends)));
+                    if now < ends {
+                        let v = Arc::new(old.kept_until(now.after(self.ttl).min(ends)));
                         let _ = guard.insert(v.clone());
                         return Ok(v);
                     }

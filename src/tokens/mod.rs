@@ -132,11 +132,10 @@ impl AccessToken {
     /// The token itself, for injection only.
     pub fn expose_secret(&self) -> &str {
         match &self.0.secret {
+            // `new` made sure `to_str` holds and the value starts with `BEARER`.
             Secret::Bearer(value) => value
                 .to_str()
-                .ok()
-                .and_then(|text| text.get(BEARER.len()..))
-                .unwrap_or_default(),
+                .map_or("", |text| text.get(BEARER.len()..).unwrap_or_default()),
             Secret::Raw(secret) => secret.expose_secret(),
         }
     }
