@@ -13,7 +13,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::error::ProxyError;
+use super::tick::Tick;
 use crate::config::{CallerMode, CallersConfig};
 use crate::crypto::{same_bytes, same_text};
 use crate::store::{LinkStore, ProxyTokenInfo, StoreError};
@@ -298,28 +299,6 @@ impl Verified {
             touched_ms: AtomicI64::new(self.touched_ms.load(Ordering::Relaxed)),
             first_source: self.first_source,
         }
-    }
-}
-
-/// A moment on the monotonic clock as nanoseconds since this process first asked:
-/// half the size of an `Instant`, which matters in an entry per cached caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Tick(u64);
-
-/// What [`Tick`]s count from.
-static TICK_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-impl Tick {
-    fn now() -> Self {
-        Self(u64::try_from(TICK_EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX))
-    }
-
-    /// `d` later (saturating: a `Duration::MAX` TTL means never).
-    fn after(self, d: Duration) -> Self {
-        Self(
-            self.0
-                .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-        )
     }
 }
 
@@ -694,15 +673,6 @@ mod tests {
     fn a_verified_caller_fits_the_128_byte_class() {
         // An `Arc` adds two counters (16 bytes) to the record it holds.
         assert!(std::mem::size_of::<Verified>() + 16 <= 128);
-    }
-
-    #[test]
-    fn ticks_order_like_the_clock_and_saturate() {
-        let a = Tick::now();
-        let b = a.after(Duration::from_millis(5));
-        assert!(a < b && b.0 - a.0 == 5_000_000);
-        assert_eq!(a.after(Duration::MAX), Tick(u64::MAX));
-        assert!(Tick::now() >= a);
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

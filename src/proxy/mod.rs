@@ -47,6 +47,7 @@ pub mod reporting;
 pub mod route;
 pub mod server;
 pub mod slots;
+pub mod tick;
 pub mod tunnel;
 pub mod upstream;
 pub mod workers;

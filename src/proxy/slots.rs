@@ -28,6 +28,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::tick::Tick;
+
 /// How long a connection that has not begun a request yet is spared when a
 /// newcomer needs its slot: far above the time a client that sent its request
 /// with the connection needs to have it read, far below `header_read_timeout`
@@ -57,8 +59,6 @@ pub struct Slots {
     /// Accept loops waiting in [`Slots::make_room`]: a finished request only
     /// touches the shared `became_idle` when somebody waits for it.
     waiting: AtomicUsize,
-    /// What [`ActivityState::since`] counts from.
-    epoch: Instant,
 }
 
 #[derive(Default)]
@@ -97,8 +97,8 @@ pub struct Listing {
 /// they need to).
 pub struct ActivityTx {
     active: AtomicUsize,
-    /// When `active` last fell to 0 (or the connection was accepted), in
-    /// nanoseconds since [`Slots::epoch`].
+    /// When `active` last fell to 0 (or the connection was accepted), a
+    /// [`Tick`].
     since: AtomicU64,
     used: AtomicBool,
     slots: Arc<Slots>,
@@ -125,7 +125,6 @@ impl Slots {
             table: Mutex::new(Table::default()),
             became_idle: Notify::new(),
             waiting: AtomicUsize::new(0),
-            epoch: Instant::now(),
         })
     }
 
@@ -250,7 +249,7 @@ impl Slots {
     fn list(self: &Arc<Self>) -> Listing {
         let activity = Arc::new(ActivityTx {
             active: AtomicUsize::new(0),
-            since: AtomicU64::new(self.nanos(Instant::now())),
+            since: AtomicU64::new(Tick::at(Instant::now()).nanos()),
             used: AtomicBool::new(false),
             slots: self.clone(),
         });
@@ -271,11 +270,6 @@ impl Slots {
             evict,
             activity,
         }
-    }
-
-    /// `at` as nanoseconds since [`Slots::epoch`].
-    fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn release_ip(&self, ip: IpAddr) {
@@ -339,8 +333,7 @@ impl ActivityTx {
     /// The activity now.
     pub fn snapshot(&self) -> Activity {
         let active = self.active.load(Ordering::SeqCst);
-        let since =
-            self.slots.epoch + std::time::Duration::from_nanos(self.since.load(Ordering::Acquire));
+        let since = Tick::from_nanos(self.since.load(Ordering::Acquire)).instant();
         Activity {
             active,
             since,
@@ -355,7 +348,7 @@ impl Drop for InFlight {
         // `since` first: whoever reads `active` == 0 then reads this request's end.
         self.0
             .since
-            .store(slots.nanos(Instant::now()), Ordering::Release);
+            .store(Tick::at(Instant::now()).nanos(), Ordering::Release);
         let was = self.0.active.fetch_sub(1, Ordering::SeqCst);
         if was == 1 && slots.waiting.load(Ordering::SeqCst) > 0 {
             slots.became_idle.notify_waiters();
