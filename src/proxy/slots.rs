@@ -249,7 +249,7 @@ impl Slots {
     fn list(self: &Arc<Self>) -> Listing {
         let activity = Arc::new(ActivityTx {
             active: AtomicUsize::new(0),
-            since: AtomicU64::new(Tick::at(Instant::now()).nanos()),
+            since: AtomicU64::new(Tick::now().nanos()),
             used: AtomicBool::new(false),
             slots: self.clone(),
         });
@@ -346,9 +346,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let slots = &self.0.slots;
         // `since` first: whoever reads `active` == 0 then reads this request's end.
-        self.0
-            .since
-            .store(Tick::at(Instant::now()).nanos(), Ordering::Release);
+        self.0.since.store(Tick::now().nanos(), Ordering::Release);
         let was = self.0.active.fetch_sub(1, Ordering::SeqCst);
         if was == 1 && slots.waiting.load(Ordering::SeqCst) > 0 {
             slots.became_idle.notify_waiters();
