@@ -18,7 +18,7 @@ use proptest::sample::select;
 use secrecy::ExposeSecret;
 use tokenproxy::config::Config;
 use tokenproxy::proxy::caller::{
-    extract_proxy_token, has_two_proxy_tokens, is_well_formed, CHECKSUMMED_LEN, TOKEN_PREFIX,
+    is_well_formed, presented_proxy_token, CHECKSUMMED_LEN, TOKEN_PREFIX,
 };
 use tokenproxy::proxy::connect::connect_target;
 use tokenproxy::proxy::pipeline::{forward_uri, upstream_authority};
@@ -69,8 +69,7 @@ proptest! {
                 map.append(HeaderName::from_static(name), v);
             }
         }
-        let _ = has_two_proxy_tokens(&map);
-        if let Some(token) = extract_proxy_token(&map) {
+        if let Ok(Some(token)) = presented_proxy_token(&map) {
             let t = token.expose_secret();
             prop_assert!(t.starts_with(TOKEN_PREFIX) && t.len() > TOKEN_PREFIX.len());
             prop_assert!(t.len() <= 256);

@@ -64,49 +64,12 @@ impl Caller {
 /// here rather than in `Authorization`.
 pub const PRIVATE_TOKEN: header::HeaderName = header::HeaderName::from_static("private-token");
 
-/// Finds the proxy token in the request: `Proxy-Authorization` first, then
-/// `Authorization` — Bearer, GitHub's `token` scheme (what `gh` and most GitHub
-/// clients send), or the password (or, failing that, the user name) of Basic
-/// credentials — then a bare token in `PRIVATE-TOKEN`. Headers that hold
-/// something else are ignored.
-pub fn extract_proxy_token(headers: &HeaderMap) -> Option<SecretString> {
-    [header::PROXY_AUTHORIZATION, header::AUTHORIZATION]
-        .iter()
-        .flat_map(|name| headers.get_all(name))
-        .filter_map(|v| v.to_str().ok())
-        .find_map(parse_credential)
-        .or_else(|| {
-            headers
-                .get_all(PRIVATE_TOKEN)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::trim)
-                .find(|v| is_proxy_token(v))
-                .map(|v| SecretString::from(v.to_string()))
-        })
-}
-
-/// Removes every header that carries a proxy token (a caller credential) from a
-/// request about to go upstream: `Authorization` and `Proxy-Authorization` go
-/// anyway; `PRIVATE-TOKEN` goes when it holds one of ours.
-pub fn remove_caller_credentials(headers: &mut HeaderMap) {
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    // A Coder agent token is a caller credential too (coder_agent mode).
-    headers.remove(super::caller_coder::CODER_SESSION_TOKEN);
-    let ours = headers
-        .get_all(PRIVATE_TOKEN)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.trim().starts_with(TOKEN_PREFIX)));
-    if ours {
-        headers.remove(PRIVATE_TOKEN);
-    }
-}
-
-/// Whether the request carries more than one distinct proxy token (say user A's
-/// in `Authorization` and user B's in `Proxy-Authorization`): which one is meant
-/// is ambiguous, so neither is used.
-pub fn has_two_proxy_tokens(headers: &HeaderMap) -> bool {
+/// The proxy token a request presents (`Proxy-Authorization`, then
+/// `Authorization`, then `PRIVATE-TOKEN`), read in one pass over those headers.
+/// Two different tokens (say user A's in `Authorization` and user B's in
+/// `Proxy-Authorization`) are [`TwoTokens`]: which one is meant is ambiguous, so
+/// neither is used.
+pub fn presented_proxy_token(headers: &HeaderMap) -> Result<Option<SecretString>, TwoTokens> {
     let in_credentials = [header::PROXY_AUTHORIZATION, header::AUTHORIZATION]
         .iter()
         .flat_map(|name| headers.get_all(name))
@@ -121,9 +84,54 @@ pub fn has_two_proxy_tokens(headers: &HeaderMap) -> bool {
         .map(|v| SecretString::from(v.to_string()));
     let mut found = in_credentials.chain(in_private);
     let Some(first) = found.next() else {
-        return false;
+        return Ok(None);
     };
-    found.any(|t| !same_text(t.expose_secret(), first.expose_secret()))
+    if found.any(|t| !same_text(t.expose_secret(), first.expose_secret())) {
+        return Err(TwoTokens);
+    }
+    Ok(Some(first))
+}
+
+/// A request that presents two different proxy tokens.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TwoTokens;
+
+/// Removes every header that carries a proxy token (a caller credential) from a
+/// request about to go upstream: `Authorization` and `Proxy-Authorization` go
+/// anyway; `PRIVATE-TOKEN` goes when it holds one of ours.
+pub fn remove_caller_credentials(headers: &mut HeaderMap) {
+    // One look at the names first: removing a header that is not there costs a
+    // hash and a probe each, and most requests carry only `Authorization`.
+    let (mut auth, mut proxy, mut coder, mut private) = (false, false, false, false);
+    for name in headers.keys() {
+        if name == header::AUTHORIZATION {
+            auth = true;
+        } else if name == header::PROXY_AUTHORIZATION {
+            proxy = true;
+        } else if name == super::caller_coder::CODER_SESSION_TOKEN {
+            // A Coder agent token is a caller credential too (coder_agent mode).
+            coder = true;
+        } else if name == PRIVATE_TOKEN {
+            private = true;
+        }
+    }
+    if auth {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if proxy {
+        headers.remove(header::PROXY_AUTHORIZATION);
+    }
+    if coder {
+        headers.remove(super::caller_coder::CODER_SESSION_TOKEN);
+    }
+    let ours = private
+        && headers
+            .get_all(PRIVATE_TOKEN)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.trim().starts_with(TOKEN_PREFIX)));
+    if ours {
+        headers.remove(PRIVATE_TOKEN);
+    }
 }
 
 /// Parses one credential header value for a proxy token.
@@ -394,13 +402,15 @@ impl CallerIdentity {
                 return found;
             }
         }
-        if self.mode != CallerMode::Static && has_two_proxy_tokens(headers) {
-            return Err(ProxyError::BadRequest(
-                "two different proxy tokens in one request",
-            ));
-        }
-        self.identify_token(|| extract_proxy_token(headers), remote)
-            .await
+        // Static mode looks at no credential at all.
+        let token = if self.mode == CallerMode::Static {
+            None
+        } else {
+            presented_proxy_token(headers).map_err(|TwoTokens| {
+                ProxyError::BadRequest("two different proxy tokens in one request")
+            })?
+        };
+        self.identify_token(|| token, remote).await
     }
 
     /// Who is calling, in forward mode: only `Proxy-Authorization` counts
@@ -694,13 +704,15 @@ mod tests {
     }
 
     fn found(h: &HeaderMap) -> Option<String> {
-        extract_proxy_token(h).map(|s| s.expose_secret().to_string())
+        presented_proxy_token(h)
+            .unwrap()
+            .map(|s| s.expose_secret().to_string())
     }
 
     #[test]
     fn two_different_tokens_are_ambiguous() {
         let (a, b) = ("tpx_user_a", "tpx_user_b");
-        let two = |pairs: &[(&str, &str)]| has_two_proxy_tokens(&headers(pairs));
+        let two = |pairs: &[(&str, &str)]| presented_proxy_token(&headers(pairs)).is_err();
         assert!(two(&[
             ("authorization", &format!("Bearer {a}")),
             ("proxy-authorization", &format!("Bearer {b}")),
@@ -764,11 +776,17 @@ mod tests {
 
     #[test]
     fn proxy_authorization_wins_and_foreign_credentials_are_skipped() {
+        // Two different ones: neither (the request is answered 400).
         let h = headers(&[
             ("authorization", "Bearer tpx_second"),
             ("proxy-authorization", "Bearer tpx_first"),
         ]);
-        assert_eq!(found(&h).as_deref(), Some("tpx_first"));
+        assert_eq!(presented_proxy_token(&h).err(), Some(TwoTokens));
+        let h = headers(&[
+            ("authorization", "Bearer tpx_same"),
+            ("proxy-authorization", &basic("x", "tpx_same")),
+        ]);
+        assert_eq!(found(&h).as_deref(), Some("tpx_same"));
         let h = headers(&[
             ("authorization", "Bearer ghp_caller_own"),
             ("proxy-authorization", "Basic !!notbase64"),
