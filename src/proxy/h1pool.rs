@@ -74,8 +74,8 @@ struct Idle {
 
 #[derive(Default)]
 struct State {
-    idle: HashMap<Dest, Vec<Idle>>,
-    h2: HashSet<Dest>,
+    idle: HashMap<Dest, Vec<Idle>, foldhash::fast::RandomState>,
+    h2: HashSet<Dest, foldhash::fast::RandomState>,
     swept: Option<Instant>,
 }
 

@@ -238,7 +238,7 @@ const EPOCH_SHARDS: usize = 256;
 pub(crate) struct Inner {
     store: Arc<dyn LinkStore>,
     providers: Vec<Provider>,
-    index: HashMap<String, u32>,
+    index: HashMap<String, u32, foldhash::fast::RandomState>,
     cfg: TokensConfig,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
@@ -374,7 +374,7 @@ impl TokenSource {
             ));
         }
         let mut list = Vec::with_capacity(providers.len());
-        let mut index = HashMap::new();
+        let mut index = HashMap::with_hasher(foldhash::fast::RandomState::default());
         for (i, p) in providers.iter().enumerate() {
             // One attempt must fit in the lease before its write reserve, or no
             // exchange could ever start (see `Inner::exchange_budget`).
