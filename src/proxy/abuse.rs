@@ -12,7 +12,7 @@
 //! comes from.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::caller::PRIVATE_TOKEN;
 use super::error::ProxyError;
+use super::tick::Tick;
 
 /// Most windows remembered per kind of key.
 const CAPACITY: u64 = 100_000;
@@ -37,6 +38,12 @@ struct Counter<K: std::hash::Hash + Eq + Send + Sync + 'static> {
     limit: u32,
     window: Duration,
     windows: moka::sync::Cache<K, Arc<Window>>,
+    /// When a key last reached the limit, as [`Tick`] nanoseconds + 1 (0: never).
+    /// A key over the limit reached it within its window, so once a window has
+    /// passed since, none is, and [`check`](Self::check) needs no lookup: the
+    /// common request (no source anywhere near its limit) reads one atomic that
+    /// no request writes, instead of a cache shared by every worker.
+    last_over: AtomicU64,
 }
 
 impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Counter<K> {
@@ -48,12 +55,17 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Counter<K> {
                 .max_capacity(CAPACITY)
                 .time_to_live(window)
                 .build(),
+            last_over: AtomicU64::new(0),
         }
     }
 
     /// `Err(retry_after)` when `key` has used up its window.
     fn check(&self, key: &K) -> Result<(), Duration> {
         if self.limit == 0 {
+            return Ok(());
+        }
+        let last = self.last_over.load(Ordering::Relaxed);
+        if last == 0 || Tick::now() >= Tick::from_nanos(last - 1).after(self.window) {
             return Ok(());
         }
         match self.windows.get(key) {
@@ -73,7 +85,12 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Counter<K> {
                 count: AtomicU32::new(0),
             })
         });
-        if w.count.fetch_add(1, Ordering::Relaxed) >= self.limit {
+        let prior = w.count.fetch_add(1, Ordering::Relaxed);
+        if prior.saturating_add(1) >= self.limit {
+            self.last_over
+                .fetch_max(Tick::now().nanos() + 1, Ordering::Relaxed);
+        }
+        if prior >= self.limit {
             return Err(self.left(&w));
         }
         Ok(())
@@ -214,6 +231,28 @@ mod tests {
             f.failed(b, &bad, ProxyError::StoreUnavailable),
             ProxyError::StoreUnavailable
         );
+    }
+
+    #[tokio::test]
+    async fn a_limit_lifts_once_its_window_has_passed() {
+        let f = AuthFailures::new(1, Duration::from_millis(200));
+        let a: IpAddr = [10, 0, 0, 1].into();
+        assert!(f.check(a).is_ok());
+        f.failed(
+            a,
+            &with_auth("Bearer tpx_wrong"),
+            ProxyError::Unauthenticated,
+        );
+        assert!(matches!(f.check(a), Err(ProxyError::RateLimited(1))));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(f.check(a).is_ok());
+        // Counting starts over: one more failure is at the limit again.
+        f.failed(
+            a,
+            &with_auth("Bearer tpx_wrong"),
+            ProxyError::Unauthenticated,
+        );
+        assert!(matches!(f.check(a), Err(ProxyError::RateLimited(_))));
     }
 
     #[test]
