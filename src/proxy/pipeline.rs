@@ -27,7 +27,7 @@ use super::server::ConnInfo;
 use super::tunnel::{Entry, ForwardMode, Tunnel};
 use super::upstream::Upstreams;
 use super::{ProxyBody, TokenLookup};
-use crate::telemetry::{Metrics, ProviderLabels, RequestLabels};
+use crate::telemetry::{Metrics, ProviderLabels};
 use crate::tokens::{AccessToken, TokenError};
 
 /// Request bodies up to this size are buffered so a request rejected with 401
@@ -511,12 +511,7 @@ impl Pipeline {
             token = outcome.token,
             "request"
         );
-        let labels = RequestLabels {
-            provider,
-            route,
-            status,
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics.count_request(&provider, &route, status);
         self.metrics.request_duration.observe(took.as_secs_f64());
     }
 }

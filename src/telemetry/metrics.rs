@@ -128,12 +128,29 @@ pub struct StoreOpLabels {
     pub op: &'static str,
 }
 
+/// Requests a worker thread counted lately, by [`Metrics`] instance and label
+/// set: the counter, found again without the family's lock and hash of two
+/// strings (a request counts one).
+const RECENT_LABELS: usize = 8;
+
+/// One remembered counter: the [`Metrics`] instance, its labels, the counter.
+type Recent = (u64, RequestLabels, Counter);
+
+thread_local! {
+    /// This thread's [`RECENT_LABELS`] counters, newest written in turn.
+    static RECENT: std::cell::RefCell<(usize, Vec<Recent>)> =
+        const { std::cell::RefCell::new((0, Vec::new())) };
+}
+
 /// Reads a cache's current number of entries.
 pub type CacheProbe = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// Every metric tokenproxy exports, with the registry that serves them.
 pub struct Metrics {
     registry: Registry,
+    /// Tells this value's counters from another's in the per-thread memo (tests
+    /// run many servers in one process).
+    instance: u64,
     /// `tokenproxy_requests_total{provider,route,status}`.
     pub requests: Family<RequestLabels, Counter>,
     /// `tokenproxy_request_duration_seconds` (sharded: observed on every request).
@@ -191,6 +208,39 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts one request in `tokenproxy_requests_total`. The family's counter
+    /// for these labels is remembered per thread, keyed by the route's own
+    /// strings (pointer-equal while the route lives; the memo holds them).
+    pub fn count_request(&self, provider: &Arc<str>, route: &Arc<str>, status: u16) {
+        let same = |id: u64, l: &RequestLabels| {
+            id == self.instance
+                && l.status == status
+                && Arc::ptr_eq(&l.provider, provider)
+                && Arc::ptr_eq(&l.route, route)
+        };
+        RECENT.with(|recent| {
+            let mut recent = recent.borrow_mut();
+            if let Some((_, _, counter)) = recent.1.iter().find(|(id, l, _)| same(*id, l)) {
+                counter.inc();
+                return;
+            }
+            let labels = RequestLabels {
+                provider: provider.clone(),
+                route: route.clone(),
+                status,
+            };
+            let counter = self.requests.get_or_create(&labels).clone();
+            counter.inc();
+            let (next, list) = &mut *recent;
+            if list.len() < RECENT_LABELS {
+                list.push((self.instance, labels, counter));
+            } else {
+                list[*next] = (self.instance, labels, counter);
+                *next = (*next + 1) % RECENT_LABELS;
+            }
+        });
+    }
+
     /// Creates every metric in a fresh registry, for the replica named after
     /// this machine ([`default_replica_id`](super::audit::default_replica_id)).
     pub fn new() -> Arc<Self> {
@@ -292,6 +342,10 @@ impl Metrics {
             links_refresh_expiring,
             registry,
             requests,
+            instance: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             request_duration,
             upstream_duration,
             token_lookups,
@@ -445,5 +499,49 @@ impl OpsMetrics {
             m.store_listen_up.clone(),
         );
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_counts_add_up_across_threads_instances_and_label_sets() {
+        // Two instances sharing label strings (as the process-wide empty label
+        // is), more statuses than the per-thread memo holds, several threads.
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let shared: Arc<str> = Arc::from("");
+        let route: Arc<str> = Arc::from("/gh");
+        let statuses: Vec<u16> = (200..200 + 2 * RECENT_LABELS as u16).collect();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..1000 {
+                        let status = statuses[i % statuses.len()];
+                        a.count_request(&shared, &route, status);
+                        if i % 2 == 0 {
+                            b.count_request(&shared, &route, status);
+                        }
+                    }
+                });
+            }
+        });
+        let total = |m: &Metrics| -> u64 {
+            statuses
+                .iter()
+                .map(|&status| {
+                    m.requests
+                        .get_or_create(&RequestLabels {
+                            provider: shared.clone(),
+                            route: route.clone(),
+                            status,
+                        })
+                        .get()
+                })
+                .sum()
+        };
+        assert_eq!(total(&a), 4000);
+        assert_eq!(total(&b), 2000);
     }
 }
