@@ -64,8 +64,11 @@ impl Caller {
 /// here rather than in `Authorization`.
 pub const PRIVATE_TOKEN: header::HeaderName = header::HeaderName::from_static("private-token");
 
-/// The proxy token a request presents (`Proxy-Authorization`, then
-/// `Authorization`, then `PRIVATE-TOKEN`), read in one pass over those headers.
+/// The proxy token a request presents, read in one pass: `Proxy-Authorization`
+/// first, then `Authorization` — Bearer, GitHub's `token` scheme (what `gh` and
+/// most GitHub clients send), or the password (or, failing that, the user name)
+/// of Basic credentials — then a bare token in `PRIVATE-TOKEN`. Headers that
+/// hold something else are ignored.
 /// Two different tokens (say user A's in `Authorization` and user B's in
 /// `Proxy-Authorization`) are [`TwoTokens`]: which one is meant is ambiguous, so
 /// neither is used.

@@ -488,9 +488,11 @@ impl Pipeline {
         took: std::time::Duration,
     ) {
         let status = resp.status().as_u16();
+        // Borrowed: the counter memo keys on these very `Arc`s, and a clone
+        // would write their shared reference counts on every request.
         let (provider, route) = match &outcome.route {
-            Some(r) => (r.provider.clone(), r.label.clone()),
-            None => (NO_LABEL.clone(), NO_LABEL.clone()),
+            Some(r) => (&r.provider, &r.label),
+            None => (&*NO_LABEL, &*NO_LABEL),
         };
         let error = resp
             .headers()
@@ -500,8 +502,8 @@ impl Pipeline {
         tracing::info!(
             target: "tokenproxy::access",
             method = %method,
-            route = &*route,
-            provider = &*provider,
+            route = &**route,
+            provider = &**provider,
             user = outcome.user.map(|u| u.to_string()).unwrap_or_default(),
             status,
             error,
@@ -511,7 +513,7 @@ impl Pipeline {
             token = outcome.token,
             "request"
         );
-        self.metrics.count_request(&provider, &route, status);
+        self.metrics.count_request(provider, route, status);
         self.metrics.request_duration.observe(took.as_secs_f64());
     }
 }

@@ -128,9 +128,9 @@ pub struct StoreOpLabels {
     pub op: &'static str,
 }
 
-/// Requests a worker thread counted lately, by [`Metrics`] instance and label
-/// set: the counter, found again without the family's lock and hash of two
-/// strings (a request counts one).
+/// How many `tokenproxy_requests_total` counters each thread remembers (by
+/// [`Metrics`] instance and label set), so a request finds its counter without
+/// the family's lock and a hash of two strings.
 const RECENT_LABELS: usize = 8;
 
 /// One remembered counter: the [`Metrics`] instance, its labels, the counter.
